@@ -1,0 +1,66 @@
+"""Kafka helpers shared by the services: topic creation and client settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from services.common.errors import DependencyUnavailable
+
+log = structlog.get_logger(__name__)
+
+# Kafka error codes that mean "the topic is there", which is what we wanted.
+_TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic a service needs, with the configs it must have when created."""
+
+    name: str
+    partitions: int
+    replication: int = 1
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: int = 30_000) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are."""
+    specs = list(specs)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        try:
+            await admin.start()
+        except Exception as exc:
+            raise DependencyUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if not missing:
+            return
+        response = await admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication, topic_configs=s.configs) for s in missing],
+            timeout_ms=timeout_ms,
+        )
+        for topic, code, *rest in response.topic_errors:
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                message = rest[0] if rest else ""
+                raise DependencyUnavailable(f"could not create topic {topic}: error {code} {message}")
+            if code == 0:
+                log.info("topic created", **{"kafka.topic": topic})
+    finally:
+        await admin.close()
+
+
+async def kafka_ready(bootstrap: str) -> tuple[bool, str]:
+    """Readiness probe: the cluster answers a metadata request."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+        return False, f"kafka: {type(exc).__name__}: {exc}"
+    finally:
+        await admin.close()
+    return True, "ok"

@@ -1,0 +1,41 @@
+"""Frozen settings objects read once from the environment at start."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.errors import ConfigError
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads; each service subclasses it with its own prefix."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    service_name: str = "headwater"
+    log_level: str = "INFO"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # The address the service's HTTP endpoints (API, /metrics, /healthz, /readyz) bind to.
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    shutdown_timeout_s: float = 15.0
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build ``cls`` from the environment, turning a validation error into a
+    ConfigError that names each bad variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{prefix}{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,446 @@
+"""Real Kafka (KRaft) and Cassandra for development and tests, without Docker.
+
+The jars come from Maven Central through the poms beside this module and are
+cached under ``HEADWATER_STACK_HOME`` (default ``~/.cache/headwater``); a second
+``up`` needs no network. Each server runs as a detached JVM whose pid, config,
+data and log live under the stack's data folder, so ``down`` then ``up`` keeps
+the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KAFKA_VERSION = "4.1.1"
+CASSANDRA_VERSION = "5.0.6"
+
+
+class StackError(RuntimeError):
+    """A dev-stack server could not be resolved, started or stopped."""
+
+
+def _default_java() -> str:
+    # Cassandra 5.0 supports Java 11 and 17 only; prefer 17 when several JDKs exist.
+    for candidate in ("/usr/lib/jvm/java-17-openjdk-amd64/bin/java",):
+        if Path(candidate).exists():
+            return candidate
+    return shutil.which("java") or "java"
+
+
+class StackSettings(BaseSettings):
+    """Where the dev stack keeps its jars and data, and which ports it uses."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_STACK_", frozen=True)
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "headwater")
+    data_dir: Path | None = None
+    java: str = Field(default_factory=_default_java)
+    mvn: str = "mvn"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_partitions: int = 4
+    kafka_heap: str = "768m"
+    cassandra_port: int = 9042
+    cassandra_storage_port: int = 7000
+    cassandra_heap: str = "1G"
+    start_timeout_s: float = 240.0
+    stop_timeout_s: float = 90.0
+
+    @property
+    def data(self) -> Path:
+        return self.data_dir or (self.home / "data")
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+
+@dataclass
+class Server:
+    """One JVM server of the dev stack."""
+
+    name: str
+    version: str
+    main_class: str
+    settings: StackSettings
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.settings.home / f"{self.name}-{self.version}" / "lib"
+
+    @property
+    def base(self) -> Path:
+        return self.settings.data / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.base / "server.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.base / "server.log"
+
+    # -- jars -----------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Copy the server's jars and their dependencies into the cache once."""
+        marker = self.lib_dir / ".complete"
+        if marker.exists():
+            return
+        pom = resources.files("services.devstack").joinpath(self.name, "pom.xml")
+        staging = self.lib_dir.with_name("lib.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with resources.as_file(pom) as pom_path:
+            cmd = [
+                self.settings.mvn, "-q", "-B", "-f", str(pom_path),
+                "dependency:copy-dependencies", "-DincludeScope=runtime",
+                f"-DoutputDirectory={staging}",
+            ]
+            print(f"resolving {self.name} {self.version} with Maven ...", file=sys.stderr)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise StackError(
+                f"Maven could not resolve {self.name} {self.version}:\n"
+                f"{done.stdout[-4000:]}{done.stderr[-4000:]}"
+            )
+        shutil.rmtree(self.lib_dir, ignore_errors=True)
+        staging.rename(self.lib_dir)
+        marker.touch()
+
+    # -- process --------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The pid of this server's JVM if it is running, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        child = _children.get(pid)
+        if child is not None:
+            # Started by this process: ask Popen (the JVM may not have exec'd yet).
+            return pid if child.poll() is None else None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        # A recycled pid that belongs to another program does not count.
+        if self.main_class.encode() not in cmdline or str(self.base).encode() not in cmdline:
+            return None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+        return pid
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log yet)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def launch(self, jvm_args: Sequence[str], program_args: Sequence[str]) -> int:
+        self.base.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self.settings.java, *jvm_args,
+            "-cp", f"{self.lib_dir}/*",
+            f"-Dheadwater.stack.base={self.base}",
+            self.main_class, *program_args,
+        ]
+        log = self.log_file.open("ab")
+        try:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.base,
+            )
+        finally:
+            log.close()
+        _children[proc.pid] = proc
+        self.pid_file.write_text(str(proc.pid))
+        return proc.pid
+
+    def stop(self) -> bool:
+        """Ask the JVM to shut down cleanly; kill it after the stop timeout."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.stop_timeout_s
+        while time.monotonic() < deadline and self.pid() is not None:
+            _reap(pid)
+            time.sleep(0.2)
+        if self.pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                _reap(pid)
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (for failure tests)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                _reap(pid)
+                time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+
+
+# Servers this process started; kept so they can be reaped once they exit.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap(pid: int) -> None:
+    proc = _children.get(pid)
+    if proc is not None and proc.poll() is not None:
+        del _children[pid]
+
+
+# -- Kafka ----------------------------------------------------------------------
+
+
+def kafka_server(settings: StackSettings) -> Server:
+    return Server("kafka", KAFKA_VERSION, "kafka.Kafka", settings)
+
+
+def _kafka_properties(settings: StackSettings, base: Path) -> str:
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@127.0.0.1:{settings.kafka_controller_port}",
+        f"listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port},"
+        f"CONTROLLER://127.0.0.1:{settings.kafka_controller_port}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        f"log.dirs={base / 'logs'}",
+        f"num.partitions={settings.kafka_partitions}",
+        "auto.create.topics.enable=false",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=8",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "transaction.state.log.num.partitions=8",
+        "share.coordinator.state.topic.replication.factor=1",
+        "share.coordinator.state.topic.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms=10000",
+        "log.flush.interval.messages=9223372036854775807",
+        "",
+    ])
+
+
+def start_kafka(settings: StackSettings) -> Server:
+    server = kafka_server(settings)
+    server.resolve()
+    if server.pid() is not None:
+        return server
+    base = server.base
+    base.mkdir(parents=True, exist_ok=True)
+    props = base / "server.properties"
+    props.write_text(_kafka_properties(settings, base))
+    java_base = [f"-Xms{settings.kafka_heap}", f"-Xmx{settings.kafka_heap}",
+                 "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+    log_conf = resources.files("services.devstack").joinpath("conf", "kafka-log4j2.yaml")
+    with resources.as_file(log_conf) as log_path:
+        log_copy = base / "log4j2.yaml"
+        shutil.copyfile(log_path, log_copy)
+    if not (base / "logs" / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cmd = [
+            settings.java, *java_base[2:], f"-Dlog4j2.configurationFile={log_copy}",
+            "-cp", f"{server.lib_dir}/*", "kafka.tools.StorageTool", "format",
+            "-t", cluster_id, "-c", str(props),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise StackError(f"kafka storage format failed:\n{done.stdout}{done.stderr}")
+    server.launch(
+        [*java_base, f"-Dlog4j2.configurationFile={log_copy}",
+         f"-Dkafka.logs.dir={base}"],
+        [str(props)],
+    )
+    return server
+
+
+async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    """True when the broker answers a metadata request."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    # A broker that is still starting refuses connections; that is expected here.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.list_topics(), timeout_s)
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+    finally:
+        await admin.close()
+    return True
+
+
+# -- Cassandra ------------------------------------------------------------------
+
+
+def cassandra_server(settings: StackSettings) -> Server:
+    return Server("cassandra", CASSANDRA_VERSION,
+                  "org.apache.cassandra.service.CassandraDaemon", settings)
+
+
+def _cassandra_yaml(settings: StackSettings, base: Path) -> str:
+    return f"""\
+cluster_name: headwater-dev
+num_tokens: 1
+allocate_tokens_for_local_replication_factor: 1
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: SimpleSnitch
+data_file_directories:
+  - {base / 'data'}
+commitlog_directory: {base / 'commitlog'}
+saved_caches_directory: {base / 'saved_caches'}
+hints_directory: {base / 'hints'}
+cdc_raw_directory: {base / 'cdc_raw'}
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:{settings.cassandra_storage_port}"
+listen_address: 127.0.0.1
+rpc_address: 127.0.0.1
+storage_port: {settings.cassandra_storage_port}
+native_transport_port: {settings.cassandra_port}
+start_native_transport: true
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+concurrent_reads: 8
+concurrent_writes: 8
+concurrent_compactors: 1
+auto_snapshot: false
+"""
+
+
+def start_cassandra(settings: StackSettings) -> Server:
+    server = cassandra_server(settings)
+    server.resolve()
+    if server.pid() is not None:
+        return server
+    base = server.base
+    base.mkdir(parents=True, exist_ok=True)
+    yaml_path = base / "cassandra.yaml"
+    yaml_path.write_text(_cassandra_yaml(settings, base))
+    conf = resources.files("services.devstack").joinpath("conf")
+    logback = base / "logback.xml"
+    with resources.as_file(conf.joinpath("cassandra-logback.xml")) as src:
+        shutil.copyfile(src, logback)
+    options = conf.joinpath("cassandra-jvm17.options").read_text().split()
+    server.launch(
+        [
+            f"-Xms{settings.cassandra_heap}", f"-Xmx{settings.cassandra_heap}",
+            "-XX:+UseG1GC", "-Xss512k", *options,
+            "-Dcassandra-foreground=yes",
+            f"-Dcassandra.config=file://{yaml_path}",
+            f"-Dcassandra.storagedir={base}",
+            f"-Dcassandra.logdir={base}",
+            f"-Dlogback.configurationFile={logback}",
+            "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+            "-Dcassandra.ring_delay_ms=100",
+            "-Dcassandra.superuser_setup_delay_ms=0",
+        ],
+        [],
+    )
+    return server
+
+
+def cassandra_answers(port: int, timeout_s: float = 5.0) -> bool:
+    """True when the node answers CQL ``SELECT release_version FROM system.local``."""
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=timeout_s,
+                      protocol_version=5, control_connection_timeout=timeout_s)
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local", timeout=timeout_s).one()
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False
+    finally:
+        cluster.shutdown()
+    return row is not None
+
+
+# -- the stack -----------------------------------------------------------------
+
+
+def wait_until(server: Server, probe: Callable[[], bool], timeout_s: float) -> float:
+    """Poll ``probe`` until it answers; raise with the log tail if the JVM dies."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        if server.pid() is None:
+            raise StackError(f"{server.name} exited while starting:\n{server.log_tail()}")
+        if probe():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise StackError(
+        f"{server.name} did not answer within {timeout_s:.0f}s:\n{server.log_tail()}"
+    )
+
+
+def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True) -> dict[str, float]:
+    """Start what is not running and return once every server answers."""
+    timings: dict[str, float] = {}
+    started: list[tuple[Server, Callable[[], bool]]] = []
+    t0 = time.monotonic()
+    if kafka:
+        server = start_kafka(settings)
+        started.append((server, lambda: asyncio.run(kafka_answers(settings.kafka_bootstrap))))
+    if cassandra:
+        server = start_cassandra(settings)
+        started.append((server, lambda: cassandra_answers(settings.cassandra_port)))
+    for server, probe in started:
+        wait_until(server, probe, settings.start_timeout_s)
+        timings[server.name] = time.monotonic() - t0
+    return timings
+
+
+def down(settings: StackSettings) -> list[str]:
+    servers = (kafka_server(settings), cassandra_server(settings))
+    return [server.name for server in servers if server.stop()]
+
+
+def status(settings: StackSettings) -> list[str]:
+    lines = []
+    for server, where in (
+        (kafka_server(settings), settings.kafka_bootstrap),
+        (cassandra_server(settings), f"127.0.0.1:{settings.cassandra_port}"),
+    ):
+        pid = server.pid()
+        state = f"running pid {pid}" if pid else "stopped"
+        lines.append(f"{server.name:<10} {server.version:<8} {state:<20} {where:<18} "
+                     f"data {server.base}  log {server.log_file}")
+    return lines
