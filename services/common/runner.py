@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import structlog
 import uvloop
@@ -24,12 +25,12 @@ AppFactory = Callable[[int], Awaitable[web.Application]]
 
 
 async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
-                    shutdown_timeout_s: float = 15.0) -> None:
+                    shutdown_timeout_s: float = 15.0, **runner_kwargs: Any) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight
     requests finish (bounded), and run the app's cleanup contexts in reverse."""
     app = await make_app(worker)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=shutdown_timeout_s)
+                           shutdown_timeout=shutdown_timeout_s, **runner_kwargs)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,10 +49,10 @@ async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int =
 
 
 def run(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
-        shutdown_timeout_s: float = 15.0) -> None:
+        shutdown_timeout_s: float = 15.0, **runner_kwargs: Any) -> None:
     """Run one worker on uvloop in this process."""
     uvloop.run(serve_app(make_app, host=host, port=port, worker=worker,
-                         shutdown_timeout_s=shutdown_timeout_s))
+                         shutdown_timeout_s=shutdown_timeout_s, **runner_kwargs))
 
 
 def supervise(target: Callable[[int], None], workers: int, *, restart_delay_s: float = 1.0) -> int:
