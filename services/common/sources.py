@@ -145,6 +145,12 @@ class SourceRegistry:
     def by_id(self, source_id: str) -> Source | None:
         return self._by_id.get(source_id)
 
+    def origin_allowed_anywhere(self, origin: str) -> bool:
+        """For CORS preflights, which carry no write key: does any enabled
+        source accept this origin? The real request is checked per source."""
+        return any(s.enabled and ("*" in s.allowed_origins or origin in s.allowed_origins)
+                   for s in self._by_id.values())
+
     def __len__(self) -> int:
         return len(self._by_id)
 

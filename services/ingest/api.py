@@ -1,0 +1,324 @@
+"""The Segment tracking API over aiohttp."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from services.common import segment
+from services.common.badrow import BadRow, FailureType
+from services.common.proto.envelope_pb2 import Envelope
+from services.common.sources import Source, SourceRegistry
+from services.ingest import parsing
+from services.ingest.errors import Overloaded, SpoolFull
+from services.ingest.metrics import IngestMetrics
+from services.ingest.parsing import RequestError
+from services.ingest.publisher import Publisher
+from services.ingest.ratelimit import RateLimiter, retry_after_seconds
+from services.ingest.settings import Settings
+from services.ingest.spool import Record
+
+log = structlog.get_logger(__name__)
+
+VERSION = "0.1.0"
+# The smallest transparent GIF: what a mail client gets for any pixel.
+PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+SUCCESS = orjson.dumps({"success": True})
+ALLOWED_CONTENT_TYPES = ("", "application/json", "text/plain")
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Content-Encoding, X-Request-Id"
+
+SINGLE_PATHS = {**{t: t for t in segment.TYPES}, **segment.SHORT_TYPES}
+BATCH_PATHS = ("batch", "b", "import")
+
+
+@dataclass
+class Ingest:
+    """What the handlers share inside one worker process."""
+
+    settings: Settings
+    sources: SourceRegistry
+    publisher: Publisher
+    metrics: IngestMetrics
+    limiter: RateLimiter
+    proxies: parsing.TrustedProxies
+
+
+INGEST_KEY = web.AppKey("ingest", Ingest)
+
+
+def _json(status: int, body: dict[str, Any] | bytes, headers: CIMultiDict[str] | None = None) -> web.Response:
+    payload = body if isinstance(body, bytes) else orjson.dumps(body)
+    return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
+
+
+def _cors_headers(origin: str | None, source: Source | None) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    if origin and (source is None or "*" in source.allowed_origins or origin in source.allowed_origins):
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Vary"] = "Origin"
+    return headers
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The decoded body, refused with 413 as soon as it passes ``limit``."""
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type not in ALLOWED_CONTENT_TYPES:
+        raise RequestError(415, "unsupported_media_type",
+                           f"Content-Type {content_type!r} is not accepted; send application/json or text/plain")
+    if request.content_length is not None and request.content_length > limit:
+        raise parsing.too_large("max_request_bytes", limit, "the request body")
+    decoder = parsing.BoundedDecoder(request.headers.get("Content-Encoding", ""), limit)
+    received = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        received += len(chunk)
+        if received > limit:
+            raise parsing.too_large("max_request_bytes", limit, "the request body")
+        decoder.feed(chunk)
+    return decoder.finish()
+
+
+def _authorize(ing: Ingest, key: str) -> Source:
+    source = ing.sources.by_write_key(key)
+    if source is None:
+        raise RequestError(401, "unknown_write_key", "the write key does not belong to any source")
+    if not source.enabled:
+        raise RequestError(403, "source_disabled", f"source {source.id!r} is disabled")
+    return source
+
+
+def _rate_limit(ing: Ingest, source: Source, n: int) -> None:
+    wait = ing.limiter.check(source.id, source.rate_limit_per_s, source.rate_limit_burst, n)
+    if wait > 0:
+        retry = retry_after_seconds(wait, ing.settings.rate_limit_retry_after_s)
+        err = RequestError(429, "rate_limited",
+                           f"source {source.id!r} is over its rate limit of {source.rate_limit_per_s} events/s",
+                           retry_after_s=retry)
+        err.headers = {"Retry-After": str(retry), "X-RateLimit-Reset": str(int(time.time()) + retry)}
+        raise err
+
+
+@dataclass
+class Prepared:
+    records: list[Record]
+    rejected: list[dict[str, Any]]
+    accepted: int
+
+
+def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: str | None,
+            batch: dict[str, Any] | None, request: web.Request, request_id: str,
+            path: str) -> Prepared:
+    """Validate and stamp events; build Kafka records for the good ones and
+    bad rows for the rest."""
+    s = ing.settings
+    now_ms = int(time.time() * 1000)
+    received_at = parsing.iso_now_ms()
+    client_ip = ing.proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+    user_agent = request.headers.get("User-Agent", "")
+    batch_context = batch.get("context") if batch else None
+    batch_integrations = batch.get("integrations") if batch else None
+    records: list[Record] = []
+    rejected: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        errors = segment.validate(event, expected_type)
+        failure = FailureType.SCHEMA_VIOLATION
+        value = b""
+        if not errors:
+            event.setdefault("type", expected_type)
+            parsing.stamp(
+                event, received_at=received_at, client_ip=client_ip,
+                batch_context=batch_context if isinstance(batch_context, dict) else None,
+                batch_integrations=batch_integrations if isinstance(batch_integrations, dict) else None,
+                batch_sent_at=batch.get("sentAt") if batch else None,
+            )
+            value = orjson.dumps(event)
+            if len(value) > s.max_event_bytes:
+                errors = [f"event is larger than max_event_bytes ({s.max_event_bytes} bytes)"]
+                failure = FailureType.SIZE_VIOLATION
+        if errors:
+            message_id = event.get("messageId") if isinstance(event, dict) else None
+            rejected.append({"index": index, "messageId": message_id if isinstance(message_id, str) else None,
+                             "errors": errors})
+            ing.metrics.events.labels("rejected", failure.value).inc()
+            records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
+                failure_type=failure, errors=errors, original=orjson.dumps(event),
+                service="ingest", version=VERSION, source_id=source.id,
+                message_id=message_id if isinstance(message_id, str) else None, request_id=request_id,
+                extra={"path": path, "index": index},
+            ).to_json()))
+            continue
+        envelope = Envelope(
+            schema_version=1, source_id=source.id, message_id=event["messageId"],
+            received_at_ms=now_ms, client_ip=client_ip, user_agent=user_agent,
+            request_id=request_id, path=path, event=value,
+        )
+        key = f"{source.id}:{segment.user_key(event)}".encode()
+        records.append(Record(s.raw_topic, key, envelope.SerializeToString()))
+    return Prepared(records, rejected, len(events) - len(rejected))
+
+
+async def _publish(ing: Ingest, records: list[Record]) -> None:
+    try:
+        await ing.publisher.publish(records)
+    except SpoolFull as exc:
+        retry = ing.settings.spool_retry_after_s
+        err = RequestError(503, "unavailable", f"events cannot be stored right now: {exc}", retry_after_s=retry)
+        err.headers = {"Retry-After": str(retry)}
+        raise err from None
+    except Overloaded as exc:
+        err = RequestError(503, "overloaded", f"too many events in flight: {exc}", retry_after_s=1)
+        err.headers = {"Retry-After": "1"}
+        raise err from None
+
+
+def _observe(ing: Ingest, path: str, status: int, started: float) -> None:
+    ing.metrics.requests.labels(path, str(status)).inc()
+    ing.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+
+
+def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    name = path.rsplit("/", 1)[1]
+    is_batch = name in BATCH_PATHS
+    expected_type = None if is_batch else SINGLE_PATHS[name]
+
+    async def handle(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        ing = request.app[INGEST_KEY]
+        origin = request.headers.get("Origin")
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        source: Source | None = None
+        try:
+            body = await read_body(request, ing.settings.max_request_bytes)
+            data = parsing.parse_json_body(body)
+            key = parsing.find_write_key(request.headers.get("Authorization"),
+                                         request.query.get("writeKey"), data)
+            source = _authorize(ing, key)
+            if origin and "*" not in source.allowed_origins and origin not in source.allowed_origins:
+                raise RequestError(403, "origin_not_allowed",
+                                   f"origin {origin!r} may not send to source {source.id!r}")
+            if is_batch:
+                events = data.get("batch")
+                if not isinstance(events, list):
+                    raise RequestError(400, "invalid_batch", "a batch needs a 'batch' array of events")
+                if len(events) > ing.settings.max_batch_events:
+                    raise RequestError(413, "payload_too_large",
+                                       f"the batch has {len(events)} events; max_batch_events is "
+                                       f"{ing.settings.max_batch_events}",
+                                       limit="max_batch_events", limit_events=ing.settings.max_batch_events)
+                if not events:
+                    raise RequestError(400, "invalid_batch", "the batch is empty")
+            else:
+                events = [data]
+            _rate_limit(ing, source, len(events))
+            prepared = prepare(ing, source, events, expected_type=expected_type,
+                               batch=data if is_batch else None, request=request,
+                               request_id=request_id, path=path)
+            if not is_batch and prepared.rejected:
+                errors = prepared.rejected[0]["errors"]
+                too_big = any("max_event_bytes" in e for e in errors)
+                raise RequestError(413 if too_big else 400,
+                                   "payload_too_large" if too_big else "invalid_event",
+                                   "; ".join(errors), errors=errors,
+                                   **({"limit": "max_event_bytes"} if too_big else {}))
+            # A rejected single event was answered above (the client knows);
+            # a batch's rejected events travel as bad rows with the good ones.
+            await _publish(ing, prepared.records)
+            if prepared.accepted:
+                ing.metrics.events.labels("accepted", "").inc(prepared.accepted)
+            if is_batch and prepared.rejected:
+                status = 200 if prepared.accepted else 400
+                body_out: dict[str, Any] | bytes = {
+                    "success": prepared.accepted > 0, "accepted": prepared.accepted,
+                    "rejected": prepared.rejected,
+                    **({} if prepared.accepted else {"error": "invalid_batch",
+                                                     "message": "no event in the batch is valid"}),
+                }
+            else:
+                status, body_out = 200, SUCCESS
+            response = _json(status, body_out, _cors_headers(origin, source))
+        except RequestError as exc:
+            reason = exc.body["error"]
+            if reason not in ("rate_limited", "unavailable", "overloaded"):
+                ing.metrics.events.labels("rejected", reason).inc()
+            headers = _cors_headers(origin, source if exc.status != 403 else None)
+            headers.update(exc.headers)
+            response = _json(exc.status, {**exc.body, "request_id": request_id}, headers)
+            if exc.status >= 500:
+                log.warning("request refused", status=exc.status, error=reason, request_id=request_id)
+        _observe(ing, path, response.status, started)
+        return response
+
+    return handle
+
+
+async def handle_pixel(request: web.Request) -> web.Response:
+    """Tracking pixels always answer the GIF; problems go to metrics, logs and the DLQ."""
+    started = time.perf_counter()
+    ing = request.app[INGEST_KEY]
+    pixel_type = request.match_info["type"]
+    path = f"/v1/pixel/{pixel_type}"
+    request_id = uuid.uuid4().hex
+    query = dict(request.query)
+    source: Source | None = None
+    try:
+        if pixel_type not in segment.TYPES:
+            raise RequestError(404, "bad_pixel", f"unknown pixel type {pixel_type!r}")
+        event = parsing.decode_pixel(query, pixel_type)
+        key = query.get("writeKey") or event.pop("writeKey", None)
+        if not isinstance(key, str) or not key:
+            raise RequestError(401, "missing_write_key", "the pixel has no writeKey")
+        source = _authorize(ing, key)
+        _rate_limit(ing, source, 1)
+        prepared = prepare(ing, source, [event], expected_type=pixel_type, batch=None,
+                           request=request, request_id=request_id, path=path)
+        if prepared.rejected:
+            raise RequestError(400, "bad_pixel", "; ".join(prepared.rejected[0]["errors"]))
+        await _publish(ing, prepared.records)
+        ing.metrics.events.labels("accepted", "").inc()
+    except RequestError as exc:
+        reason = exc.body["error"]
+        ing.metrics.bad_pixels.labels(reason).inc()
+        log.warning("bad tracking pixel", reason=reason, detail=str(exc), request_id=request_id)
+        if exc.status < 500:
+            original = orjson.dumps({"path": path, "query": query})
+            bad = BadRow(failure_type=FailureType.PIXEL_DECODE, errors=[str(exc)], original=original,
+                         service="ingest", version=VERSION, source_id=source.id if source else None,
+                         request_id=request_id, extra={"path": path, "reason": reason})
+            try:
+                await ing.publisher.publish([Record(ing.settings.dlq_topic, b"pixel", bad.to_json())])
+            except (SpoolFull, Overloaded):
+                log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id)
+    _observe(ing, "/v1/pixel/{type}", 200, started)
+    return web.Response(body=PIXEL_GIF, content_type="image/gif",
+                        headers={"Cache-Control": "no-cache, no-store, must-revalidate"})
+
+
+async def handle_preflight(request: web.Request) -> web.Response:
+    ing = request.app[INGEST_KEY]
+    origin = request.headers.get("Origin")
+    if not origin or not ing.sources.origin_allowed_anywhere(origin):
+        return _json(403, {"success": False, "error": "origin_not_allowed",
+                           "message": f"origin {origin!r} is not allowed by any source"})
+    requested = request.headers.get("Access-Control-Request-Headers")
+    headers = _cors_headers(origin, None)
+    headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
+    headers["Access-Control-Allow-Headers"] = requested or CORS_ALLOW_HEADERS
+    headers["Access-Control-Max-Age"] = "86400"
+    headers["Vary"] = "Origin, Access-Control-Request-Headers"
+    return web.Response(status=204, headers=headers)
+
+
+def add_routes(app: web.Application) -> None:
+    for name in (*SINGLE_PATHS, *BATCH_PATHS):
+        path = f"/v1/{name}"
+        app.router.add_post(path, make_post_handler(path))
+    app.router.add_get("/v1/pixel/{type}", handle_pixel)
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", handle_preflight)

@@ -1,0 +1,66 @@
+"""Builds the ingest service's aiohttp application for one worker process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.common.health import Health, add_health_routes
+from services.common.sources import SourceRegistry
+from services.ingest import openapi, parsing
+from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
+from services.ingest.metrics import make_metrics
+from services.ingest.publisher import Publisher
+from services.ingest.ratelimit import RateLimiter
+from services.ingest.settings import Settings
+from services.ingest.spool import Spool
+
+
+def create_app(settings: Settings, worker: int = 0) -> web.Application:
+    registry = CollectorRegistry()
+    metrics = make_metrics(registry)
+    sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
+    spool = Spool(settings.spool_dir / f"worker-{worker}", settings.spool_max_bytes,
+                  settings.spool_segment_bytes)
+    publisher = Publisher(settings, spool, metrics)
+    ingest = Ingest(settings=settings, sources=sources, publisher=publisher, metrics=metrics,
+                    limiter=RateLimiter(share=1.0 / settings.workers),
+                    proxies=parsing.TrustedProxies.parse(settings.trusted_proxies))
+
+    app = web.Application(client_max_size=settings.max_request_bytes)
+    app[INGEST_KEY] = ingest
+    health = Health(registry)
+
+    async def sources_ready() -> tuple[bool, str]:
+        metrics.sources_loaded.set(len(sources))
+        return sources.status()
+
+    async def kafka_ready() -> tuple[bool, str]:
+        return publisher.status()
+
+    health.add_check("sources", sources_ready)
+    health.add_check("kafka", kafka_ready)
+    add_health_routes(app, health)
+    add_routes(app)
+    doc = orjson.dumps(openapi.build(settings, VERSION))
+
+    async def openapi_json(_: web.Request) -> web.Response:
+        return web.Response(body=doc, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
+
+    async def run_sources(_: web.Application) -> AsyncIterator[None]:
+        async with sources.running():
+            yield
+
+    async def run_publisher(_: web.Application) -> AsyncIterator[None]:
+        async with publisher.running():
+            yield
+
+    # Closed in reverse: the publisher flushes before the registry stops.
+    app.cleanup_ctx.append(run_sources)
+    app.cleanup_ctx.append(run_publisher)
+    return app

@@ -1,0 +1,227 @@
+"""Turning HTTP requests into stamped Segment events: pure functions, no I/O.
+
+Kept apart from the handlers so the rules (limits, write keys, stamps,
+trusted proxies) are tested fast and property-tested with hypothesis.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from services.common import segment
+
+
+class RequestError(Exception):
+    """The request cannot be taken; ``status`` and ``body`` are the answer."""
+
+    def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"success": False, "error": error, "message": message, **extra}
+        self.headers: dict[str, str] = {}
+
+
+def too_large(limit_name: str, limit: int, what: str) -> RequestError:
+    return RequestError(413, "payload_too_large", f"{what} is larger than {limit_name} ({limit} bytes)",
+                        limit=limit_name, limit_bytes=limit)
+
+
+class BoundedDecoder:
+    """Decodes a request body as it streams in, refusing it as soon as the
+    decoded size passes ``limit``: a gzip bomb is stopped after ``limit``
+    bytes of output, never inflated whole."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._parts: list[bytes] = []
+        encoding = encoding.strip().lower()
+        self._raw_deflate_fallback = False
+        self._decomp: Any
+        if encoding in ("", "identity"):
+            self._decomp = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            # "deflate" is zlib-wrapped by the RFC, but some clients send raw deflate.
+            self._decomp = zlib.decompressobj(zlib.MAX_WBITS)
+            self._raw_deflate_fallback = True
+        else:
+            raise RequestError(415, "unsupported_encoding",
+                               f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)")
+        self._first = True
+
+    def _take(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise too_large("max_request_bytes", self.limit, "the decoded request body")
+        self._parts.append(data)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decomp is None:
+            self._take(chunk)
+            return
+        try:
+            data = self._decomp.decompress(chunk, self.limit - self.size + 1)
+        except zlib.error as exc:
+            if self._first and self._raw_deflate_fallback:
+                self._decomp = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._raw_deflate_fallback = False
+                self.feed(chunk)
+                return
+            raise RequestError(400, "bad_encoding", f"the body could not be decompressed: {exc}") from None
+        self._first = False
+        self._take(data)
+        # Output was capped: keep draining the unconsumed input within the limit.
+        while self._decomp.unconsumed_tail:
+            data = self._decomp.decompress(self._decomp.unconsumed_tail, self.limit - self.size + 1)
+            if not data:
+                break
+            self._take(data)
+
+    def finish(self) -> bytes:
+        if self._decomp is not None:
+            try:
+                self._take(self._decomp.flush())
+            except zlib.error as exc:
+                raise RequestError(400, "bad_encoding", f"the body could not be decompressed: {exc}") from None
+            if not self._decomp.eof and self.size:
+                raise RequestError(400, "bad_encoding", "the compressed body is truncated")
+        return b"".join(self._parts)
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise RequestError(400, "invalid_json", "the request body is empty")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "invalid_json", f"the body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_key_from_basic(header: str | None) -> str | None:
+    """``Basic base64("<writeKey>:")``; the trailing colon is optional."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value.strip():
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise RequestError(401, "bad_authorization",
+                           "the Authorization header is not valid Basic base64") from None
+    user, _, _password = decoded.partition(":")
+    return user or None
+
+
+def find_write_key(auth_header: str | None, query_key: str | None, body: dict[str, Any] | None) -> str:
+    key = write_key_from_basic(auth_header) or query_key
+    if not key and body is not None:
+        body_key = body.get("writeKey")
+        key = body_key if isinstance(body_key, str) else None
+    if not key:
+        raise RequestError(401, "missing_write_key",
+                           "no write key: send HTTP Basic auth with the write key as user name, "
+                           "a writeKey field in the body, or ?writeKey=")
+    return key
+
+
+@dataclass(frozen=True)
+class TrustedProxies:
+    """Networks whose X-Forwarded-For we believe."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def parse(cls, cidrs: Sequence[str]) -> TrustedProxies:
+        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
+
+    def trusts(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The peer, or behind trusted proxies the right-most untrusted XFF hop."""
+        ip = peer or ""
+        if not forwarded_for or not self.networks or not self.trusts(ip):
+            return ip
+        for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+            ip = hop
+            if not self.trusts(hop):
+                break
+        return ip
+
+
+def iso_now_ms(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def stamp(event: dict[str, Any], *, received_at: str, client_ip: str,
+          batch_context: dict[str, Any] | None, batch_integrations: dict[str, Any] | None,
+          batch_sent_at: Any) -> dict[str, Any]:
+    """Add the server's stamps in place. Client times stay as sent: the
+    processor corrects them."""
+    event.pop("writeKey", None)  # a credential never travels downstream
+    event["receivedAt"] = received_at
+    if not segment.present(event.get("messageId")):
+        event["messageId"] = f"hw-{uuid.uuid4()}"
+    if batch_sent_at is not None and "sentAt" not in event:
+        event["sentAt"] = batch_sent_at
+    context = event.get("context")
+    if not isinstance(context, dict):
+        context = {}
+    if batch_context:
+        context = {**batch_context, **context}
+    if client_ip and not context.get("ip"):
+        context["ip"] = client_ip
+    event["context"] = context
+    if batch_integrations:
+        integrations = event.get("integrations")
+        if not isinstance(integrations, dict):
+            integrations = {}
+        event["integrations"] = {**batch_integrations, **integrations}
+    return event
+
+
+def decode_pixel(query: dict[str, str], pixel_type: str) -> dict[str, Any]:
+    """A tracking pixel's event: ``?data=<base64 JSON>`` or plain query fields."""
+    data = query.get("data")
+    if data is not None:
+        padded = data.strip() + "=" * (-len(data.strip()) % 4)
+        try:
+            raw = base64.b64decode(padded, altchars=b"-_" if ("-" in padded or "_" in padded) else None,
+                                   validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "bad_pixel", "data= is not valid base64") from None
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise RequestError(400, "bad_pixel", "data= does not decode to JSON") from None
+        if not isinstance(event, dict):
+            raise RequestError(400, "bad_pixel", "data= must decode to a JSON object")
+    else:
+        event = {k: v for k, v in query.items() if k not in ("writeKey",)}
+        props = {k[len("properties."):]: v for k, v in event.items() if k.startswith("properties.")}
+        event = {k: v for k, v in event.items() if not k.startswith("properties.")}
+        if props:
+            event["properties"] = props
+    event.setdefault("type", pixel_type)
+    return event

@@ -1,0 +1,208 @@
+"""Where accepted events go: Kafka (acks=all), or the local spool when Kafka
+is down or slower than the ack deadline. The spool drains in order before
+new events go to Kafka directly again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from services.common.errors import HeadwaterError
+from services.common.kafka import TopicSpec, ensure_topics
+from services.ingest.errors import Overloaded
+from services.ingest.metrics import IngestMetrics
+from services.ingest.settings import Settings
+from services.ingest.spool import Record, Spool
+
+log = structlog.get_logger(__name__)
+
+_HEADERS = {
+    "envelope": [("hw-schema", b"envelope/1")],
+    "badrow": [("hw-schema", b"badrow/1")],
+}
+
+
+class Publisher:
+    """Takes records and returns once they are safe: acked by Kafka or fsync'd."""
+
+    def __init__(self, settings: Settings, spool: Spool, metrics: IngestMetrics) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self._producer: AIOKafkaProducer | None = None
+        self._kafka_up = False
+        self._inflight = 0
+        self._wakeup = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Publisher]:
+        self.spool.open()
+        self._update_gauges()
+        await self._connect()
+        self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drain")
+        # A dead drainer would strand the spool: make its failure loud.
+        self._drainer.add_done_callback(self._drainer_done)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    def _drainer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("spool drainer died", error=repr(task.exception()))
+
+    async def stop(self) -> None:
+        """Flush the producer and keep the spool; safe to call twice."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        if self._producer is not None:
+            try:
+                await asyncio.wait_for(self._producer.stop(), self.settings.shutdown_timeout_s)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("producer did not flush in time", error=repr(exc))
+        await self.spool.close()
+
+    async def _connect(self) -> bool:
+        if self._producer is not None:
+            return True
+        s = self.settings
+        try:
+            await ensure_topics(s.kafka_bootstrap, [
+                TopicSpec(s.raw_topic, s.raw_partitions,
+                          configs={"retention.ms": str(s.raw_retention_ms)}),
+                TopicSpec(s.dlq_topic, s.dlq_partitions),
+            ], timeout_ms=int(s.kafka_ack_timeout_s * 5000))
+        except HeadwaterError as exc:
+            log.warning("kafka not reachable; spooling until it is", error=str(exc))
+            return False
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=f"headwater-ingest-{s.service_name}",
+            acks="all",
+            enable_idempotence=True,
+            compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
+            linger_ms=s.kafka_linger_ms,
+            max_batch_size=s.kafka_max_batch_bytes,
+            request_timeout_ms=max(int(s.kafka_ack_timeout_s * 1000) * 5, 10_000),
+        )
+        try:
+            await producer.start()
+        except (KafkaError, OSError) as exc:
+            log.warning("kafka not reachable; spooling until it is", error=repr(exc))
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            return False
+        self._producer = producer
+        self._kafka_up = True
+        return True
+
+    # -- publishing --------------------------------------------------------------
+
+    @property
+    def spooling(self) -> bool:
+        return not self.spool.is_empty or not self._kafka_up
+
+    def status(self) -> tuple[bool, str]:
+        if self.spooling:
+            # Still ready: events are safe in the spool; /readyz tells ops why.
+            return True, (f"spooling: kafka {'up' if self._kafka_up else 'down'}, "
+                          f"{self.spool.pending_events} events in the spool")
+        return True, "kafka"
+
+    async def publish(self, records: list[Record]) -> str:
+        """Return "kafka" or "spool" once every record is safe; raise
+        SpoolFull or Overloaded when it cannot be taken."""
+        if self._inflight + len(records) > self.settings.max_inflight_events:
+            raise Overloaded(f"{self._inflight} events in flight")
+        self._inflight += len(records)
+        try:
+            if self.spool.is_empty and self._kafka_up and self._producer is not None:
+                started = time.perf_counter()
+                try:
+                    await asyncio.wait_for(self._send(self._producer, records),
+                                           self.settings.kafka_ack_timeout_s)
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    self._kafka_up = False
+                    self.metrics.spooled_after_timeout.inc(len(records))
+                    log.warning("kafka did not acknowledge in time; spooling", error=repr(exc),
+                                events=len(records))
+                else:
+                    self.metrics.kafka_ack_seconds.observe(time.perf_counter() - started)
+                    return "kafka"
+            await self.spool.append(records)
+            self._wakeup.set()
+            return "spool"
+        finally:
+            self._inflight -= len(records)
+            self._update_gauges()
+
+    @staticmethod
+    async def _send(producer: AIOKafkaProducer, records: list[Record]) -> None:
+        futures = []
+        for r in records:
+            headers = _HEADERS["badrow"] if r.topic.endswith("dlq") else _HEADERS["envelope"]
+            futures.append(await producer.send(r.topic, value=r.value, key=r.key, headers=headers))
+        await asyncio.gather(*futures)
+
+    # -- draining the spool --------------------------------------------------------
+
+    async def _kafka_answers(self) -> bool:
+        assert self._producer is not None
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(),
+                                   self.settings.kafka_ack_timeout_s)
+        except (TimeoutError, KafkaError, OSError):
+            return False
+        return True
+
+    async def _send_batch(self, records: list[Record]) -> None:
+        assert self._producer is not None
+        await asyncio.wait_for(self._send(self._producer, records),
+                               max(self.settings.kafka_ack_timeout_s * 5, 10.0))
+
+    async def _drain_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+            self._wakeup.clear()
+            if self.spool.is_empty and self._kafka_up:
+                continue
+            if not await self._connect() or not await self._kafka_answers():
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            try:
+                sent = await self.spool.drain(self._send_batch)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                self._kafka_up = False
+                log.warning("spool drain interrupted; will retry", error=repr(exc),
+                            pending=self.spool.pending_events)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.2
+                self._kafka_up = True
+                if sent:
+                    log.info("spool drained to kafka", events=sent)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.spool_events.set(self.spool.pending_events)
+        self.metrics.spool_bytes.set(self.spool.pending_bytes)
+        self.metrics.spooling.set(1 if self.spooling else 0)

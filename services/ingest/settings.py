@@ -1,0 +1,61 @@
+"""Settings of the ingest service (environment prefix HEADWATER_INGEST_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+from services.ingest.parsing import TrustedProxies
+
+
+class Settings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_INGEST_", frozen=True, extra="ignore")
+
+    service_name: str = "ingest"
+    http_port: int = 8080
+    # Processes sharing the port through SO_REUSEPORT.
+    workers: int = Field(default=1, ge=1, le=64)
+
+    sources_file: Path = Path("config/sources.json")
+    sources_reload_s: float = Field(default=2.0, gt=0)
+
+    raw_topic: str = "events.raw"
+    dlq_topic: str = "events.dlq"
+    raw_partitions: int = Field(default=8, ge=1)
+    dlq_partitions: int = Field(default=2, ge=1)
+    raw_retention_ms: int = 7 * 24 * 3600 * 1000
+
+    # Limits (Segment's own): bytes per event, per request (decoded), events per batch.
+    max_event_bytes: int = Field(default=32 * 1024, ge=256)
+    max_request_bytes: int = Field(default=500 * 1024, ge=1024)
+    max_batch_events: int = Field(default=2500, ge=1)
+    # Events accepted but not yet acknowledged, per process; above it: 503.
+    max_inflight_events: int = Field(default=50_000, ge=1)
+
+    # X-Forwarded-For is believed only from these networks (CIDR list).
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    # Kafka producer.
+    kafka_ack_timeout_s: float = Field(default=2.0, gt=0)
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
+    kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
+
+    # Local spool used while Kafka is down or slower than the ack timeout.
+    spool_dir: Path = Path("var/spool/ingest")
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    spool_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    spool_retry_after_s: int = Field(default=5, ge=1)
+
+    # Seconds a 429 asks the client to wait at least.
+    rate_limit_retry_after_s: int = Field(default=1, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        TrustedProxies.parse(value)  # raises ValueError naming the bad network
+        return value
