@@ -1,0 +1,204 @@
+"""Enrichment steps: user agent, geo-IP, campaign and referrer, click ids,
+bot flag, and IP anonymisation. Each is switched per source
+(services.common.sources.Enrichment); all write under the event's context."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import maxminddb
+import ua_parser
+
+from services.common.sources import Enrichment
+
+FLAG_IP_INVALID = "ip_invalid"
+
+# Crawlers, monitors, headless browsers and HTTP libraries that are not people.
+_BOT_UA = re.compile(
+    r"bot\b|bot/|spider|crawl|slurp|scrape|archiver|facebookexternalhit|embedly|preview|"
+    r"headlesschrome|phantomjs|puppeteer|playwright|selenium|lighthouse|pingdom|uptime|"
+    r"monitor|statuscake|datadog|newrelic|curl/|wget/|python-requests|python-urllib|aiohttp/|"
+    r"httpx/|go-http-client|okhttp|java/|libwww|apache-httpclient|node-fetch|axios/",
+    re.IGNORECASE,
+)
+
+SEARCH_HOSTS = ("google.", "bing.com", "duckduckgo.com", "search.yahoo.", "yandex.", "baidu.com",
+                "ecosia.org", "qwant.com", "search.brave.com", "startpage.com")
+SOCIAL_HOSTS = ("facebook.com", "fb.com", "instagram.com", "t.co", "twitter.com", "x.com",
+                "linkedin.com", "lnkd.in", "reddit.com", "pinterest.", "youtube.com", "tiktok.com",
+                "news.ycombinator.com", "mastodon.social", "threads.net")
+EMAIL_HOSTS = ("mail.google.com", "outlook.live.com", "outlook.office.com", "mail.yahoo.com",
+               "mail.proton.me")
+
+UTM_KEYS = {"utm_source": "source", "utm_medium": "medium", "utm_campaign": "name",
+            "utm_term": "term", "utm_content": "content", "utm_id": "id"}
+CLICK_IDS = ("gclid", "fbclid", "msclkid")
+
+
+def _host_matches(host: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern.endswith("."):
+            if host.startswith(pattern) or f".{pattern}" in host:
+                return True
+        elif host == pattern or host.endswith("." + pattern):
+            return True
+    return False
+
+
+def referrer_medium(host: str, page_host: str | None) -> str:
+    if page_host and (host == page_host or host.endswith("." + page_host)):
+        return "internal"
+    if _host_matches(host, EMAIL_HOSTS):
+        return "email"
+    if _host_matches(host, SEARCH_HOSTS):
+        return "search"
+    if _host_matches(host, SOCIAL_HOSTS):
+        return "social"
+    return "referral"
+
+
+def is_bot(user_agent: str, device_family: str | None = None) -> bool:
+    return device_family == "Spider" or bool(_BOT_UA.search(user_agent))
+
+
+def anonymise_ip(ip: str) -> str | None:
+    """IPv4 with the last octet zeroed, IPv6 cut to its /48; None when not an address."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
+
+
+def _query(url: str) -> tuple[str | None, dict[str, str]]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None, {}
+    query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=False).items() if v}
+    return (parts.hostname or None), query
+
+
+class Enricher:
+    """Holds the parsers (and their bounded caches); ``enrich`` edits one event in place."""
+
+    def __init__(self, *, geoip_path: Path | None, ua_cache_size: int, geo_cache_size: int) -> None:
+        parser = ua_parser.Parser(ua_parser.BestAvailableResolver(ua_parser.load_builtins()))
+        self._parse_ua: Callable[[str], dict[str, Any]] = functools.lru_cache(maxsize=ua_cache_size)(
+            functools.partial(self._ua_fields, parser))
+        self._geo_reader: Any = maxminddb.open_database(str(geoip_path)) if geoip_path else None
+        self._geo: Callable[[str], dict[str, Any] | None] = functools.lru_cache(maxsize=geo_cache_size)(
+            self._geo_lookup)
+
+    def close(self) -> None:
+        if self._geo_reader is not None:
+            self._geo_reader.close()
+            self._geo_reader = None
+
+    @staticmethod
+    def _ua_fields(parser: Any, user_agent: str) -> dict[str, Any]:
+        result = parser.parse(user_agent)
+        ua, os_, device = result.user_agent, result.os, result.device
+        return {
+            "browser": {"family": ua.family if ua else "Other",
+                        "version": _version(ua.major, ua.minor, ua.patch) if ua else None},
+            "os": {"family": os_.family if os_ else "Other",
+                   "version": _version(os_.major, os_.minor, os_.patch) if os_ else None},
+            "device": {"family": device.family if device else "Other",
+                       "brand": device.brand if device else None,
+                       "model": device.model if device else None},
+        }
+
+    def _geo_lookup(self, ip: str) -> dict[str, Any] | None:
+        try:
+            record = self._geo_reader.get(ip)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        subdivisions = record.get("subdivisions") or [{}]
+        location = record.get("location") or {}
+        return {
+            "country": (record.get("country") or {}).get("iso_code"),
+            "region": subdivisions[0].get("iso_code"),
+            "city": ((record.get("city") or {}).get("names") or {}).get("en"),
+            "latitude": location.get("latitude"),
+            "longitude": location.get("longitude"),
+            "timeZone": location.get("time_zone"),
+        }
+
+    def enrich(self, event: dict[str, Any], *, switches: Enrichment, header_ua: str, client_ip: str,
+               flags: list[str]) -> None:
+        context: dict[str, Any] = event["context"]
+        # The browser's own user agent (server SDKs forward it in context) beats the
+        # HTTP header, which for server SDKs names the SDK.
+        context_ua = context.get("userAgent")
+        ua: str = context_ua if isinstance(context_ua, str) else header_ua
+        parsed = self._parse_ua(ua) if ua and (switches.user_agent or switches.bot) else None
+        if switches.user_agent and parsed is not None:
+            context["userAgentParsed"] = parsed
+        if switches.bot:
+            context["bot"] = bool(ua) and is_bot(ua, parsed["device"]["family"] if parsed else None)
+
+        ip = context.get("ip") if isinstance(context.get("ip"), str) and context.get("ip") else client_ip
+        if switches.geo and ip and self._geo_reader is not None:
+            geo = self._geo(ip)
+            if geo is not None:
+                context["geo"] = geo
+        if switches.campaign:
+            self._campaign(event, context)
+        # After geo: the full address was needed for the lookup.
+        if switches.ip == "remove":
+            context.pop("ip", None)
+        elif switches.ip == "anonymize":
+            masked = anonymise_ip(ip) if ip else None
+            if masked is None:
+                context.pop("ip", None)
+                if ip:
+                    flags.append(FLAG_IP_INVALID)
+            else:
+                context["ip"] = masked
+        elif ip and "ip" not in context:
+            context["ip"] = ip
+
+    @staticmethod
+    def _campaign(event: dict[str, Any], context: dict[str, Any]) -> None:
+        page_value, props_value = context.get("page"), event.get("properties")
+        page: dict[str, Any] = page_value if isinstance(page_value, dict) else {}
+        props: dict[str, Any] = props_value if isinstance(props_value, dict) else {}
+        url = page.get("url") or props.get("url")
+        referrer = page.get("referrer") or props.get("referrer")
+        page_host, query = _query(url) if isinstance(url, str) else (None, {})
+
+        campaign = dict(context["campaign"]) if isinstance(context.get("campaign"), dict) else {}
+        for param, key in UTM_KEYS.items():
+            if param in query and key not in campaign:
+                campaign[key] = query[param]
+        if campaign:
+            context["campaign"] = campaign
+        click_ids = {k: query[k] for k in CLICK_IDS if k in query}
+        if click_ids:
+            context["clickIds"] = click_ids
+        if isinstance(referrer, str) and referrer:
+            host, _ = _query(referrer)
+            if host:
+                existing = context.get("referrer")
+                info = dict(existing) if isinstance(existing, dict) else {}
+                info.setdefault("url", referrer)
+                info["host"] = host
+                info["medium"] = referrer_medium(host, page_host)
+                context["referrer"] = info
+
+
+def _version(*parts: str | None) -> str | None:
+    kept = [p for p in parts if p]
+    return ".".join(kept) if kept else None

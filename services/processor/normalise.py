@@ -1,0 +1,105 @@
+"""Segment events to one canonical shape: long type names, string ids, and
+timestamps as ISO-8601 UTC with milliseconds, with Segment's clock-skew rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.common.segment import SHORT_TYPES, present
+
+# Top-level fields events.enriched carries; anything else a client sent
+# (writeKey above all) stays in the raw topic only.
+KEPT_FIELDS = (
+    "type", "messageId", "userId", "anonymousId", "event", "name", "category", "groupId",
+    "previousId", "properties", "traits", "context", "integrations", "channel",
+)
+
+FLAG_TIMESTAMP_CLAMPED = "timestamp_clamped"
+
+
+class TimestampError(ValueError):
+    """A timestamp field is not ISO-8601."""
+
+
+def format_ts(moment: datetime) -> str:
+    """2026-11-24T15:00:00.123Z: UTC, milliseconds, trailing Z."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def format_ms(epoch_ms: int) -> str:
+    return format_ts(datetime.fromtimestamp(epoch_ms / 1000, UTC))
+
+
+def parse_ts(value: str, field: str) -> datetime:
+    """ISO-8601 with any offset; no offset means UTC (some SDKs leave it off)."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except (ValueError, AttributeError, TypeError):
+        raise TimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+def event_time(event: dict[str, Any], received: datetime, max_future_skew: timedelta,
+               flags: list[str]) -> dict[str, str]:
+    """The timestamp fields of the enriched event.
+
+    A client-given ``timestamp`` stands. Without one, Segment's rule corrects
+    the device clock: timestamp = receivedAt - (sentAt - originalTimestamp);
+    with no sentAt the device clock is taken as is, and with no
+    originalTimestamp either, receivedAt is the event time. A result further
+    ahead of receivedAt than ``max_future_skew`` is clamped to receivedAt and
+    flagged.
+    """
+    out: dict[str, str] = {}
+    parsed: dict[str, datetime] = {}
+    for name in ("timestamp", "originalTimestamp", "sentAt"):
+        value = event.get(name)
+        if present(value):
+            parsed[name] = parse_ts(str(value), name)
+    if "timestamp" in parsed:
+        moment = parsed["timestamp"]
+    elif "originalTimestamp" in parsed:
+        original = parsed["originalTimestamp"]
+        sent = parsed.get("sentAt")
+        moment = received - (sent - original) if sent is not None else original
+    else:
+        moment = received
+    if moment - received > max_future_skew:
+        moment = received
+        flags.append(FLAG_TIMESTAMP_CLAMPED)
+    out["timestamp"] = format_ts(moment)
+    if "originalTimestamp" in parsed:
+        out["originalTimestamp"] = format_ts(parsed["originalTimestamp"])
+    if "sentAt" in parsed:
+        out["sentAt"] = format_ts(parsed["sentAt"])
+    out["receivedAt"] = format_ts(received)
+    return out
+
+
+def normalise(event: dict[str, Any], *, message_id: str, received: datetime,
+              max_future_skew: timedelta, flags: list[str]) -> dict[str, Any]:
+    """A new dict in the events.enriched shape (without enrichment and _hw).
+
+    ``event`` must already have passed services.common.segment.validate.
+    """
+    out: dict[str, Any] = {}
+    for key in KEPT_FIELDS:
+        value = event.get(key)
+        if present(value):
+            out[key] = value
+    etype = str(out.get("type", ""))
+    out["type"] = SHORT_TYPES.get(etype, etype)
+    out["messageId"] = message_id
+    for key in ("userId", "anonymousId", "groupId", "previousId"):
+        if key in out and not isinstance(out[key], str):
+            # Segment treats ids as strings; 42 and "42" are the same user.
+            value = out[key]
+            out[key] = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    context = out.get("context")
+    out["context"] = dict(context) if isinstance(context, dict) else {}
+    out.update(event_time(event, received, max_future_skew, flags))
+    return out

@@ -1,0 +1,215 @@
+"""One events.raw record in, the records it becomes out.
+
+Pure apart from the parsers' caches: no Kafka here, so the whole path from
+Envelope bytes to enriched JSON is unit-tested without servers. Bad input
+becomes a typed bad row; an unexpected exception is retried a bounded number
+of times and then becomes a poison bad row, so no record can block its
+partition.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib import metadata
+from typing import Any
+
+import orjson
+import structlog
+from google.protobuf.message import DecodeError
+
+from services.common.badrow import BadRow, FailureType
+from services.common.proto.envelope_pb2 import Envelope
+from services.common.segment import SHORT_TYPES, TYPES, present, user_key, validate
+from services.common.sources import Enrichment, SourceRegistry
+from services.processor.dedupe import dedupe_key
+from services.processor.enrich import Enricher
+from services.processor.normalise import TimestampError, normalise, parse_ts
+from services.processor.routing import destinations
+from services.processor.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_HEADER = "hw-schema"
+ENVELOPE_SCHEMA = b"envelope/1"
+ENRICHED_HEADERS = [(SCHEMA_HEADER, b"enriched/1")]
+BAD_ROW_HEADERS = [(SCHEMA_HEADER, b"bad_row/1")]
+FLAG_UNKNOWN_SOURCE = "unknown_source"
+
+try:
+    VERSION = metadata.version("headwater")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    VERSION = "0.0.0"
+
+
+class Kind(enum.StrEnum):
+    ENRICHED = "enriched"
+    DLQ = "dlq"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(slots=True)
+class Result:
+    kind: Kind
+    outputs: list[Output] = field(default_factory=list)
+    # (dedupe key, receivedAt ms) to remember once the transaction commits.
+    seen: tuple[str, int] | None = None
+    reason: FailureType | None = None
+    source_id: str | None = None
+    received_at_ms: int | None = None
+    destinations: Sequence[str] = ()
+
+
+class _Bad(Exception):
+    """Bad input: unwinds to a bad row (a control-flow signal inside this module)."""
+
+    def __init__(self, failure: FailureType, errors: list[str], envelope: Envelope | None = None,
+                 message_id: str | None = None) -> None:
+        super().__init__(failure.value)
+        self.failure = failure
+        self.errors = errors
+        self.envelope = envelope
+        self.message_id = message_id
+
+
+def _expected_type(path: str) -> str | None:
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    if last in TYPES:
+        return last
+    return SHORT_TYPES.get(last)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, registry: SourceRegistry, enricher: Enricher) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.enricher = enricher
+        self._skew = timedelta(seconds=settings.max_future_skew_s)
+
+    def process(self, record: Any, is_duplicate: Callable[[str, int], bool]) -> Result:
+        """Turn one record into its outputs; never raises."""
+        last_error: BaseException | None = None
+        for attempt in range(1, self.settings.poison_max_tries + 1):
+            try:
+                return self._process(record, is_duplicate)
+            except _Bad as bad:
+                return self._bad_row(record, bad.failure, bad.errors, bad.envelope, bad.message_id)
+            except Exception as exc:  # noqa: BLE001 - any bug on one record must not stop the partition
+                last_error = exc
+                log.warning("processing a record failed", attempt=attempt, error=repr(exc),
+                            **{"kafka.topic": record.topic, "kafka.partition": record.partition,
+                               "kafka.offset": record.offset})
+        errors = [f"processing failed {self.settings.poison_max_tries} times: "
+                  f"{type(last_error).__name__}: {last_error}"]
+        return self._bad_row(record, FailureType.POISON, errors, None, None)
+
+    def _decode(self, record: Any) -> tuple[Envelope, dict[str, Any]]:
+        value = record.value
+        if not value:
+            raise _Bad(FailureType.ENVELOPE_DECODE, ["record has no value"])
+        for name, header in record.headers or ():
+            if name == SCHEMA_HEADER and header != ENVELOPE_SCHEMA:
+                raise _Bad(FailureType.ENVELOPE_DECODE, [f"unknown {SCHEMA_HEADER} header {header!r}"])
+        try:
+            envelope = Envelope.FromString(value)
+        except DecodeError as exc:
+            raise _Bad(FailureType.ENVELOPE_DECODE, [f"not an Envelope: {exc}"]) from None
+        if not envelope.source_id:
+            raise _Bad(FailureType.ENVELOPE_DECODE, ["Envelope has no source_id"], envelope)
+        if len(envelope.event) > self.settings.max_event_bytes:
+            raise _Bad(FailureType.SIZE_VIOLATION,
+                       [f"event is {len(envelope.event)} bytes; the limit is {self.settings.max_event_bytes}"],
+                       envelope)
+        try:
+            event = orjson.loads(envelope.event)
+        except orjson.JSONDecodeError as exc:
+            raise _Bad(FailureType.INVALID_JSON, [f"event is not JSON: {exc}"], envelope) from None
+        if not isinstance(event, dict):
+            raise _Bad(FailureType.INVALID_JSON, [f"event must be a JSON object, got {type(event).__name__}"],
+                       envelope)
+        return envelope, event
+
+    def _process(self, record: Any, is_duplicate: Callable[[str, int], bool]) -> Result:
+        envelope, event = self._decode(record)
+        if "type" not in event and (expected := _expected_type(envelope.path)):
+            event["type"] = expected
+        mid = event.get("messageId")
+        errors = validate(event)
+        if errors:
+            raise _Bad(FailureType.SCHEMA_VIOLATION, errors, envelope, mid if isinstance(mid, str) else None)
+        # ingest stamps a messageId; a record from another producer gets a stable one.
+        message_id = (mid if present(mid) else envelope.message_id) or (
+            f"hw-{record.topic}-{record.partition}-{record.offset}")
+
+        received_ms = envelope.received_at_ms
+        try:
+            if received_ms > 0:
+                received = datetime.fromtimestamp(received_ms / 1000, UTC)
+            elif isinstance(event.get("receivedAt"), str):
+                received = parse_ts(event["receivedAt"], "receivedAt")
+            else:
+                received = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+            received_ms = int(received.timestamp() * 1000)
+            received = datetime.fromtimestamp(received_ms / 1000, UTC)
+            flags: list[str] = []
+            out = normalise(event, message_id=message_id, received=received,
+                            max_future_skew=self._skew, flags=flags)
+        except TimestampError as exc:
+            raise _Bad(FailureType.SCHEMA_VIOLATION, [str(exc)], envelope, message_id) from None
+
+        source_id = envelope.source_id
+        key = dedupe_key(source_id, message_id)
+        if is_duplicate(key, received_ms):
+            return Result(Kind.DUPLICATE, source_id=source_id, received_at_ms=received_ms)
+
+        source = self.registry.by_id(source_id)
+        if source is None:
+            flags.append(FLAG_UNKNOWN_SOURCE)
+        switches = source.enrichment if source is not None else Enrichment()
+        self.enricher.enrich(out, switches=switches, header_ua=envelope.user_agent,
+                             client_ip=envelope.client_ip, flags=flags)
+        out["_hw"] = {
+            "source_id": source_id,
+            "received_at_ms": received_ms,
+            "processed_at_ms": int(time.time() * 1000),
+            "raw": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            "flags": flags,
+        }
+        value = orjson.dumps(out)
+        out_key = record.key or f"{source_id}:{user_key(out)}".encode()
+        outputs = [Output(self.settings.enriched_topic, out_key, value, ENRICHED_HEADERS)]
+        names = destinations(source.destinations, out) if source is not None else []
+        outputs.extend(Output(self.settings.dest_topic_prefix + name, out_key, value, ENRICHED_HEADERS)
+                       for name in names)
+        return Result(Kind.ENRICHED, outputs, seen=(key, received_ms), source_id=source_id,
+                      received_at_ms=received_ms, destinations=names)
+
+    def _bad_row(self, record: Any, failure: FailureType, errors: list[str], envelope: Envelope | None,
+                 message_id: str | None) -> Result:
+        row = BadRow(
+            failure_type=failure, errors=errors,
+            # The event JSON when the Envelope was readable (what a replay needs), else the record.
+            original=(envelope.event if envelope is not None else (record.value or b"")),
+            service="processor", version=VERSION,
+            source_id=(envelope.source_id or None) if envelope is not None else None,
+            message_id=message_id or ((envelope.message_id or None) if envelope is not None else None),
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            request_id=(envelope.request_id or None) if envelope is not None else None,
+            extra=({"original_format": "event_json", "received_at_ms": envelope.received_at_ms,
+                    "client_ip": envelope.client_ip, "user_agent": envelope.user_agent,
+                    "path": envelope.path}
+                   if envelope is not None else {"original_format": "raw_record"}),
+        )
+        return Result(Kind.DLQ, [Output(self.settings.dlq_topic, record.key, row.to_json(), BAD_ROW_HEADERS)],
+                      reason=failure, source_id=row.source_id)

@@ -1,0 +1,84 @@
+"""Settings of the processor (environment prefix HEADWATER_PROCESSOR_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+class Settings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_PROCESSOR_", frozen=True, extra="ignore")
+
+    service_name: str = "processor"
+    http_port: int = 8081
+    # Processes in this consumer group started by one command (each its own consumer).
+    workers: int = Field(default=1, ge=1, le=64)
+
+    sources_file: Path = Path("config/sources.json")
+    sources_reload_s: float = Field(default=2.0, gt=0)
+
+    # Topics.
+    raw_topic: str = "events.raw"
+    enriched_topic: str = "events.enriched"
+    dlq_topic: str = "events.dlq"
+    dest_topic_prefix: str = "dest."
+    # Compacted changelog of the dedupe state; empty: "<group_id>.dedupe-changelog".
+    dedupe_topic: str = ""
+    raw_partitions: int = Field(default=8, ge=1)
+    enriched_partitions: int = Field(default=8, ge=1)
+    dlq_partitions: int = Field(default=2, ge=1)
+    dest_partitions: int = Field(default=4, ge=1)
+    enriched_retention_ms: int = 7 * DAY_MS
+    dlq_retention_ms: int = 30 * DAY_MS
+    dest_retention_ms: int = 7 * DAY_MS
+
+    # Consumer group and transactions.
+    group_id: str = "headwater-processor"
+    # Prefix of the per-partition transactional ids; empty: the group id.
+    transactional_id_prefix: str = ""
+    transaction_timeout_ms: int = Field(default=60_000, ge=1000)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=2_000, ge=100)
+    # Records per partition per transaction, and how long a fetch waits to fill a batch.
+    batch_max_records: int = Field(default=500, ge=1)
+    batch_linger_ms: int = Field(default=50, ge=0)
+    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Pause after a failed transaction before the partition is tried again.
+    retry_backoff_s: float = Field(default=1.0, ge=0)
+    # Bounded wait for the dedupe changelog to be read back on assignment.
+    restore_timeout_s: float = Field(default=60.0, gt=0)
+    kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
+    # Producer request ceiling; the DLQ topic is created to take bad rows this large.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
+
+    # Processing.
+    # An event larger than this (JSON bytes) goes to the DLQ as size_violation.
+    max_event_bytes: int = Field(default=512 * 1024, ge=256)
+    # Tries of one record's processing before it goes to the DLQ as poison.
+    poison_max_tries: int = Field(default=3, ge=1)
+    # Event time further ahead of receivedAt than this is clamped to receivedAt and flagged.
+    max_future_skew_s: float = Field(default=600.0, ge=0)
+
+    # Dedupe on (source, messageId).
+    dedupe_window_ms: int = Field(default=DAY_MS, ge=1000)
+    dedupe_max_entries_per_partition: int = Field(default=500_000, ge=1)
+
+    # Enrichment.
+    geoip_path: Path | None = None
+    ua_cache_size: int = Field(default=10_000, ge=0)
+    geo_cache_size: int = Field(default=10_000, ge=0)
+
+    @property
+    def dedupe_changelog(self) -> str:
+        return self.dedupe_topic or f"{self.group_id}.dedupe-changelog"
+
+    @property
+    def transactional_prefix(self) -> str:
+        return self.transactional_id_prefix or self.group_id

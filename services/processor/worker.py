@@ -1,0 +1,404 @@
+"""The Kafka side of the processor: consume events.raw as a group and write
+each batch's outputs, dedupe changelog and consumed offsets in one transaction.
+
+Transactional ids and zombie fencing
+------------------------------------
+aiokafka's ``send_offsets_to_transaction`` sends only the group id, not the
+consumer's generation (KIP-447), so the broker cannot fence a stale consumer
+by generation. Fencing therefore rides on the transactional id, which is
+fixed per *input partition*: ``<prefix>.<raw topic>.<partition>``. Whichever
+process is given partition p starts a producer with p's id; the broker bumps
+the epoch, aborts whatever transaction the previous owner left open (a
+process killed with -9 mid-batch) and rejects any later commit from it. A
+per-process id could not do that: a zombie's id would differ from the new
+owner's, and its open transaction would hold back read_committed readers
+until the transaction timeout. The cost is one producer per owned partition,
+which is also what lets partitions commit concurrently.
+
+The dedupe changelog has as many partitions as events.raw and partition p's
+entries go to changelog partition p, written by the same producer, so its
+state moves with the partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
+
+from services.common.errors import DependencyUnavailable
+from services.common.kafka import TopicSpec, ensure_topics
+from services.processor.dedupe import DedupeWindow, decode_entry, encode_entry
+from services.processor.metrics import Metrics
+from services.processor.pipeline import Kind, Pipeline, Result
+from services.processor.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+
+
+def _kafka_fields(tp: TopicPartition, offset: int | None = None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"kafka.topic": tp.topic, "kafka.partition": tp.partition}
+    if offset is not None:
+        fields["kafka.offset"] = offset
+    return fields
+
+
+@dataclass
+class PartitionState:
+    tp: TopicPartition
+    producer: AIOKafkaProducer
+    window: DedupeWindow
+    # Set when our producer was fenced: another process owns the partition now.
+    lost: bool = False
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.processor.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.processor.on_assigned(assigned)
+
+
+class Processor:
+    """Owns the consumer, one transactional producer per owned partition, and the dedupe windows."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[TopicPartition, PartitionState] = {}
+        # Revoked at the start of a rebalance; kept if the same rebalance gives them back.
+        self._revoked: dict[TopicPartition, PartitionState] = {}
+        # Held while a batch is processed; rebalance callbacks wait for it.
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._known_dest: set[str] = set()
+        self._stopping = False
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        await ensure_topics(s.kafka_bootstrap, [
+            TopicSpec(s.raw_topic, s.raw_partitions),
+            TopicSpec(s.enriched_topic, s.enriched_partitions,
+                      configs={"retention.ms": str(s.enriched_retention_ms)}),
+            TopicSpec(s.dlq_topic, s.dlq_partitions,
+                      configs={"retention.ms": str(s.dlq_retention_ms),
+                               "max.message.bytes": str(s.max_request_bytes)}),
+        ])
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, group_id=s.group_id,
+            isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
+            fetch_max_wait_ms=s.batch_linger_ms, fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=max(1024 * 1024, s.fetch_max_bytes // 4),
+            client_id=f"{s.service_name}-consumer",
+        )
+        await self.consumer.start()
+        partitions = self.consumer.partitions_for_topic(s.raw_topic)
+        if not partitions:
+            await self.consumer.topics()
+            partitions = self.consumer.partitions_for_topic(s.raw_topic) or {0}
+        # Entries older than the window are useless; compaction keeps one per key in between.
+        await ensure_topics(s.kafka_bootstrap, [TopicSpec(
+            s.dedupe_changelog, len(partitions),
+            configs={"cleanup.policy": "compact,delete",
+                     "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)})])
+        self.consumer.subscribe([s.raw_topic], listener=_Listener(self))
+        log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic},
+                 partitions=len(partitions))
+
+    async def close(self) -> None:
+        """Leave the group and close every producer; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        states = list(self._parts.values()) + list(self._revoked.values())
+        self._parts.clear()
+        self._revoked.clear()
+        for state in states:
+            await self._stop_producer(state)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        self.metrics.partitions.set(0)
+        log.info("processor stopped")
+
+    async def status(self) -> tuple[bool, str]:
+        """Readiness: started and in a group (owning no partition is fine: more processes than partitions)."""
+        if self.consumer is None or self._closed:
+            return False, "not running"
+        return True, f"{len(self._parts)} partitions"
+
+    # -- rebalance --------------------------------------------------------------
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self._lock:
+            self._generation += 1
+            for tp in revoked:
+                state = self._parts.pop(tp, None)
+                if state is not None:
+                    self._revoked[tp] = state
+            self.metrics.partitions.set(len(self._parts))
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        async with self._lock:
+            self._generation += 1
+            assigned = set(assigned)
+            for tp, state in list(self._revoked.items()):
+                if tp not in assigned or state.lost:
+                    await self._stop_producer(state)
+                    del self._revoked[tp]
+            for tp in sorted(assigned, key=lambda t: t.partition):
+                kept = self._revoked.pop(tp, None)
+                if kept is not None:
+                    self._parts[tp] = kept
+                elif tp not in self._parts:
+                    with contextlib.suppress(KafkaError, TimeoutError):
+                        # On failure the main loop tries again when records arrive.
+                        await self._open_partition(tp)
+            self.metrics.partitions.set(len(self._parts))
+            log.info("partitions assigned", partitions=sorted(t.partition for t in assigned),
+                     **{"kafka.topic": self.settings.raw_topic})
+
+    async def _open_partition(self, tp: TopicPartition) -> PartitionState:
+        """Fence the previous owner, read back the dedupe state, and own ``tp``."""
+        s = self.settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            transactional_id=f"{s.transactional_prefix}.{s.raw_topic}.{tp.partition}",
+            transaction_timeout_ms=s.transaction_timeout_ms, acks="all",
+            compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
+            linger_ms=5, max_batch_size=256 * 1024, max_request_size=s.max_request_bytes,
+            client_id=f"{s.service_name}-{tp.partition}",
+        )
+        try:
+            await producer.start()
+            window = await self._restore(tp.partition)
+        except BaseException:
+            await producer.stop()
+            raise
+        state = PartitionState(tp, producer, window)
+        self._parts[tp] = state
+        log.info("partition opened", dedupe_entries=len(window), **_kafka_fields(tp))
+        return state
+
+    async def _restore(self, partition: int) -> DedupeWindow:
+        s = self.settings
+        window = DedupeWindow(s.dedupe_window_ms, s.dedupe_max_entries_per_partition)
+        tp = TopicPartition(s.dedupe_changelog, partition)
+        reader = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                  isolation_level="read_committed", enable_auto_commit=False,
+                                  client_id=f"{s.service_name}-restore")
+        await reader.start()
+        try:
+            reader.assign([tp])
+            end = (await reader.end_offsets([tp]))[tp]
+            await reader.seek_to_beginning(tp)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + s.restore_timeout_s
+            newest = 0
+            while await reader.position(tp) < end:
+                if loop.time() > deadline:
+                    log.error("dedupe state only partly read back; duplicates may pass",
+                              end=end, **_kafka_fields(tp))
+                    break
+                batch = await reader.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, ()):
+                    entry = decode_entry(record.key, record.value)
+                    if entry is not None:
+                        window.add(*entry)
+                        newest = max(newest, entry[1])
+            window.expire(newest)
+        finally:
+            await reader.stop()
+        return window
+
+    async def _stop_producer(self, state: PartitionState) -> None:
+        try:
+            await state.producer.stop()
+        except KafkaError as exc:
+            log.warning("producer did not stop cleanly", error=repr(exc), **_kafka_fields(state.tp))
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process batches until ``stop`` is set; the batch in flight is finished first."""
+        assert self.consumer is not None, "start() first"
+        consumer = self.consumer
+        while not stop.is_set():
+            generation = self._generation
+            owned = max(1, len(self._parts))
+            batch = await consumer.getmany(timeout_ms=500,
+                                           max_records=self.settings.batch_max_records * owned)
+            if not batch:
+                continue
+            async with self._lock:
+                if generation != self._generation:
+                    # A rebalance ran while these were fetched: read them again under the new owner.
+                    for tp, records in batch.items():
+                        if tp in consumer.assignment():
+                            consumer.seek(tp, records[0].offset)
+                    continue
+                await asyncio.gather(*(self._run_partition(tp, records) for tp, records in batch.items()))
+
+    async def _run_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+        assert self.consumer is not None
+        state = self._parts.get(tp)
+        if state is None:
+            try:
+                state = await self._open_partition(tp)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("could not open partition; will retry", error=repr(exc), **_kafka_fields(tp))
+                self.consumer.seek(tp, records[0].offset)
+                await asyncio.sleep(self.settings.retry_backoff_s)
+                return
+        if state.lost:
+            self.consumer.seek(tp, records[0].offset)
+            return
+        started = time.perf_counter()
+        try:
+            results = await self._transact(state, records)
+        except _FENCED as exc:
+            # Another process owns the partition now; the coming rebalance takes it from us.
+            log.warning("producer fenced; leaving the partition to its new owner", error=repr(exc),
+                        **_kafka_fields(tp, records[0].offset))
+            state.lost = True
+            self.consumer.seek(tp, records[0].offset)
+            self.consumer.pause(tp)
+            self.metrics.transactions.labels("fenced").inc()
+            return
+        except (KafkaError, TimeoutError, DependencyUnavailable) as exc:
+            log.warning("transaction failed; partition will be read again from its committed offset",
+                        error=repr(exc), **_kafka_fields(tp, records[0].offset))
+            self.metrics.transactions.labels("failed").inc()
+            await self._reset_partition(state)
+            return
+        self._account(state, records, results, time.perf_counter() - started)
+
+    async def _transact(self, state: PartitionState, records: list[Any]) -> list[Result]:
+        s = self.settings
+        staged: dict[str, int] = {}
+        window = state.window
+
+        def is_duplicate(key: str, received_at_ms: int) -> bool:
+            first = staged.get(key)
+            if first is not None and abs(received_at_ms - first) < window.window_ms:
+                return True
+            return window.is_duplicate(key, received_at_ms)
+
+        results: list[Result] = []
+        for record in records:
+            result = self.pipeline.process(record, is_duplicate)
+            if result.seen is not None:
+                staged[result.seen[0]] = result.seen[1]
+            results.append(result)
+        await self._ensure_dest_topics(results)
+
+        producer = state.producer
+        await producer.begin_transaction()
+        try:
+            futures = [
+                await producer.send(out.topic, out.value, key=out.key, headers=out.headers)
+                for result in results for out in result.outputs
+            ]
+            for key, received_at_ms in staged.items():
+                ckey, cvalue = encode_entry(key, received_at_ms)
+                futures.append(await producer.send(s.dedupe_changelog, cvalue, key=ckey,
+                                                   partition=state.tp.partition))
+            await asyncio.gather(*futures)
+            await producer.send_offsets_to_transaction({state.tp: records[-1].offset + 1}, s.group_id)
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                if producer._txn_manager is not None and producer._txn_manager.is_in_transaction():
+                    await producer.abort_transaction()
+            raise
+        # Only now: a failed transaction must leave no trace in the window.
+        window.add_all(staged.items())
+        if staged:
+            window.expire(max(staged.values()))
+        return results
+
+    async def _ensure_dest_topics(self, results: list[Result]) -> None:
+        s = self.settings
+        wanted = {out.topic for r in results for out in r.outputs
+                  if out.topic.startswith(s.dest_topic_prefix)} - self._known_dest
+        if wanted:
+            await ensure_topics(s.kafka_bootstrap, [
+                TopicSpec(name, s.dest_partitions, configs={"retention.ms": str(s.dest_retention_ms)})
+                for name in sorted(wanted)])
+            self._known_dest |= wanted
+
+    async def _reset_partition(self, state: PartitionState) -> None:
+        """After a failed or unknown-outcome commit: a fresh producer (which settles the old
+        transaction), the dedupe state as committed, and the position as committed."""
+        assert self.consumer is not None
+        tp = state.tp
+        await self._stop_producer(state)
+        self._parts.pop(tp, None)
+        while not self._stopping:
+            await asyncio.sleep(self.settings.retry_backoff_s)
+            try:
+                fresh = await self._open_partition(tp)
+                committed = await self.consumer.committed(tp)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("partition reset failed; retrying", error=repr(exc), **_kafka_fields(tp))
+                self._parts.pop(tp, None)
+                continue
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+            log.info("partition reset", committed=committed, dedupe_entries=len(fresh.window),
+                     **_kafka_fields(tp))
+            return
+
+    def _account(self, state: PartitionState, records: list[Any], results: list[Result],
+                 seconds: float) -> None:
+        m = self.metrics
+        m.transactions.labels("committed").inc()
+        m.batch_seconds.observe(seconds)
+        m.events_in.inc(len(records))
+        now_ms = time.time() * 1000
+        for result in results:
+            if result.kind is Kind.ENRICHED:
+                m.events_out.labels("enriched").inc()
+                if result.destinations:
+                    m.events_out.labels("dest").inc(len(result.destinations))
+                if result.received_at_ms:
+                    m.latency_seconds.observe(max(0.0, (now_ms - result.received_at_ms) / 1000))
+            elif result.kind is Kind.DLQ:
+                m.events_dlq.labels(result.reason.value if result.reason else "unknown").inc()
+            else:
+                m.duplicates.inc()
+        assert self.consumer is not None
+        high = self.consumer.highwater(state.tp)
+        if high is not None:
+            m.lag.labels(str(state.tp.partition)).set(max(0, high - records[-1].offset - 1))
+        evicted = state.window.evicted
+        if evicted:
+            m.dedupe_evicted.inc(evicted)
+            state.window.evicted = 0
+        m.dedupe_entries.set(sum(len(p.window) for p in self._parts.values()))
