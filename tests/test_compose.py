@@ -223,10 +223,10 @@ def check_prometheus(compose: Compose, config: dict[str, Any]) -> list[str]:
             targets |= {(n, int(sd.get("port", 0))) for n in sd.get("names", [])}
         for static in job.get("static_configs") or []:
             for target in static.get("targets", []):
-                host, _, port = str(target).partition(":")
-                targets.add((host, int(port or 80)))
+                host, _, host_port = str(target).partition(":")
+                targets.add((host, int(host_port or 80)))
     for name in HEADWATER:
-        port = int(env_of(compose["services"].get(name, {})).get(f"HEADWATER_{name.upper()}_HTTP_PORT", 0))
+        port = int(env_of(compose["services"].get(name, {})).get(f"HEADWATER_{name.upper()}_HTTP_PORT", "0"))
         if (name, port) not in targets:
             problems.append(f"prometheus does not scrape {name}:{port}")
     return problems
