@@ -33,7 +33,10 @@ VERSION = "0.1.0"
 # The smallest transparent GIF: what a mail client gets for any pixel.
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 SUCCESS = orjson.dumps({"success": True})
-ALLOWED_CONTENT_TYPES = ("", "application/json", "text/plain")
+# JSON under every label real clients put on it: analytics.js sends text/plain
+# to skip the preflight, curl -d sends form-urlencoded, some send octet-stream.
+ALLOWED_CONTENT_TYPES = ("", "application/json", "text/plain", "application/octet-stream",
+                         "application/x-www-form-urlencoded")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Content-Encoding, X-Request-Id"
 
 SINGLE_PATHS = {**{t: t for t in segment.TYPES}, **segment.SHORT_TYPES}
@@ -71,7 +74,7 @@ def _cors_headers(origin: str | None, source: Source | None) -> CIMultiDict[str]
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The decoded body, refused with 413 as soon as it passes ``limit``."""
     content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if content_type not in ALLOWED_CONTENT_TYPES:
+    if content_type not in ALLOWED_CONTENT_TYPES and not content_type.endswith("+json"):
         raise RequestError(415, "unsupported_media_type",
                            f"Content-Type {content_type!r} is not accepted; send application/json or text/plain")
     if request.content_length is not None and request.content_length > limit:
@@ -248,7 +251,8 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             reason = exc.body["error"]
             if reason not in ("rate_limited", "unavailable", "overloaded"):
                 ing.metrics.events.labels("rejected", reason).inc()
-            headers = _cors_headers(origin, source if exc.status != 403 else None)
+            # The page may read why it failed, unless its origin is what failed.
+            headers = _cors_headers(origin if reason != "origin_not_allowed" else None, source)
             headers.update(exc.headers)
             response = _json(exc.status, {**exc.body, "request_id": request_id}, headers)
             if exc.status >= 500:
