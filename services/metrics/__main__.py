@@ -1,0 +1,58 @@
+"""headwater-metrics: rollups from events.enriched and the KairosDB-compatible API.
+
+    headwater-metrics            serve (consume + HTTP API)
+    headwater-metrics migrate    create or migrate the Cassandra schema, then exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from aiohttp import web
+
+from services.common.logging import configure_logging
+from services.common.runner import exit_on_config_error, run
+from services.common.settings import load_settings
+from services.metrics.app import build_app, cassandra_client
+from services.metrics.settings import Settings
+from services.metrics.store import migrate_schema
+
+
+async def _migrate(settings: Settings) -> list[int]:
+    client = cassandra_client(settings)
+    await client.connect()
+    try:
+        return await migrate_schema(client, settings)
+    finally:
+        await client.close()
+
+
+@exit_on_config_error
+def _main() -> int:
+    parser = argparse.ArgumentParser(prog="headwater-metrics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args()
+    settings = load_settings(Settings)
+    configure_logging(settings.service_name, settings.log_level)
+    if args.command == "migrate":
+        applied = asyncio.run(_migrate(settings))
+        print(f"keyspace {settings.cassandra_keyspace}: applied {applied or 'nothing (up to date)'}")  # noqa: T201
+        return 0
+
+    async def make_app(_: int) -> web.Application:
+        return await build_app(settings)
+
+    run(make_app, host=settings.http_host, port=settings.http_port,
+        shutdown_timeout_s=settings.shutdown_timeout_s)
+    return 0
+
+
+def main() -> int:
+    return _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

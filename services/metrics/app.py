@@ -1,0 +1,149 @@
+"""Wiring: the metrics service's resources, in start order, closed in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from services.common.cassandra import CassandraClient
+from services.common.health import Health, add_health_routes
+from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
+from services.common.sources import SourceRegistry
+from services.metrics.api import QueryService, add_kairos_routes
+from services.metrics.consumer import RollupConsumer
+from services.metrics.metrics import make_metrics
+from services.metrics.settings import Settings
+from services.metrics.sink import KairosSink
+from services.metrics.store import Store, migrate_schema
+
+log = structlog.get_logger(__name__)
+
+# Bodies of POST /api/v1/datapoints from other producers.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def cassandra_client(settings: Settings) -> CassandraClient:
+    return CassandraClient(settings.cassandra_hosts, settings.cassandra_port,
+                           request_timeout_s=settings.cassandra_timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def _cassandra(settings: Settings) -> AsyncIterator[CassandraClient]:
+    client = cassandra_client(settings)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def _producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, client_id="headwater-metrics-side")
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+@contextlib.asynccontextmanager
+async def _sink(sink: KairosSink) -> AsyncIterator[KairosSink]:
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.stop()
+
+
+@contextlib.asynccontextmanager
+async def _consuming(consumer: RollupConsumer, timeout_s: float) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(consumer.run(), name="rollup-consumer")
+
+    def finished(t: asyncio.Task[None]) -> None:
+        if t.cancelled() or t.exception() is None:
+            return
+        # The loop only ends on its own for a bug or a non-retriable error: say so and
+        # ask the process to stop (as SIGTERM would), so its supervisor starts it again.
+        log.error("rollup consumer failed; stopping the service", error=repr(t.exception()))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    task.add_done_callback(finished)
+    try:
+        yield task
+    finally:
+        consumer.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            log.warning("rollup consumer did not drain in time; the checkpoint in Cassandra stands")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        except Exception as exc:  # noqa: BLE001 - already logged by the done callback
+            log.debug("rollup consumer ended with an error", error=repr(exc))
+
+
+async def build_app(settings: Settings, *, consume: bool = True,
+                    registry: CollectorRegistry | None = None) -> web.Application:
+    """The service: Cassandra (schema migrated), side producer, source registry,
+    consumer task, optional KairosDB sink, and the HTTP API."""
+    registry = registry or CollectorRegistry()
+    metrics = make_metrics(registry)
+    health = Health(registry)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    stack = contextlib.AsyncExitStack()
+    try:
+        client = await stack.enter_async_context(_cassandra(settings))
+        await migrate_schema(client, settings)
+        store = Store(client, settings)
+        await store.prepare()
+        health.add_check("cassandra", client.ready)
+        add_kairos_routes(app, QueryService(store, settings, metrics), client)
+        if consume:
+            await ensure_topics(settings.kafka_bootstrap, [
+                TopicSpec(settings.late_topic, settings.late_topic_partitions,
+                          configs={"retention.ms": str(settings.late_topic_retention_ms)}),
+                TopicSpec(settings.dlq_topic, settings.late_topic_partitions),
+            ])
+            sources = await stack.enter_async_context(
+                SourceRegistry(settings.sources_path, settings.sources_reload_s).running())
+            producer = await stack.enter_async_context(_producer(settings))
+            sink = None
+            if settings.kairosdb_url:
+                sink = await stack.enter_async_context(_sink(KairosSink(settings, metrics)))
+            consumer = RollupConsumer(settings, store, sources, producer, metrics,
+                                      on_flush=sink.enqueue if sink else None)
+            task = await stack.enter_async_context(_consuming(consumer, settings.shutdown_timeout_s))
+
+            async def consumer_alive() -> tuple[bool, str]:
+                return (not task.done(), "consuming" if not task.done() else "stopped")
+
+            async def sources_ok() -> tuple[bool, str]:
+                return sources.status()
+
+            async def kafka_ok() -> tuple[bool, str]:
+                return await kafka_ready(settings.kafka_bootstrap)
+
+            health.add_check("kafka", kafka_ok)
+            health.add_check("sources", sources_ok)
+            health.add_check("consumer", consumer_alive)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+    async def close(_: web.Application) -> None:
+        await stack.aclose()
+
+    app.on_cleanup.append(close)
+    add_health_routes(app, health)
+    return app

@@ -1,0 +1,24 @@
+"""Errors of the metrics service, under the shared HeadwaterError root."""
+
+from __future__ import annotations
+
+from services.common.errors import HeadwaterError
+
+
+class MetricsError(HeadwaterError):
+    """Root of the metrics service's own errors."""
+
+
+class QueryError(MetricsError):
+    """A KairosDB query or write that cannot be answered as asked (an HTTP 400)."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = list(errors)
+
+
+class QueryTooLarge(QueryError):
+    """A query would read more rows than the query_max_rows setting allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the query reads more than {limit} rows; narrow the time range or the tags")

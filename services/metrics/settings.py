@@ -1,0 +1,80 @@
+"""Settings of the metrics service (environment prefix HEADWATER_METRICS_)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+_CQL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+class Settings(CommonSettings):
+    """Everything the metrics service reads from its environment, once, at start."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_METRICS_", frozen=True, extra="ignore")
+
+    service_name: str = "headwater-metrics"
+    http_port: int = 8083
+
+    # Kafka
+    enriched_topic: str = "events.enriched"
+    dlq_topic: str = "events.dlq"
+    late_topic: str = "events.late"
+    late_topic_partitions: int = Field(default=3, ge=1)
+    late_topic_retention_ms: int = Field(default=7 * 86_400_000, ge=60_000)
+    consumer_group: str = "headwater-metrics"
+    max_poll_records: int = Field(default=2000, ge=1)
+    poll_timeout_ms: int = Field(default=500, ge=10)
+
+    # Cassandra
+    cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
+    cassandra_port: int = 9042
+    cassandra_keyspace: str = "headwater_metrics"
+    cassandra_replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    cassandra_timeout_s: float = Field(default=10.0, gt=0)
+    # Rows written at once during a flush (bounded so a flush does not flood the node).
+    write_concurrency: int = Field(default=64, ge=1)
+
+    # Rollups: retention of each resolution (the table's default_time_to_live).
+    retention_1m_s: int = Field(default=7 * 86_400, ge=1)
+    retention_1h_s: int = Field(default=90 * 86_400, ge=1)
+    retention_1d_s: int = Field(default=2 * 365 * 86_400, ge=1)
+    # Series written by other producers through POST /api/v1/datapoints.
+    retention_external_s: int = Field(default=90 * 86_400, ge=1)
+    # An event whose time is older than the partition's watermark (the newest
+    # receivedAt seen) minus this is late: counted, sent to the late topic, not rolled up.
+    allowed_lateness_s: float = Field(default=3600.0, ge=0)
+    # HyperLogLog precision: 2^lg_k buckets, about 1.6% error at 12.
+    hll_lg_k: int = Field(default=12, ge=4, le=21)
+    # Window rows kept in memory across all partitions; over it, the service
+    # flushes and evicts the least recently used rows.
+    max_cached_rows: int = Field(default=200_000, ge=100)
+    # Flush (write rollups, then the partition checkpoint, then commit offsets) this often.
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    max_dirty_rows: int = Field(default=20_000, ge=1)
+
+    # Source registry (sum_properties per source, reloaded live).
+    sources_path: Path = Path("config/sources.json")
+    sources_reload_s: float = Field(default=2.0, gt=0)
+
+    # Optional sink to an external KairosDB (REST). Empty: off.
+    kairosdb_url: str = ""
+    kairosdb_batch_size: int = Field(default=500, ge=1)
+    kairosdb_timeout_s: float = Field(default=10.0, gt=0)
+    # Datapoint batches waiting for the sink; over it the oldest batch is dropped and counted.
+    kairosdb_max_pending: int = Field(default=100, ge=1)
+
+    # Query API: the most raw rows one query may read.
+    query_max_rows: int = Field(default=500_000, ge=1)
+
+    @field_validator("cassandra_keyspace")
+    @classmethod
+    def _cql_name(cls, value: str) -> str:
+        if not _CQL_NAME.match(value):
+            raise ValueError("a keyspace name is lower-case letters, digits and '_', starting with a letter")
+        return value
