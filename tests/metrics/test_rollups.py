@@ -1,0 +1,183 @@
+"""Rollups against the real Kafka and Cassandra: windows, sums, sketch unions,
+lateness, bad input, replay over rows that are ahead of their checkpoint, TTL."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import orjson
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from services.common.badrow import BadRow
+from services.common.cassandra import CassandraClient
+from services.metrics.app import build_app
+from services.metrics.store import Store
+from tests.conftest import read_topic
+from tests.metrics.conftest import SUMS, MakeSettings
+from tests.metrics.helpers import (
+    all_rows,
+    assert_windows_equal,
+    checkpoints,
+    end_offsets,
+    enriched,
+    expected,
+    poll,
+    produce,
+    stored_windows,
+)
+
+HOUR = 3_600_000
+
+
+def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: float = 0.03
+             ) -> list[tuple[int, bytes]]:
+    """Events over ~2 hours with a few late ones and a few undecodable records."""
+    rnd = random.Random(seed)
+    out: list[tuple[int, bytes]] = []
+    for i in range(n):
+        received = base_ms + i * (2 * HOUR // n)
+        delay = rnd.randint(5_000, 3_000_000) if rnd.random() < late_share else rnd.randint(0, 200_000)
+        source = rnd.choice(["web", "srv"])
+        etype = rnd.choice(["track", "track", "page", "identify"])
+        name = rnd.choice(["Order Completed", "Signed Up"]) if etype == "track" else (
+            rnd.choice(["Home", "Pricing"]) if etype == "page" else None)
+        user = rnd.choice([f"u{rnd.randint(0, 300)}", f"a{rnd.randint(0, 300)}"])
+        props = {"revenue": round(rnd.uniform(1, 100), 2), "quantity": rnd.randint(1, 5), "flag": True}
+        doc = enriched(source, etype, name, user, received - delay, received, props, message_id=f"m{i}")
+        out.append((rnd.randrange(partitions), orjson.dumps(doc)))
+    return out
+
+
+async def run_until_caught_up(settings, client: CassandraClient, sent, timeout_s: float = 90.0
+                              ) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    app = await build_app(settings, registry=registry)
+    async with TestClient(TestServer(app)):
+        want = end_offsets(sent)
+
+        async def caught_up() -> bool:
+            got = await checkpoints(client, settings.cassandra_keyspace, settings.consumer_group,
+                                    settings.enriched_topic)
+            return all(got.get(p, 0) >= o for p, o in want.items())
+
+        await poll(caught_up, timeout_s, "the checkpoints to reach the end of the input")
+    return registry
+
+
+async def test_windows_sums_users_and_lateness_match_the_input(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    settings = await metrics_settings(partitions=3)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    records = workload(3000, base, 3)
+    records.insert(100, (1, b"not json"))
+    records.insert(200, (2, orjson.dumps({"type": "track"})))  # no _hw.source_id, no timestamp
+    sent = await produce(kafka_bootstrap, settings.enriched_topic, records)
+
+    registry = await run_until_caught_up(settings, cassandra, sent)
+
+    want, late = expected(sent, int(settings.allowed_lateness_s * 1000), SUMS)
+    assert late, "the workload must contain late events"
+    assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
+
+    late_rows = [BadRow.decode(r.value) for r in
+                 await read_topic(kafka_bootstrap, settings.late_topic, expected=len(late))]
+    assert {(r["input"]["partition"], r["input"]["offset"]) for r in late_rows} == late
+    assert {r["failure_type"] for r in late_rows} == {"late_event"}
+    by_offset = {(s.partition, s.offset): s for s in sent}
+    for r in late_rows:  # the original bytes travel with the bad row
+        assert orjson.loads(r["original"]) == by_offset[(r["input"]["partition"], r["input"]["offset"])].doc
+    dropped = sum(s.value for m in registry.collect() if m.name == "headwater_metrics_dropped_late"
+                  for s in m.samples if s.name.endswith("_total"))
+    assert dropped == len(late)
+
+    bad = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.dlq_topic, expected=2)]
+    assert sorted(r["failure_type"] for r in bad) == ["invalid_json", "schema_violation"]
+    assert sorted(r["original"] for r in bad) == sorted([b"not json", orjson.dumps({"type": "track"})])
+
+
+async def test_a_restart_replays_without_double_counting(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    """Rows written, checkpoint not (the process died between the two): the next run
+    reads those events again and each row takes only what it lacks."""
+    settings = await metrics_settings(partitions=2)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    first = await produce(kafka_bootstrap, settings.enriched_topic, workload(1500, base, 2, seed=1))
+
+    original = Store.save_checkpoint
+    saved = 0
+
+    async def save_first_only(self: Store, *args: object) -> None:
+        nonlocal saved
+        if saved < 2:  # one checkpoint per partition, then "die" before any other
+            saved += 1
+            await original(self, *args)  # type: ignore[arg-type]
+
+    Store.save_checkpoint = save_first_only  # type: ignore[method-assign]
+    try:
+        app = await build_app(settings.model_copy(update={"flush_interval_s": 0.05,
+                                                          "max_poll_records": 100}))
+        async with TestClient(TestServer(app)):
+            async def rows_ahead() -> bool:
+                # every event rolled into some 1m row, though the checkpoint stays behind
+                rows = await all_rows(cassandra, "SELECT max(upto) AS m FROM "
+                                      f"{settings.cassandra_keyspace}.rollup_1d")
+                marks = {s.partition: s.offset for s in first}
+                return (rows[0].m or -1) >= min(marks.values())
+            await poll(rows_ahead, 60, "rows written past the checkpoint")
+    finally:
+        Store.save_checkpoint = original  # type: ignore[method-assign]
+    cps = await checkpoints(cassandra, settings.cassandra_keyspace, settings.consumer_group,
+                            settings.enriched_topic)
+    assert all(v < end_offsets(first)[p] for p, v in cps.items()), cps
+
+    second = await produce(kafka_bootstrap, settings.enriched_topic, workload(500, base + HOUR, 2, seed=2))
+    registry = await run_until_caught_up(settings, cassandra, first + second)
+    skipped = next(s.value for m in registry.collect() if m.name == "headwater_metrics_replay_skipped"
+                   for s in m.samples if s.name.endswith("_total"))
+    assert skipped > 0, "the second run must have met rows that already held its events"
+    want, _ = expected(first + second, int(settings.allowed_lateness_s * 1000), SUMS)
+    assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
+
+
+async def test_sketches_union_across_partitions_and_windows(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    settings = await metrics_settings(partitions=4)
+    base = (int(time.time() * 1000) // HOUR - 2) * HOUR
+    # The same 50 users on every partition and in 5 different minutes: 50 distinct, not 1000.
+    records = [(i % 4, orjson.dumps(enriched("web", "track", "Signed Up", f"u{i % 50}",
+                                             base + (i % 5) * 60_000, base + 300_000)))
+               for i in range(1000)]
+    sent = await produce(kafka_bootstrap, settings.enriched_topic, records)
+    await run_until_caught_up(settings, cassandra, sent)
+    rows = await all_rows(cassandra, f"SELECT kpart, users FROM {settings.cassandra_keyspace}.rollup_1h")
+    assert len({r.kpart for r in rows}) == 4
+    stored = await stored_windows(cassandra, settings.cassandra_keyspace)
+    assert round(stored[("1h", "web", "track", "Signed Up", base)]["users"]) == 50
+    minutes = [k for k in stored if k[0] == "1m"]
+    assert len(minutes) == 5
+    assert all(round(stored[k]["users"]) == 10 for k in minutes)
+
+
+async def test_rows_expire_after_their_resolution_ttl(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    settings = await metrics_settings(partitions=1, retention_1m_s=3)
+    now = int(time.time() * 1000)
+    sent = await produce(kafka_bootstrap, settings.enriched_topic,
+                         [(0, orjson.dumps(enriched("web", "track", "X", "u1", now, now)))])
+    await run_until_caught_up(settings, cassandra, sent)
+    ks = settings.cassandra_keyspace
+    assert len(list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1m"))) == 1
+
+    async def minute_gone() -> bool:
+        return not list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1m"))
+
+    await poll(minute_gone, 30, "the 1m row to expire")
+    assert len(list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1h"))) == 1
+    ttl = (await cassandra.execute(f"SELECT default_time_to_live FROM system_schema.tables "
+                                   "WHERE keyspace_name = %s AND table_name = 'rollup_1h'", (ks,)))[0]
+    assert ttl.default_time_to_live == settings.retention_1h_s
+    compaction = (await cassandra.execute("SELECT compaction FROM system_schema.tables "
+                                          "WHERE keyspace_name = %s AND table_name = 'rollup_1m'", (ks,)))[0]
+    assert compaction.compaction["class"].endswith("TimeWindowCompactionStrategy")

@@ -1,0 +1,338 @@
+"""Fast tests of the processor's pure parts: no Kafka, no Cassandra."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.common.badrow import BadRow, FailureType
+from services.common.proto.envelope_pb2 import Envelope
+from services.common.sources import Destination, Enrichment, SourceRegistry
+from services.processor import normalise as norm
+from services.processor.dedupe import DedupeWindow, decode_entry, dedupe_key, encode_entry
+from services.processor.enrich import Enricher, anonymise_ip, is_bot, referrer_medium
+from services.processor.pipeline import Kind, Pipeline
+from services.processor.routing import destinations
+from services.processor.settings import Settings
+from tests.processor.conftest import (
+    BERLIN_IP6,
+    CHROME_UA,
+    GOOGLEBOT_UA,
+    IPHONE_UA,
+    LONDON_IP,
+    envelope,
+    record,
+)
+
+RECEIVED = datetime(2026, 11, 24, 15, 0, 0, 123000, tzinfo=UTC)
+RECEIVED_MS = int(RECEIVED.timestamp() * 1000)
+
+
+# -- timestamps ------------------------------------------------------------------
+
+def times(event: dict[str, Any], skew_s: float = 600) -> tuple[dict[str, str], list[str]]:
+    flags: list[str] = []
+    return norm.event_time(event, RECEIVED, timedelta(seconds=skew_s), flags), flags
+
+
+def test_format_is_utc_millis_z() -> None:
+    moment = datetime(2026, 11, 24, 16, 0, 0, 5999, tzinfo=UTC).astimezone()
+    assert norm.format_ts(moment) == "2026-11-24T16:00:00.005Z"
+
+
+def test_segment_skew_rule_when_timestamp_absent() -> None:
+    # Device clock 1 hour behind: sent at 14:00:05 device time, event at 14:00:00 device time.
+    out, flags = times({"originalTimestamp": "2026-11-24T14:00:00.000Z", "sentAt": "2026-11-24T14:00:05Z"})
+    assert out["timestamp"] == "2026-11-24T14:59:55.123Z"
+    assert out["originalTimestamp"] == "2026-11-24T14:00:00.000Z"
+    assert out["sentAt"] == "2026-11-24T14:00:05.000Z"
+    assert out["receivedAt"] == "2026-11-24T15:00:00.123Z"
+    assert flags == []
+
+
+def test_given_timestamp_stands_and_offsets_are_converted() -> None:
+    out, _ = times({"timestamp": "2026-11-24T10:00:00+02:00", "sentAt": "2026-11-24T08:00:05+00:00"})
+    assert out["timestamp"] == "2026-11-24T08:00:00.000Z"
+    assert "originalTimestamp" not in out
+
+
+def test_no_times_at_all_uses_received() -> None:
+    out, _ = times({})
+    assert out["timestamp"] == out["receivedAt"] == "2026-11-24T15:00:00.123Z"
+
+
+def test_naive_timestamp_is_utc() -> None:
+    out, _ = times({"timestamp": "2026-11-24T12:00:00.5"})
+    assert out["timestamp"] == "2026-11-24T12:00:00.500Z"
+
+
+def test_future_timestamp_is_clamped_and_flagged() -> None:
+    out, flags = times({"timestamp": "2026-11-25T15:00:00Z"}, skew_s=600)
+    assert out["timestamp"] == out["receivedAt"]
+    assert flags == [norm.FLAG_TIMESTAMP_CLAMPED]
+    out, flags = times({"timestamp": "2026-11-24T15:05:00Z"}, skew_s=600)
+    assert out["timestamp"] == "2026-11-24T15:05:00.000Z" and flags == []
+
+
+def test_bad_timestamp_raises() -> None:
+    with pytest.raises(norm.TimestampError, match="sentAt"):
+        times({"sentAt": "yesterday"})
+
+
+def test_normalise_shape() -> None:
+    event = {"type": "t", "event": "Signed Up", "userId": 42, "anonymousId": None, "writeKey": "secret",
+             "properties": {"a": 1}, "context": {"library": {"name": "x"}}}
+    out = norm.normalise(event, message_id="m1", received=RECEIVED,
+                         max_future_skew=timedelta(minutes=10), flags=[])
+    assert out["type"] == "track"
+    assert out["userId"] == "42"
+    assert "anonymousId" not in out and "writeKey" not in out
+    assert out["messageId"] == "m1" and out["properties"] == {"a": 1}
+    assert out["context"] == {"library": {"name": "x"}}
+
+
+# -- enrichment -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def enricher_no_geo() -> Enricher:
+    return Enricher(geoip_path=None, ua_cache_size=100, geo_cache_size=100)
+
+
+def enrich(enricher: Enricher, event: dict[str, Any], switches: Enrichment | None = None,
+           ua: str = CHROME_UA, ip: str = LONDON_IP) -> tuple[dict[str, Any], list[str]]:
+    event.setdefault("context", {})
+    flags: list[str] = []
+    enricher.enrich(event, switches=switches or Enrichment(), header_ua=ua, client_ip=ip, flags=flags)
+    return event, flags
+
+
+def test_user_agent_fields(enricher_no_geo: Enricher) -> None:
+    event, _ = enrich(enricher_no_geo, {}, ua=IPHONE_UA)
+    parsed = event["context"]["userAgentParsed"]
+    assert parsed["browser"] == {"family": "Mobile Safari", "version": "17.0"}
+    assert parsed["os"] == {"family": "iOS", "version": "17.0"}
+    assert parsed["device"] == {"family": "iPhone", "brand": "Apple", "model": "iPhone"}
+    assert event["context"]["bot"] is False
+
+
+def test_context_user_agent_beats_header(enricher_no_geo: Enricher) -> None:
+    event, _ = enrich(enricher_no_geo, {"context": {"userAgent": IPHONE_UA}}, ua="analytics-python/2.4")
+    assert event["context"]["userAgentParsed"]["os"]["family"] == "iOS"
+
+
+@pytest.mark.parametrize(("ua", "bot"), [
+    (GOOGLEBOT_UA, True), ("curl/8.5.0", True), ("python-requests/2.31", True),
+    ("Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/120.0.0.0 Safari/537.36", True),
+    (CHROME_UA, False), (IPHONE_UA, False),
+])
+def test_bot_flag(ua: str, bot: bool) -> None:
+    assert is_bot(ua) is bot
+
+
+def test_switches_off(enricher_no_geo: Enricher) -> None:
+    switches = Enrichment(user_agent=False, bot=False, campaign=False, geo=False)
+    event, _ = enrich(enricher_no_geo, {"context": {"page": {"url": "https://a.example/?utm_source=x"}}},
+                      switches)
+    assert set(event["context"]) == {"page", "ip"}
+
+
+def test_geo_then_anonymise(geoip_db: Path) -> None:
+    enricher = Enricher(geoip_path=geoip_db, ua_cache_size=10, geo_cache_size=10)
+    try:
+        event, _ = enrich(enricher, {}, Enrichment(ip="anonymize"), ip=LONDON_IP)
+        assert event["context"]["geo"] == {"country": "GB", "region": "ENG", "city": "London",
+                                           "latitude": 51.5142, "longitude": -0.0931,
+                                           "timeZone": "Europe/London"}
+        assert event["context"]["ip"] == "81.2.69.0"
+        event, _ = enrich(enricher, {"context": {"ip": BERLIN_IP6}}, Enrichment(ip="remove"))
+        assert event["context"]["geo"]["city"] == "Berlin"
+        assert "ip" not in event["context"]
+        event, _ = enrich(enricher, {}, Enrichment(), ip="10.1.2.3")
+        assert "geo" not in event["context"] and event["context"]["ip"] == "10.1.2.3"
+    finally:
+        enricher.close()
+
+
+@pytest.mark.parametrize(("ip", "masked"), [
+    ("81.2.69.142", "81.2.69.0"), ("2a02:8108:1234:5678::1", "2a02:8108:1234::"),
+    ("::ffff:81.2.69.142", "81.2.69.0"), ("not-an-ip", None), (" 10.0.0.255 ", "10.0.0.0"),
+])
+def test_anonymise_ip(ip: str, masked: str | None) -> None:
+    assert anonymise_ip(ip) == masked
+
+
+def test_invalid_ip_is_removed_and_flagged(enricher_no_geo: Enricher) -> None:
+    event, flags = enrich(enricher_no_geo, {"context": {"ip": "bogus"}}, Enrichment(ip="anonymize"))
+    assert "ip" not in event["context"] and flags == ["ip_invalid"]
+
+
+def test_campaign_click_ids_referrer(enricher_no_geo: Enricher) -> None:
+    url = ("https://shop.example.com/landing?utm_source=news&utm_medium=email&utm_campaign=black-friday"
+           "&utm_term=shoes&utm_content=hero&gclid=G1&fbclid=F1&msclkid=M1&other=1")
+    event, _ = enrich(enricher_no_geo, {"context": {"page": {
+        "url": url, "referrer": "https://www.google.com/search?q=shoes"}}})
+    ctx = event["context"]
+    assert ctx["campaign"] == {"source": "news", "medium": "email", "name": "black-friday",
+                               "term": "shoes", "content": "hero"}
+    assert ctx["clickIds"] == {"gclid": "G1", "fbclid": "F1", "msclkid": "M1"}
+    assert ctx["referrer"] == {"url": "https://www.google.com/search?q=shoes", "host": "www.google.com",
+                               "medium": "search"}
+
+
+def test_client_campaign_wins(enricher_no_geo: Enricher) -> None:
+    event, _ = enrich(enricher_no_geo, {"context": {
+        "campaign": {"name": "given"}, "page": {"url": "https://a.example/?utm_campaign=url&utm_source=s"}}})
+    assert event["context"]["campaign"] == {"name": "given", "source": "s"}
+    assert "clickIds" not in event["context"]
+
+
+@pytest.mark.parametrize(("host", "page", "medium"), [
+    ("www.google.co.uk", None, "search"), ("t.co", None, "social"), ("m.facebook.com", None, "social"),
+    ("mail.google.com", None, "email"), ("blog.example.org", None, "referral"),
+    ("shop.example.com", "shop.example.com", "internal"),
+])
+def test_referrer_medium(host: str, page: str | None, medium: str) -> None:
+    assert referrer_medium(host, page) == medium
+
+
+# -- routing ----------------------------------------------------------------------
+
+def test_routing_rules() -> None:
+    rules = (
+        Destination(name="all"),
+        Destination(name="crm", types=("identify", "group")),
+        Destination(name="billing", types=("track",), events=("Order Completed",)),
+        Destination(name="pro", where={"properties.plan": "pro", "context.locale": "en"}),
+        Destination(name="pages", events=("Home",)),
+    )
+    assert destinations(rules, {"type": "identify"}) == ["all", "crm"]
+    assert destinations(rules, {"type": "track", "event": "Order Completed"}) == ["all", "billing"]
+    assert destinations(rules, {"type": "track", "event": "Viewed"}) == ["all"]
+    assert destinations(rules, {"type": "track", "event": "x", "properties": {"plan": "pro"},
+                                "context": {"locale": "en"}}) == ["all", "pro"]
+    assert destinations(rules, {"type": "track", "event": "x", "properties": {"plan": "pro"}}) == ["all"]
+    assert destinations(rules, {"type": "page", "name": "Home"}) == ["all", "pages"]
+
+
+# -- dedupe window ----------------------------------------------------------------
+
+def test_dedupe_window_bounds_and_expiry() -> None:
+    window = DedupeWindow(window_ms=1000, max_entries=3)
+    for i in range(5):
+        window.add(f"k{i}", 100 + i)
+    assert len(window) == 3 and window.evicted == 2
+    assert not window.is_duplicate("k0", 200)           # evicted: the oldest went first
+    assert window.is_duplicate("k4", 900)
+    assert not window.is_duplicate("k4", 104 + 1000)    # outside the window
+    window.expire(1104)
+    assert len(window) == 1                             # k2 (102), k3 (103) expired
+    assert decode_entry(*encode_entry(dedupe_key("s", "m"), 7)) == ("s\x1fm", 7)
+    assert decode_entry(b"k", None) is None and decode_entry(b"k", b"x") is None
+
+
+# -- the whole pipeline on one record --------------------------------------------
+
+@pytest.fixture
+def pipeline(sources_file: Path, geoip_db: Path) -> Pipeline:
+    settings = Settings(sources_file=sources_file, geoip_path=geoip_db)
+    registry = SourceRegistry(sources_file)
+    assert registry.load()
+    return Pipeline(settings, registry, Enricher(geoip_path=geoip_db, ua_cache_size=10, geo_cache_size=10))
+
+
+def never(_key: str, _ts: int) -> bool:
+    return False
+
+
+def test_pipeline_enriched(pipeline: Pipeline) -> None:
+    raw = envelope({"type": "track", "event": "Order Completed", "userId": "u1",
+                    "properties": {"plan": "pro"}, "timestamp": "2026-11-24T14:59:00Z",
+                    "context": {"ip": LONDON_IP}}, message_id="m-1", received_at_ms=RECEIVED_MS)
+    result = pipeline.process(record(raw), never)
+    assert result.kind is Kind.ENRICHED
+    topics = [o.topic for o in result.outputs]
+    assert topics == ["events.enriched", "dest.warehouse", "dest.billing", "dest.pro"]
+    out = orjson.loads(result.outputs[0].value)
+    assert out["messageId"] == "m-1" and out["timestamp"] == "2026-11-24T14:59:00.000Z"
+    assert out["receivedAt"] == "2026-11-24T15:00:00.123Z"
+    assert out["context"]["ip"] == "81.2.69.0" and out["context"]["geo"]["city"] == "London"
+    assert out["_hw"]["source_id"] == "web" and out["_hw"]["flags"] == []
+    assert result.seen == (dedupe_key("web", "m-1"), RECEIVED_MS)
+    assert result.outputs[0].key == b"web:u1"
+
+
+def test_pipeline_duplicate(pipeline: Pipeline) -> None:
+    raw = envelope({"type": "identify", "userId": "u1"}, message_id="m-2")
+    result = pipeline.process(record(raw), lambda key, _ts: key == dedupe_key("web", "m-2"))
+    assert result.kind is Kind.DUPLICATE and result.outputs == []
+
+
+def test_pipeline_unknown_source_is_kept_and_flagged(pipeline: Pipeline) -> None:
+    result = pipeline.process(record(envelope({"type": "identify", "userId": "u"}, source_id="gone")), never)
+    assert result.kind is Kind.ENRICHED and [o.topic for o in result.outputs] == ["events.enriched"]
+    assert orjson.loads(result.outputs[0].value)["_hw"]["flags"] == ["unknown_source"]
+
+
+def test_pipeline_type_from_path(pipeline: Pipeline) -> None:
+    result = pipeline.process(record(envelope({"event": "Clicked", "userId": "u"}, path="/v1/t")), never)
+    assert orjson.loads(result.outputs[0].value)["type"] == "track"
+
+
+BAD_INPUTS = [
+    (None, FailureType.ENVELOPE_DECODE),
+    (b"\xff\xff\xff\xff", FailureType.ENVELOPE_DECODE),
+    (envelope({"type": "identify", "userId": "u"}, source_id=""), FailureType.ENVELOPE_DECODE),
+    (envelope(b"{not json"), FailureType.INVALID_JSON),
+    (envelope(b"[1, 2]"), FailureType.INVALID_JSON),
+    (envelope({"type": "track", "userId": "u"}), FailureType.SCHEMA_VIOLATION),
+    (envelope({"type": "identify"}), FailureType.SCHEMA_VIOLATION),
+    (envelope({"type": "nope", "userId": "u"}), FailureType.SCHEMA_VIOLATION),
+    (envelope({"type": "identify", "userId": "u", "timestamp": "soon"}), FailureType.SCHEMA_VIOLATION),
+    (envelope({"type": "identify", "userId": "u", "traits": {"x": "y" * 2000}}), FailureType.SIZE_VIOLATION),
+]
+
+
+@pytest.mark.parametrize(("value", "failure"), BAD_INPUTS)
+def test_pipeline_bad_rows(sources_file: Path, value: bytes | None, failure: FailureType) -> None:
+    settings = Settings(sources_file=sources_file, max_event_bytes=1024)
+    registry = SourceRegistry(sources_file)
+    registry.load()
+    pipe = Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
+    rec = record(value)
+    result = pipe.process(rec, never)
+    assert result.kind is Kind.DLQ and result.reason is failure
+    [out] = result.outputs
+    assert out.topic == "events.dlq"
+    row = BadRow.decode(out.value)
+    assert row["failure_type"] == failure.value and row["errors"]
+    assert row["input"] == {"topic": "events.raw", "partition": 0, "offset": rec.offset, "request_id":
+                            row["input"]["request_id"]}
+    assert row["producer"]["service"] == "processor"
+    if row["extra"]["original_format"] == "event_json":
+        assert row["original"] == Envelope.FromString(value).event
+    else:
+        assert row["original"] == (value or b"")
+
+
+def test_wrong_schema_header_is_envelope_decode(pipeline: Pipeline) -> None:
+    result = pipeline.process(record(envelope({"type": "identify", "userId": "u"}),
+                                     headers=(("hw-schema", b"envelope/9"),)), never)
+    assert result.reason is FailureType.ENVELOPE_DECODE
+
+
+def test_poison_after_bounded_tries(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def explode(*_a: Any, **_k: Any) -> None:
+        calls.append(1)
+        raise KeyError("boom")
+
+    monkeypatch.setattr(pipeline.enricher, "enrich", explode)
+    result = pipeline.process(record(envelope({"type": "identify", "userId": "u"})), never)
+    assert result.kind is Kind.DLQ and result.reason is FailureType.POISON
+    assert len(calls) == pipeline.settings.poison_max_tries
+    assert "KeyError" in BadRow.decode(result.outputs[0].value)["errors"][0]
