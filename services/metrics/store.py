@@ -117,6 +117,7 @@ class Store:
         self.ks = settings.cassandra_keyspace
         self.lg_k = settings.hll_lg_k
         self.concurrency = settings.write_concurrency
+        self.timeout = settings.cassandra_timeout_s
         self.series_ttl = max(retentions(settings).values())
         self._ps: dict[str, PreparedStatement] = {}
 
@@ -185,8 +186,15 @@ class Store:
     async def note_series(self, source: str, etype: str, event: str, props: Iterable[str]) -> None:
         await self.client.execute(self._ps["series_put"], (set(props), source, etype, event))
 
+    async def _all_pages(self, name: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Every row of a read that may span pages (CassandraClient.execute returns the first page only)."""
+        bound = self._ps[name].bind(params)
+        bound.fetch_size = 5000
+        session = self.client.session
+        return await asyncio.to_thread(lambda: list(session.execute(bound, timeout=self.timeout)))
+
     async def all_series(self) -> list[tuple[str, str, str, frozenset[str]]]:
-        rows = await self.client.execute(self._ps["series_all"])
+        rows = await self._all_pages("series_all")
         return [(r.source, r.type, r.event, frozenset(r.props or ())) for r in rows]
 
     async def read_windows(self, resolution: str, source: str, start_ms: int, end_ms: int,
@@ -195,8 +203,7 @@ class Store:
         size = BUCKET_MS[resolution]
         out: list[StoredRow] = []
         for bucket in range(start_ms // size, end_ms // size + 1):
-            rows = await self.client.execute(self._ps[f"range_{resolution}"],
-                                             (source, bucket, start_ms, end_ms))
+            rows = await self._all_pages(f"range_{resolution}", (source, bucket, start_ms, end_ms))
             for r in rows:
                 out.append(StoredRow(int(r.window_start), r.type, r.event, int(r.kpart), int(r.count or 0),
                                      bytes(r.users or b""), dict(r.sums or {})))
@@ -222,7 +229,7 @@ class Store:
     async def read_external(self, metric: str, start_ms: int, end_ms: int, limit: int) -> list[ExternalPoint]:
         out: list[ExternalPoint] = []
         for bucket in range(start_ms // EXTERNAL_BUCKET_MS, end_ms // EXTERNAL_BUCKET_MS + 1):
-            rows = await self.client.execute(self._ps["ext_get"], (metric, bucket, start_ms, end_ms))
+            rows = await self._all_pages("ext_get", (metric, bucket, start_ms, end_ms))
             for r in rows:
                 out.append(ExternalPoint(int(r.ts), r.tags, float(r.value), bool(r.is_long)))
                 if len(out) > limit:
@@ -230,4 +237,4 @@ class Store:
         return out
 
     async def external_metrics(self) -> list[str]:
-        return [r.metric for r in await self.client.execute(self._ps["ext_metrics"])]
+        return [r.metric for r in await self._all_pages("ext_metrics")]

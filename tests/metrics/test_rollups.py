@@ -175,7 +175,7 @@ async def test_rows_expire_after_their_resolution_ttl(
 
     await poll(minute_gone, 30, "the 1m row to expire")
     assert len(list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1h"))) == 1
-    ttl = (await cassandra.execute(f"SELECT default_time_to_live FROM system_schema.tables "
+    ttl = (await cassandra.execute("SELECT default_time_to_live FROM system_schema.tables "
                                    "WHERE keyspace_name = %s AND table_name = 'rollup_1h'", (ks,)))[0]
     assert ttl.default_time_to_live == settings.retention_1h_s
     compaction = (await cassandra.execute("SELECT compaction FROM system_schema.tables "
