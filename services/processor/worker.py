@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
@@ -38,7 +39,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from services.common.errors import DependencyUnavailable
+from services.common.errors import ConfigError, DependencyUnavailable
 from services.common.kafka import TopicSpec, ensure_topics
 from services.processor.dedupe import DedupeWindow, decode_entry, encode_entry
 from services.processor.metrics import Metrics
@@ -55,6 +56,20 @@ def _kafka_fields(tp: TopicPartition, offset: int | None = None) -> dict[str, An
     if offset is not None:
         fields["kafka.offset"] = offset
     return fields
+
+
+async def _partition_count(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        [described] = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe {topic}: {exc}") from exc
+    finally:
+        await admin.close()
+    if described["error_code"] or not described["partitions"]:
+        raise DependencyUnavailable(f"topic {topic} is not available (error {described['error_code']})")
+    return len(described["partitions"])
 
 
 @dataclass
@@ -116,18 +131,20 @@ class Processor:
             client_id=f"{s.service_name}-consumer",
         )
         await self.consumer.start()
-        partitions = self.consumer.partitions_for_topic(s.raw_topic)
-        if not partitions:
-            await self.consumer.topics()
-            partitions = self.consumer.partitions_for_topic(s.raw_topic) or {0}
+        partitions = await _partition_count(s.kafka_bootstrap, s.raw_topic)
         # Entries older than the window are useless; compaction keeps one per key in between.
         await ensure_topics(s.kafka_bootstrap, [TopicSpec(
-            s.dedupe_changelog, len(partitions),
+            s.dedupe_changelog, partitions,
             configs={"cleanup.policy": "compact,delete",
                      "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)})])
+        changelog_partitions = await _partition_count(s.kafka_bootstrap, s.dedupe_changelog)
+        if changelog_partitions < partitions:
+            raise ConfigError(
+                f"{s.dedupe_changelog} has {changelog_partitions} partitions but {s.raw_topic} has "
+                f"{partitions}; add partitions to the changelog to match")
         self.consumer.subscribe([s.raw_topic], listener=_Listener(self))
         log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic},
-                 partitions=len(partitions))
+                 partitions=partitions)
 
     async def close(self) -> None:
         """Leave the group and close every producer; safe to call twice."""
@@ -210,12 +227,14 @@ class Processor:
         tp = TopicPartition(s.dedupe_changelog, partition)
         reader = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                   isolation_level="read_committed", enable_auto_commit=False,
+                                  auto_offset_reset="earliest",
                                   client_id=f"{s.service_name}-restore")
         await reader.start()
         try:
             reader.assign([tp])
-            end = (await reader.end_offsets([tp]))[tp]
-            await reader.seek_to_beginning(tp)
+            end = (await asyncio.wait_for(reader.end_offsets([tp]), s.restore_timeout_s))[tp]
+            # An explicit seek: seek_to_beginning right after end_offsets can land at the end.
+            reader.seek(tp, (await reader.beginning_offsets([tp]))[tp])
             loop = asyncio.get_running_loop()
             deadline = loop.time() + s.restore_timeout_s
             newest = 0
@@ -362,15 +381,19 @@ class Processor:
             await asyncio.sleep(self.settings.retry_backoff_s)
             try:
                 fresh = await self._open_partition(tp)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("partition reset failed; retrying", error=repr(exc), **_kafka_fields(tp))
+                continue
+            try:
                 committed = await self.consumer.committed(tp)
+                if committed is None:
+                    committed = (await self.consumer.beginning_offsets([tp]))[tp]
             except (KafkaError, TimeoutError) as exc:
                 log.warning("partition reset failed; retrying", error=repr(exc), **_kafka_fields(tp))
                 self._parts.pop(tp, None)
+                await self._stop_producer(fresh)
                 continue
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
+            self.consumer.seek(tp, committed)
             log.info("partition reset", committed=committed, dedupe_entries=len(fresh.window),
                      **_kafka_fields(tp))
             return
