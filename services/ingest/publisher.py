@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaError
 
 from services.common.errors import HeadwaterError
 from services.common.kafka import TopicSpec, ensure_topics
+from services.ingest.batcher import KafkaBatcher
 from services.ingest.errors import Overloaded
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import Settings
@@ -22,10 +23,9 @@ from services.ingest.spool import Record, Spool
 
 log = structlog.get_logger(__name__)
 
-_HEADERS = {
-    "envelope": [("hw-schema", b"envelope/1")],
-    "badrow": [("hw-schema", b"badrow/1")],
-}
+_ENVELOPE_HEADERS = [("hw-schema", b"envelope/1")]
+_BADROW_HEADERS = [("hw-schema", b"badrow/1")]
+
 
 
 class Publisher:
@@ -36,6 +36,7 @@ class Publisher:
         self.spool = spool
         self.metrics = metrics
         self._producer: AIOKafkaProducer | None = None
+        self._batcher: KafkaBatcher | None = None
         self._kafka_up = False
         self._inflight = 0
         self._wakeup = asyncio.Event()
@@ -70,6 +71,8 @@ class Publisher:
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
+        if self._batcher is not None:
+            await self._batcher.stop()
         if self._producer is not None:
             try:
                 await asyncio.wait_for(self._producer.stop(), self.settings.shutdown_timeout_s)
@@ -96,7 +99,7 @@ class Publisher:
             acks="all",
             enable_idempotence=True,
             compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
-            linger_ms=s.kafka_linger_ms,
+            linger_ms=0,  # the batcher lingers; batches it submits go out at once
             max_batch_size=s.kafka_max_batch_bytes,
             request_timeout_ms=max(int(s.kafka_ack_timeout_s * 1000) * 5, 10_000),
         )
@@ -108,6 +111,10 @@ class Publisher:
                 await producer.stop()
             return False
         self._producer = producer
+        self._batcher = KafkaBatcher(producer, linger_s=s.kafka_linger_ms / 1000,
+                                     max_pending_bytes=s.kafka_max_batch_bytes,
+                                     headers_for=lambda t: _BADROW_HEADERS if t == s.dlq_topic else _ENVELOPE_HEADERS)
+        self._batcher.start()
         self._kafka_up = True
         return True
 
@@ -131,11 +138,10 @@ class Publisher:
             raise Overloaded(f"{self._inflight} events in flight")
         self._inflight += len(records)
         try:
-            if self.spool.is_empty and self._kafka_up and self._producer is not None:
+            if self.spool.is_empty and self._kafka_up and self._batcher is not None:
                 started = time.perf_counter()
                 try:
-                    await asyncio.wait_for(self._send(self._producer, records),
-                                           self.settings.kafka_ack_timeout_s)
+                    await asyncio.wait_for(self._batcher.send(records), self.settings.kafka_ack_timeout_s)
                 except (TimeoutError, KafkaError, OSError) as exc:
                     self._kafka_up = False
                     self.metrics.spooled_after_timeout.inc(len(records))
@@ -151,13 +157,6 @@ class Publisher:
             self._inflight -= len(records)
             self._update_gauges()
 
-    @staticmethod
-    async def _send(producer: AIOKafkaProducer, records: list[Record]) -> None:
-        futures = []
-        for r in records:
-            headers = _HEADERS["badrow"] if r.topic.endswith("dlq") else _HEADERS["envelope"]
-            futures.append(await producer.send(r.topic, value=r.value, key=r.key, headers=headers))
-        await asyncio.gather(*futures)
 
     # -- draining the spool --------------------------------------------------------
 
@@ -171,9 +170,8 @@ class Publisher:
         return True
 
     async def _send_batch(self, records: list[Record]) -> None:
-        assert self._producer is not None
-        await asyncio.wait_for(self._send(self._producer, records),
-                               max(self.settings.kafka_ack_timeout_s * 5, 10.0))
+        assert self._batcher is not None
+        await asyncio.wait_for(self._batcher.send(records), max(self.settings.kafka_ack_timeout_s * 5, 10.0))
 
     async def _drain_loop(self) -> None:
         backoff = 0.2

@@ -1,0 +1,214 @@
+"""Ingest benchmark: ingest against the real Kafka, beside two baselines.
+
+    .venv/bin/python bench/bench_ingest.py [--duration 10] [--connections 32]
+
+Drives each HTTP server with wrk (Debian package ``wrk``) on the same machine
+and prints requests/s, events/s, p50/p99 latency, CPU seconds per 1,000
+events and peak RSS of the server process for:
+  - bare:   an aiohttp handler that only parses the same body (bench/bare_server.py)
+  - ingest: services.ingest, one worker process, Kafka acks=all, zstd
+for single-event /v1/track and /v1/batch with 20 events; then a plain
+aiokafka producer sending the same records with the same settings.
+Goals: ingest /v1/track >= 60% of bare req/s; batched events/s >= 50% of
+the plain producer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from bench._proc import cpu_seconds, peak_rss_mb
+from services.common.kafka import TopicSpec, ensure_topics
+from services.common.proto.envelope_pb2 import Envelope
+from services.devstack import stack
+
+KEY = "bench-write-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _event(i: int) -> dict[str, Any]:
+    return {"type": "track", "event": "Product Viewed", "userId": f"user-{i}",
+            "properties": {"product_id": "p-123", "price": 19.99, "currency": "EUR", "position": i},
+            "context": {"library": {"name": "analytics.js", "version": "4.1.0"},
+                        "page": {"url": "https://shop.example/p/123?utm_source=news", "path": "/p/123"},
+                        "userAgent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36"},
+            "timestamp": "2026-11-24T12:00:00.000Z", "sentAt": "2026-11-24T12:00:00.100Z"}
+
+
+BODIES = {
+    "track": ("/v1/track", json.dumps(_event(1)), 1),
+    "batch20": ("/v1/batch", json.dumps({"batch": [_event(i) for i in range(20)]}), 20),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_http(port: int, path: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.2)
+    raise RuntimeError(f"server on {port} did not start")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(port: int, path: str, body: str, duration: int, connections: int) -> dict[str, float]:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+    auth = base64.b64encode(f"{KEY}:".encode()).decode()
+    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                 f'wrk.headers["Content-Type"] = "application/json"\n'
+                 f'wrk.headers["Authorization"] = "Basic {auth}"\n')
+    script.close()
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name,
+         f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": float(non2xx.group(1)) if non2xx else 0.0}
+
+
+def measure_server(name: str, proc: subprocess.Popen[bytes], port: int, duration: int,
+                   connections: int) -> list[dict[str, Any]]:
+    rows = []
+    for kind, (path, body, events) in BODIES.items():
+        run_wrk(port, path, body, 2, connections)  # warm-up
+        cpu0 = cpu_seconds(proc.pid)
+        result = run_wrk(port, path, body, duration, connections)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        total_events = result["rps"] * duration * events
+        rows.append({"server": name, "kind": kind, **result, "eps": result["rps"] * events,
+                     "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
+                     "rss": peak_rss_mb(proc.pid)})
+    return rows
+
+
+async def plain_producer(bootstrap: str, topic: str, n: int) -> dict[str, float]:
+    """The same records as ingest writes, sent by a bare aiokafka producer."""
+    values = []
+    for i in range(1000):
+        event = _event(i)
+        event["messageId"] = str(uuid.uuid4())
+        values.append(Envelope(schema_version=1, source_id="bench", message_id=event["messageId"],
+                               received_at_ms=int(time.time() * 1000), client_ip="127.0.0.1",
+                               user_agent="wrk", request_id=uuid.uuid4().hex, path="/v1/batch",
+                               event=json.dumps(event).encode()).SerializeToString())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                compression_type="zstd", linger_ms=5, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        # Same shape as ingest under batch load: groups of 20 awaited together.
+        pending: list[Any] = []
+        for i in range(n):
+            pending.append(await producer.send(topic, values[i % 1000], key=f"bench:user-{i}".encode()))
+            if len(pending) >= 2000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        await producer.stop()
+    return {"eps": n / elapsed, "cpu_per_1k": cpu / n * 1000}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--producer-events", type=int, default=200_000)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+
+    settings = stack.StackSettings()
+    await asyncio.to_thread(stack.up, settings, cassandra=False)
+    run_id = uuid.uuid4().hex[:8]
+    raw_topic, dlq_topic = f"bench.events.raw.{run_id}", f"bench.events.dlq.{run_id}"
+    await ensure_topics(settings.kafka_bootstrap, [TopicSpec(raw_topic, 8), TopicSpec(dlq_topic, 1),
+                                                   TopicSpec(f"bench.plain.{run_id}", 8)])
+    work = Path(tempfile.mkdtemp(prefix="hw-bench-"))
+    (work / "sources.json").write_text(json.dumps(
+        {"sources": [{"id": "bench", "name": "bench", "write_key": KEY}]}))
+    rows: list[dict[str, Any]] = []
+
+    port = _free_port()
+    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)])
+    try:
+        await _wait_http(port, "/v1/x")
+        rows += measure_server("bare aiohttp", bare, port, args.duration, args.connections)
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    port = _free_port()
+    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
+           "HEADWATER_INGEST_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "HEADWATER_INGEST_RAW_TOPIC": raw_topic, "HEADWATER_INGEST_DLQ_TOPIC": dlq_topic,
+           "HEADWATER_INGEST_SOURCES_FILE": str(work / "sources.json"),
+           "HEADWATER_INGEST_SPOOL_DIR": str(work / "spool"), "HEADWATER_INGEST_LOG_LEVEL": "WARNING"}
+    ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], env=env, cwd=ROOT)
+    try:
+        await _wait_http(port, "/healthz")
+        rows += measure_server("ingest", ingest, port, args.duration, args.connections)
+    finally:
+        ingest.terminate()
+        ingest.wait()
+
+    plain = await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}", args.producer_events)
+
+    print(f"\ningest benchmark ({os.cpu_count()} cores, wrk -t1 -c{args.connections}, {args.duration}s a run; "
+          "Kafka on the same machine)")
+    print(f"{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}")
+    for r in rows:
+        print(f"{r['server']:<14}{r['kind']:<9}{r['rps']:>10.0f}{r['eps']:>11.0f}{r['p50']:>9.2f}"
+              f"{r['p99']:>9.2f}{r['cpu_per_1k']:>13.4f}{r['rss']:>13.1f}{r['errors']:>9.0f}")
+    print(f"{'aiokafka':<14}{'plain':<9}{'':>10}{plain['eps']:>11.0f}{'':>9}{'':>9}{plain['cpu_per_1k']:>13.4f}")
+    by = {(r["server"], r["kind"]): r for r in rows}
+    track_ratio = by[("ingest", "track")]["rps"] / by[("bare aiohttp", "track")]["rps"]
+    batch_ratio = by[("ingest", "batch20")]["eps"] / plain["eps"]
+    print(f"\n/v1/track: ingest at {track_ratio:.0%} of the bare handler's req/s (goal >= 60%)")
+    print(f"/v1/batch: ingest at {batch_ratio:.0%} of the plain producer's events/s (goal >= 50%)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

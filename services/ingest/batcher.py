@@ -1,0 +1,148 @@
+"""Cross-request batching onto aiokafka's batch API.
+
+Sending record by record through ``AIOKafkaProducer.send`` costs a future,
+a partitioner call and an accumulator lookup per event; under load that is
+most of ingest's CPU. Here every request hands over its records, one task
+gathers whatever arrived within ``linger`` from all requests, fills one
+BatchBuilder per partition and submits it with ``send_batch``. A request
+returns when every batch of its flush is acknowledged (acks=all), so the
+contract "200 only after Kafka acked" holds. Partitions are picked with
+Kafka's own murmur2 rule, so a Java producer writing the same keys puts
+them on the same partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+from services.ingest.spool import Record
+
+log = structlog.get_logger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@lru_cache(maxsize=65_536)
+def _key_hash(key: bytes) -> int:
+    # Kafka's DefaultPartitioner: positive murmur2 of the key. Cached: the same
+    # users send again and again, and the pure-Python hash is not cheap.
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    return _key_hash(key) % partitions
+
+
+class KafkaBatcher:
+    """Groups records from concurrent callers into per-partition batches."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, linger_s: float, max_pending_bytes: int,
+                 headers_for: Any) -> None:
+        self._producer = producer
+        self._linger_s = linger_s
+        self._max_pending_bytes = max_pending_bytes
+        self._headers_for = headers_for
+        self._pending: list[Record] = []
+        self._pending_bytes = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wakeup = asyncio.Event()
+        self._partitions: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kafka-batcher")
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("kafka batcher died", error=repr(exc))
+            self._fail(self._waiters, exc)
+            self._waiters = []
+
+    async def stop(self) -> None:
+        """Stop taking records; callers still waiting get an error (and spool). Safe twice."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail(self._waiters, ConnectionError("ingest is stopping"))
+        self._waiters = []
+
+    async def send(self, records: list[Record]) -> None:
+        """Return once Kafka acknowledged every record; raise otherwise."""
+        if self._task is None or self._task.done():
+            raise ConnectionError("kafka batcher is not running")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.extend(records)
+        self._pending_bytes += sum(len(r.value) + len(r.key) for r in records)
+        self._waiters.append(waiter)
+        self._wakeup.set()
+        await waiter
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            if self._pending_bytes < self._max_pending_bytes:
+                await asyncio.sleep(self._linger_s)  # let concurrent requests join this flush
+            self._wakeup.clear()
+            records, waiters = self._pending, self._waiters
+            self._pending, self._waiters, self._pending_bytes = [], [], 0
+            if not records:
+                continue
+            try:
+                acks = await self._submit(records)
+            except Exception as exc:  # noqa: BLE001 - every caller learns of it and spools
+                self._fail(waiters, exc)
+                continue
+            flushed = asyncio.gather(*acks)
+            flushed.add_done_callback(lambda done, ws=waiters: self._settle(ws, done))  # type: ignore[misc]
+
+    async def _submit(self, records: list[Record]) -> list[asyncio.Future[Any]]:
+        by_tp: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        for r in records:
+            count = self._partitions.get(r.topic)
+            if count is None:
+                count = len(await self._producer.partitions_for(r.topic))
+                self._partitions[r.topic] = count
+            by_tp[(r.topic, partition_for(r.key, count))].append(r)
+        acks: list[asyncio.Future[Any]] = []
+        for (topic, partition), group in by_tp.items():
+            headers = self._headers_for(topic)
+            batch = self._producer.create_batch()
+            for r in group:
+                if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
+                    acks.append(await self._producer.send_batch(batch, topic, partition=partition))
+                    batch = self._producer.create_batch()
+                    batch.append(key=r.key, value=r.value, timestamp=None, headers=headers)
+            acks.append(await self._producer.send_batch(batch, topic, partition=partition))
+        return acks
+
+    @staticmethod
+    def _settle(waiters: list[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
+        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        for w in waiters:
+            if w.done():
+                continue  # the caller gave up (timed out) and spooled
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+    @staticmethod
+    def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
+        for w in waiters:
+            if not w.done():
+                w.set_exception(exc)
