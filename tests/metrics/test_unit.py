@@ -1,0 +1,155 @@
+"""Fast unit tests: event parsing, windows, row arithmetic, the query language,
+the write format and the sink's number formats. No servers."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from services.metrics import kairos
+from services.metrics.api import parse_datapoints
+from services.metrics.errors import QueryError
+from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
+from services.metrics.sink import datapoints
+from tests.metrics.helpers import enriched
+
+T0 = 1_795_525_200_000  # a whole hour
+
+
+def test_parse_event_reads_the_enriched_contract() -> None:
+    doc = enriched("web", "track", "Order Completed", "u1", T0 + 61_234, T0 + 70_000, {"revenue": 5})
+    event = parse_event(orjson.dumps(doc))
+    assert (event.source, event.type, event.name, event.user) == ("web", "track", "Order Completed", "u1")
+    assert event.time_ms == T0 + 61_234 and event.received_ms == T0 + 70_000
+    page = parse_event(orjson.dumps(enriched("web", "page", "Home", "a7", T0, T0)))
+    assert (page.name, page.user) == ("Home", "a7")
+    ident = parse_event(orjson.dumps(enriched("web", "identify", None, None, T0, T0)))
+    assert (ident.name, ident.user) == ("", None)
+
+
+@pytest.mark.parametrize(("raw", "failure"), [
+    (b"\xff", "invalid_json"), (b"[1]", "invalid_json"),
+    (orjson.dumps({"type": "track", "timestamp": "2026-01-01T00:00:00Z"}), "schema_violation"),
+    (orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "type": "track", "timestamp": "x"}),
+     "schema_violation"),
+    (orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "timestamp": "2026-01-01T00:00:00Z"}),
+     "schema_violation"),
+])
+def test_unusable_records_are_typed(raw: bytes, failure: str) -> None:
+    with pytest.raises(BadEvent) as info:
+        parse_event(raw)
+    assert info.value.failure == failure
+
+
+def test_times_and_numbers() -> None:
+    assert parse_time_ms("2026-11-24T15:00:00.123Z") == parse_time_ms("2026-11-24T16:00:00.123+01:00")
+    assert parse_time_ms("2026-11-24T15:00:00.123") == parse_time_ms("2026-11-24T15:00:00.123Z")
+    assert parse_time_ms("yesterday") is None and parse_time_ms(5) is None
+    assert numeric(3) == 3.0 and numeric("12.5") == 12.5
+    assert numeric(True) is None and numeric("abc") is None and numeric(float("nan")) is None
+
+
+def test_an_event_updates_one_window_per_resolution() -> None:
+    event = parse_event(orjson.dumps(enriched("web", "track", "X", "u1", T0 + 3_723_456, T0 + 3_800_000)))
+    keys = row_keys(event)
+    assert [(k.resolution, k.window_start) for k in keys] == [
+        ("1m", T0 + 3_720_000), ("1h", T0 + 3_600_000), ("1d", T0 - T0 % 86_400_000)]
+    assert RowKey("1m", "s", "t", "e", 86_400_000 * 3 + 5).bucket == 3
+
+
+def test_window_row_counts_sums_and_sketches() -> None:
+    row = WindowRow(12)
+    for i in range(10):
+        props = {"revenue": 1.5, "quantity": "2", "other": 100}
+        row.add(parse_event(orjson.dumps(enriched("web", "track", "X", f"u{i % 4}", T0, T0, props))),
+                ("revenue", "quantity"))
+    assert row.count == 10 and row.sums == {"revenue": 15.0, "quantity": 20.0} and row.dirty
+    blob = row.users_blob()
+    again = WindowRow(12, count=10, sketch_blob=blob)
+    assert round(again.sketch().get_estimate()) == 4
+
+
+def body(**metric: object) -> dict[str, object]:
+    return {"start_absolute": T0, "end_absolute": T0 + 3_600_000, "metrics": [{"name": "m", **metric}]}
+
+
+def test_parse_query_defaults_and_relative_times() -> None:
+    q = kairos.parse_query({"start_relative": {"value": "2", "unit": "hours"},
+                            "end_relative": {"value": 1, "unit": "minutes"}, "metrics": [{"name": "m"}]},
+                           now_ms=T0)
+    assert (q.start_ms, q.end_ms) == (T0 - 7_200_000, T0 - 60_000)
+    m = kairos.parse_query(body(tags={"a": "x", "b": ["y", "z"]},
+                                group_by=[{"name": "tag", "tags": ["a"]}],
+                                aggregators=[{"name": "SUM", "sampling": {"value": 5, "unit": "Minutes"}}]),
+                           T0).metrics[0]
+    assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
+    assert m.aggregators[0] == kairos.Aggregator("sum", 300_000, 60_000)
+
+
+@pytest.mark.parametrize("bad", [
+    {}, {"start_absolute": -1, "metrics": [{"name": "m"}]}, {"start_absolute": True, "metrics": [{"name": "m"}]},
+    body(aggregators=[{"name": "sum", "sampling": {"value": 0, "unit": "minutes"}}]),
+    body(aggregators=[{"name": "sum", "align_sampling": "yes"}]),
+    body(tags={"a": 1}), body(limit=-1), body(order="up"),
+    body(aggregators=[{"name": "distinct"}]),  # only on headwater.users.distinct
+])
+def test_parse_query_rejects(bad: dict[str, object]) -> None:
+    with pytest.raises(QueryError) as info:
+        kairos.parse_query(bad, T0)
+    assert info.value.errors
+
+
+def test_buckets_alignment_and_timestamps() -> None:
+    points = [(T0 + 30_000, 1), (T0 + 90_000, 2), (T0 + 150_000, 3), (T0 + 610_000, 4)]
+    start = T0 + 20_000
+    aligned = kairos.Aggregator("sum", 300_000, 60_000, align_sampling=True)
+    assert kairos.aggregate(aligned, points, start, T0 + 3_600_000) == [(T0, 6), (T0 + 600_000, 4)]
+    unaligned = kairos.Aggregator("sum", 300_000, 60_000)
+    # periods start at the query start; the point's time is the first point in the period
+    assert kairos.aggregate(unaligned, points, start, T0 + 3_600_000) == [(T0 + 30_000, 6), (T0 + 610_000, 4)]
+    end_aligned = kairos.Aggregator("max", 300_000, 60_000, align_sampling=True, align_end_time=True)
+    assert kairos.aggregate(end_aligned, points, start, T0 + 3_600_000) == [(T0 + 300_000, 3),
+                                                                            (T0 + 900_000, 4)]
+    whole = kairos.Aggregator("avg")
+    assert kairos.aggregate(whole, points, start, T0 + 3_600_000) == [(T0 + 30_000, 2.5)]
+    assert kairos.aggregate(kairos.Aggregator("sum"), [(1, 0.1), (2, 0.2)], 0, 10)[0][1] == math.fsum([0.1, 0.2])
+
+
+def test_resolution_choice() -> None:
+    retention = {"1m": 7 * 86_400, "1h": 90 * 86_400, "1d": 730 * 86_400}
+    q = kairos.parse_query(body(aggregators=[{"name": "sum", "sampling": {"value": 2, "unit": "hours"}}]), T0)
+    assert kairos.pick_resolution(q.metrics[0], T0 - 1000, T0, retention) == "1h"
+    q = kairos.parse_query(body(aggregators=[{"name": "sum", "sampling": {"value": 90, "unit": "seconds"}}]), T0)
+    assert kairos.pick_resolution(q.metrics[0], T0 - 1000, T0, retention) == "1m"
+    q = kairos.parse_query(body(), T0)
+    assert kairos.pick_resolution(q.metrics[0], T0 - 30 * 86_400_000, T0, retention) == "1h"
+    q = kairos.parse_query(body(tags={"resolution": "1d"}), T0)
+    assert kairos.pick_resolution(q.metrics[0], T0, T0, retention) == "1d"
+
+
+def test_write_format_validation() -> None:
+    rows = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 2], [2, 2.5]], "ttl": 60},
+                             {"name": "b", "tags": {"h": "y"}, "timestamp": 3, "value": 1}])
+    assert rows == [("a", 1, '{"h":"x"}', 2.0, True, 60), ("a", 2, '{"h":"x"}', 2.5, False, 60),
+                    ("b", 3, '{"h":"y"}', 1.0, True, None)]
+    with pytest.raises(QueryError) as info:
+        parse_datapoints([{"name": "a", "tags": {}, "datapoints": [[1, 2]]},
+                          {"name": "headwater.events.count", "tags": {"h": "x"}, "datapoints": [[1, 2]]},
+                          {"name": "c", "tags": {"h": "x"}, "datapoints": [[1, "v"], [-5, 1]]}])
+    assert len(info.value.errors) == 4
+
+
+def test_sink_uses_one_number_format_per_metric() -> None:
+    row = WindowRow(12)
+    row.add(parse_event(orjson.dumps(enriched("web", "identify", None, "u1", T0, T0, {"revenue": 3}))),
+            ("revenue",))
+    points = datapoints([(2, RowKey("1m", "web", "identify", "", T0), row)])
+    by_name = {p["name"]: p for p in points}
+    assert by_name["headwater.events.count"]["datapoints"] == [[T0, 1]]
+    assert by_name["headwater.users.distinct"]["datapoints"] == [[T0, 1]]
+    revenue = by_name["headwater.property.sum"]["datapoints"][0][1]
+    assert isinstance(revenue, float) and b"3.0" in orjson.dumps(revenue)
+    assert by_name["headwater.events.count"]["tags"] == {"source": "web", "type": "identify", "event": "_",
+                                                         "resolution": "1m", "kpart": "2"}
