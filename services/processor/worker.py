@@ -250,6 +250,7 @@ class Processor:
                         window.add(*entry)
                         newest = max(newest, entry[1])
             window.expire(newest)
+            log.info("dedupe state read back", changelog_end=end, entries=len(window), **_kafka_fields(tp))
         finally:
             await reader.stop()
         return window
