@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,26 @@ class IngestMetrics:
     spooled_after_timeout: Counter
     bad_pixels: Counter
     sources_loaded: Gauge
+    _children: dict[tuple[object, ...], MetricWrapperBase] = field(default_factory=dict)
+
+    # Label lookups cost more than the increment; the hot path reuses children.
+    def request(self, path: str, status: int) -> Counter:
+        key = ("req", path, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(path, str(status))
+        return child  # type: ignore[return-value]
+
+    def latency(self, path: str) -> Histogram:
+        key = ("lat", path)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.request_seconds.labels(path)
+        return child  # type: ignore[return-value]
+
+    @cached_property
+    def accepted(self) -> Counter:
+        return self.events.labels("accepted", "")
 
 
 def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
