@@ -270,8 +270,14 @@ class Processor:
         while not stop.is_set():
             generation = self._generation
             owned = max(1, len(self._parts))
-            batch = await consumer.getmany(timeout_ms=500,
-                                           max_records=self.settings.batch_max_records * owned)
+            try:
+                batch = await consumer.getmany(timeout_ms=500,
+                                               max_records=self.settings.batch_max_records * owned)
+            except KafkaError as exc:
+                # The consumer reconnects by itself; positions are unchanged, so nothing is skipped.
+                log.warning("fetch failed; retrying", error=repr(exc), **{"kafka.topic": self.settings.raw_topic})
+                await asyncio.sleep(self.settings.retry_backoff_s)
+                continue
             if not batch:
                 continue
             async with self._lock:

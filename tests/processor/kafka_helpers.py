@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from services.common.sources import SourceRegistry
@@ -125,7 +126,10 @@ async def wait_committed(bootstrap: str, group: str, topic: str, total: int, tim
     deadline = loop.time() + timeout_s
     done = 0
     while loop.time() < deadline:
-        done = await committed_total(bootstrap, group, topic)
+        try:
+            done = await committed_total(bootstrap, group, topic)
+        except KafkaError:  # a broker that is (re)starting has no group coordinator yet
+            done = 0
         if done >= total:
             return
         await asyncio.sleep(0.2)
