@@ -30,6 +30,16 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from services.fleet import run_fleet
+
+    root = Path(args.root).resolve()
+    return asyncio.run(run_fleet(root, demo=args.demo, duration_s=args.duration))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headwater", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])
     stack_cmd.add_argument("--lines", type=int, default=40, help="log lines for 'logs'")
     stack_cmd.set_defaults(func=_stack)
+    run_cmd = commands.add_parser("run", help="the local fleet on the dev stack (starts it if needed)")
+    run_cmd.add_argument("--demo", action="store_true", help="send demo traffic")
+    run_cmd.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    run_cmd.add_argument("--root", default=".", help="the repository (config/, var/)")
+    run_cmd.set_defaults(func=_run)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
