@@ -88,7 +88,7 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(port: int, path: str, body: str, duration: int, connections: int) -> dict[str, float]:
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     auth = base64.b64encode(f"{KEY}:".encode()).decode()
     script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                  f'wrk.headers["Content-Type"] = "application/json"\n'
