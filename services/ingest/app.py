@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from services.common.health import Health, add_health_routes
+from services.common.logging import configure_logging
+from services.common.runner import run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
@@ -64,3 +66,16 @@ def create_app(settings: Settings, worker: int = 0) -> web.Application:
     app.cleanup_ctx.append(run_sources)
     app.cleanup_ctx.append(run_publisher)
     return app
+
+
+def run_worker(settings: Settings, index: int) -> None:
+    """One worker process: serve on the shared port until SIGTERM."""
+    configure_logging(settings.service_name, settings.log_level)
+
+    async def make(worker: int) -> web.Application:
+        return create_app(settings, worker)
+
+    # auto_decompress off: ingest decodes bodies itself, with the size limit
+    # applied to the decoded bytes as they stream in.
+    run(make, host=settings.http_host, port=settings.http_port, worker=index,
+        shutdown_timeout_s=settings.shutdown_timeout_s, auto_decompress=False)
