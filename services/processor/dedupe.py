@@ -1,15 +1,18 @@
 """Dedupe state of one events.raw partition: (source, messageId) seen within a window.
 
 Memory is bounded (oldest entries are evicted past ``max_entries``). The
-state survives restarts and rebalances through a compacted changelog topic
-that the processor writes in the same transaction as the outputs and reads
-back when it is given the partition.
+state survives restarts and rebalances through a changelog topic that the
+processor writes in the same transaction as the outputs (one record per
+batch, holding that batch's new keys) and reads back when it is given the
+partition. The changelog's retention is the window, so it stays small.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+
+import orjson
 
 _SEP = "\x1f"
 
@@ -18,18 +21,22 @@ def dedupe_key(source_id: str, message_id: str) -> str:
     return f"{source_id}{_SEP}{message_id}"
 
 
-def encode_entry(key: str, received_at_ms: int) -> tuple[bytes, bytes]:
-    """Changelog record (key, value)."""
-    return key.encode(), str(received_at_ms).encode()
+def encode_entries(entries: dict[str, int]) -> bytes:
+    """One changelog record for a batch: {key: receivedAt ms}."""
+    return orjson.dumps(entries)
 
 
-def decode_entry(key: bytes | None, value: bytes | None) -> tuple[str, int] | None:
-    if key is None or not value:
-        return None
+def decode_entries(value: bytes | None) -> list[tuple[str, int]]:
+    """The entries of a changelog record; a damaged record yields none (dedupe is best effort)."""
+    if not value:
+        return []
     try:
-        return key.decode(), int(value)
-    except (UnicodeDecodeError, ValueError):
-        return None
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    return [(k, v) for k, v in data.items() if isinstance(v, int)]
 
 
 class DedupeWindow:

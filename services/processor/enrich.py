@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import maxminddb
 import ua_parser
@@ -69,8 +69,14 @@ def is_bot(user_agent: str, device_family: str | None = None) -> bool:
 
 def anonymise_ip(ip: str) -> str | None:
     """IPv4 with the last octet zeroed, IPv6 cut to its /48; None when not an address."""
+    ip = ip.strip()
+    parts = ip.split(".")
+    # Fast path for the common dotted quad; anything unusual goes through ipaddress.
+    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 and (p == "0" or p[0] != "0")
+                               for p in parts):
+        return f"{parts[0]}.{parts[1]}.{parts[2]}.0"
     try:
-        addr = ipaddress.ip_address(ip.strip())
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -79,13 +85,31 @@ def anonymise_ip(ip: str) -> str | None:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
 
 
+_WANTED_PARAMS = frozenset((*UTM_KEYS, *CLICK_IDS))
+
+
 def _query(url: str) -> tuple[str | None, dict[str, str]]:
+    """The page host and the campaign/click-id parameters of its query (first value wins)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return None, {}
-    query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=False).items() if v}
+    query: dict[str, str] = {}
+    if parts.query:
+        # Only the few parameters we use are decoded; parse_qs would decode them all.
+        for pair in parts.query.split("&"):
+            name, _, value = pair.partition("=")
+            if name in _WANTED_PARAMS and value and name not in query:
+                query[name] = unquote_plus(value)
     return (parts.hostname or None), query
+
+
+@functools.lru_cache(maxsize=4096)
+def _referrer_host(referrer: str) -> str | None:
+    try:
+        return urlsplit(referrer).hostname or None
+    except ValueError:
+        return None
 
 
 class Enricher:
@@ -93,8 +117,9 @@ class Enricher:
 
     def __init__(self, *, geoip_path: Path | None, ua_cache_size: int, geo_cache_size: int) -> None:
         parser = ua_parser.Parser(ua_parser.BestAvailableResolver(ua_parser.load_builtins()))
-        self._parse_ua: Callable[[str], dict[str, Any]] = functools.lru_cache(maxsize=ua_cache_size)(
-            functools.partial(self._ua_fields, parser))
+        # Parsed fields and the bot verdict are cached together: both cost tens of microseconds.
+        self._parse_ua: Callable[[str], tuple[dict[str, Any], bool]] = functools.lru_cache(
+            maxsize=ua_cache_size)(functools.partial(self._ua_fields, parser))
         self._geo_reader: Any = maxminddb.open_database(str(geoip_path)) if geoip_path else None
         self._geo: Callable[[str], dict[str, Any] | None] = functools.lru_cache(maxsize=geo_cache_size)(
             self._geo_lookup)
@@ -105,10 +130,10 @@ class Enricher:
             self._geo_reader = None
 
     @staticmethod
-    def _ua_fields(parser: Any, user_agent: str) -> dict[str, Any]:
+    def _ua_fields(parser: Any, user_agent: str) -> tuple[dict[str, Any], bool]:
         result = parser.parse(user_agent)
         ua, os_, device = result.user_agent, result.os, result.device
-        return {
+        fields = {
             "browser": {"family": ua.family if ua else "Other",
                         "version": _version(ua.major, ua.minor, ua.patch) if ua else None},
             "os": {"family": os_.family if os_ else "Other",
@@ -117,6 +142,7 @@ class Enricher:
                        "brand": device.brand if device else None,
                        "model": device.model if device else None},
         }
+        return fields, is_bot(user_agent, device.family if device else None)
 
     def _geo_lookup(self, ip: str) -> dict[str, Any] | None:
         try:
@@ -145,9 +171,10 @@ class Enricher:
         ua: str = context_ua if isinstance(context_ua, str) else header_ua
         parsed = self._parse_ua(ua) if ua and (switches.user_agent or switches.bot) else None
         if switches.user_agent and parsed is not None:
-            context["userAgentParsed"] = parsed
+            # A copy: the cached dict must not be shared by events edited later.
+            context["userAgentParsed"] = {k: dict(v) for k, v in parsed[0].items()}
         if switches.bot:
-            context["bot"] = bool(ua) and is_bot(ua, parsed["device"]["family"] if parsed else None)
+            context["bot"] = parsed is not None and parsed[1]
 
         ip = context.get("ip") if isinstance(context.get("ip"), str) and context.get("ip") else client_ip
         if switches.geo and ip and self._geo_reader is not None:
@@ -189,7 +216,7 @@ class Enricher:
         if click_ids:
             context["clickIds"] = click_ids
         if isinstance(referrer, str) and referrer:
-            host, _ = _query(referrer)
+            host = _referrer_host(referrer)
             if host:
                 existing = context.get("referrer")
                 info = dict(existing) if isinstance(existing, dict) else {}

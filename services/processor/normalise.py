@@ -24,8 +24,8 @@ class TimestampError(ValueError):
 
 def format_ts(moment: datetime) -> str:
     """2026-11-24T15:00:00.123Z: UTC, milliseconds, trailing Z."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat is done in C; the offset of a UTC time is always "+00:00".
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def format_ms(epoch_ms: int) -> str:

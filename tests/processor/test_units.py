@@ -13,7 +13,7 @@ from services.common.badrow import BadRow, FailureType
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import Destination, Enrichment, SourceRegistry
 from services.processor import normalise as norm
-from services.processor.dedupe import DedupeWindow, decode_entry, dedupe_key, encode_entry
+from services.processor.dedupe import DedupeWindow, decode_entries, dedupe_key, encode_entries
 from services.processor.enrich import Enricher, anonymise_ip, is_bot, referrer_medium
 from services.processor.pipeline import Kind, Pipeline
 from services.processor.routing import destinations
@@ -230,8 +230,8 @@ def test_dedupe_window_bounds_and_expiry() -> None:
     assert not window.is_duplicate("k4", 104 + 1000)    # outside the window
     window.expire(1104)
     assert len(window) == 1                             # k2 (102), k3 (103) expired
-    assert decode_entry(*encode_entry(dedupe_key("s", "m"), 7)) == ("s\x1fm", 7)
-    assert decode_entry(b"k", None) is None and decode_entry(b"k", b"x") is None
+    assert decode_entries(encode_entries({dedupe_key("s", "m"): 7, "k": 8})) == [("s\x1fm", 7), ("k", 8)]
+    assert decode_entries(None) == [] and decode_entries(b"x") == [] and decode_entries(b"[1]") == []
 
 
 # -- the whole pipeline on one record --------------------------------------------

@@ -1,0 +1,296 @@
+"""Processor throughput against the real Kafka, beside a plain consume-then-produce loop.
+
+    .venv/bin/python bench/bench_processor.py [--events 20000] [--partitions 4]
+
+Fills a fresh raw topic with N envelopes (varied user agents, IPs, page URLs),
+then drains it twice, each time with ONE process in its own consumer group:
+
+1. plain: consume events.raw, produce each value unchanged to another topic
+   (idempotent, acks=all, same compression), commit offsets per batch; no
+   decoding, no enrichment, no transactions.
+2. processor: ``python -m services.processor`` with transactions, dedupe
+   changelog, enrichment and routing.
+
+For each it prints events/s (measured from the first committed offset to the
+last, so start-up and group join are left out), CPU seconds per 1,000 events
+(utime+stime of the process over the same span), peak RSS, and p50/p99 of
+the time one batch takes (read from the process's own histogram), then the
+ratio processor/plain. The goal is a ratio of 0.40 or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.common.kafka import TopicSpec, ensure_topics  # noqa: E402
+from services.common.proto.envelope_pb2 import Envelope  # noqa: E402
+
+UAS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+    "Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.0 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 "
+    "Safari/605.1.15",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
+    "Mobile Safari/537.36",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+]
+SOURCES = {"sources": [{"id": "bench", "name": "bench", "write_key": "bench-key",
+                        "enrichment": {"ip": "anonymize"},
+                        "destinations": [{"name": "all"}, {"name": "orders", "types": ["track"],
+                                                           "events": ["Order Completed"]}]}]}
+
+
+def make_event(i: int, rng: random.Random) -> tuple[bytes, bytes]:
+    user = f"user-{rng.randrange(5000)}"
+    kind = rng.choice(["page", "track", "track", "identify"])
+    event: dict[str, Any] = {
+        "type": kind, "userId": user, "messageId": str(uuid.uuid4()),
+        "timestamp": "2026-11-24T15:00:00.000Z", "sentAt": "2026-11-24T15:00:01.000Z",
+        "context": {"library": {"name": "analytics.js", "version": "1.84"}, "locale": "en-GB",
+                    "page": {"url": f"https://shop.example.com/p/{i % 300}?utm_source=news&utm_medium=email"
+                                    f"&utm_campaign=c{i % 7}&gclid=g{i}",
+                             "referrer": rng.choice(["https://www.google.com/", "https://t.co/x", ""])}},
+    }
+    if kind == "track":
+        event["event"] = rng.choice(["Order Completed", "Product Viewed", "Added To Cart"])
+        event["properties"] = {"revenue": round(rng.random() * 100, 2), "sku": f"sku-{i % 50}"}
+    elif kind == "page":
+        event["name"] = "Product"
+        event["properties"] = {"path": f"/p/{i % 300}"}
+    else:
+        event["traits"] = {"email": f"{user}@example.com", "plan": "pro"}
+    ip = f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
+    env = Envelope(schema_version=1, source_id="bench", message_id=event["messageId"],
+                   received_at_ms=int(time.time() * 1000), client_ip=ip, user_agent=rng.choice(UAS),
+                   request_id="bench", path="/v1/batch", event=orjson.dumps(event))
+    return f"bench:{user}".encode(), env.SerializeToString()
+
+
+async def fill(bootstrap: str, topic: str, n: int) -> None:
+    rng = random.Random(7)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                linger_ms=20, max_batch_size=256 * 1024, compression_type="zstd")
+    await producer.start()
+    try:
+        futures = []
+        for i in range(n):
+            key, value = make_event(i, rng)
+            futures.append(await producer.send(topic, value, key=key,
+                                               headers=[("hw-schema", b"envelope/1")]))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    except KafkaError:
+        return 0
+    finally:
+        await admin.close()
+    return sum(m.offset for tp, m in offsets.items() if tp.topic == topic and m.offset > 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def measure(bootstrap: str, group: str, topic: str, n: int, proc: subprocess.Popen[bytes],
+                  timeout_s: float) -> dict[str, float]:
+    """Poll the group's committed offsets from the first commit to the last."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    start_t = start_cpu = 0.0
+    start_done = -1
+    done = 0
+    while loop.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited with {proc.returncode}")
+        done = await committed(bootstrap, group, topic)
+        if start_done < 0 and done > 0:
+            start_t, start_cpu, start_done = time.perf_counter(), cpu_seconds(proc.pid), done
+        if done >= n:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise SystemExit(f"timed out: {done} of {n} committed")
+    elapsed = time.perf_counter() - start_t
+    events = n - start_done
+    cpu = cpu_seconds(proc.pid) - start_cpu
+    return {"events_per_s": events / elapsed, "cpu_s_per_1000": cpu / events * 1000,
+            "peak_rss_mb": peak_rss_mb(proc.pid), "events_timed": events, "seconds": elapsed}
+
+
+async def plain_worker(bootstrap: str, raw: str, out: str, group: str, max_records: int) -> None:
+    """The baseline loop, run in its own process by ``--plain-worker``."""
+    consumer = AIOKafkaConsumer(raw, bootstrap_servers=bootstrap, group_id=group,
+                                isolation_level="read_committed", enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                linger_ms=5, max_batch_size=256 * 1024, compression_type="zstd")
+    await consumer.start()
+    await producer.start()
+    times: list[float] = []
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=max_records)
+            if not batch:
+                continue
+            started = time.perf_counter()
+            futures = [await producer.send(out, r.value, key=r.key) for rs in batch.values() for r in rs]
+            await asyncio.gather(*futures)
+            await consumer.commit()
+            times.append(time.perf_counter() - started)
+            if len(times) % 50 == 0:
+                Path(os.environ["BENCH_TIMES"]).write_bytes(orjson.dumps(times))
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def quantiles_from_times(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    if not values:
+        return float("nan"), float("nan")
+    return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+async def quantiles_from_histogram(port: int, name: str) -> tuple[float, float]:
+    """p50/p99 upper bucket bounds from a Prometheus histogram on /metrics."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    total = buckets[-1][1] if buckets else 0
+    result = []
+    for q in (0.5, 0.99):
+        bound = next((le for le, count in buckets if total and count >= q * total), float("nan"))
+        result.append(bound)
+    return result[0], result[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run(args: argparse.Namespace) -> None:
+    bootstrap = args.bootstrap
+    tag = uuid.uuid4().hex[:8]
+    raw = f"bench.raw.{tag}"
+    await ensure_topics(bootstrap, [TopicSpec(raw, args.partitions)])
+    t0 = time.perf_counter()
+    await fill(bootstrap, raw, args.events)
+    print(f"filled {raw}: {args.events} envelopes, {args.partitions} partitions, "
+          f"in {time.perf_counter() - t0:.1f} s")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # 1. the plain loop
+        group = f"bench-plain-{tag}"
+        times_file = Path(tmp) / "times.json"
+        env = {**os.environ, "BENCH_TIMES": str(times_file)}
+        proc = subprocess.Popen([sys.executable, __file__, "--plain-worker", "--bootstrap", bootstrap,
+                                 "--raw", raw, "--out", f"{raw}.plain", "--group", group], env=env)
+        try:
+            await ensure_topics(bootstrap, [TopicSpec(f"{raw}.plain", 4)])
+            results["plain"] = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
+        finally:
+            proc.terminate()
+            proc.wait()
+        times = orjson.loads(times_file.read_bytes()) if times_file.exists() else []
+        results["plain"]["p50_ms"], results["plain"]["p99_ms"] = (
+            v * 1000 for v in quantiles_from_times(times))
+
+        # 2. the processor
+        sources = Path(tmp) / "sources.json"
+        sources.write_bytes(orjson.dumps(SOURCES))
+        port = free_port()
+        group = f"bench-proc-{tag}"
+        env = {**os.environ, "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP": bootstrap,
+               "HEADWATER_PROCESSOR_RAW_TOPIC": raw, "HEADWATER_PROCESSOR_ENRICHED_TOPIC": f"{raw}.enriched",
+               "HEADWATER_PROCESSOR_DLQ_TOPIC": f"{raw}.dlq", "HEADWATER_PROCESSOR_DEST_TOPIC_PREFIX": f"{raw}.dest.",
+               "HEADWATER_PROCESSOR_GROUP_ID": group, "HEADWATER_PROCESSOR_SOURCES_FILE": str(sources),
+               "HEADWATER_PROCESSOR_HTTP_PORT": str(port), "HEADWATER_PROCESSOR_ENRICHED_PARTITIONS": "4",
+               "HEADWATER_PROCESSOR_LOG_LEVEL": "WARNING"}
+        proc = subprocess.Popen([sys.executable, "-m", "services.processor"], cwd=REPO, env=env)
+        try:
+            results["processor"] = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
+            p50, p99 = await quantiles_from_histogram(port, "processor_batch_seconds")
+            results["processor"]["p50_ms"], results["processor"]["p99_ms"] = p50 * 1000, p99 * 1000
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    print("(figures from a shared 2-core machine; other engineers' tests ran at the same time)")
+    print(f"{'loop':<10} {'events/s':>10} {'CPU s/1000':>11} {'peak RSS MB':>12} "
+          f"{'batch p50 ms':>13} {'batch p99 ms':>13} {'timed events':>13}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['events_per_s']:>10.0f} {r['cpu_s_per_1000']:>11.3f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['p50_ms']:>13.1f} {r['p99_ms']:>13.1f} {r['events_timed']:>13.0f}")
+    ratio = results["processor"]["events_per_s"] / results["plain"]["events_per_s"]
+    print(f"processor / plain events/s: {ratio:.2f} (goal >= 0.40): {'met' if ratio >= 0.40 else 'NOT met'}")
+    print("processor batch p50/p99 are histogram bucket upper bounds; plain's are exact.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--group", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_worker:
+        import uvloop
+
+        uvloop.run(plain_worker(args.bootstrap, args.raw, args.out, args.group, 500 * 4))
+        return
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
