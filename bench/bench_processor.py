@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,9 +165,11 @@ async def plain_worker(bootstrap: str, raw: str, out: str, group: str, max_recor
     await consumer.start()
     await producer.start()
     times: list[float] = []
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        while True:
-            batch = await consumer.getmany(timeout_ms=500, max_records=max_records)
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
             if not batch:
                 continue
             started = time.perf_counter()
@@ -174,11 +177,11 @@ async def plain_worker(bootstrap: str, raw: str, out: str, group: str, max_recor
             await asyncio.gather(*futures)
             await consumer.commit()
             times.append(time.perf_counter() - started)
-            if len(times) % 50 == 0:
-                Path(os.environ["BENCH_TIMES"]).write_bytes(orjson.dumps(times))
     finally:
         await producer.stop()
         await consumer.stop()
+    with open(os.environ["BENCH_TIMES"], "wb") as fh:
+        fh.write(orjson.dumps(times))
 
 
 def quantiles_from_times(values: list[float]) -> tuple[float, float]:
@@ -222,6 +225,7 @@ async def run(args: argparse.Namespace) -> None:
     await ensure_topics(bootstrap, [TopicSpec(raw, args.partitions)])
     t0 = time.perf_counter()
     await fill(bootstrap, raw, args.events)
+    print(f"processor settings: {args.set or 'defaults'}")
     print(f"filled {raw}: {args.events} envelopes, {args.partitions} partitions, "
           f"in {time.perf_counter() - t0:.1f} s")
     results: dict[str, dict[str, float]] = {}
@@ -253,6 +257,9 @@ async def run(args: argparse.Namespace) -> None:
                "HEADWATER_PROCESSOR_GROUP_ID": group, "HEADWATER_PROCESSOR_SOURCES_FILE": str(sources),
                "HEADWATER_PROCESSOR_HTTP_PORT": str(port), "HEADWATER_PROCESSOR_ENRICHED_PARTITIONS": "4",
                "HEADWATER_PROCESSOR_LOG_LEVEL": "WARNING"}
+        for setting in args.set:
+            name, _, value = setting.partition("=")
+            env[f"HEADWATER_PROCESSOR_{name.upper()}"] = value
         proc = subprocess.Popen([sys.executable, "-m", "services.processor"], cwd=REPO, env=env)
         try:
             results["processor"] = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
@@ -276,9 +283,11 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a processor setting for this run, e.g. --set batch_max_records=1000")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -51,6 +51,7 @@ def _host_matches(host: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4096)
 def referrer_medium(host: str, page_host: str | None) -> str:
     if page_host and (host == page_host or host.endswith("." + page_host)):
         return "internal"
@@ -88,28 +89,44 @@ def anonymise_ip(ip: str) -> str | None:
 _WANTED_PARAMS = frozenset((*UTM_KEYS, *CLICK_IDS))
 
 
+def _split(url: str) -> tuple[str | None, str]:
+    """(host, query) of an absolute URL; the common case without urlsplit's generality."""
+    start = url.find("://")
+    if start < 0:
+        return None, ""
+    rest = url[start + 3:].partition("#")[0]
+    end = len(rest)
+    for sep in "/?#":
+        pos = rest.find(sep)
+        if 0 <= pos < end:
+            end = pos
+    host = rest[:end].rpartition("@")[2]
+    if host.startswith("["):
+        try:
+            return urlsplit(url).hostname or None, urlsplit(url).query
+        except ValueError:
+            return None, ""
+    host = host.partition(":")[0].lower()
+    qpos = rest.find("?", end)
+    return host or None, (rest[qpos + 1:] if qpos >= 0 else "")
+
+
 def _query(url: str) -> tuple[str | None, dict[str, str]]:
     """The page host and the campaign/click-id parameters of its query (first value wins)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None, {}
+    host, raw_query = _split(url)
     query: dict[str, str] = {}
-    if parts.query:
+    if raw_query:
         # Only the few parameters we use are decoded; parse_qs would decode them all.
-        for pair in parts.query.split("&"):
+        for pair in raw_query.split("&"):
             name, _, value = pair.partition("=")
             if name in _WANTED_PARAMS and value and name not in query:
                 query[name] = unquote_plus(value)
-    return (parts.hostname or None), query
+    return host, query
 
 
 @functools.lru_cache(maxsize=4096)
 def _referrer_host(referrer: str) -> str | None:
-    try:
-        return urlsplit(referrer).hostname or None
-    except ValueError:
-        return None
+    return _split(referrer)[0]
 
 
 class Enricher:

@@ -14,7 +14,7 @@ from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import Destination, Enrichment, SourceRegistry
 from services.processor import normalise as norm
 from services.processor.dedupe import DedupeWindow, decode_entries, dedupe_key, encode_entries
-from services.processor.enrich import Enricher, anonymise_ip, is_bot, referrer_medium
+from services.processor.enrich import Enricher, _split, anonymise_ip, is_bot, referrer_medium
 from services.processor.pipeline import Kind, Pipeline
 from services.processor.routing import destinations
 from services.processor.settings import Settings
@@ -336,3 +336,15 @@ def test_poison_after_bounded_tries(pipeline: Pipeline, monkeypatch: pytest.Monk
     assert result.kind is Kind.DLQ and result.reason is FailureType.POISON
     assert len(calls) == pipeline.settings.poison_max_tries
     assert "KeyError" in BadRow.decode(result.outputs[0].value)["errors"][0]
+
+
+@pytest.mark.parametrize(("url", "host", "query"), [
+    ("https://a.b.com", "a.b.com", ""),
+    ("https://user:pw@Shop.Example.com:8443/x?utm_source=1#f", "shop.example.com", "utm_source=1"),
+    ("https://[::1]:80/?a=1", "::1", "a=1"),
+    ("not a url", None, ""),
+    ("https://x.com?gclid=1", "x.com", "gclid=1"),
+    ("https://x.com/#frag?not=query", "x.com", ""),
+])
+def test_url_split(url: str, host: str | None, query: str) -> None:
+    assert _split(url) == (host, query)
