@@ -21,7 +21,7 @@ import orjson
 import structlog
 from google.protobuf.message import DecodeError
 
-from services.common.badrow import BadRow, FailureType
+from services.common.badrow import BAD_ROW_SCHEMA, BadRow, FailureType
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.segment import SHORT_TYPES, TYPES, present, user_key, validate
 from services.common.sources import Enrichment, SourceRegistry
@@ -36,8 +36,10 @@ log = structlog.get_logger(__name__)
 SCHEMA_HEADER = "hw-schema"
 ENVELOPE_SCHEMA = b"envelope/1"
 ENRICHED_HEADERS = [(SCHEMA_HEADER, b"enriched/1")]
-BAD_ROW_HEADERS = [(SCHEMA_HEADER, b"bad_row/1")]
+BAD_ROW_HEADERS = [(SCHEMA_HEADER, BAD_ROW_SCHEMA.encode())]
 FLAG_UNKNOWN_SOURCE = "unknown_source"
+# DLQ key of a record whose source could not be read.
+UNKNOWN_SOURCE_KEY = "unknown"
 
 try:
     VERSION = metadata.version("headwater")
@@ -211,5 +213,7 @@ class Pipeline:
                     "path": envelope.path}
                    if envelope is not None else {"original_format": "raw_record"}),
         )
-        return Result(Kind.DLQ, [Output(self.settings.dlq_topic, record.key, row.to_json(), BAD_ROW_HEADERS)],
+        # Keyed by source like ingest's bad rows, so one source's rows stay together.
+        key = (row.source_id or UNKNOWN_SOURCE_KEY).encode()
+        return Result(Kind.DLQ, [Output(self.settings.dlq_topic, key, row.to_json(), BAD_ROW_HEADERS)],
                       reason=failure, source_id=row.source_id)

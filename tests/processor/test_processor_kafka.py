@@ -144,6 +144,8 @@ async def test_every_bad_input_goes_to_the_dlq(kafka_bootstrap: str, new_topic: 
     assert Counter(d["failure_type"] for d in decoded) == Counter(f.value for _, f in bad)
     # Each row points at its input, in order, and keeps the original bytes.
     assert [d["input"]["offset"] for d in decoded] == list(range(len(bad)))
+    assert all(dict(r.headers)["hw-schema"] == b"headwater/bad_row/1" for r in rows)
+    assert [r.key for r in rows] == [b"unknown"] * 3 + [b"web"] * (len(bad) - 3)
     for d, (value, _) in zip(decoded, bad, strict=True):
         assert d["input"]["topic"] == settings.raw_topic and d["errors"]
         if d["extra"]["original_format"] == "raw_record":
