@@ -15,6 +15,14 @@ How a window stays equal to its input whatever moment the process dies at:
   stored row is skipped: the row already holds it. A crash between the row
   writes and the checkpoint therefore re-reads events that some rows hold and
   others do not, and each row takes exactly the ones it lacks.
+* A read before the first update of a row is skipped when the row's window
+  starts after the partition's horizon: the newest window start it has ever
+  written per resolution, saved before the rows that pass it are written, so
+  no stored row lies beyond it.
+* Kafka offsets are committed only after the checkpoint, so the group's
+  committed offset is never ahead of it: should a fetch from the committed
+  position race the seek to the checkpoint, it only re-reads records that
+  are skipped (offset < next offset), never skips unread ones.
 * Lateness is decided against the partition's watermark (the newest
   receivedAt seen on it), which the checkpoint stores, so a replay decides
   exactly as the first run did.
@@ -54,6 +62,7 @@ _MAX_KNOWN_SERIES = 50_000
 
 FlushedRow = tuple[int, RowKey, WindowRow]
 T = TypeVar("T")
+_ALWAYS_READ = 2**62
 # Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
 RETRIABLE = (DriverException, NoHostAvailable, DependencyUnavailable, KafkaError, OSError, TimeoutError)
 
@@ -66,6 +75,8 @@ class PartitionState:
     next_offset: int
     watermark_ms: int
     saved_offset: int
+    # Per resolution, no stored row of this partition starts after this window.
+    horizon: dict[str, int] = field(default_factory=dict)
     rows: OrderedDict[RowKey, WindowRow] = field(default_factory=OrderedDict)
 
 
@@ -149,13 +160,19 @@ class RollupConsumer:
                     continue
                 checkpoint = await self._retry(functools.partial(
                     self.store.load_checkpoint, self.settings.consumer_group, tp.topic, tp.partition))
+                horizons = await self._retry(functools.partial(
+                    self.store.load_horizons, self.settings.consumer_group, tp.topic, tp.partition))
+                # No checkpoint and no horizon: nothing was ever written. A checkpoint without
+                # a horizon for a resolution: be safe and read every row of it.
+                unknown = -1 if checkpoint is None else _ALWAYS_READ
+                horizon = {res: horizons.get(res, unknown) for res in RESOLUTIONS}
                 if checkpoint is None:
                     await self.consumer.seek_to_beginning(tp)
-                    state = PartitionState(tp.partition, 0, 0, -1)
+                    state = PartitionState(tp.partition, 0, 0, -1, horizon)
                 else:
                     next_offset, watermark = checkpoint
                     self.consumer.seek(tp, next_offset)
-                    state = PartitionState(tp.partition, next_offset, watermark, next_offset)
+                    state = PartitionState(tp.partition, next_offset, watermark, next_offset, horizon)
                 self.states[tp.partition] = state
                 log.info("partition resumed", **{"kafka.topic": tp.topic, "kafka.partition": tp.partition,
                                                  "kafka.offset": state.next_offset},
@@ -211,27 +228,36 @@ class RollupConsumer:
             for key in row_keys(event):
                 if key not in state.rows and key not in seen:
                     seen.add(key)
-                    missing.append(key)
+                    if key.window_start > state.horizon[key.resolution]:
+                        state.rows[key] = WindowRow(self.settings.hll_lg_k)  # never written: no read
+                    else:
+                        missing.append(key)
         if missing:
             loaded = await self._retry(lambda: self.store.load_rows(state.kpart, missing))
             for key, row in zip(missing, loaded, strict=True):
                 state.rows[key] = row
 
         # Pass 2: apply, skipping what a stored row already holds.
+        skipped = 0
+        per_type: dict[str, int] = {}
         for offset, event in plan:
             props = self._sum_properties(event.source)
             for key in row_keys(event):
                 row = state.rows[key]
                 state.rows.move_to_end(key)
                 if offset <= row.upto:
-                    self.metrics.replay_skipped.inc()
+                    skipped += 1
                     continue
                 row.add(event, props)
-            self.metrics.events.labels(event.type).inc()
-            series = (event.source, event.type, event.name)
-            present = frozenset(p for p in props if p in event.properties)
-            if (*series, present) not in self._known_series:
-                self._new_series.setdefault(series, set()).update(present)
+            per_type[event.type] = per_type.get(event.type, 0) + 1
+            present = frozenset(p for p in props if p in event.properties) if props else frozenset()
+            series = (event.source, event.type, event.name, present)
+            if series not in self._known_series:
+                self._new_series.setdefault(series[:3], set()).update(present)
+        for etype, n in per_type.items():
+            self.metrics.events.labels(etype).inc(n)
+        if skipped:
+            self.metrics.replay_skipped.inc(skipped)
         self.metrics.cached_rows.set(self._cached_rows())
 
     def _send_bad(self, topic: str, record: object, failure: FailureType, errors: list[str],
@@ -308,6 +334,18 @@ class RollupConsumer:
                     upto = max(row.upto, through)
                     writes.append((state.kpart, key, row, upto))
         if writes:
+            # Horizons first: after a crash no stored row may start beyond its partition's horizon.
+            for state in states:
+                newest: dict[str, int] = {}
+                for kpart, key, _, _ in writes:
+                    if kpart == state.kpart and key.window_start > newest.get(key.resolution, -1):
+                        newest[key.resolution] = key.window_start
+                for res, window in newest.items():
+                    if window > state.horizon[res]:
+                        await self._retry(functools.partial(
+                            self.store.save_horizon, self.settings.consumer_group, self.topic, state.kpart,
+                            res, window))
+                        state.horizon[res] = window
             await self._retry(lambda: self._write_rows(writes))
             for kpart, key, row, upto in writes:
                 row.upto = upto

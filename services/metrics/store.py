@@ -59,6 +59,10 @@ def migrations() -> list[Migration]:
             "CREATE TABLE IF NOT EXISTS {keyspace}.external_metrics (k int, metric text, "
             "PRIMARY KEY (k, metric))",
         )),
+        Migration(4, "per-partition window horizons (no read for a window never written)", (
+            "CREATE TABLE IF NOT EXISTS {keyspace}.horizons (consumer_group text, topic text, kpart int, "
+            "resolution text, max_window bigint, PRIMARY KEY ((consumer_group, topic), kpart, resolution))",
+        )),
     ]
 
 
@@ -128,6 +132,10 @@ class Store:
                               "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
             "checkpoint_put": f"INSERT INTO {ks}.checkpoints (consumer_group, topic, kpart, next_offset, "
                               "watermark_ms, updated_at) VALUES (?, ?, ?, ?, ?, toTimestamp(now()))",
+            "horizon_get": f"SELECT resolution, max_window FROM {ks}.horizons "
+                           "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
+            "horizon_put": f"INSERT INTO {ks}.horizons (consumer_group, topic, kpart, resolution, max_window) "
+                           "VALUES (?, ?, ?, ?, ?)",
             "series_put": f"UPDATE {ks}.series USING TTL {self.series_ttl} SET props = props + ? "
                           "WHERE k = 0 AND source = ? AND type = ? AND event = ?",
             "series_all": f"SELECT source, type, event, props FROM {ks}.series WHERE k = 0",
@@ -163,6 +171,13 @@ class Store:
     async def save_checkpoint(self, group: str, topic: str, kpart: int, next_offset: int,
                               watermark_ms: int) -> None:
         await self.client.execute(self._ps["checkpoint_put"], (group, topic, kpart, next_offset, watermark_ms))
+
+    async def load_horizons(self, group: str, topic: str, kpart: int) -> dict[str, int]:
+        rows = await self.client.execute(self._ps["horizon_get"], (group, topic, kpart))
+        return {r.resolution: int(r.max_window) for r in rows}
+
+    async def save_horizon(self, group: str, topic: str, kpart: int, resolution: str, max_window: int) -> None:
+        await self.client.execute(self._ps["horizon_put"], (group, topic, kpart, resolution, max_window))
 
     # --- window rows -------------------------------------------------------------------------
 

@@ -143,7 +143,8 @@ async def stored_windows(client: CassandraClient, ks: str, lg_k: int = 12
 
 def assert_windows_equal(stored: dict[tuple[str, str, str, str, int], dict[str, Any]],
                          want: dict[tuple[str, str, str, str, int], dict[str, Any]]) -> None:
-    assert set(stored) == set(want), (sorted(set(stored) ^ set(want))[:5])
+    assert set(stored) == set(want), ("stored only", sorted(set(stored) - set(want))[:3],
+                                      "input only", sorted(set(want) - set(stored))[:3])
     for key, w in want.items():
         got = stored[key]
         assert got["count"] == w["count"], (key, got["count"], w["count"])

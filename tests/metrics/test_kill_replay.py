@@ -58,7 +58,7 @@ async def test_kill_9_while_consuming_never_double_counts_or_loses(
 ) -> None:
     # Small polls and frequent flushes so kills land between row writes and checkpoints.
     settings = await metrics_settings(partitions=3, max_poll_records=200, flush_interval_s=0.05,
-                                      write_concurrency=8)
+                                      max_dirty_rows=50, write_concurrency=8)
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(12_000, base, 3, seed=11))
     total = sum(end_offsets(sent).values())
