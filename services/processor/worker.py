@@ -126,6 +126,8 @@ class PartitionState:
     window: DedupeWindow
     # Set when our producer was fenced: another process owns the partition now.
     lost: bool = False
+    # The offset after our last commit (or the reset point); None until known.
+    next_offset: int | None = None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -242,6 +244,8 @@ class Processor:
                 if tp not in assigned or state.lost:
                     await self._stop_producer(state)
                     del self._revoked[tp]
+                    with contextlib.suppress(KeyError):
+                        self.metrics.lag.remove(str(tp.partition))
             for tp in sorted(assigned, key=lambda t: t.partition):
                 kept = self._revoked.pop(tp, None)
                 if kept is not None:
@@ -337,10 +341,15 @@ class Processor:
                 continue
             async with self._lock:
                 if generation != self._generation:
-                    # A rebalance ran while these were fetched: read them again under the new owner.
+                    # A rebalance ran while these were fetched: drop them and read again from
+                    # where our own commits (or resets) left each partition we still own.
+                    await self._drain(list(self._inflight))
+                    assignment = consumer.assignment()
                     for tp, records in batch.items():
-                        if tp in consumer.assignment():
-                            consumer.seek(tp, records[0].offset)
+                        if tp in assignment:
+                            state = self._parts.get(tp)
+                            known = state.next_offset if state is not None else None
+                            consumer.seek(tp, records[0].offset if known is None else known)
                     continue
                 for tp, records in batch.items():
                     await self._dispatch(tp, records)
@@ -402,6 +411,7 @@ class Processor:
             self.metrics.transactions.labels("failed").inc()
             await self._reset_partition(state)
             return False
+        state.next_offset = records[-1].offset + 1
         self._account(state, records, results, time.perf_counter() - started)
         return True
 
@@ -480,6 +490,7 @@ class Processor:
                 await self._stop_producer(fresh)
                 continue
             self.consumer.seek(tp, committed)
+            fresh.next_offset = committed
             log.info("partition reset", committed=committed, dedupe_entries=len(fresh.window),
                      **_kafka_fields(tp))
             return

@@ -165,6 +165,7 @@ async def test_two_processors_split_partitions_and_survive_rebalance(
         # The first leaves (graceful stop) while more arrives: the second takes everything.
         loader = asyncio.create_task(produce(kafka_bootstrap, settings.raw_topic, batch(4500, 1500)))
         await asyncio.to_thread(stop, first)
+        assert first.returncode == 0, "SIGTERM should drain and exit 0"
         await loader
         await wait_for_split(ports[1:], [4])
         await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 6000)
