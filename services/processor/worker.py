@@ -246,14 +246,21 @@ class Processor:
                     del self._revoked[tp]
                     with contextlib.suppress(KeyError):
                         self.metrics.lag.remove(str(tp.partition))
+            fresh: list[TopicPartition] = []
             for tp in sorted(assigned, key=lambda t: t.partition):
                 kept = self._revoked.pop(tp, None)
                 if kept is not None:
                     self._parts[tp] = kept
                 elif tp not in self._parts:
-                    with contextlib.suppress(KafkaError, TimeoutError):
-                        # On failure the main loop tries again when records arrive.
-                        await self._open_partition(tp)
+                    fresh.append(tp)
+            opened = await asyncio.gather(*(self._open_partition(tp) for tp in fresh), return_exceptions=True)
+            for tp, outcome in zip(fresh, opened, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, KafkaError | TimeoutError | DependencyUnavailable):
+                        raise outcome
+                    # Not fatal: the partition is opened when its first records arrive.
+                    log.warning("could not open partition on assignment; will retry",
+                                error=repr(outcome), **_kafka_fields(tp))
             self.metrics.partitions.set(len(self._parts))
             log.info("partitions assigned", partitions=sorted(t.partition for t in assigned),
                      **{"kafka.topic": self.settings.raw_topic})
