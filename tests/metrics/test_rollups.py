@@ -187,3 +187,60 @@ async def test_rows_expire_after_their_resolution_ttl(
     compaction = (await cassandra.execute("SELECT compaction FROM system_schema.tables "
                                           "WHERE keyspace_name = %s AND table_name = 'rollup_1m'", (ks,)))[0]
     assert compaction.compaction["class"].endswith("TimeWindowCompactionStrategy")
+
+
+async def test_a_second_member_takes_partitions_over_without_loss_or_double_count(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    """Scale-out: a member joins mid-stream; revoked partitions are flushed, the new owner
+    resumes at their checkpoints."""
+    settings = await metrics_settings(partitions=4, max_poll_records=100, max_dirty_rows=20)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    first = await produce(kafka_bootstrap, settings.enriched_topic, workload(4000, base, 4, seed=5))
+    ks, group, topic = settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
+    app_a = await build_app(settings, registry=CollectorRegistry())
+    async with TestClient(TestServer(app_a)):
+        async def started() -> bool:
+            return sum((await checkpoints(cassandra, ks, group, topic)).values()) >= 400
+        await poll(started, 60, "member A to make progress")
+        registry_b = CollectorRegistry()
+        app_b = await build_app(settings, registry=registry_b)
+        async with TestClient(TestServer(app_b)):
+            # Keep sending until B owns partitions (the group rebalances on A's next heartbeat).
+            second: list = []
+            seed = 6
+
+            async def b_consumes() -> bool:
+                nonlocal seed
+                seed += 1
+                second.extend(await produce(kafka_bootstrap, topic, workload(200, base + HOUR, 4, seed=seed)))
+                return rolled(registry_b) > 0
+
+            await poll(b_consumes, 60, "member B to own partitions")
+            want = end_offsets(first + second)
+
+            async def caught_up() -> bool:
+                got = await checkpoints(cassandra, ks, group, topic)
+                return all(got.get(p, 0) >= o for p, o in want.items())
+
+            await poll(caught_up, 120, "both members to reach the end of the input")
+    windows, _ = expected(first + second, int(settings.allowed_lateness_s * 1000), SUMS)
+    assert_windows_equal(await stored_windows(cassandra, ks), windows)
+    assert 0 < rolled(registry_b) < len(first) + len(second), "B must have owned some partitions, not all"
+
+
+def rolled(registry: CollectorRegistry) -> float:
+    return sum(s.value for m in registry.collect() if m.name == "headwater_metrics_events"
+               for s in m.samples if s.name.endswith("_total"))
+
+
+async def test_a_small_row_cache_evicts_and_reads_back_without_changing_results(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    settings = await metrics_settings(partitions=2, max_cached_rows=100, max_poll_records=50)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(2000, base, 2, seed=9))
+    registry = await run_until_caught_up(settings, cassandra, sent)
+    cached = next(s.value for m in registry.collect() if m.name == "headwater_metrics_cached_rows"
+                  for s in m.samples)
+    assert cached <= 100 + 3 * 50  # the limit, plus at most one poll's rows before the next flush
+    want, _ = expected(sent, int(settings.allowed_lateness_s * 1000), SUMS)
+    assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
