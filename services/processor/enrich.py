@@ -68,13 +68,19 @@ def is_bot(user_agent: str, device_family: str | None = None) -> bool:
     return device_family == "Spider" or bool(_BOT_UA.search(user_agent))
 
 
+def _octets(parts: list[str]) -> bool:
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or int(part) > 255 or (part[0] == "0" and part != "0"):
+            return False
+    return True
+
+
 def anonymise_ip(ip: str) -> str | None:
     """IPv4 with the last octet zeroed, IPv6 cut to its /48; None when not an address."""
     ip = ip.strip()
     parts = ip.split(".")
     # Fast path for the common dotted quad; anything unusual goes through ipaddress.
-    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 and (p == "0" or p[0] != "0")
-                               for p in parts):
+    if len(parts) == 4 and _octets(parts):
         return f"{parts[0]}.{parts[1]}.{parts[2]}.0"
     try:
         addr = ipaddress.ip_address(ip)
@@ -120,7 +126,7 @@ def _query(url: str) -> tuple[str | None, dict[str, str]]:
         for pair in raw_query.split("&"):
             name, _, value = pair.partition("=")
             if name in _WANTED_PARAMS and value and name not in query:
-                query[name] = unquote_plus(value)
+                query[name] = unquote_plus(value) if "%" in value or "+" in value else value
     return host, query
 
 

@@ -25,7 +25,9 @@ class TimestampError(ValueError):
 def format_ts(moment: datetime) -> str:
     """2026-11-24T15:00:00.123Z: UTC, milliseconds, trailing Z."""
     # isoformat is done in C; the offset of a UTC time is always "+00:00".
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def format_ms(epoch_ms: int) -> str:
@@ -89,7 +91,7 @@ def normalise(event: dict[str, Any], *, message_id: str, received: datetime,
     out: dict[str, Any] = {}
     for key in KEPT_FIELDS:
         value = event.get(key)
-        if present(value):
+        if value is not None and value != "":  # segment.present, inlined: this runs per field
             out[key] = value
     etype = str(out.get("type", ""))
     out["type"] = SHORT_TYPES.get(etype, etype)

@@ -273,7 +273,7 @@ class Processor:
             transactional_id=f"{s.transactional_prefix}.{s.raw_topic}.{tp.partition}",
             transaction_timeout_ms=s.transaction_timeout_ms, acks="all",
             compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
-            linger_ms=5, max_batch_size=256 * 1024, max_request_size=s.max_request_bytes,
+            linger_ms=0, max_batch_size=256 * 1024, max_request_size=s.max_request_bytes,
             partitioner=_partitioner,
             client_id=f"{s.service_name}-{tp.partition}",
         )
