@@ -70,7 +70,9 @@ def is_bot(user_agent: str, device_family: str | None = None) -> bool:
 
 def _octets(parts: list[str]) -> bool:
     for part in parts:
-        if not (part.isascii() and part.isdigit()) or len(part) > 3 or int(part) > 255 or (part[0] == "0" and part != "0"):
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or int(part) > 255:
+            return False
+        if part[0] == "0" and part != "0":
             return False
     return True
 
