@@ -28,7 +28,7 @@ import functools
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -128,6 +128,8 @@ class PartitionState:
     lost: bool = False
     # The offset after our last commit (or the reset point); None until known.
     next_offset: int | None = None
+    # New dedupe keys of the batch whose transaction is in flight (not yet in the window).
+    pending: dict[str, int] = field(default_factory=dict)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -366,18 +368,45 @@ class Processor:
         """Start ``records`` as tp's next transaction once tp's previous one is done.
 
         One transaction per partition is in flight at a time (order within a
-        partition), but partitions overlap: one commits while the next batch
-        of another is being processed, and the loop fetches meanwhile.
+        partition). The batch is worked out first, while the previous
+        transaction is still on the wire, so CPU and Kafka round trips
+        overlap; the loop fetches meanwhile.
         """
         previous = self._inflight.pop(tp, None)
+        state = self._parts.get(tp)
+        computed = self._compute(state, records) if state is not None and not state.lost else None
         if previous is not None and not await previous:
             # The previous batch rewound the partition (seek to its committed offset):
             # these records were fetched past that point and come again.
             return
-        task = asyncio.create_task(self._run_partition(tp, records), name=f"batch-{tp.partition}")
+        if computed is not None and self._parts.get(tp) is not state:
+            computed = None  # the partition was reopened meanwhile: work it out again
+        if computed is not None and state is not None:
+            state.pending = computed[1]
+        task = asyncio.create_task(self._run_partition(tp, records, computed), name=f"batch-{tp.partition}")
         # Failures are visible: _run_partition handles Kafka errors; anything else ends the run loop
         # when the task is awaited (next dispatch, rebalance or drain).
         self._inflight[tp] = task
+
+    def _compute(self, state: PartitionState, records: list[Any]) -> tuple[list[Result], dict[str, int]]:
+        """Run the pipeline over a batch; no Kafka. Returns the results and the new dedupe keys."""
+        staged: dict[str, int] = {}
+        window, pending = state.window, state.pending
+
+        def is_duplicate(key: str, received_at_ms: int) -> bool:
+            for batch in (staged, pending):
+                first = batch.get(key)
+                if first is not None and abs(received_at_ms - first) < window.window_ms:
+                    return True
+            return window.is_duplicate(key, received_at_ms)
+
+        results: list[Result] = []
+        for record in records:
+            result = self.pipeline.process(record, is_duplicate)
+            if result.seen is not None:
+                staged[result.seen[0]] = result.seen[1]
+            results.append(result)
+        return results, staged
 
     async def _drain(self, tps: Iterable[TopicPartition]) -> None:
         """Wait for the transactions in flight on ``tps``."""
@@ -385,7 +414,8 @@ class Processor:
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def _run_partition(self, tp: TopicPartition, records: list[Any]) -> bool:
+    async def _run_partition(self, tp: TopicPartition, records: list[Any],
+                             computed: tuple[list[Result], dict[str, int]] | None = None) -> bool:
         """One batch in one transaction. False when the partition was rewound instead."""
         assert self.consumer is not None
         state = self._parts.get(tp)
@@ -401,8 +431,12 @@ class Processor:
             self.consumer.seek(tp, records[0].offset)
             return False
         started = time.perf_counter()
+        if computed is None:
+            computed = self._compute(state, records)
+            state.pending = computed[1]
+        results, staged = computed
         try:
-            results = await self._transact(state, records)
+            await self._transact(state, records, results, staged)
         except _FENCED as exc:
             # Another process owns the partition now; the coming rebalance takes it from us.
             log.warning("producer fenced; leaving the partition to its new owner", error=repr(exc),
@@ -422,23 +456,10 @@ class Processor:
         self._account(state, records, results, time.perf_counter() - started)
         return True
 
-    async def _transact(self, state: PartitionState, records: list[Any]) -> list[Result]:
+    async def _transact(self, state: PartitionState, records: list[Any], results: list[Result],
+                        staged: dict[str, int]) -> None:
         s = self.settings
-        staged: dict[str, int] = {}
         window = state.window
-
-        def is_duplicate(key: str, received_at_ms: int) -> bool:
-            first = staged.get(key)
-            if first is not None and abs(received_at_ms - first) < window.window_ms:
-                return True
-            return window.is_duplicate(key, received_at_ms)
-
-        results: list[Result] = []
-        for record in records:
-            result = self.pipeline.process(record, is_duplicate)
-            if result.seen is not None:
-                staged[result.seen[0]] = result.seen[1]
-            results.append(result)
         await self._ensure_dest_topics(results)
 
         producer = state.producer
@@ -459,9 +480,10 @@ class Processor:
             raise
         # Only now: a failed transaction must leave no trace in the window.
         window.add_all(staged.items())
+        if state.pending is staged:
+            state.pending = {}
         if staged:
             window.expire(max(staged.values()))
-        return results
 
     async def _ensure_dest_topics(self, results: list[Result]) -> None:
         s = self.settings
