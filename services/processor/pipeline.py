@@ -38,6 +38,7 @@ ENVELOPE_SCHEMA = b"envelope/1"
 ENRICHED_HEADERS = [(SCHEMA_HEADER, b"enriched/1")]
 BAD_ROW_HEADERS = [(SCHEMA_HEADER, BAD_ROW_SCHEMA.encode())]
 FLAG_UNKNOWN_SOURCE = "unknown_source"
+DEFAULT_ENRICHMENT = Enrichment()
 # DLQ key of a record whose source could not be read.
 UNKNOWN_SOURCE_KEY = "unknown"
 
@@ -156,13 +157,11 @@ class Pipeline:
 
         received_ms = envelope.received_at_ms
         try:
-            if received_ms > 0:
-                received = datetime.fromtimestamp(received_ms / 1000, UTC)
-            elif isinstance(event.get("receivedAt"), str):
-                received = parse_ts(event["receivedAt"], "receivedAt")
-            else:
-                received = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-            received_ms = int(received.timestamp() * 1000)
+            if received_ms <= 0:
+                # Not from ingest: the event's own stamp, else the Kafka record's time.
+                stamped = event.get("receivedAt")
+                received_ms = (int(parse_ts(stamped, "receivedAt").timestamp() * 1000)
+                               if isinstance(stamped, str) else record.timestamp)
             received = datetime.fromtimestamp(received_ms / 1000, UTC)
             flags: list[str] = []
             out = normalise(event, message_id=message_id, received=received,
@@ -178,7 +177,7 @@ class Pipeline:
         source = self.registry.by_id(source_id)
         if source is None:
             flags.append(FLAG_UNKNOWN_SOURCE)
-        switches = source.enrichment if source is not None else Enrichment()
+        switches = source.enrichment if source is not None else DEFAULT_ENRICHMENT
         self.enricher.enrich(out, switches=switches, header_ua=envelope.user_agent,
                              client_ip=envelope.client_ip, flags=flags)
         out["_hw"] = {
