@@ -12,7 +12,13 @@ from services.common.kafka import TopicSpec, ensure_topics
 from services.devstack import stack
 from services.processor.settings import Settings
 from tests.conftest import read_topic, unique_name
-from tests.processor.kafka_helpers import free_port, produce, start_subprocess, wait_committed
+from tests.processor.kafka_helpers import (
+    committed_total,
+    free_port,
+    produce,
+    start_subprocess,
+    wait_committed,
+)
 from tests.processor.test_exactly_once import batch, stop
 
 
@@ -28,21 +34,23 @@ async def test_kafka_killed_and_restarted_under_load(private_stack: stack.StackS
         session_timeout_ms=6000, heartbeat_interval_ms=1000, retry_backoff_s=0.5, enriched_partitions=2,
         dlq_partitions=1, dest_partitions=1, http_port=free_port(),
     )
+    total = 20_000
     proc = start_subprocess(settings, tmp_path / "processor.log")
     try:
-        await produce(bootstrap, raw, batch(0, 2000))
-        await wait_committed(bootstrap, settings.group_id, raw, 500, timeout_s=60)
-        await produce(bootstrap, raw, batch(2000, 2000))
-        # kill -9 the broker while the processor is in the middle of that load.
+        await produce(bootstrap, raw, batch(0, total - 2000))
+        await wait_committed(bootstrap, settings.group_id, raw, 2000, timeout_s=60)
+        # kill -9 the broker while the processor is in the middle of that backlog.
         await asyncio.to_thread(stack.kafka_server(private_stack).kill)
         await asyncio.to_thread(stack.up, private_stack, cassandra=False)
-        await produce(bootstrap, raw, batch(4000, 2000))
-        await wait_committed(bootstrap, settings.group_id, raw, 6000, timeout_s=240)
+        done = await committed_total(bootstrap, settings.group_id, raw)
+        assert done < total - 2000, "the backlog was finished before the broker died; make it longer"
+        await produce(bootstrap, raw, batch(total - 2000, 2000))
+        await wait_committed(bootstrap, settings.group_id, raw, total, timeout_s=240)
         assert proc.poll() is None, "the processor exited while Kafka was away"
     finally:
         stop(proc)
     records = await read_topic(bootstrap, settings.enriched_topic, expected=None, timeout_s=90)
     ids = Counter(orjson.loads(r.value)["messageId"] for r in records)
-    assert sorted(ids) == sorted(f"m-{i}" for i in range(6000)), f"{6000 - len(ids)} lost"
+    assert sorted(ids) == sorted(f"m-{i}" for i in range(total)), f"{total - len(ids)} lost"
     assert set(ids.values()) == {1}, "duplicates after the broker restart"
     assert proc.returncode == 0
