@@ -196,8 +196,8 @@ class Enricher:
         ua: str = context_ua if isinstance(context_ua, str) else header_ua
         parsed = self._parse_ua(ua) if ua and (switches.user_agent or switches.bot) else None
         if switches.user_agent and parsed is not None:
-            # A copy: the cached dict must not be shared by events edited later.
-            context["userAgentParsed"] = {k: dict(v) for k, v in parsed[0].items()}
+            # The cached dict itself: the event is serialised right after and never edited.
+            context["userAgentParsed"] = parsed[0]
         if switches.bot:
             context["bot"] = parsed is not None and parsed[1]
 
