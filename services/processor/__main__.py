@@ -12,6 +12,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.common.errors import DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
@@ -46,7 +47,6 @@ async def serve(settings: Settings, worker: int = 0) -> int:
         await stack.enter_async_context(sources.running())
         processor = Processor(settings, Pipeline(settings, sources, enricher), metrics)
         stack.push_async_callback(processor.close)
-        await processor.start()
 
         async def kafka_check() -> tuple[bool, str]:
             return await kafka_ready(settings.kafka_bootstrap)
@@ -65,14 +65,26 @@ async def serve(settings: Settings, worker: int = 0) -> int:
         await web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True).start()
         log.info("serving", port=settings.http_port, worker=worker)
 
+        # Kafka may be restarting when the processor starts: wait for it, unless asked to stop.
+        while True:
+            try:
+                await processor.start()
+                break
+            except DependencyUnavailable as exc:
+                log.warning("Kafka not ready; retrying", error=str(exc), retry_s=settings.retry_backoff_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(settings.retry_backoff_s, 1.0))
+                if stop.is_set():
+                    return 0
+
         work = asyncio.create_task(processor.run(stop), name="processor-run")
         stopped = asyncio.create_task(stop.wait(), name="stop-wait")
         await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             stopped.cancel()
-            exc = work.exception()
-            if exc is not None:
-                log.error("processor loop failed", error=repr(exc), exc_info=exc)
+            failure = work.exception()
+            if failure is not None:
+                log.error("processor loop failed", error=repr(failure), exc_info=failure)
                 return 1
             return 0
         log.info("draining", timeout_s=settings.shutdown_timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
@@ -74,6 +74,13 @@ class Settings(CommonSettings):
     geoip_path: Path | None = None
     ua_cache_size: int = Field(default=10_000, ge=0)
     geo_cache_size: int = Field(default=10_000, ge=0)
+
+    @field_validator("geoip_path")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no geo-IP database at {value}")
+        return value
 
     @property
     def dedupe_changelog(self) -> str:

@@ -166,6 +166,24 @@ class Processor:
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
+        """Create the topics, join nothing yet (subscribe only); DependencyUnavailable while
+        Kafka does not answer, with nothing left running, so the caller may try again."""
+        try:
+            await self._start()
+        except KafkaError as exc:
+            await self._stop_consumer()
+            raise DependencyUnavailable(f"Kafka at {self.settings.kafka_bootstrap}: {exc!r}") from exc
+        except DependencyUnavailable:
+            await self._stop_consumer()
+            raise
+
+    async def _stop_consumer(self) -> None:
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            with contextlib.suppress(KafkaError):
+                await consumer.stop()
+
+    async def _start(self) -> None:
         s = self.settings
         await ensure_topics(s.kafka_bootstrap, [
             TopicSpec(s.raw_topic, s.raw_partitions),
