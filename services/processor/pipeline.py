@@ -188,6 +188,10 @@ class Pipeline:
             "flags": flags,
         }
         value = orjson.dumps(out)
+        if len(value) > self.settings.max_output_bytes:
+            raise _Bad(FailureType.SIZE_VIOLATION,
+                       [f"enriched event is {len(value)} bytes; the limit is {self.settings.max_output_bytes}"],
+                       envelope, message_id)
         out_key = record.key or f"{source_id}:{user_key(out)}".encode()
         outputs = [Output(self.settings.enriched_topic, out_key, value, ENRICHED_HEADERS)]
         names = destinations(source.destinations, out) if source is not None else []

@@ -61,6 +61,9 @@ class Settings(CommonSettings):
     # Processing.
     # An event larger than this (JSON bytes) goes to the DLQ as size_violation.
     max_event_bytes: int = Field(default=512 * 1024, ge=256)
+    # An enriched record larger than this goes to the DLQ as size_violation instead: a record
+    # the topic would refuse must not fail the transaction again and again.
+    max_output_bytes: int = Field(default=1_000_000, ge=1024)
     # Tries of one record's processing before it goes to the DLQ as poison.
     poison_max_tries: int = Field(default=3, ge=1)
     # Event time further ahead of receivedAt than this is clamped to receivedAt and flagged.

@@ -348,3 +348,15 @@ def test_poison_after_bounded_tries(pipeline: Pipeline, monkeypatch: pytest.Monk
 ])
 def test_url_split(url: str, host: str | None, query: str) -> None:
     assert _split(url) == (host, query)
+
+
+def test_oversized_output_is_a_size_violation(sources_file: Path) -> None:
+    settings = Settings(sources_file=sources_file, max_output_bytes=1024)
+    registry = SourceRegistry(sources_file)
+    registry.load()
+    pipe = Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
+    # Under the input limit, over the output limit once enriched.
+    result = pipe.process(record(envelope({"type": "identify", "userId": "u", "traits": {"x": "y" * 900}})),
+                          never)
+    assert result.reason is FailureType.SIZE_VIOLATION
+    assert "enriched event" in BadRow.decode(result.outputs[0].value)["errors"][0]
