@@ -28,6 +28,8 @@ def matches(rule: Destination, event: dict[str, Any]) -> bool:
         name = event.get("event") if event.get("type") == "track" else event.get("name")
         if name not in rule.events:
             return False
+    if not rule.where:
+        return True
     return all(lookup(event, path) == expected for path, expected in rule.where.items())
 
 
