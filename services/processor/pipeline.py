@@ -9,6 +9,7 @@ partition.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Sequence
@@ -115,7 +116,12 @@ class Pipeline:
                                "kafka.offset": record.offset})
         errors = [f"processing failed {self.settings.poison_max_tries} times: "
                   f"{type(last_error).__name__}: {last_error}"]
-        return self._bad_row(record, FailureType.POISON, errors, None, None)
+        # The whole record is kept (it can go back to events.raw as is once the bug is fixed);
+        # the ids come from the Envelope when it can be read at all.
+        ids: Envelope | None = None
+        with contextlib.suppress(DecodeError, TypeError):
+            ids = Envelope.FromString(record.value or b"")
+        return self._bad_row(record, FailureType.POISON, errors, None, None, ids=ids)
 
     def _decode(self, record: Any) -> tuple[Envelope, dict[str, Any]]:
         value = record.value
@@ -201,16 +207,19 @@ class Pipeline:
                       received_at_ms=received_ms, destinations=names)
 
     def _bad_row(self, record: Any, failure: FailureType, errors: list[str], envelope: Envelope | None,
-                 message_id: str | None) -> Result:
+                 message_id: str | None, ids: Envelope | None = None) -> Result:
+        """A bad row; ``envelope`` when it was read (its event JSON is kept), else the raw
+        record is kept and ``ids`` (if any) only names the source and message."""
+        named = envelope if envelope is not None else ids
         row = BadRow(
             failure_type=failure, errors=errors,
             # The event JSON when the Envelope was readable (what a replay needs), else the record.
             original=(envelope.event if envelope is not None else (record.value or b"")),
             service="processor", version=VERSION,
-            source_id=(envelope.source_id or None) if envelope is not None else None,
-            message_id=message_id or ((envelope.message_id or None) if envelope is not None else None),
+            source_id=(named.source_id or None) if named is not None else None,
+            message_id=message_id or ((named.message_id or None) if named is not None else None),
             topic=record.topic, partition=record.partition, offset=record.offset,
-            request_id=(envelope.request_id or None) if envelope is not None else None,
+            request_id=(named.request_id or None) if named is not None else None,
             extra=({"original_format": "event_json", "received_at_ms": envelope.received_at_ms,
                     "client_ip": envelope.client_ip, "user_agent": envelope.user_agent,
                     "path": envelope.path}

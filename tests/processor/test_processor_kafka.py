@@ -203,3 +203,33 @@ async def test_routing_rules_change_without_restart(kafka_bootstrap: str, new_to
                                                                                   message_id="after"))])
         trials = await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}trials", expected=1)
     assert [orjson.loads(r.value)["messageId"] for r in trials] == ["after"]
+
+
+async def test_poison_record_goes_to_dlq_and_partition_moves_on(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
+) -> None:
+    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1)
+    async with running_processor(settings) as processor:
+        # A bug that only this one event triggers (the enricher is ours, not Kafka: no broker is faked).
+        enrich = processor.pipeline.enricher.enrich
+        tries: list[str] = []
+
+        def buggy(event: dict[str, Any], **kwargs: Any) -> None:
+            if event.get("userId") == "boom":
+                tries.append(event["messageId"])
+                raise ZeroDivisionError("enrichment bug")
+            enrich(event, **kwargs)
+
+        processor.pipeline.enricher.enrich = buggy  # type: ignore[method-assign]
+        records = [(b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="before")),
+                   (b"web:boom", envelope({"type": "identify", "userId": "boom"}, message_id="poison")),
+                   (b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="after"))]
+        await produce(kafka_bootstrap, settings.raw_topic, records)
+        enriched = await read_topic(kafka_bootstrap, settings.enriched_topic, expected=2)
+        rows = await read_topic(kafka_bootstrap, settings.dlq_topic, expected=1)
+    assert [orjson.loads(r.value)["messageId"] for r in enriched] == ["before", "after"]
+    [row] = [BadRow.decode(r.value) for r in rows]
+    assert row["failure_type"] == "poison" and row["message_id"] == "poison" and row["source_id"] == "web"
+    assert "ZeroDivisionError" in row["errors"][0]
+    assert row["input"]["offset"] == 1 and row["extra"] == {"original_format": "raw_record"}
+    assert tries == ["poison"] * settings.poison_max_tries
