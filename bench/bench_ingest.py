@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,19 +106,17 @@ def run_wrk(port: int, path: str, body: str, duration: int, connections: int) ->
     return {"rps": rps, "p50": p50, "p99": p99, "errors": float(non2xx.group(1)) if non2xx else 0.0}
 
 
-def measure_server(name: str, proc: subprocess.Popen[bytes], port: int, duration: int,
-                   connections: int) -> list[dict[str, Any]]:
-    rows = []
-    for kind, (path, body, events) in BODIES.items():
-        run_wrk(port, path, body, 2, connections)  # warm-up
-        cpu0 = cpu_seconds(proc.pid)
-        result = run_wrk(port, path, body, duration, connections)
-        cpu = cpu_seconds(proc.pid) - cpu0
-        total_events = result["rps"] * duration * events
-        rows.append({"server": name, "kind": kind, **result, "eps": result["rps"] * events,
-                     "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
-                     "rss": peak_rss_mb(proc.pid)})
-    return rows
+def measure(name: str, proc: subprocess.Popen[bytes], port: int, kind: str, duration: int,
+            connections: int) -> dict[str, Any]:
+    path, body, events = BODIES[kind]
+    run_wrk(port, path, body, 1, connections)  # warm-up
+    cpu0 = cpu_seconds(proc.pid)
+    result = run_wrk(port, path, body, duration, connections)
+    cpu = cpu_seconds(proc.pid) - cpu0
+    total_events = result["rps"] * duration * events
+    return {"server": name, "kind": kind, **result, "eps": result["rps"] * events,
+            "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
+            "rss": peak_rss_mb(proc.pid)}
 
 
 async def plain_producer(bootstrap: str, topic: str, n: int) -> dict[str, float]:
@@ -154,6 +153,7 @@ async def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--producer-events", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -168,34 +168,47 @@ async def main() -> None:
     (work / "sources.json").write_text(json.dumps(
         {"sources": [{"id": "bench", "name": "bench", "write_key": KEY}]}))
     rows: list[dict[str, Any]] = []
-
-    port = _free_port()
-    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)])
-    try:
-        await _wait_http(port, "/v1/x")
-        rows += measure_server("bare aiohttp", bare, port, args.duration, args.connections)
-    finally:
-        bare.terminate()
-        bare.wait()
-
-    port = _free_port()
-    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
+    plains: list[dict[str, float]] = []
+    bare_port, ingest_port = _free_port(), _free_port()
+    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(ingest_port),
            "HEADWATER_INGEST_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
            "HEADWATER_INGEST_RAW_TOPIC": raw_topic, "HEADWATER_INGEST_DLQ_TOPIC": dlq_topic,
            "HEADWATER_INGEST_SOURCES_FILE": str(work / "sources.json"),
            "HEADWATER_INGEST_SPOOL_DIR": str(work / "spool"), "HEADWATER_INGEST_LOG_LEVEL": "WARNING"}
+    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(bare_port)])
     ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], env=env, cwd=ROOT)
     try:
-        await _wait_http(port, "/healthz")
-        rows += measure_server("ingest", ingest, port, args.duration, args.connections)
+        await _wait_http(bare_port, "/v1/x")
+        await _wait_http(ingest_port, "/healthz")
+        # Rounds alternate between the servers so background load hits both alike;
+        # the medians are reported.
+        for _ in range(args.rounds):
+            for kind in BODIES:
+                rows.append(measure("bare aiohttp", bare, bare_port, kind, args.duration, args.connections))
+                rows.append(measure("ingest", ingest, ingest_port, kind, args.duration, args.connections))
+            plains.append(await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}",
+                                               args.producer_events))
     finally:
-        ingest.terminate()
-        ingest.wait()
+        for proc in (bare, ingest):
+            proc.terminate()
+            proc.wait()
 
-    plain = await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}", args.producer_events)
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
 
-    print(f"\ningest benchmark ({os.cpu_count()} cores, wrk -t1 -c{args.connections}, {args.duration}s a run; "
-          "Kafka on the same machine)")
+    table = []
+    for server in ("bare aiohttp", "ingest"):
+        for kind in BODIES:
+            mine = [r for r in rows if r["server"] == server and r["kind"] == kind]
+            table.append({"server": server, "kind": kind,
+                          **{k: median([r[k] for r in mine]) for k in ("rps", "eps", "p50", "p99", "cpu_per_1k",
+                                                                        "errors")},
+                          "rss": max(r["rss"] for r in mine)})
+    rows = table
+    plain = {k: median([p[k] for p in plains]) for k in ("eps", "cpu_per_1k")}
+
+    print(f"\ningest benchmark ({os.cpu_count()} cores, wrk -t1 -c{args.connections}, {args.duration}s a run, "
+          f"median of {args.rounds} alternating rounds; Kafka on the same machine)")
     print(f"{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}")
     for r in rows:

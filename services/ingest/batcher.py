@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import lru_cache
@@ -45,10 +46,11 @@ def partition_for(key: bytes, partitions: int) -> int:
 class KafkaBatcher:
     """Groups records from concurrent callers into per-partition batches."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, linger_s: float, max_pending_bytes: int,
-                 headers_for: Any) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, linger_s: float, ack_timeout_s: float,
+                 max_pending_bytes: int, headers_for: Any) -> None:
         self._producer = producer
         self._linger_s = linger_s
+        self._ack_timeout_s = ack_timeout_s
         self._max_pending_bytes = max_pending_bytes
         self._headers_for = headers_for
         self._pending: list[Record] = []
@@ -56,6 +58,7 @@ class KafkaBatcher:
         self._waiters: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
         self._partitions: dict[str, int] = {}
+        self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -82,10 +85,18 @@ class KafkaBatcher:
         self._waiters = []
 
     async def send(self, records: list[Record]) -> None:
-        """Return once Kafka acknowledged every record; raise otherwise."""
+        """Return once Kafka acknowledged every record; raise otherwise
+        (TimeoutError when the acks take longer than ``ack_timeout_s``)."""
         if self._task is None or self._task.done():
             raise ConnectionError("kafka batcher is not running")
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self._waiters:
+            # One deadline per flush group, not one timer per request. Callers still
+            # waiting then get a TimeoutError and spool; Kafka may still take the
+            # records (a duplicate, never a loss).
+            self._deadline = loop.call_later(self._ack_timeout_s, self._fail, self._waiters,
+                                             TimeoutError("kafka did not acknowledge in time"))
         self._pending.extend(records)
         self._pending_bytes += sum(len(r.value) + len(r.key) for r in records)
         self._waiters.append(waiter)
@@ -98,8 +109,8 @@ class KafkaBatcher:
             if self._pending_bytes < self._max_pending_bytes:
                 await asyncio.sleep(self._linger_s)  # let concurrent requests join this flush
             self._wakeup.clear()
-            records, waiters = self._pending, self._waiters
-            self._pending, self._waiters, self._pending_bytes = [], [], 0
+            records, waiters, deadline = self._pending, self._waiters, self._deadline
+            self._pending, self._waiters, self._pending_bytes, self._deadline = [], [], 0, None
             if not records:
                 continue
             try:
@@ -108,7 +119,7 @@ class KafkaBatcher:
                 self._fail(waiters, exc)
                 continue
             flushed = asyncio.gather(*acks)
-            flushed.add_done_callback(lambda done, ws=waiters: self._settle(ws, done))  # type: ignore[misc]
+            flushed.add_done_callback(functools.partial(self._flushed, waiters, deadline))
 
     async def _submit(self, records: list[Record]) -> list[asyncio.Future[Any]]:
         by_tp: dict[tuple[str, int], list[Record]] = defaultdict(list)
@@ -129,6 +140,12 @@ class KafkaBatcher:
                     batch.append(key=r.key, value=r.value, timestamp=None, headers=headers)
             acks.append(await self._producer.send_batch(batch, topic, partition=partition))
         return acks
+
+    def _flushed(self, waiters: list[asyncio.Future[None]], deadline: asyncio.TimerHandle | None,
+                 done: asyncio.Future[Any]) -> None:
+        if deadline is not None:
+            deadline.cancel()
+        self._settle(waiters, done)
 
     @staticmethod
     def _settle(waiters: list[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import uuid
+import os
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,8 +170,20 @@ class TrustedProxies:
         return ip
 
 
+_last_ms: list[Any] = [-1, ""]
+
+
 def iso_now_ms(now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
+    """ISO-8601 UTC with milliseconds; under load many requests share a millisecond,
+    so the last string is reused."""
+    if now is None:
+        ms = time.time_ns() // 1_000_000
+        if ms == _last_ms[0]:
+            return str(_last_ms[1])
+        now = datetime.fromtimestamp(ms / 1000, UTC)
+        text = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+        _last_ms[0], _last_ms[1] = ms, text
+        return text
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
@@ -182,7 +195,7 @@ def stamp(event: dict[str, Any], *, received_at: str, client_ip: str,
     event.pop("writeKey", None)  # a credential never travels downstream
     event["receivedAt"] = received_at
     if not segment.present(event.get("messageId")):
-        event["messageId"] = f"hw-{uuid.uuid4()}"
+        event["messageId"] = f"hw-{os.urandom(16).hex()}"  # random 128 bits; cheaper than uuid4()
     if batch_sent_at is not None and "sentAt" not in event:
         event["sentAt"] = batch_sent_at
     context = event.get("context")
