@@ -309,6 +309,8 @@ class Processor:
         return state
 
     async def _restore(self, partition: int) -> DedupeWindow:
+        """Read the changelog back, newest first in growing chunks, until the window is full
+        or the start is reached: a busy partition's day of history is not read in full."""
         s = self.settings
         window = DedupeWindow(s.dedupe_window_ms, s.dedupe_max_entries_per_partition)
         tp = TopicPartition(s.dedupe_changelog, partition)
@@ -320,26 +322,50 @@ class Processor:
         try:
             reader.assign([tp])
             end = (await asyncio.wait_for(reader.end_offsets([tp]), s.restore_timeout_s))[tp]
-            # An explicit seek: seek_to_beginning right after end_offsets can land at the end.
-            reader.seek(tp, (await reader.beginning_offsets([tp]))[tp])
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + s.restore_timeout_s
-            newest = 0
-            while await reader.position(tp) < end:
-                if loop.time() > deadline:
+            begin = (await asyncio.wait_for(reader.beginning_offsets([tp]), s.restore_timeout_s))[tp]
+            deadline = asyncio.get_running_loop().time() + s.restore_timeout_s
+            chunks: list[list[tuple[str, int]]] = []
+            held, stop_at = 0, end
+            # A changelog record holds one batch (at most batch_max_records keys).
+            span = max(1, s.dedupe_max_entries_per_partition // max(1, s.batch_max_records))
+            while stop_at > begin and held < window.max_entries:
+                start = max(begin, stop_at - span)
+                chunk = await self._read_range(reader, tp, start, stop_at, deadline)
+                if chunk is None:
                     log.error("dedupe state only partly read back; duplicates may pass",
-                              end=end, **_kafka_fields(tp))
+                              end=end, read_from=stop_at, **_kafka_fields(tp))
                     break
-                batch = await reader.getmany(tp, timeout_ms=500)
-                for record in batch.get(tp, ()):
-                    for key, ts in decode_entries(record.value):
-                        window.add(key, ts)
-                        newest = max(newest, ts)
+                chunks.append(chunk)
+                held += len(chunk)
+                stop_at, span = start, span * 2
+            newest = 0
+            for chunk in reversed(chunks):  # oldest first: the window evicts from the front
+                for key, ts in chunk:
+                    window.add(key, ts)
+                    newest = max(newest, ts)
             window.expire(newest)
-            log.info("dedupe state read back", changelog_end=end, entries=len(window), **_kafka_fields(tp))
+            log.info("dedupe state read back", changelog_end=end, read_from=stop_at, entries=len(window),
+                     **_kafka_fields(tp))
         finally:
             await reader.stop()
         return window
+
+    @staticmethod
+    async def _read_range(reader: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int,
+                          deadline: float) -> list[tuple[str, int]] | None:
+        """Entries of changelog records in [start, stop); None when the deadline passed."""
+        loop = asyncio.get_running_loop()
+        reader.seek(tp, start)
+        entries: list[tuple[str, int]] = []
+        while await reader.position(tp) < stop:
+            if loop.time() > deadline:
+                return None
+            batch = await reader.getmany(tp, timeout_ms=500)
+            for record in batch.get(tp, ()):
+                if record.offset >= stop:
+                    return entries
+                entries.extend(decode_entries(record.value))
+        return entries
 
     async def _stop_producer(self, state: PartitionState) -> None:
         try:

@@ -233,3 +233,32 @@ async def test_poison_record_goes_to_dlq_and_partition_moves_on(
     assert "ZeroDivisionError" in row["errors"][0]
     assert row["input"]["offset"] == 1 and row["extra"] == {"original_format": "raw_record"}
     assert tries == ["poison"] * settings.poison_max_tries
+
+
+async def test_dedupe_memory_is_bounded_and_the_newest_keys_come_back(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
+) -> None:
+    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
+                                   dedupe_max_entries_per_partition=10, batch_max_records=5)
+
+    def events(ids: range) -> list[tuple[bytes, bytes]]:
+        return [(b"web:u", envelope({"type": "identify", "userId": "u"}, message_id=f"m-{i}")) for i in ids]
+
+    async with running_processor(settings):
+        await produce(kafka_bootstrap, settings.raw_topic, events(range(100)))
+        await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 100)
+    async with running_processor(settings) as processor:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not processor._parts:
+            assert asyncio.get_running_loop().time() < deadline, "partition never assigned"
+            await asyncio.sleep(0.05)
+        window = next(iter(processor._parts.values())).window
+        assert len(window) == 10  # only the newest keys were read back, not the whole changelog
+        # Retries of the newest events are dropped; the oldest were evicted, so they pass again.
+        await produce(kafka_bootstrap, settings.raw_topic, events(range(95, 100)) + events(range(5)))
+        await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 110)
+        assert processor.metrics.duplicates._value.get() == 5
+    ids = Counter(orjson.loads(r.value)["messageId"]
+                  for r in await read_topic(kafka_bootstrap, settings.enriched_topic, expected=None))
+    assert sum(ids.values()) == 105
+    assert {k for k, n in ids.items() if n == 2} == {f"m-{i}" for i in range(5)}
