@@ -34,7 +34,7 @@ async def test_kafka_killed_and_restarted_under_load(private_stack: stack.StackS
         session_timeout_ms=6000, heartbeat_interval_ms=1000, retry_backoff_s=0.5, enriched_partitions=2,
         dlq_partitions=1, dest_partitions=1, http_port=free_port(),
     )
-    total = 20_000
+    total = 40_000
     proc = start_subprocess(settings, tmp_path / "processor.log")
     try:
         await produce(bootstrap, raw, batch(0, total - 2000))
