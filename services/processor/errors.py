@@ -9,5 +9,7 @@ class ProcessorError(HeadwaterError):
     """Root of the processor's own errors."""
 
 
-class PartitionLost(ProcessorError):
-    """Another process took the partition over (our producer was fenced)."""
+class BadInput(ProcessorError):
+    """A record that can never be processed (it becomes a bad row); retrying cannot help."""
+
+    retriable = False

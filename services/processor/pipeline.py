@@ -28,6 +28,7 @@ from services.common.segment import SHORT_TYPES, TYPES, present, user_key, valid
 from services.common.sources import Enrichment, SourceRegistry
 from services.processor.dedupe import dedupe_key
 from services.processor.enrich import Enricher
+from services.processor.errors import BadInput
 from services.processor.normalise import TimestampError, normalise, parse_ts
 from services.processor.routing import destinations
 from services.processor.settings import Settings
@@ -75,7 +76,7 @@ class Result:
     destinations: Sequence[str] = ()
 
 
-class _Bad(Exception):
+class _Bad(BadInput):
     """Bad input: unwinds to a bad row (a control-flow signal inside this module)."""
 
     def __init__(self, failure: FailureType, errors: list[str], envelope: Envelope | None = None,
