@@ -10,6 +10,7 @@ servers but never state. A test that asks for ``kafka_bootstrap`` or
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -117,6 +118,23 @@ async def read_topic(bootstrap: str, topic: str, *, expected: int | None = None,
     finally:
         await consumer.stop()
     return records
+
+
+async def eventually(predicate: Callable[[], Awaitable[object]], timeout_s: float, what: str) -> None:
+    """Poll an async predicate with a real call until it is true; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture

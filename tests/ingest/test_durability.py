@@ -10,18 +10,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from services.devstack import stack
-from tests.conftest import read_topic, unique_name
+from tests.conftest import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, IngestClient, basic, decode
 
 AUTH = {"Authorization": basic(SERVER_KEY)}
@@ -35,16 +33,6 @@ def _batch(prefix: str, i: int, size: int = 5) -> dict[str, Any]:
 async def _message_ids(bootstrap: str, topic: str, expected: int) -> Counter[str]:
     records = await read_topic(bootstrap, topic, expected=expected, timeout_s=60)
     return Counter(decode(r)[0].message_id for r in records)
-
-
-async def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_kafka_stopped_mid_traffic_loses_nothing(
@@ -81,19 +69,13 @@ async def test_kafka_stopped_mid_traffic_loses_nothing(
         body = await (await client.get("/readyz")).json()
         return bool(body["checks"]["kafka"]["detail"] == "kafka")
 
-    await _wait_for(drained, 90, "the spool to drain")
+    await eventually(drained, 90, "the spool to drain")
     assert statuses == {200: 120}
     seen = await _message_ids(bootstrap, settings.raw_topic, expected=len(acked))
     missing = set(acked) - set(seen)
     duplicates = sum(n - 1 for n in seen.values())
     print(f"acked={len(acked)} delivered={sum(seen.values())} duplicates={duplicates}")
     assert not missing, f"{len(missing)} acknowledged events lost"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_ingest(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -112,13 +94,13 @@ async def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> 
             except aiohttp.ClientError:
                 return False
 
-        await _wait_for(up, 30, "ingest to start")
+        await eventually(up, 30, "ingest to start")
 
 
 async def test_kill_9_while_spooling_then_restart_delivers_every_acked_event(
     private_stack: stack.StackSettings, sources_file: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     raw_topic = unique_name("test.events.raw")
     env = {
         **os.environ,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import read_topic, unique_name
+from tests.conftest import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, SOURCES, IngestClient, basic, decode
-from tests.ingest.test_durability import _free_port, _start_ingest, _wait_for, _wait_healthy
+from tests.ingest.test_durability import _start_ingest, _wait_healthy
 
 AUTH = {"Authorization": basic(SERVER_KEY)}
 EVENT = {"event": "E", "userId": "u"}
@@ -30,7 +30,7 @@ async def test_registry_reloads_live_and_keeps_the_last_good_copy(
     async def degraded() -> bool:
         ready = await (await client.get("/readyz")).json()
         return "last good copy" in ready["checks"]["sources"]["detail"]
-    await _wait_for(degraded, 10, "/readyz to report the unreadable registry")
+    await eventually(degraded, 10, "/readyz to report the unreadable registry")
     assert (await client.get("/readyz")).status == 200          # still serving
     assert (await client.post("/v1/track", json=EVENT, headers=AUTH)).status == 200
 
@@ -38,7 +38,7 @@ async def test_registry_reloads_live_and_keeps_the_last_good_copy(
     sources_file.write_text(json.dumps(changed))
     async def reloaded() -> bool:
         return (await client.post("/v1/track", json=EVENT, headers=new_key)).status == 200
-    await _wait_for(reloaded, 10, "the new source to be accepted")
+    await eventually(reloaded, 10, "the new source to be accepted")
 
 
 def _closed_port() -> str:
@@ -65,7 +65,7 @@ async def test_full_spool_answers_503_with_retry_after(ingest: IngestClient) -> 
 async def test_sigterm_drains_in_flight_requests_and_two_workers_share_the_port(
     kafka_bootstrap: str, sources_file: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     raw_topic = unique_name("test.events.raw")
     env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
            "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap, "HEADWATER_INGEST_RAW_TOPIC": raw_topic,
