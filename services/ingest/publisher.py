@@ -13,6 +13,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from services.common.badrow import BAD_ROW_SCHEMA
 from services.common.errors import HeadwaterError
 from services.common.kafka import TopicSpec, ensure_topics
 from services.ingest.batcher import KafkaBatcher
@@ -24,7 +25,7 @@ from services.ingest.spool import Record, Spool
 log = structlog.get_logger(__name__)
 
 _ENVELOPE_HEADERS = [("hw-schema", b"envelope/1")]
-_BADROW_HEADERS = [("hw-schema", b"badrow/1")]
+_BADROW_HEADERS = [("hw-schema", BAD_ROW_SCHEMA.encode())]
 
 
 
