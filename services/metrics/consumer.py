@@ -43,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
+from cassandra.connection import ConnectionBusy, ConnectionException
 
 from services.common.badrow import BadRow, FailureType
 from services.common.errors import DependencyUnavailable
@@ -64,7 +65,8 @@ FlushedRow = tuple[int, RowKey, WindowRow]
 T = TypeVar("T")
 _ALWAYS_READ = 2**62
 # Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
-RETRIABLE = (DriverException, NoHostAvailable, DependencyUnavailable, KafkaError, OSError, TimeoutError)
+RETRIABLE = (DriverException, NoHostAvailable, ConnectionException, ConnectionBusy, DependencyUnavailable,
+             KafkaError, OSError, TimeoutError)
 
 
 @dataclass
@@ -111,6 +113,9 @@ class RollupConsumer:
         self._new_series: dict[tuple[str, str, str], set[str]] = {}
         self._known_series: set[tuple[str, str, str, frozenset[str]]] = set()
         self._stop = asyncio.Event()
+        # Set when processing or a flush failed half-way: the in-memory state may then be
+        # ahead of what it applied, so this process must never write another row or checkpoint.
+        self._broken = False
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
@@ -133,14 +138,18 @@ class RollupConsumer:
                 batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
                                                     max_records=self.settings.max_poll_records)
                 async with self._lock:
-                    for tp, records in batch.items():
-                        state = self.states.get(tp.partition)
-                        if state is not None and records:
-                            await self._process(tp, state, records)
-                    due = (time.monotonic() - last_flush >= self.settings.flush_interval_s
-                           or self._dirty_rows() >= self.settings.max_dirty_rows
-                           or self._cached_rows() > self.settings.max_cached_rows)
-                    offsets = await self._flush(list(self.states.values())) if due else {}
+                    try:
+                        for tp, records in batch.items():
+                            state = self.states.get(tp.partition)
+                            if state is not None and records:
+                                await self._process(tp, state, records)
+                        due = (time.monotonic() - last_flush >= self.settings.flush_interval_s
+                               or self._dirty_rows() >= self.settings.max_dirty_rows
+                               or self._cached_rows() > self.settings.max_cached_rows)
+                        offsets = await self._flush(list(self.states.values())) if due else {}
+                    except BaseException:
+                        self._broken = True
+                        raise
                 if due:
                     last_flush = time.monotonic()
                     await self._commit(offsets)
@@ -154,6 +163,15 @@ class RollupConsumer:
 
     async def resume(self, assigned: list[TopicPartition]) -> None:
         """Start each assigned partition at its Cassandra checkpoint (or its beginning)."""
+        try:
+            await self._resume(assigned)
+        except BaseException:
+            # A partition without state would be skipped for good: stop, so a restart resumes it.
+            self._broken = True
+            self._stop.set()
+            raise
+
+    async def _resume(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
             for tp in assigned:
                 if tp.topic != self.topic:
@@ -185,7 +203,11 @@ class RollupConsumer:
                       if tp.topic == self.topic and tp.partition in self.states]
             if not states:
                 return
-            offsets = await self._flush(states)
+            try:
+                offsets = await self._flush(states)
+            except BaseException:
+                self._broken = True
+                raise
             for state in states:
                 del self.states[state.kpart]
         await self._commit(offsets)
@@ -315,6 +337,10 @@ class RollupConsumer:
 
     async def _flush(self, states: list[PartitionState]) -> dict[TopicPartition, int]:
         """Side records, then rows, then checkpoints; returns the Kafka offsets to commit."""
+        if self._broken:
+            log.error("not flushing: this process failed half-way through a batch; "
+                      "the next one resumes from the last checkpoint")
+            return {}
         started = time.monotonic()
         # Late and bad rows must be acknowledged before the checkpoint passes their offsets.
         await self._settle_sends()

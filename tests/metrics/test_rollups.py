@@ -3,18 +3,23 @@ lateness, bad input, replay over rows that are ahead of their checkpoint, TTL.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
+from services.common.sources import SourceRegistry
 from services.metrics.app import build_app
 from services.metrics.consumer import RollupConsumer
-from services.metrics.store import Store
+from services.metrics.metrics import make_metrics
+from services.metrics.store import Store, migrate_schema
 from tests.conftest import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
@@ -244,3 +249,46 @@ async def test_a_small_row_cache_evicts_and_reads_back_without_changing_results(
     assert cached <= 100 + 3 * 50  # the limit, plus at most one poll's rows before the next flush
     want, _ = expected(sent, int(settings.allowed_lateness_s * 1000), SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
+
+
+async def test_a_failure_half_way_through_a_batch_writes_nothing_after_it(
+        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    """An error no retry can help (here: injected into the row reads) ends the loop without
+    another row or checkpoint, though the batch had already moved the partition's offset."""
+    settings = await metrics_settings(partitions=1, max_poll_records=100, max_dirty_rows=1)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(1000, base, 1, seed=41))
+    ks = settings.cassandra_keyspace
+    client = CassandraClient(["127.0.0.1"], settings.cassandra_port)
+    await client.connect()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    original = Store.load_rows
+    try:
+        await migrate_schema(client, settings)
+        store = Store(client, settings)
+        await store.prepare()
+        calls = 0
+
+        async def fail_on_fifth(self: Store, kpart: int, keys: list) -> list:
+            nonlocal calls
+            calls += 1
+            if calls == 5:
+                raise RuntimeError("injected")
+            return await original(self, kpart, keys)
+
+        Store.load_rows = fail_on_fifth  # type: ignore[method-assign]
+        async with SourceRegistry(settings.sources_path).running() as sources:
+            consumer = RollupConsumer(settings, store, sources, producer, make_metrics(CollectorRegistry()))
+            with pytest.raises(RuntimeError, match="injected"):
+                await asyncio.wait_for(consumer.run(), 60)
+        state = consumer.states.get(0)
+        saved = (await checkpoints(cassandra, ks, settings.consumer_group, settings.enriched_topic)).get(0, 0)
+        assert state is None or saved <= state.saved_offset
+    finally:
+        Store.load_rows = original  # type: ignore[method-assign]
+        await producer.stop()
+        await client.close()
+    await run_until_caught_up(settings, cassandra, sent)
+    want, _ = expected(sent, int(settings.allowed_lateness_s * 1000), SUMS)
+    assert_windows_equal(await stored_windows(cassandra, ks), want)
