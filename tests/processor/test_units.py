@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.common.badrow import BadRow, FailureType
 from services.common.proto.envelope_pb2 import Envelope
@@ -42,6 +44,16 @@ def times(event: dict[str, Any], skew_s: float = 600) -> tuple[dict[str, str], l
 def test_format_is_utc_millis_z() -> None:
     moment = datetime(2026, 11, 24, 16, 0, 0, 5999, tzinfo=UTC).astimezone()
     assert norm.format_ts(moment) == "2026-11-24T16:00:00.005Z"
+
+
+@given(st.datetimes(timezones=st.timezones()))
+def test_format_matches_isoformat(moment: datetime) -> None:
+    # format_ts builds the string from a cached seconds part; isoformat is the reference.
+    try:
+        reference = moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    except OverflowError:  # out of range once converted to UTC
+        return
+    assert norm.format_ts(moment) == reference
 
 
 def test_segment_skew_rule_when_timestamp_absent() -> None:
