@@ -44,6 +44,7 @@ from aiokafka.errors import KafkaError
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
 from cassandra.connection import ConnectionBusy, ConnectionException
+from cassandra.policies import HostStateListener
 
 from services.common.badrow import BadRow, FailureType
 from services.common.errors import DependencyUnavailable
@@ -80,6 +81,9 @@ class PartitionState:
     # Per resolution, no stored row of this partition starts after this window.
     horizon: dict[str, int] = field(default_factory=dict)
     rows: OrderedDict[RowKey, WindowRow] = field(default_factory=OrderedDict)
+    # The first batch after a resume must start at next_offset; see _process.
+    verified: bool = False
+    reseeked: bool = False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -91,6 +95,25 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.owner.resume(assigned)
+
+
+class _HostWatch(HostStateListener):  # type: ignore[misc]
+    """Cassandra node down or up: what it acknowledged lately may be gone (periodic commitlog)."""
+
+    def __init__(self, owner: RollupConsumer) -> None:
+        self.owner = owner
+
+    def on_down(self, host: object) -> None:
+        self.owner.request_resync()
+
+    def on_up(self, host: object) -> None:
+        self.owner.request_resync()
+
+    def on_add(self, host: object) -> None:
+        return None
+
+    def on_remove(self, host: object) -> None:
+        return None
 
 
 class RollupConsumer:
@@ -116,6 +139,10 @@ class RollupConsumer:
         # Set when processing or a flush failed half-way: the in-memory state may then be
         # ahead of what it applied, so this process must never write another row or checkpoint.
         self._broken = False
+        # Set from driver threads when Cassandra failed or restarted: a node may lose the writes it
+        # acknowledged in its last commitlog sync period, so memory is no longer known to match
+        # the store. No checkpoint is written until every partition resumed from Cassandra again.
+        self._resync = False
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
@@ -124,6 +151,10 @@ class RollupConsumer:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def request_resync(self) -> None:
+        """Thread-safe: resume every partition from its checkpoint before the next checkpoint."""
+        self._resync = True
+
     def stop(self) -> None:
         """Ask the loop to finish its batch, flush and leave; safe to call twice."""
         self._stop.set()
@@ -131,10 +162,15 @@ class RollupConsumer:
     async def run(self) -> None:
         """Consume until stop(); the last flush and commit happen before it returns."""
         self.consumer.subscribe([self.topic], listener=_Listener(self))
+        watch = _HostWatch(self)
+        cluster = self.store.client.session.cluster
+        cluster.register_listener(watch)
         await self.consumer.start()
         try:
             last_flush = time.monotonic()
             while not self._stop.is_set():
+                if self._resync:
+                    await self._resync_states()
                 batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
                                                     max_records=self.settings.max_poll_records)
                 async with self._lock:
@@ -157,7 +193,17 @@ class RollupConsumer:
                 offsets = await self._flush(list(self.states.values()))
             await self._commit(offsets)
         finally:
+            cluster.unregister_listener(watch)
             await self.consumer.stop()
+
+    async def _resync_states(self) -> None:
+        async with self._lock:
+            self._resync = False
+            assigned = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
+            log.warning("Cassandra failed or restarted; resuming every partition from its checkpoint",
+                        partitions=len(assigned))
+            self.states.clear()
+            await self._resume_locked(assigned)
 
     # --- rebalance ---------------------------------------------------------------------------
 
@@ -173,28 +219,31 @@ class RollupConsumer:
 
     async def _resume(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
-            for tp in assigned:
-                if tp.topic != self.topic:
-                    continue
-                checkpoint = await self._retry(functools.partial(
-                    self.store.load_checkpoint, self.settings.consumer_group, tp.topic, tp.partition))
-                horizons = await self._retry(functools.partial(
-                    self.store.load_horizons, self.settings.consumer_group, tp.topic, tp.partition))
-                # No checkpoint and no horizon: nothing was ever written. A checkpoint without
-                # a horizon for a resolution: be safe and read every row of it.
-                unknown = -1 if checkpoint is None else _ALWAYS_READ
-                horizon = {res: horizons.get(res, unknown) for res in RESOLUTIONS}
-                if checkpoint is None:
-                    await self.consumer.seek_to_beginning(tp)
-                    state = PartitionState(tp.partition, 0, 0, -1, horizon)
-                else:
-                    next_offset, watermark = checkpoint
-                    self.consumer.seek(tp, next_offset)
-                    state = PartitionState(tp.partition, next_offset, watermark, next_offset, horizon)
-                self.states[tp.partition] = state
-                log.info("partition resumed", **{"kafka.topic": tp.topic, "kafka.partition": tp.partition,
-                                                 "kafka.offset": state.next_offset},
-                         watermark_ms=state.watermark_ms)
+            await self._resume_locked(assigned)
+
+    async def _resume_locked(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            if tp.topic != self.topic:
+                continue
+            checkpoint = await self._retry(functools.partial(
+                self.store.load_checkpoint, self.settings.consumer_group, tp.topic, tp.partition))
+            horizons = await self._retry(functools.partial(
+                self.store.load_horizons, self.settings.consumer_group, tp.topic, tp.partition))
+            # No checkpoint and no horizon: nothing was ever written. A checkpoint without
+            # a horizon for a resolution: be safe and read every row of it.
+            unknown = -1 if checkpoint is None else _ALWAYS_READ
+            horizon = {res: horizons.get(res, unknown) for res in RESOLUTIONS}
+            if checkpoint is None:
+                await self.consumer.seek_to_beginning(tp)
+                state = PartitionState(tp.partition, 0, 0, -1, horizon)
+            else:
+                next_offset, watermark = checkpoint
+                self.consumer.seek(tp, next_offset)
+                state = PartitionState(tp.partition, next_offset, watermark, next_offset, horizon)
+            self.states[tp.partition] = state
+            log.info("partition resumed", **{"kafka.topic": tp.topic, "kafka.partition": tp.partition,
+                                             "kafka.offset": state.next_offset},
+                     watermark_ms=state.watermark_ms)
 
     async def release(self, revoked: list[TopicPartition]) -> None:
         """Flush the partitions another member takes over, then forget them."""
@@ -220,6 +269,16 @@ class RollupConsumer:
         return source.sum_properties if source is not None else ()
 
     async def _process(self, tp: TopicPartition, state: PartitionState, records: list[object]) -> None:
+        if not state.verified:
+            first: int = records[0].offset  # type: ignore[attr-defined]
+            if first > state.next_offset and not state.reseeked:
+                # Fetched from an older position (e.g. a group offset ahead of the checkpoint)
+                # before our seek: seek again and drop it. A gap seen after our own seek is real
+                # (transaction markers, aborted records).
+                self.consumer.seek(tp, state.next_offset)
+                state.reseeked = True
+                return
+            state.verified = True
         # Pass 1: decode and decide lateness in offset order, so the rows to read are known.
         plan: list[tuple[int, Event]] = []
         watermark = state.watermark_ms
@@ -341,6 +400,8 @@ class RollupConsumer:
             log.error("not flushing: this process failed half-way through a batch; "
                       "the next one resumes from the last checkpoint")
             return {}
+        if self._resync:
+            return {}
         started = time.monotonic()
         # Late and bad rows must be acknowledged before the checkpoint passes their offsets.
         await self._settle_sends()
@@ -379,6 +440,10 @@ class RollupConsumer:
                 self.metrics.rows_written.labels(key.resolution).inc()
                 flushed.append((kpart, key, row))
         offsets: dict[TopicPartition, int] = {}
+        if self._resync:
+            # Rows just written are consistent on their own (value and upto); a checkpoint now
+            # could cover writes the node lost. Resume from Cassandra first.
+            return offsets
         for state in states:
             if state.next_offset != state.saved_offset:
                 await self._retry(functools.partial(
@@ -443,6 +508,7 @@ class RollupConsumer:
             try:
                 return await call()
             except RETRIABLE as exc:
+                self._resync = True
                 self.metrics.flush_errors.inc()
                 log.warning("storage call failed; retrying", error=f"{type(exc).__name__}: {exc}",
                             retry_in_s=delay)
