@@ -23,6 +23,12 @@ How a window stays equal to its input whatever moment the process dies at:
   committed offset is never ahead of it: should a fetch from the committed
   position race the seek to the checkpoint, it only re-reads records that
   are skipped (offset < next offset), never skips unread ones.
+* A Cassandra node with a periodic commitlog can lose what it acknowledged
+  in its last sync period when it is killed. So after any failed Cassandra
+  call or a node going down or up, no checkpoint is written until every
+  partition has been resumed from what Cassandra holds (memory is dropped),
+  and the first batch after a resume must start at the checkpoint (else the
+  partition is sought again), even if the group's Kafka offset is ahead.
 * Lateness is decided against the partition's watermark (the newest
   receivedAt seen on it), which the checkpoint stores, so a replay decides
   exactly as the first run did.

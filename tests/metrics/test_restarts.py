@@ -74,7 +74,9 @@ async def test_cassandra_killed_and_restarted_while_consuming(
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 60)
-    assert "storage call failed; retrying" in log_path.read_text()
+    log_text = log_path.read_text()
+    assert "storage call failed; retrying" in log_text
+    assert "resuming every partition from its checkpoint" in log_text
 
 
 @pytest.mark.timeout(900)
