@@ -121,7 +121,7 @@ async def rollup_loop(settings: Settings, n: int) -> dict[str, float]:
         await migrate_schema(client, settings)
         store = Store(client, settings)
         await store.prepare()
-        async with SourceRegistry(settings.sources_path).running() as sources:
+        async with SourceRegistry(settings.sources_file).running() as sources:
             consumer = TimedConsumer(settings, store, sources, producer, metrics)
             consumer.flush_s = []
             start, cpu0 = time.perf_counter(), cpu_s()
@@ -167,7 +167,7 @@ async def main() -> int:
         settings = Settings(kafka_bootstrap=args.bootstrap, enriched_topic=topic,
                             late_topic=f"bench.late.{run_id}", dlq_topic=f"bench.dlq.{run_id}",
                             consumer_group=f"bench-metrics-{run_id}", cassandra_port=args.cassandra_port,
-                            cassandra_keyspace=f"bench_{run_id}", sources_path=sources)
+                            cassandra_keyspace=f"bench_{run_id}", sources_file=sources)
         await ensure_topics(args.bootstrap, [TopicSpec(topic, args.partitions),
                                              TopicSpec(settings.late_topic, 1), TopicSpec(settings.dlq_topic, 1)])
         records = events(args.events, args.partitions, args.users, args.names)

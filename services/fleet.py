@@ -41,7 +41,7 @@ def fleet(settings: stack.StackSettings, root: Path) -> list[Member]:
             "HEADWATER_PROCESSOR_HTTP_HOST": "127.0.0.1", "HEADWATER_PROCESSOR_SOURCES_FILE": sources}),
         Member("metrics", "services.metrics", 8083, {
             "HEADWATER_METRICS_KAFKA_BOOTSTRAP": kafka, "HEADWATER_METRICS_HTTP_PORT": "8083",
-            "HEADWATER_METRICS_HTTP_HOST": "127.0.0.1", "HEADWATER_METRICS_SOURCES_PATH": sources,
+            "HEADWATER_METRICS_HTTP_HOST": "127.0.0.1", "HEADWATER_METRICS_SOURCES_FILE": sources,
             "HEADWATER_METRICS_CASSANDRA_PORT": str(settings.cassandra_port)}),
     ]
 

@@ -158,9 +158,9 @@ def check_headwater_service(compose: Compose, name: str) -> list[str]:
         problems.append(f"{name}: healthcheck port {health_port(svc)} is not HTTP_PORT {http_port}")
     # The source registry is mounted read-only where SOURCES_FILE points.
     mounts = {target: (source, ro) for source, target, ro in bind_sources(svc)}
-    sources_file = env.get(prefix + "SOURCES_FILE") or env.get(prefix + "SOURCES_PATH")
+    sources_file = env.get(prefix + "SOURCES_FILE")
     if not sources_file:
-        problems.append(f"{name}: {prefix}SOURCES_FILE (or SOURCES_PATH) not set")
+        problems.append(f"{name}: {prefix}SOURCES_FILE not set")
     else:
         source, ro = mounts.get(sources_file, ("", False))
         if not source.endswith("config/sources.json") or not ro:

@@ -45,7 +45,7 @@ async def fleet(kafka_bootstrap: str, cassandra_port: int, new_keyspace: Callabl
         "metrics": {**common, "HTTP_PORT": ports["metrics"], "ENRICHED_TOPIC": topics["enriched"],
                     "DLQ_TOPIC": topics["dlq"], "LATE_TOPIC": topics["late"],
                     "CONSUMER_GROUP": unique_name("e2e-metrics"), "CASSANDRA_PORT": cassandra_port,
-                    "CASSANDRA_KEYSPACE": new_keyspace(), "SOURCES_PATH": sources},
+                    "CASSANDRA_KEYSPACE": new_keyspace(), "SOURCES_FILE": sources},
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:

@@ -116,7 +116,7 @@ async def build_app(settings: Settings, *, consume: bool = True,
                 TopicSpec(settings.dlq_topic, settings.late_topic_partitions),
             ])
             sources = await stack.enter_async_context(
-                SourceRegistry(settings.sources_path, settings.sources_reload_s).running())
+                SourceRegistry(settings.sources_file, settings.sources_reload_s).running())
             producer = await stack.enter_async_context(_producer(settings))
             sink = None
             if settings.kairosdb_url:

@@ -18,7 +18,7 @@ class Settings(CommonSettings):
 
     model_config = SettingsConfigDict(env_prefix="HEADWATER_METRICS_", frozen=True, extra="ignore")
 
-    service_name: str = "headwater-metrics"
+    service_name: str = "metrics"
     http_port: int = 8083
 
     # Kafka
@@ -59,7 +59,7 @@ class Settings(CommonSettings):
     max_dirty_rows: int = Field(default=20_000, ge=1)
 
     # Source registry (sum_properties per source, reloaded live).
-    sources_path: Path = Path("config/sources.json")
+    sources_file: Path = Path("config/sources.json")
     sources_reload_s: float = Field(default=2.0, gt=0)
 
     # Optional sink to an external KairosDB (REST). Empty: off.

@@ -32,7 +32,7 @@ def metrics_settings(kafka_bootstrap: str, cassandra_port: int, new_topic: Calla
             "consumer_group": new_group("metrics"),
             "cassandra_port": cassandra_port,
             "cassandra_keyspace": new_keyspace(),
-            "sources_path": write_sources(tmp_path / "sources.json", SUMS),
+            "sources_file": write_sources(tmp_path / "sources.json", SUMS),
             "flush_interval_s": 0.2,
             "allowed_lateness_s": 600.0,
             "http_port": 0,

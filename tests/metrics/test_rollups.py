@@ -278,7 +278,7 @@ async def test_a_failure_half_way_through_a_batch_writes_nothing_after_it(
             return await original(self, kpart, keys)
 
         Store.load_rows = fail_on_fifth  # type: ignore[method-assign]
-        async with SourceRegistry(settings.sources_path).running() as sources:
+        async with SourceRegistry(settings.sources_file).running() as sources:
             consumer = RollupConsumer(settings, store, sources, producer, make_metrics(CollectorRegistry()))
             with pytest.raises(RuntimeError, match="injected"):
                 await asyncio.wait_for(consumer.run(), 60)
