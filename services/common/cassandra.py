@@ -77,6 +77,8 @@ class CassandraClient:
 
     async def execute(self, statement: str | PreparedStatement | Any,
                       params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        """Run one statement. The result holds the first page only (the driver's
+        fetch_size, 5,000 rows by default): page explicitly for larger reads."""
         return await _bridge(self.session.execute_async(statement, params, timeout=self._timeout))
 
     async def close(self) -> None:
