@@ -132,6 +132,8 @@ def _page_params(url: str) -> tuple[str | None, dict[str, str], dict[str, str]]:
             name, _, value = pair.partition("=")
             if name in _WANTED_PARAMS and value and name not in query:  # first value wins
                 query[name] = unquote_plus(value) if "%" in value or "+" in value else value
+    if not query:  # most pages
+        return host, _NONE, _NONE
     campaign = {key: query[param] for param, key in UTM_KEYS.items() if param in query}
     click_ids = {name: query[name] for name in CLICK_IDS if name in query}
     return host, campaign, click_ids
