@@ -137,12 +137,13 @@ class Pipeline:
             raise _Bad(FailureType.ENVELOPE_DECODE, [f"not an Envelope: {exc}"]) from None
         if not envelope.source_id:
             raise _Bad(FailureType.ENVELOPE_DECODE, ["Envelope has no source_id"], envelope)
-        if len(envelope.event) > self.settings.max_event_bytes:
+        body = envelope.event  # each read of a bytes field copies it
+        if len(body) > self.settings.max_event_bytes:
             raise _Bad(FailureType.SIZE_VIOLATION,
-                       [f"event is {len(envelope.event)} bytes; the limit is {self.settings.max_event_bytes}"],
+                       [f"event is {len(body)} bytes; the limit is {self.settings.max_event_bytes}"],
                        envelope)
         try:
-            event = orjson.loads(envelope.event)
+            event = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise _Bad(FailureType.INVALID_JSON, [f"event is not JSON: {exc}"], envelope) from None
         if not isinstance(event, dict):

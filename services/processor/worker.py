@@ -81,7 +81,10 @@ async def _send_batched(producer: AIOKafkaProducer, outputs: list[Output]) -> li
         if partitions is None:
             partitions = counts[out.topic] = sorted(await producer.partitions_for(out.topic))
         partition = _partitioner(out.key, partitions, partitions)
-        by_tp.setdefault((out.topic, partition), []).append(out)
+        group = by_tp.get((out.topic, partition))
+        if group is None:  # not setdefault: that would build a list for every record
+            group = by_tp[out.topic, partition] = []
+        group.append(out)
     futures: list[asyncio.Future[Any]] = []
     for (topic, partition), outs in by_tp.items():
         builder = producer.create_batch()
