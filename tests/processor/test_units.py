@@ -10,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from services.common.badrow import BadRow, FailureType
 from services.common.proto.envelope_pb2 import Envelope
@@ -372,3 +373,10 @@ def test_oversized_output_is_a_size_violation(sources_file: Path) -> None:
                           never)
     assert result.reason is FailureType.SIZE_VIOLATION
     assert "enriched event" in BadRow.decode(result.outputs[0].value)["errors"][0]
+
+
+def test_gc_threshold_cannot_switch_the_collector_off() -> None:
+    # gc.set_threshold(0) would disable cyclic garbage collection altogether.
+    with pytest.raises(ValidationError, match="gc_young_threshold"):
+        Settings(gc_young_threshold=0)
+    assert Settings().gc_young_threshold >= 700
