@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from services.common.errors import DependencyUnavailable
 
@@ -35,14 +36,17 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: 
             await admin.start()
         except Exception as exc:
             raise DependencyUnavailable(f"Kafka at {bootstrap} did not answer: {exc}") from exc
-        existing = set(await admin.list_topics())
-        missing = [s for s in specs if s.name not in existing]
-        if not missing:
-            return
-        response = await admin.create_topics(
-            [NewTopic(s.name, s.partitions, s.replication, topic_configs=s.configs) for s in missing],
-            timeout_ms=timeout_ms,
-        )
+        try:
+            existing = set(await admin.list_topics())
+            missing = [s for s in specs if s.name not in existing]
+            if not missing:
+                return
+            response = await admin.create_topics(
+                [NewTopic(s.name, s.partitions, s.replication, topic_configs=s.configs) for s in missing],
+                timeout_ms=timeout_ms,
+            )
+        except KafkaError as exc:
+            raise DependencyUnavailable(f"Kafka at {bootstrap} could not list or create topics: {exc!r}") from exc
         for topic, code, *rest in response.topic_errors:
             if code not in (0, _TOPIC_ALREADY_EXISTS):
                 message = rest[0] if rest else ""

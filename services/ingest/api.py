@@ -58,6 +58,25 @@ class Ingest:
 INGEST_KEY = web.AppKey("ingest", Ingest)
 
 
+# orjson reads JSON nested up to 1,024 levels but writes at most 254.
+JSON_MAX_DEPTH = 254
+
+
+def clean_header(value: str, limit: int = 1024) -> str:
+    """aiohttp keeps non-UTF-8 header bytes as surrogates, which protobuf refuses."""
+    if value.isascii():
+        return value[:limit]
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:limit]
+
+
+def original_bytes(event: Any, limit: int) -> bytes:
+    """The event for a bad row: JSON when it can be written, else its repr (cut to ``limit``)."""
+    try:
+        return orjson.dumps(event)
+    except orjson.JSONEncodeError:
+        return repr(event).encode("utf-8", "replace")[:limit]
+
+
 def _json(status: int, body: dict[str, Any] | bytes, headers: CIMultiDict[str] | None = None) -> web.Response:
     payload = body if isinstance(body, bytes) else orjson.dumps(body)
     return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
@@ -129,7 +148,7 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
     now_ms = int(time.time() * 1000)
     received_at = parsing.iso_now_ms()
     client_ip = ing.proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
-    user_agent = request.headers.get("User-Agent", "")
+    user_agent = clean_header(request.headers.get("User-Agent", ""))
     batch_context = batch.get("context") if batch else None
     batch_integrations = batch.get("integrations") if batch else None
     records: list[Record] = []
@@ -146,17 +165,21 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
                 batch_integrations=batch_integrations if isinstance(batch_integrations, dict) else None,
                 batch_sent_at=batch.get("sentAt") if batch else None,
             )
-            value = orjson.dumps(event)
-            if len(value) > s.max_event_bytes:
-                errors = [f"event is larger than max_event_bytes ({s.max_event_bytes} bytes)"]
-                failure = FailureType.SIZE_VIOLATION
+            try:
+                value = orjson.dumps(event)
+            except orjson.JSONEncodeError:
+                errors = [f"event is nested deeper than {JSON_MAX_DEPTH} levels"]
+            else:
+                if len(value) > s.max_event_bytes:
+                    errors = [f"event is larger than max_event_bytes ({s.max_event_bytes} bytes)"]
+                    failure = FailureType.SIZE_VIOLATION
         if errors:
             message_id = event.get("messageId") if isinstance(event, dict) else None
             rejected.append({"index": index, "messageId": message_id if isinstance(message_id, str) else None,
                              "errors": errors})
             ing.metrics.events.labels("rejected", failure.value).inc()
             records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
-                failure_type=failure, errors=errors, original=orjson.dumps(event),
+                failure_type=failure, errors=errors, original=original_bytes(event, s.max_request_bytes),
                 service="ingest", version=VERSION, source_id=source.id,
                 message_id=message_id if isinstance(message_id, str) else None, request_id=request_id,
                 extra={"path": path, "index": index},
@@ -200,7 +223,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         started = time.perf_counter()
         ing = request.app[INGEST_KEY]
         origin = request.headers.get("Origin")
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or uuid.uuid4().hex
         source: Source | None = None
         try:
             body = await read_body(request, ing.settings.max_request_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -21,12 +22,23 @@ from services.ingest.settings import Settings
 from services.ingest.spool import Spool
 
 
+def orphan_spools(settings: Settings, worker: int) -> list[Path]:
+    """Spool folders of worker indexes at or above the current worker count (left
+    by a run with more workers); worker i takes those with index % workers == i."""
+    found = []
+    for folder in sorted(settings.spool_dir.glob("worker-*")):
+        index = folder.name.removeprefix("worker-")
+        if index.isdecimal() and int(index) >= settings.workers and int(index) % settings.workers == worker:
+            found.append(folder)
+    return found
+
+
 def create_app(settings: Settings, worker: int = 0) -> web.Application:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     spool = Spool(settings.spool_dir / f"worker-{worker}", settings.spool_max_bytes,
-                  settings.spool_segment_bytes)
+                  settings.spool_segment_bytes, adopt=orphan_spools(settings, worker))
     publisher = Publisher(settings, spool, metrics)
     ingest = Ingest(settings=settings, sources=sources, publisher=publisher, metrics=metrics,
                     limiter=RateLimiter(share=1.0 / settings.workers),

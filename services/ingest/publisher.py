@@ -17,7 +17,7 @@ from services.common.badrow import BAD_ROW_SCHEMA
 from services.common.errors import HeadwaterError
 from services.common.kafka import TopicSpec, ensure_topics
 from services.ingest.batcher import KafkaBatcher
-from services.ingest.errors import Overloaded
+from services.ingest.errors import Overloaded, SpoolFull
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import Settings
 from services.ingest.spool import Record, Spool
@@ -91,8 +91,8 @@ class Publisher:
                           configs={"retention.ms": str(s.raw_retention_ms)}),
                 TopicSpec(s.dlq_topic, s.dlq_partitions),
             ], timeout_ms=int(s.kafka_ack_timeout_s * 5000))
-        except HeadwaterError as exc:
-            log.warning("kafka not reachable; spooling until it is", error=str(exc))
+        except (HeadwaterError, KafkaError, OSError) as exc:
+            log.warning("kafka not reachable; spooling until it is", error=repr(exc))
             return False
         producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
@@ -126,6 +126,8 @@ class Publisher:
         return not self.spool.is_empty or not self._kafka_up
 
     def status(self) -> tuple[bool, str]:
+        if self._drainer is not None and self._drainer.done():
+            return False, "the spool drainer stopped; spooled events are not being sent"
         if self.spooling:
             # Still ready: events are safe in the spool; /readyz tells ops why.
             return True, (f"spooling: kafka {'up' if self._kafka_up else 'down'}, "
@@ -145,7 +147,7 @@ class Publisher:
                     # The batcher enforces the ack deadline with one timer per flush
                     # rather than one per request.
                     await self._batcher.send(records)
-                except (TimeoutError, KafkaError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever Kafka's path failed with, the spool is safe
                     self._kafka_up = False
                     self.metrics.spooled_after_timeout.inc(len(records))
                     log.warning("kafka did not acknowledge in time; spooling", error=repr(exc),
@@ -153,7 +155,10 @@ class Publisher:
                 else:
                     self.metrics.kafka_ack_seconds.observe(time.perf_counter() - started)
                     return "kafka"
-            await self.spool.append(records)
+            try:
+                await self.spool.append(records)
+            except OSError as exc:
+                raise SpoolFull(f"the spool cannot be written: {exc}") from exc
             self._wakeup.set()
             return "spool"
         finally:
@@ -190,7 +195,9 @@ class Publisher:
                 continue
             try:
                 sent = await self.spool.drain(self._send_batch)
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the drainer must outlive any one failure
+                # Kafka errors, timeouts, disk errors, and anything unexpected: the spool
+                # stays on disk and draining is tried again after a backoff.
                 self._kafka_up = False
                 log.warning("spool drain interrupted; will retry", error=repr(exc),
                             pending=self.spool.pending_events)

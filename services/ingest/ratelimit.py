@@ -22,8 +22,12 @@ class Bucket:
             self.tokens -= n
             return 0.0
         if n > self.burst:
-            # A batch larger than the burst can never fit; ask for a full refill.
-            return self.burst / self.rate
+            # A batch larger than the burst could never fit, and a retry would be
+            # refused for ever: let it through once the bucket is full, into debt.
+            if self.tokens >= self.burst:
+                self.tokens -= n
+                return 0.0
+            return (self.burst - self.tokens) / self.rate
         return (n - self.tokens) / self.rate
 
 

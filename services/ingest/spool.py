@@ -17,7 +17,7 @@ import contextlib
 import os
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +71,12 @@ def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, Record]], 
 class Spool:
     """Durable FIFO of records. One Spool per process; its folder is its own."""
 
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024,
+                 adopt: Sequence[Path] = ()) -> None:
         self.directory = directory
+        # Folders of workers that no longer exist (the worker count went down):
+        # their segments are replayed first, then deleted.
+        self.adopt = tuple(adopt)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self._segments: list[Path] = []          # oldest first; the last may be active
@@ -105,9 +109,12 @@ class Spool:
     def open(self) -> None:
         """Find what a previous run left, so it is replayed first."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._segments = sorted(self.directory.glob("seg-*.log"))
-        for seg in self._segments:
+        own = sorted(self.directory.glob("seg-*.log"))
+        adopted = [seg for folder in self.adopt for seg in sorted(folder.glob("seg-*.log"))]
+        self._segments = adopted + own
+        for seg in own:
             self._seq = max(self._seq, int(seg.stem.split("-")[1]))
+        for seg in self._segments:
             data = seg.read_bytes()
             start = _read_cursor(seg)
             records, end = read_frames(data, start)
@@ -143,16 +150,25 @@ class Spool:
     async def _flush_loop(self) -> None:
         while self._buffer:
             data, self._buffer = b"".join(self._buffer), []
-            self._buffer_events = 0
+            events, self._buffer_events = self._buffer_events, 0
             waiters, self._waiters = self._waiters, []
             try:
                 async with self._lock:
                     fd = self._open_active()
-                    await asyncio.to_thread(_write_and_sync, fd, data)
+                    try:
+                        await asyncio.to_thread(_write_and_sync, fd, data)
+                    except OSError:
+                        # A partial frame (disk full, I/O error) must not stay in front of
+                        # later, acknowledged frames: cut the segment back to its last good end.
+                        os.ftruncate(fd, self._active_size)
+                        raise
                     self._active_size += len(data)
                     if self._active_size >= self.segment_bytes:
                         self._close_active()
             except OSError as exc:
+                log.exception("spool write failed; these requests are refused", events=events)
+                self._pending_bytes -= len(data)
+                self._pending_events -= events
                 for w in waiters:
                     if not w.done():
                         w.set_exception(exc)

@@ -11,6 +11,7 @@ from tests.conftest import read_topic
 from tests.ingest.conftest import LIMITED_KEY, SERVER_KEY, WEB_KEY, IngestClient, basic, decode
 
 AUTH = {"Authorization": basic(SERVER_KEY)}
+EVENT_OK = {"event": "E", "userId": "u"}
 
 
 async def test_malformed_and_wrong_types(ingest: IngestClient) -> None:
@@ -163,3 +164,25 @@ async def test_openapi_health_and_readiness(ingest: IngestClient) -> None:
     body = await ready.json()
     assert body["checks"]["kafka"]["detail"] == "kafka"
     assert body["checks"]["sources"]["ok"] is True
+
+
+async def test_odd_headers_and_deep_nesting_get_clear_answers(ingest: IngestClient, kafka_bootstrap: str) -> None:
+    client, settings = await ingest()
+    # A Latin-1 User-Agent (not UTF-8) must not break the request.
+    resp = await client.post("/v1/track", json=EVENT_OK, headers={**AUTH, "User-Agent": "Caf\xe9Browser/1.0"})
+    assert resp.status == 200, await resp.text()
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]  # type: ignore[assignment]
+    resp = await client.post("/v1/track", json={**EVENT_OK, "properties": deep}, headers=AUTH)
+    assert resp.status == 400
+    assert "nested deeper" in (await resp.json())["errors"][0]
+    batch = {"batch": [{"type": "track", **EVENT_OK}, {"type": "track", **EVENT_OK, "properties": deep}]}
+    resp = await client.post("/v1/batch", json=batch, headers=AUTH)
+    assert resp.status == 200 and (await resp.json())["accepted"] == 1
+    [bad] = await read_topic(kafka_bootstrap, settings.dlq_topic, expected=1)
+    assert BadRow.decode(bad.value)["original"].startswith(b"{")
+    [env, _] = [decode(r)[0] for r in await read_topic(kafka_bootstrap, settings.raw_topic, expected=2)]
+    assert "Caf" in env.user_agent

@@ -86,3 +86,64 @@ def test_corrupt_crc_stops_the_scan() -> None:
     bad[-1] ^= 0xFF
     records, end = read_frames(good + bytes(bad) + rec(3).frame())
     assert [r for _, r in records] == [rec(1)] and end == len(good)
+
+
+async def test_failed_write_is_cut_back_and_later_acks_survive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from services.ingest import spool as spool_module
+
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    await spool.append([rec(1)])
+    real = spool_module._write_and_sync
+
+    def half_then_fail(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])  # disk full half-way through a frame
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "_write_and_sync", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        await spool.append([rec(2)])
+    monkeypatch.setattr(spool_module, "_write_and_sync", real)
+    await spool.append([rec(3)])                      # acknowledged after the failure
+    assert spool.pending_events == 2
+    await spool.close()
+
+    reopened = Spool(tmp_path, max_bytes=10_000_000)
+    reopened.open()
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    await reopened.drain(send)
+    assert got == [rec(1), rec(3)]
+
+
+async def test_spools_of_retired_workers_are_adopted_and_replayed_first(tmp_path: Path) -> None:
+    old = Spool(tmp_path / "worker-3", max_bytes=10_000_000)
+    old.open()
+    await old.append([rec(1), rec(2)])
+    await old.close()
+    spool = Spool(tmp_path / "worker-1", max_bytes=10_000_000, adopt=[tmp_path / "worker-3"])
+    spool.open()
+    await spool.append([rec(3)])
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    await spool.drain(send)
+    assert got == [rec(1), rec(2), rec(3)]
+    assert not list((tmp_path / "worker-3").glob("seg-*"))
+
+
+def test_orphan_spool_folders_go_to_one_worker_each(tmp_path: Path) -> None:
+    from services.ingest.app import orphan_spools
+    from services.ingest.settings import Settings
+
+    for i in range(6):
+        (tmp_path / f"worker-{i}").mkdir()
+    settings = Settings(spool_dir=tmp_path, workers=2)
+    assert [p.name for p in orphan_spools(settings, 0)] == ["worker-2", "worker-4"]
+    assert [p.name for p in orphan_spools(settings, 1)] == ["worker-3", "worker-5"]
