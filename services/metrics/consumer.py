@@ -58,7 +58,7 @@ from services.common.sources import SourceRegistry
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.rollup import RESOLUTIONS, BadEvent, Event, RowKey, WindowRow, parse_event, row_keys
 from services.metrics.settings import Settings
-from services.metrics.store import Store
+from services.metrics.store import Store, bounded_gather
 
 log = structlog.get_logger(__name__)
 
@@ -468,13 +468,9 @@ class RollupConsumer:
         return offsets
 
     async def _write_rows(self, writes: list[tuple[int, RowKey, WindowRow, int]]) -> None:
-        sem = asyncio.Semaphore(self.settings.write_concurrency)
-
-        async def one(kpart: int, key: RowKey, row: WindowRow, upto: int) -> None:
-            async with sem:
-                await self.store.write_row(kpart, key, row, upto)
-
-        await asyncio.gather(*(one(*w) for w in writes))
+        # Every write of a failed attempt must be finished or cancelled before _retry starts the
+        # next one: Cassandra keeps the last write, so a stale one landing later would undo it.
+        await bounded_gather((self.store.write_row(*w) for w in writes), self.settings.write_concurrency)
 
     def _evict(self, states: list[PartitionState]) -> None:
         """Drop closed windows (no on-time event can reach them), then the least recently used."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -82,14 +83,28 @@ async def migrate_schema(client: CassandraClient, settings: Settings) -> list[in
 
 
 async def bounded_gather(aws: Iterable[Awaitable[T]], limit: int) -> list[T]:
-    """Await all, at most ``limit`` at a time, in order; the first error is raised."""
+    """Await all, at most ``limit`` at a time, in order; the first error is raised.
+
+    A TaskGroup, not gather: when one fails the others are cancelled and awaited before the
+    error leaves, so no stale write of a failed attempt can land after a retry's write.
+    """
     sem = asyncio.Semaphore(limit)
 
     async def one(aw: Awaitable[T]) -> T:
-        async with sem:
-            return await aw
+        try:
+            async with sem:
+                return await aw
+        finally:
+            # Cancelled while queued: the coroutine never ran; close it (no "never awaited").
+            if inspect.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
+                aw.close()
 
-    return list(await asyncio.gather(*(one(a) for a in aws)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(a)) for a in aws]
+    except BaseExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 @dataclass(frozen=True)

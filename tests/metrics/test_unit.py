@@ -3,16 +3,21 @@ the write format and the sink's number formats. No servers."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import orjson
 import pytest
 
 from services.metrics import kairos
 from services.metrics.api import parse_datapoints
+from services.metrics.consumer import RollupConsumer
 from services.metrics.errors import QueryError
 from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
 from services.metrics.sink import datapoints
+from services.metrics.store import bounded_gather
 from tests.metrics.helpers import enriched
 
 T0 = 1_795_525_200_000  # a whole hour
@@ -153,3 +158,40 @@ def test_sink_uses_one_number_format_per_metric() -> None:
     assert isinstance(revenue, float) and b"3.0" in orjson.dumps(revenue)
     assert by_name["headwater.events.count"]["tags"] == {"source": "web", "type": "identify", "event": "_",
                                                          "resolution": "1m", "kpart": "2"}
+
+
+async def _writes_after_a_failure(run: Callable[[list[Awaitable[None]]], Awaitable[object]]) -> list[int]:
+    """Start 6 writes (one fails at once, the rest are queued or slow); the writes that land later."""
+    landed: list[int] = []
+    done = False
+
+    async def write(i: int) -> None:
+        if i == 0:
+            raise TimeoutError("write 0 failed")
+        await asyncio.sleep(0.01 * i)
+        if done:
+            landed.append(i)
+
+    with pytest.raises(TimeoutError):
+        await run([write(i) for i in range(6)])
+    done = True
+    await asyncio.sleep(0.1)
+    return landed
+
+
+async def test_bounded_gather_leaves_no_write_behind_after_a_failure() -> None:
+    # A retry starts as soon as the error leaves; a stale write of the failed attempt landing
+    # after it would put an older value back (Cassandra keeps the last write).
+    assert await _writes_after_a_failure(lambda aws: bounded_gather(aws, 2)) == []
+
+
+async def test_consumer_row_writes_leave_no_write_behind_after_a_failure() -> None:
+    async def run(aws: list[Awaitable[None]]) -> None:
+        pending = iter(aws)
+        store = SimpleNamespace(write_row=lambda *_: next(pending))
+        owner = SimpleNamespace(settings=SimpleNamespace(write_concurrency=2), store=store)
+        key = RowKey("1m", "s", "t", "e", T0)
+        await RollupConsumer._write_rows(owner, [(0, key, WindowRow(12), 1)] * len(aws))  # type: ignore[arg-type]
+
+    assert await _writes_after_a_failure(run) == []
+
