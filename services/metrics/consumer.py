@@ -55,6 +55,7 @@ from cassandra.policies import HostStateListener
 from services.common.badrow import BadRow, FailureType
 from services.common.errors import DependencyUnavailable
 from services.common.sources import SourceRegistry
+from services.metrics.errors import ConsumerBroken
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.rollup import RESOLUTIONS, BadEvent, Event, RowKey, WindowRow, parse_event, row_keys
 from services.metrics.settings import Settings
@@ -175,10 +176,13 @@ class RollupConsumer:
         try:
             last_flush = time.monotonic()
             while not self._stop.is_set():
+                self._raise_if_broken()
                 if self._resync:
                     await self._resync_states()
                 batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
                                                     max_records=self.settings.max_poll_records)
+                # aiokafka logs and swallows errors of the rebalance callbacks run in getmany.
+                self._raise_if_broken()
                 async with self._lock:
                     try:
                         for tp, records in batch.items():
@@ -195,12 +199,19 @@ class RollupConsumer:
                 if due:
                     last_flush = time.monotonic()
                     await self._commit(offsets)
+            self._raise_if_broken()
             async with self._lock:
                 offsets = await self._flush(list(self.states.values()))
             await self._commit(offsets)
         finally:
             cluster.unregister_listener(watch)
             await self.consumer.stop()
+
+    def _raise_if_broken(self) -> None:
+        # An error, not a return: the task's done-callback then stops the service for a restart.
+        if self._broken:
+            raise ConsumerBroken("the rollup consumer failed half-way (see the errors logged before); "
+                                 "restart to resume from the Cassandra checkpoints")
 
     async def _resync_states(self) -> None:
         async with self._lock:

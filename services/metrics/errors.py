@@ -22,3 +22,7 @@ class QueryTooLarge(QueryError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the query reads more than {limit} rows; narrow the time range or the tags")
+
+
+class ConsumerBroken(MetricsError):
+    """The rollup consumer failed half-way (a rebalance callback included) and must be restarted."""

@@ -4,18 +4,24 @@ the write format and the sink's number formats. No servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
 
 from services.metrics import kairos
 from services.metrics.api import parse_datapoints
 from services.metrics.consumer import RollupConsumer
-from services.metrics.errors import QueryError
+from services.metrics.errors import ConsumerBroken, QueryError
+from services.metrics.metrics import make_metrics
 from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
+from services.metrics.settings import Settings
 from services.metrics.sink import datapoints
 from services.metrics.store import bounded_gather
 from tests.metrics.helpers import enriched
@@ -195,3 +201,83 @@ async def test_consumer_row_writes_leave_no_write_behind_after_a_failure() -> No
 
     assert await _writes_after_a_failure(run) == []
 
+
+class _FakeKafka:
+    """Stands in for AIOKafkaConsumer in unit tests of the loop: getmany runs the rebalance
+    callbacks it is given and, like aiokafka, logs and swallows their errors."""
+
+    def __init__(self, rebalances: list[tuple[str, list[TopicPartition]]]) -> None:
+        self.rebalances = rebalances
+        self.listener: Any = None
+        self.assigned: set[TopicPartition] = set()
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        return None
+
+    async def commit(self, offsets: object) -> None:
+        return None
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[object]]:
+        if self.rebalances:
+            kind, tps = self.rebalances.pop(0)
+            with contextlib.suppress(Exception):
+                if kind == "assign":
+                    self.assigned |= set(tps)
+                    await self.listener.on_partitions_assigned(tps)
+                else:
+                    self.assigned -= set(tps)
+                    await self.listener.on_partitions_revoked(tps)
+        await asyncio.sleep(0.01)
+        return {}
+
+
+async def _unit_consumer(rebalances: list[tuple[str, list[TopicPartition]]], store: Any) -> RollupConsumer:
+    store.client = SimpleNamespace(session=SimpleNamespace(cluster=SimpleNamespace(
+        register_listener=lambda _: None, unregister_listener=lambda _: None)))
+    settings = Settings(enriched_topic="enriched", flush_interval_s=3600.0, poll_timeout_ms=10)
+    consumer = RollupConsumer(settings, store, None, None, make_metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    await consumer.consumer.stop()
+    consumer.consumer = _FakeKafka(rebalances)
+    return consumer
+
+
+async def test_a_failed_partition_resume_ends_the_consumer_with_an_error() -> None:
+    async def no_checkpoint(*_: object) -> None:
+        raise ValueError("unreadable checkpoint")
+
+    consumer = await _unit_consumer([("assign", [TopicPartition("enriched", 0)])],
+                                    SimpleNamespace(load_checkpoint=no_checkpoint))
+    # An error, not a normal return: the service's done-callback stops the process only then.
+    with pytest.raises(ConsumerBroken):
+        await asyncio.wait_for(consumer.run(), 5)
+
+
+async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> None:
+    async def none(*_: object) -> None:
+        return None
+
+    async def nothing(*_: object) -> dict[str, int]:
+        return {}
+
+    tp = TopicPartition("enriched", 0)
+    consumer = await _unit_consumer([("assign", [tp]), ("revoke", [tp])],
+                                    SimpleNamespace(load_checkpoint=none, load_horizons=nothing))
+
+    async def failing_flush(_: object) -> dict[TopicPartition, int]:
+        raise ValueError("flush failed half-way")
+
+    consumer._flush = failing_flush  # type: ignore[method-assign,assignment]
+    with pytest.raises(ConsumerBroken):
+        await asyncio.wait_for(consumer.run(), 5)
