@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import time
+import zlib
 from typing import Any
 
 import orjson
@@ -22,6 +22,8 @@ from services.metrics.store import Store, retentions
 log = structlog.get_logger(__name__)
 
 KAIROS_VERSION = "KairosDB 1.3.0 (headwater 0.1.0)"
+# Bodies of POST /api/v1/datapoints from other producers, as sent and once decompressed.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 # Tag names and values accepted by the write API: KairosDB's own rule (no spaces, no '=').
 _MAX_TAG_CHARS = 256
 
@@ -177,13 +179,37 @@ def _json(payload: Any) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
+def gunzip(raw: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
+    """Decompress a gzip body (members in sequence) to at most ``limit`` bytes.
+
+    Streaming with an output bound: a small compressed body may expand to gigabytes.
+    """
+    out: list[bytes] = []
+    size = 0
+    rest = raw
+    while rest:
+        inflater = zlib.decompressobj(31)
+        try:
+            chunk = inflater.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise QueryError(f"the gzip body could not be read: {exc}") from None
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=limit, actual_size=size, content_type="application/json",
+                text=orjson.dumps({"errors": [f"the body is larger than {limit} bytes once decompressed"]
+                                   }).decode())
+        if not inflater.eof:
+            raise QueryError("the gzip body could not be read: it ends before its last member")
+        out.append(chunk)
+        rest = inflater.unused_data
+    return b"".join(out)
+
+
 async def _read_json(request: web.Request) -> Any:
     raw = await request.read()
     if request.content_type == "application/gzip":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise QueryError(f"the gzip body could not be read: {exc}") from None
+        raw = gunzip(raw)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -17,7 +17,7 @@ from services.common.cassandra import CassandraClient
 from services.common.health import Health, add_health_routes
 from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
 from services.common.sources import SourceRegistry
-from services.metrics.api import QueryService, add_kairos_routes
+from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes
 from services.metrics.consumer import RollupConsumer
 from services.metrics.metrics import make_metrics
 from services.metrics.settings import Settings
@@ -25,9 +25,6 @@ from services.metrics.sink import KairosSink
 from services.metrics.store import Store, migrate_schema
 
 log = structlog.get_logger(__name__)
-
-# Bodies of POST /api/v1/datapoints from other producers.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def cassandra_client(settings: Settings) -> CassandraClient:

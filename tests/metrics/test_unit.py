@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from services.metrics import kairos
-from services.metrics.api import parse_datapoints
+from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes, gunzip, parse_datapoints
 from services.metrics.consumer import RollupConsumer
 from services.metrics.errors import ConsumerBroken, QueryError
 from services.metrics.metrics import make_metrics
@@ -281,3 +284,33 @@ async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> N
     consumer._flush = failing_flush  # type: ignore[method-assign,assignment]
     with pytest.raises(ConsumerBroken):
         await asyncio.wait_for(consumer.run(), 5)
+
+
+@pytest.fixture
+async def bare_api() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """The KairosDB routes on a store that must not be reached (bodies refused before any write)."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    service = QueryService(SimpleNamespace(), Settings(), make_metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    add_kairos_routes(app, service, SimpleNamespace())  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def test_a_gzip_bomb_is_refused_without_inflating_it(bare_api: TestClient[web.Request, web.Application]) -> None:
+    bomb = gzip.compress(b" " * (MAX_BODY_BYTES + 1))
+    assert len(bomb) < 100_000
+    resp = await bare_api.post("/api/v1/datapoints", data=bomb, headers={"Content-Type": "application/gzip"})
+    assert resp.status == 413, await resp.text()
+    assert (await resp.json())["errors"]
+    with pytest.raises(web.HTTPRequestEntityTooLarge):
+        gunzip(gzip.compress(b"12345678"), limit=7)
+    assert gunzip(gzip.compress(b"[1,") + gzip.compress(b"2]"), limit=5) == b"[1,2]"
+
+
+@pytest.mark.parametrize("body", [b"\x1f\x8b\x08\x00garbage-not-deflate", gzip.compress(b"[1, 2]")[:-6],
+                                  b"plain text"])
+async def test_a_corrupt_gzip_body_is_a_kairosdb_400(bare_api: TestClient[web.Request, web.Application],
+                                                     body: bytes) -> None:
+    resp = await bare_api.post("/api/v1/datapoints", data=body, headers={"Content-Type": "application/gzip"})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["errors"]
