@@ -241,7 +241,7 @@ async def _query_tags(request: web.Request) -> web.Response:
     service = request.app[QUERY_SERVICE]
     try:
         body = await _read_json(request)
-        if isinstance(body, dict):
+        if isinstance(body, dict) and isinstance(body.get("metrics"), list):
             body = {**body, "metrics": [{**m, "aggregators": [], "group_by": []} if isinstance(m, dict) else m
                                         for m in body.get("metrics") or []]}
         answer = await service.run(body)

@@ -24,5 +24,13 @@ class QueryTooLarge(QueryError):
         super().__init__(f"the query reads more than {limit} rows; narrow the time range or the tags")
 
 
+class RangeTooLarge(QueryError):
+    """A query's time range spans more Cassandra partitions than the query_max_buckets setting allows."""
+
+    def __init__(self, buckets: int, limit: int) -> None:
+        super().__init__(f"the time range spans {buckets} storage buckets, more than the {limit} allowed; "
+                         "narrow the time range")
+
+
 class ConsumerBroken(MetricsError):
     """The rollup consumer failed half-way (a rebalance callback included) and must be restarted."""

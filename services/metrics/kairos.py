@@ -36,6 +36,8 @@ UNIT_MS: dict[str, int] = {
     "months": 30 * 86_400_000, "years": 365 * 86_400_000,
 }
 AGGREGATORS = ("sum", "count", "avg", "min", "max", "first", "last")
+# Times are Cassandra bigints.
+MAX_TIME_MS = 2**63 - 1
 # Headwater extension for headwater.users.distinct: union the sketches of each sampling period.
 DISTINCT = "distinct"
 
@@ -77,15 +79,20 @@ def _duration(value: Any, where: str) -> tuple[int, int]:
         unit = unit.lower()
     if unit not in UNIT_MS:
         raise QueryError(f"{where}.unit must be one of {', '.join(UNIT_MS)}")
-    if isinstance(amount, str) and amount.strip().isdigit():
-        amount = int(amount)
+    if isinstance(amount, str) and amount.strip().isdecimal():
+        # isdecimal, not isdigit: "²" is a digit that int() refuses.
+        try:
+            amount = int(amount)
+        except ValueError:
+            raise QueryError(f"{where}.value must be a whole number of at least 1") from None
     if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
         raise QueryError(f"{where}.value must be a whole number of at least 1")
     return amount * UNIT_MS[unit], UNIT_MS[unit]
 
 
 def _absolute(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or not 0 <= value <= MAX_TIME_MS):
         raise QueryError(f"{where} must be a time in milliseconds since the epoch")
     return int(value)
 
@@ -140,6 +147,8 @@ def parse_query(body: Any, now_ms: int) -> Query:
         end = now_ms - _duration(body["end_relative"], "end_relative")[0]
     else:
         end = now_ms
+    if start < 0:
+        raise QueryError("the start time may not be before the epoch (1970-01-01)")
     if end < start:
         raise QueryError("the end time must be after the start time")
     metrics = body.get("metrics")
@@ -151,7 +160,10 @@ def parse_query(body: Any, now_ms: int) -> Query:
         if not isinstance(metric, dict) or not isinstance(metric.get("name"), str) or not metric["name"]:
             raise QueryError(f"{where}.name may not be empty")
         group_by: list[str] = []
-        for j, group in enumerate(metric.get("group_by") or []):
+        groupers = metric.get("group_by") or []
+        if not isinstance(groupers, list):
+            raise QueryError(f"{where}.group_by must be a list")
+        for j, group in enumerate(groupers):
             if not isinstance(group, dict) or group.get("name") != "tag":
                 raise QueryError(f"{where}.group_by[{j}]: only the 'tag' grouper is supported")
             tags = group.get("tags")

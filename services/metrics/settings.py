@@ -71,6 +71,9 @@ class Settings(CommonSettings):
 
     # Query API: the most raw rows one query may read.
     query_max_rows: int = Field(default=500_000, ge=1)
+    # The most Cassandra partitions (day buckets of 1m rows and external points, 30 / 360 days
+    # of 1h / 1d rows) one query reads per series; each is one read, even when empty.
+    query_max_buckets: int = Field(default=4000, ge=1)
 
     @field_validator("cassandra_keyspace")
     @classmethod

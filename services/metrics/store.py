@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from cassandra.query import PreparedStatement
 
 from services.common.cassandra import CassandraClient, Migration, migrate
-from services.metrics.errors import QueryTooLarge
+from services.metrics.errors import QueryTooLarge, RangeTooLarge
 from services.metrics.rollup import BUCKET_MS, RESOLUTIONS, RowKey, WindowRow
 from services.metrics.settings import Settings
 
@@ -137,6 +137,7 @@ class Store:
         self.lg_k = settings.hll_lg_k
         self.concurrency = settings.write_concurrency
         self.timeout = settings.cassandra_timeout_s
+        self.max_buckets = settings.query_max_buckets
         self.series_ttl = max(retentions(settings).values())
         self._ps: dict[str, PreparedStatement] = {}
 
@@ -227,12 +228,18 @@ class Store:
         rows = await self._all_pages("series_all")
         return [(r.source, r.type, r.event, frozenset(r.props or ())) for r in rows]
 
+    def _buckets(self, start_ms: int, end_ms: int, size: int) -> range:
+        """The buckets of a time range, refused when there are more than the setting allows."""
+        first, last = start_ms // size, end_ms // size
+        if last - first + 1 > self.max_buckets:
+            raise RangeTooLarge(last - first + 1, self.max_buckets)
+        return range(first, last + 1)
+
     async def read_windows(self, resolution: str, source: str, start_ms: int, end_ms: int,
                            limit: int) -> list[StoredRow]:
         """Every row of ``source`` with a window starting in [start_ms, end_ms]."""
-        size = BUCKET_MS[resolution]
         out: list[StoredRow] = []
-        for bucket in range(start_ms // size, end_ms // size + 1):
+        for bucket in self._buckets(start_ms, end_ms, BUCKET_MS[resolution]):
             rows = await self._all_pages(f"range_{resolution}", (source, bucket, start_ms, end_ms))
             for r in rows:
                 out.append(StoredRow(int(r.window_start), r.type, r.event, int(r.kpart), int(r.count or 0),
@@ -258,7 +265,7 @@ class Store:
 
     async def read_external(self, metric: str, start_ms: int, end_ms: int, limit: int) -> list[ExternalPoint]:
         out: list[ExternalPoint] = []
-        for bucket in range(start_ms // EXTERNAL_BUCKET_MS, end_ms // EXTERNAL_BUCKET_MS + 1):
+        for bucket in self._buckets(start_ms, end_ms, EXTERNAL_BUCKET_MS):
             rows = await self._all_pages("ext_get", (metric, bucket, start_ms, end_ms))
             for r in rows:
                 out.append(ExternalPoint(int(r.ts), r.tags, float(r.value), bool(r.is_long)))

@@ -21,12 +21,12 @@ from prometheus_client import CollectorRegistry
 from services.metrics import kairos
 from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes, gunzip, parse_datapoints
 from services.metrics.consumer import RollupConsumer
-from services.metrics.errors import ConsumerBroken, QueryError
+from services.metrics.errors import ConsumerBroken, QueryError, RangeTooLarge
 from services.metrics.metrics import make_metrics
 from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
 from services.metrics.settings import Settings
 from services.metrics.sink import datapoints
-from services.metrics.store import bounded_gather
+from services.metrics.store import Store, bounded_gather
 from tests.metrics.helpers import enriched
 
 T0 = 1_795_525_200_000  # a whole hour
@@ -108,6 +108,15 @@ def test_parse_query_defaults_and_relative_times() -> None:
     body(aggregators=[{"name": "sum", "align_sampling": "yes"}]),
     body(tags={"a": 1}), body(limit=-1), body(order="up"),
     body(aggregators=[{"name": "distinct"}]),  # only on headwater.users.distinct
+    # Before the epoch, out of Cassandra's bigint, not a finite number.
+    {"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
+    {"start_relative": {"value": 60, "unit": "years"}, "metrics": [{"name": "m"}]},
+    {"start_absolute": 0, "end_absolute": 2**63, "metrics": [{"name": "m"}]},
+    {"start_absolute": float("inf"), "metrics": [{"name": "m"}]},
+    {"start_absolute": float("nan"), "metrics": [{"name": "m"}]},
+    {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
+    body(aggregators=[{"name": "sum", "sampling": {"value": "\u00b2", "unit": "minutes"}}]),
+    body(group_by=5), body(group_by={"name": "tag", "tags": ["a"]}),
 ])
 def test_parse_query_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(QueryError) as info:
@@ -314,3 +323,38 @@ async def test_a_corrupt_gzip_body_is_a_kairosdb_400(bare_api: TestClient[web.Re
     resp = await bare_api.post("/api/v1/datapoints", data=body, headers={"Content-Type": "application/gzip"})
     assert resp.status == 400, await resp.text()
     assert (await resp.json())["errors"]
+
+
+async def test_a_range_over_too_many_buckets_is_refused_before_any_read() -> None:
+    reads: list[tuple[Any, ...]] = []
+
+    async def all_pages(name: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        reads.append(params)
+        return []
+
+    store = Store(SimpleNamespace(), Settings(query_max_buckets=10))  # type: ignore[arg-type]
+    store._all_pages = all_pages  # type: ignore[method-assign]
+    day = 86_400_000
+    assert await store.read_windows("1m", "web", T0, T0 + 9 * day, 100) == []
+    assert await store.read_external("legacy.cpu", T0, T0 + 9 * day, 100) == []
+    assert len(reads) == 20
+    reads.clear()
+    with pytest.raises(RangeTooLarge) as info:
+        await store.read_windows("1m", "web", T0, T0 + 10 * day, 100)
+    assert info.value.errors
+    with pytest.raises(RangeTooLarge):
+        await store.read_external("legacy.cpu", 0, 2**63 - 1, 100)
+    assert reads == []
+
+
+async def test_bad_query_bodies_are_kairosdb_400s(bare_api: TestClient[web.Request, web.Application]) -> None:
+    bodies = [{"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
+              {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
+              {"start_absolute": 1, "metrics": 5}]
+    # /query/tags drops group_by and aggregators before parsing.
+    for path, bads in (("/api/v1/datapoints/query", [*bodies, body(group_by=5)]),
+                       ("/api/v1/datapoints/query/tags", bodies)):
+        for bad in bads:
+            resp = await bare_api.post(path, data=orjson.dumps(bad))
+            assert resp.status == 400, (path, bad, await resp.text())
+            assert (await resp.json())["errors"]
