@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 KAIROS_VERSION = "KairosDB 1.3.0 (headwater 0.1.0)"
 # Bodies of POST /api/v1/datapoints from other producers, as sent and once decompressed.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Cassandra's largest TTL (20 years).
+MAX_TTL_S = 630_720_000
 # Tag names and values accepted by the write API: KairosDB's own rule (no spaces, no '=').
 _MAX_TAG_CHARS = 256
 
@@ -141,8 +143,8 @@ def parse_datapoints(body: Any) -> list[tuple[str, int, str, float, bool, int | 
             continue
         tag_text = orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode()
         ttl = metric.get("ttl")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0):
-            errors.append(f"{where}.ttl must be a whole number of seconds")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL_S):
+            errors.append(f"{where}.ttl must be a whole number of seconds, at most {MAX_TTL_S}")
             continue
         points = metric.get("datapoints")
         if points is None and "timestamp" in metric:
@@ -155,7 +157,7 @@ def parse_datapoints(body: Any) -> list[tuple[str, int, str, float, bool, int | 
                 errors.append(f"{where}.datapoints[{j}] must be [timestamp, value]")
                 continue
             ts, value = point
-            if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+            if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= kairos.MAX_TIME_MS:
                 errors.append(f"{where}.datapoints[{j}].timestamp must be ms since the epoch")
             elif isinstance(value, bool) or not isinstance(value, int | float) or (
                     isinstance(value, float) and not math.isfinite(value)):

@@ -358,3 +358,23 @@ async def test_bad_query_bodies_are_kairosdb_400s(bare_api: TestClient[web.Reque
             resp = await bare_api.post(path, data=orjson.dumps(bad))
             assert resp.status == 400, (path, bad, await resp.text())
             assert (await resp.json())["errors"]
+
+
+def test_write_format_keeps_to_cassandra_limits() -> None:
+    ok = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63 - 1, 1]], "ttl": 630_720_000}])
+    assert ok == [("a", 2**63 - 1, '{"h":"x"}', 1.0, True, 630_720_000)]
+    for bad in ({"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
+                {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}):
+        with pytest.raises(QueryError) as info:
+            parse_datapoints([bad])
+        assert info.value.errors
+
+
+async def test_a_write_with_one_bad_point_writes_nothing(bare_api: TestClient[web.Request, web.Application]) -> None:
+    # bare_api's store has no write method: reaching it would be a 500.
+    for bad in ({"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
+                {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}):
+        good = {"name": "a", "tags": {"h": "y"}, "datapoints": [[T0, 1]]}
+        resp = await bare_api.post("/api/v1/datapoints", data=orjson.dumps([good, bad]))
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["errors"]
