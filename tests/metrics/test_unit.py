@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gzip
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from services.metrics import app as app_module
 from services.metrics import kairos
 from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes, gunzip, parse_datapoints
 from services.metrics.consumer import RollupConsumer
@@ -378,3 +380,30 @@ async def test_a_write_with_one_bad_point_writes_nothing(bare_api: TestClient[we
         resp = await bare_api.post("/api/v1/datapoints", data=orjson.dumps([good, bad]))
         assert resp.status == 400, await resp.text()
         assert (await resp.json())["errors"]
+
+
+async def test_the_side_producer_stops_within_the_shutdown_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    class StuckProducer:
+        """Kafka down: stop() flushes for ever."""
+
+        def __init__(self, **_: object) -> None:
+            self.stopping = asyncio.Event()
+
+        async def start(self) -> None:
+            return None
+
+        async def stop(self) -> None:
+            self.stopping.set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(app_module, "AIOKafkaProducer", StuckProducer)
+    settings = Settings(shutdown_timeout_s=0.2)
+    started = time.monotonic()
+
+    async def serve_and_stop() -> None:
+        async with app_module._producer(settings) as producer:
+            assert isinstance(producer, StuckProducer)
+        assert producer.stopping.is_set()
+
+    await asyncio.wait_for(serve_and_stop(), 5)
+    assert time.monotonic() - started < 2
