@@ -317,7 +317,7 @@ async def run_processor(bootstrap: str, raw: str, tag: str, sources: Path, geoip
     proc = subprocess.Popen([sys.executable, "-m", "services.processor"], cwd=REPO, env=env)
     try:
         result = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
-        p50, p99 = await quantiles_from_histogram(port, "processor_batch_seconds")
+        p50, p99 = await quantiles_from_histogram(port, "headwater_processor_batch_seconds")
         result["p50_ms"], result["p99_ms"] = p50 * 1000, p99 * 1000
     finally:
         proc.terminate()

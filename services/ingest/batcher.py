@@ -84,19 +84,23 @@ class KafkaBatcher:
         self._fail(self._waiters, ConnectionError("ingest is stopping"))
         self._waiters = []
 
-    async def send(self, records: list[Record]) -> None:
+    async def send(self, records: list[Record], timeout_s: float | None = None) -> None:
         """Return once Kafka acknowledged every record; raise otherwise
-        (TimeoutError when the acks take longer than ``ack_timeout_s``)."""
+        (TimeoutError when the acks take longer than ``timeout_s``, by default
+        the batcher's ``ack_timeout_s``)."""
         if self._task is None or self._task.done():
             raise ConnectionError("kafka batcher is not running")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        if not self._waiters:
-            # One deadline per flush group, not one timer per request. Callers still
-            # waiting then get a TimeoutError and spool; Kafka may still take the
-            # records (a duplicate, never a loss).
-            self._deadline = loop.call_later(self._ack_timeout_s, self._fail, self._waiters,
-                                             TimeoutError("kafka did not acknowledge in time"))
+        when = loop.time() + (timeout_s or self._ack_timeout_s)
+        if not self._waiters or (self._deadline is not None and when > self._deadline.when()):
+            # One deadline per flush group (the latest any member asked for), not one
+            # timer per request. Callers still waiting then get a TimeoutError and
+            # spool; Kafka may still take the records (a duplicate, never a loss).
+            if self._deadline is not None and self._waiters:
+                self._deadline.cancel()
+            self._deadline = loop.call_at(when, self._fail, self._waiters,
+                                          TimeoutError("kafka did not acknowledge in time"))
         self._pending.extend(records)
         self._pending_bytes += sum(len(r.value) + len(r.key) for r in records)
         self._waiters.append(waiter)

@@ -45,30 +45,30 @@ class IngestMetrics:
 
 def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
     return IngestMetrics(
-        requests=Counter("ingest_requests", "HTTP requests by route and status",
+        requests=Counter("headwater_ingest_requests", "HTTP requests by route and status",
                          ["path", "status"], registry=registry),
-        events=Counter("ingest_events", "Events by outcome (accepted, rejected) and reason",
+        events=Counter("headwater_ingest_events", "Events by outcome (accepted, rejected) and reason",
                        ["outcome", "reason"], registry=registry),
         # Kafka acks with acks=all land in milliseconds; spool fallbacks at the timeout.
         kafka_ack_seconds=Histogram(
-            "ingest_kafka_ack_seconds", "Time from send to Kafka acknowledgement of a request's events",
+            "headwater_ingest_kafka_ack_seconds", "Time from send to Kafka acknowledgement of a request's events",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry),
         request_seconds=Histogram(
-            "ingest_request_seconds", "Request handling time by route",
+            "headwater_ingest_request_seconds", "Request handling time by route",
             ["path"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
             registry=registry),
-        spool_events=Gauge("ingest_spool_events", "Events in the local spool, not yet in Kafka",
+        spool_events=Gauge("headwater_ingest_spool_events", "Events in the local spool, not yet in Kafka",
                            registry=registry),
-        spool_bytes=Gauge("ingest_spool_bytes", "Bytes in the local spool, not yet in Kafka",
+        spool_bytes=Gauge("headwater_ingest_spool_bytes", "Bytes in the local spool, not yet in Kafka",
                           registry=registry),
-        spooling=Gauge("ingest_spooling", "1 while new events go to the spool instead of Kafka",
+        spooling=Gauge("headwater_ingest_spooling", "1 while new events go to the spool instead of Kafka",
                        registry=registry),
         spooled_after_timeout=Counter(
-            "ingest_spooled_after_timeout",
+            "headwater_ingest_spooled_after_timeout",
             "Events spooled after a Kafka send timed out; Kafka may also get them (a duplicate)",
             registry=registry),
-        bad_pixels=Counter("ingest_bad_pixels", "Tracking pixel requests that could not be read",
+        bad_pixels=Counter("headwater_ingest_bad_pixels", "Tracking pixel requests that could not be read",
                            ["reason"], registry=registry),
-        sources_loaded=Gauge("ingest_sources_loaded", "Sources in the registry", registry=registry),
+        sources_loaded=Gauge("headwater_ingest_sources_loaded", "Sources in the registry", registry=registry),
     )

@@ -179,7 +179,9 @@ class Publisher:
 
     async def _send_batch(self, records: list[Record]) -> None:
         assert self._batcher is not None
-        await self._batcher.send(records)
+        # Draining sends large batches, often to a broker that just came back:
+        # a longer deadline than a request's avoids resending (duplicating) them.
+        await self._batcher.send(records, timeout_s=max(self.settings.kafka_ack_timeout_s * 5, 10.0))
 
     async def _drain_loop(self) -> None:
         backoff = 0.2

@@ -109,7 +109,7 @@ async def test_pixels_always_answer_a_gif(ingest: IngestClient, kafka_bootstrap:
     assert len(bad_rows) == 5
     assert {b["failure_type"] for b in bad_rows} == {"pixel_decode"}
     metrics = await (await client.get("/metrics")).text()
-    assert 'ingest_bad_pixels_total{reason="bad_pixel"} 3.0' in metrics
+    assert 'headwater_ingest_bad_pixels_total{reason="bad_pixel"} 3.0' in metrics
 
 
 async def test_cors_preflight_and_origin_per_source(ingest: IngestClient) -> None:

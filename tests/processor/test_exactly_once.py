@@ -130,8 +130,8 @@ async def wait_working(port: int, timeout_s: float = 60) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
-        owned = await metric(port, "processor_partitions_assigned")
-        committed = await metric(port, 'processor_transactions_total{outcome="committed"}')
+        owned = await metric(port, "headwater_processor_partitions_assigned")
+        committed = await metric(port, 'headwater_processor_transactions_total{outcome="committed"}')
         if owned and committed:
             return
         await asyncio.sleep(0.1)
@@ -139,7 +139,7 @@ async def wait_working(port: int, timeout_s: float = 60) -> None:
 
 
 async def assigned(port: int) -> int | None:
-    value = await metric(port, "processor_partitions_assigned")
+    value = await metric(port, "headwater_processor_partitions_assigned")
     return None if value is None else int(value)
 
 
@@ -181,7 +181,7 @@ async def test_two_processors_split_partitions_and_survive_rebalance(
         # the partitions, so the second drops them.
         await produce(kafka_bootstrap, settings.raw_topic, batch(0, 1500))
         await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 7500)
-        assert await metric(ports[1], "processor_events_duplicate_total") == 1500
+        assert await metric(ports[1], "headwater_processor_events_duplicate_total") == 1500
     finally:
         stop(first)
         if second is not None:
