@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from services.common.errors import DependencyUnavailable
@@ -55,6 +56,32 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: 
                 log.info("topic created", **{"kafka.topic": topic})
     finally:
         await admin.close()
+
+
+async def ensure_topic_configs(bootstrap: str, topic: str, configs: dict[str, str],
+                               timeout_ms: int = 30_000) -> dict[str, str]:
+    """Make an existing topic's configs match ``configs`` (a topic created by an
+    older release may differ, e.g. compacted where records now have no key).
+    Returns the settings that were changed, with their old values."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        await admin.start()
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+        [response] = await admin.describe_configs([resource])
+        code, message, _type, _name, entries = response.resources[0][:5]
+        if code != 0:
+            raise DependencyUnavailable(f"could not read the configs of {topic}: error {code} {message}")
+        current = {entry[0]: entry[1] for entry in entries}
+        changed = {k: current.get(k, "") for k, v in configs.items() if current.get(k) != v}
+        if changed:
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
+            log.warning("topic configs changed to what this release needs", **{"kafka.topic": topic},
+                        old=changed, new={k: configs[k] for k in changed})
+    except KafkaError as exc:
+        raise DependencyUnavailable(f"Kafka at {bootstrap} could not read or change {topic}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return changed
 
 
 async def kafka_ready(bootstrap: str) -> tuple[bool, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import shutil
@@ -83,7 +84,10 @@ class Server:
 
     @property
     def lib_dir(self) -> Path:
-        return self.settings.home / f"{self.name}-{self.version}" / "lib"
+        # Keyed by the pom's content too: a changed dependency list resolves afresh.
+        pom = resources.files("services.devstack").joinpath(self.name, "pom.xml").read_bytes()
+        digest = hashlib.sha256(pom).hexdigest()[:10]
+        return self.settings.home / f"{self.name}-{self.version}-{digest}" / "lib"
 
     @property
     def base(self) -> Path:

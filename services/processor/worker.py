@@ -43,7 +43,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from services.common.errors import ConfigError, DependencyUnavailable
-from services.common.kafka import TopicSpec, ensure_topics
+from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics
 from services.processor.dedupe import DedupeWindow, decode_entries, encode_entries
 from services.processor.metrics import Metrics
 from services.processor.pipeline import Kind, Output, Pipeline, Result
@@ -207,9 +207,11 @@ class Processor:
         await self.consumer.start()
         partitions = await _partition_count(s.kafka_bootstrap, s.raw_topic)
         # Entries older than the window are useless, so retention is the window (plus a margin).
-        await ensure_topics(s.kafka_bootstrap, [TopicSpec(
-            s.dedupe_changelog, partitions,
-            configs={"cleanup.policy": "delete", "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)})])
+        changelog_configs = {"cleanup.policy": "delete", "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)}
+        await ensure_topics(s.kafka_bootstrap, [TopicSpec(s.dedupe_changelog, partitions, configs=changelog_configs)])
+        # A changelog made by an older release was compacted, which refuses the keyless
+        # records written now (every transaction would fail): bring it up to date.
+        await ensure_topic_configs(s.kafka_bootstrap, s.dedupe_changelog, changelog_configs)
         changelog_partitions = await _partition_count(s.kafka_bootstrap, s.dedupe_changelog)
         if changelog_partitions < partitions:
             raise ConfigError(

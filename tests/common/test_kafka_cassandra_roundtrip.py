@@ -69,3 +69,15 @@ async def test_cassandra_round_trip_and_migration(
     await cassandra.execute(f"INSERT INTO {ks}.kv (k, v, note) VALUES (%s, %s, %s)", ("a", 7, "x"))
     rows = list(await cassandra.execute(f"SELECT k, v, note FROM {ks}.kv"))
     assert [(r.k, r.v, r.note) for r in rows] == [("a", 7, "x")]
+
+
+async def test_ensure_topic_configs_brings_an_old_topic_up_to_date(
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
+    from services.common.kafka import ensure_topic_configs
+
+    topic = await new_topic("oldcfg", configs={"cleanup.policy": "compact"})
+    wanted = {"cleanup.policy": "delete", "retention.ms": "7200000"}
+    changed = await ensure_topic_configs(kafka_bootstrap, topic, wanted)
+    assert changed["cleanup.policy"] == "compact"
+    assert await ensure_topic_configs(kafka_bootstrap, topic, wanted) == {}  # now it matches
