@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.errors import ConfigError
@@ -22,6 +23,9 @@ class CommonSettings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     shutdown_timeout_s: float = 15.0
+    # The source registry (write keys, limits, enrichment, routing), reloaded when it changes.
+    sources_file: Path = Path("config/sources.json")
+    sources_reload_s: float = Field(default=2.0, gt=0)
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -20,9 +20,6 @@ class Settings(CommonSettings):
     # Processes sharing the port through SO_REUSEPORT.
     workers: int = Field(default=1, ge=1, le=64)
 
-    sources_file: Path = Path("config/sources.json")
-    sources_reload_s: float = Field(default=2.0, gt=0)
-
     raw_topic: str = "events.raw"
     dlq_topic: str = "events.dlq"
     raw_partitions: int = Field(default=8, ge=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -57,10 +56,6 @@ class Settings(CommonSettings):
     # Flush (write rollups, then the partition checkpoint, then commit offsets) this often.
     flush_interval_s: float = Field(default=1.0, gt=0)
     max_dirty_rows: int = Field(default=20_000, ge=1)
-
-    # Source registry (sum_properties per source, reloaded live).
-    sources_file: Path = Path("config/sources.json")
-    sources_reload_s: float = Field(default=2.0, gt=0)
 
     # Optional sink to an external KairosDB (REST). Empty: off.
     kairosdb_url: str = ""

@@ -21,9 +21,6 @@ class Settings(CommonSettings):
     # Processes in this consumer group started by one command (each its own consumer).
     workers: int = Field(default=1, ge=1, le=64)
 
-    sources_file: Path = Path("config/sources.json")
-    sources_reload_s: float = Field(default=2.0, gt=0)
-
     # Topics.
     raw_topic: str = "events.raw"
     enriched_topic: str = "events.enriched"
