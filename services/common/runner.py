@@ -4,6 +4,7 @@ processes, and a graceful, bounded drain on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -24,10 +25,20 @@ log = structlog.get_logger(__name__)
 AppFactory = Callable[[int], Awaitable[web.Application]]
 
 
+def tune_gc(young_threshold: int) -> None:
+    """Call once start-up is done. Start-up objects (modules, parsers, clients,
+    caches so far) are never garbage: freeze them out of every later collection,
+    and collect the young generation every ``young_threshold`` allocations."""
+    gc.freeze()
+    gc.set_threshold(young_threshold, *gc.get_threshold()[1:])
+
+
 async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
-                    shutdown_timeout_s: float = 15.0, **runner_kwargs: Any) -> None:
+                    shutdown_timeout_s: float = 15.0, gc_young_threshold: int | None = None,
+                    **runner_kwargs: Any) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight
-    requests finish (bounded), and run the app's cleanup contexts in reverse."""
+    requests finish (bounded), and run the app's cleanup contexts in reverse.
+    With ``gc_young_threshold``, the collector is tuned once the app is up."""
     app = await make_app(worker)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=shutdown_timeout_s, **runner_kwargs)
@@ -41,6 +52,8 @@ async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int =
         site = web.TCPSite(runner, host, port, reuse_port=True, backlog=1024)
         await site.start()
         log.info("serving", host=host, port=port, worker=worker, pid=os.getpid())
+        if gc_young_threshold is not None:
+            tune_gc(gc_young_threshold)
         await stop.wait()
         log.info("draining", worker=worker, timeout_s=shutdown_timeout_s)
     finally:
@@ -49,10 +62,10 @@ async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int =
 
 
 def run(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
-        shutdown_timeout_s: float = 15.0, **runner_kwargs: Any) -> None:
+        shutdown_timeout_s: float = 15.0, gc_young_threshold: int | None = None, **runner_kwargs: Any) -> None:
     """Run one worker on uvloop in this process."""
-    uvloop.run(serve_app(make_app, host=host, port=port, worker=worker,
-                         shutdown_timeout_s=shutdown_timeout_s, **runner_kwargs))
+    uvloop.run(serve_app(make_app, host=host, port=port, worker=worker, shutdown_timeout_s=shutdown_timeout_s,
+                         gc_young_threshold=gc_young_threshold, **runner_kwargs))
 
 
 def supervise(target: Callable[[int], None], workers: int, *, restart_delay_s: float = 1.0) -> int:

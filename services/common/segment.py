@@ -13,6 +13,7 @@ TYPES = ("track", "identify", "page", "screen", "group", "alias")
 SHORT_TYPES = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 
 MESSAGE_ID_MAX = 100
+_ID_TYPES = (str, int, float)
 
 
 def present(value: Any) -> bool:
@@ -45,7 +46,7 @@ def validate(event: Any, expected_type: str | None = None) -> list[str]:
         errors.append(f"type must be one of {', '.join(TYPES)}; got {etype!r}")
     for key in ("userId", "anonymousId"):
         value = event.get(key)
-        if present(value) and not isinstance(value, str | int | float):
+        if present(value) and not isinstance(value, _ID_TYPES):
             errors.append(f"{key} must be a string or a number")
     if not (present(event.get("userId")) or present(event.get("anonymousId"))):
         errors.append("userId or anonymousId is required")

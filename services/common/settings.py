@@ -26,6 +26,12 @@ class CommonSettings(BaseSettings):
     # The source registry (write keys, limits, enrichment, routing), reloaded when it changes.
     sources_file: Path = Path("config/sources.json")
     sources_reload_s: float = Field(default=2.0, gt=0)
+    # Allocations between two young-generation garbage collections (Python's default
+    # is 700). A service keeps thousands of short-lived objects in flight (requests,
+    # a batch until its commit); with the default they are scanned again and again,
+    # promoted, and rescanned by full collections. Start-up objects are frozen out of
+    # every collection as well (services/common/runner.py: tune_gc).
+    gc_young_threshold: int = Field(default=20_000, ge=100)
 
 
 S = TypeVar("S", bound=BaseSettings)

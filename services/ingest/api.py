@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,9 @@ from multidict import CIMultiDict
 
 from services.common import segment
 from services.common.badrow import BadRow, FailureType
-from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import Source, SourceRegistry
 from services.ingest import parsing
+from services.ingest.envelope import EnvelopeWriter
 from services.ingest.errors import Overloaded, SpoolFull
 from services.ingest.metrics import IngestMetrics
 from services.ingest.parsing import RequestError
@@ -90,10 +91,20 @@ def _cors_headers(origin: str | None, source: Source | None) -> CIMultiDict[str]
     return headers
 
 
+@functools.lru_cache(maxsize=256)
+def _accepted_content_type(header: str) -> str | None:
+    """The media type when ingest takes it, else None (cached: clients send a handful)."""
+    content_type = header.split(";")[0].strip().lower()
+    if content_type in ALLOWED_CONTENT_TYPES or content_type.endswith("+json"):
+        return content_type
+    return None
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The decoded body, refused with 413 as soon as it passes ``limit``."""
-    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if content_type not in ALLOWED_CONTENT_TYPES and not content_type.endswith("+json"):
+    header = request.headers.get("Content-Type", "")
+    if _accepted_content_type(header) is None:
+        content_type = header.split(";")[0].strip().lower()
         raise RequestError(415, "unsupported_media_type",
                            f"Content-Type {content_type!r} is not accepted; send application/json or text/plain")
     if request.content_length is not None and request.content_length > limit:
@@ -150,7 +161,13 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
     client_ip = ing.proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
     user_agent = clean_header(request.headers.get("User-Agent", ""))
     batch_context = batch.get("context") if batch else None
+    batch_context = batch_context if isinstance(batch_context, dict) else None
     batch_integrations = batch.get("integrations") if batch else None
+    batch_integrations = batch_integrations if isinstance(batch_integrations, dict) else None
+    batch_sent_at = batch.get("sentAt") if batch else None
+    source_prefix = f"{source.id}:"
+    envelopes = EnvelopeWriter(source_id=source.id, received_at_ms=now_ms, client_ip=client_ip,
+                               user_agent=user_agent, request_id=request_id, path=path)
     records: list[Record] = []
     rejected: list[dict[str, Any]] = []
     for index, event in enumerate(events):
@@ -159,12 +176,8 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
         value = b""
         if not errors:
             event.setdefault("type", expected_type)
-            parsing.stamp(
-                event, received_at=received_at, client_ip=client_ip,
-                batch_context=batch_context if isinstance(batch_context, dict) else None,
-                batch_integrations=batch_integrations if isinstance(batch_integrations, dict) else None,
-                batch_sent_at=batch.get("sentAt") if batch else None,
-            )
+            parsing.stamp(event, received_at=received_at, client_ip=client_ip, batch_context=batch_context,
+                          batch_integrations=batch_integrations, batch_sent_at=batch_sent_at)
             try:
                 value = orjson.dumps(event)
             except orjson.JSONEncodeError:
@@ -177,7 +190,7 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
             message_id = event.get("messageId") if isinstance(event, dict) else None
             rejected.append({"index": index, "messageId": message_id if isinstance(message_id, str) else None,
                              "errors": errors})
-            ing.metrics.events.labels("rejected", failure.value).inc()
+            ing.metrics.events.rejected(failure.value)
             records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
                 failure_type=failure, errors=errors, original=original_bytes(event, s.max_request_bytes),
                 service="ingest", version=VERSION, source_id=source.id,
@@ -185,33 +198,25 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
                 extra={"path": path, "index": index},
             ).to_json()))
             continue
-        envelope = Envelope(
-            schema_version=1, source_id=source.id, message_id=event["messageId"],
-            received_at_ms=now_ms, client_ip=client_ip, user_agent=user_agent,
-            request_id=request_id, path=path, event=value,
-        )
-        key = f"{source.id}:{segment.user_key(event)}".encode()
-        records.append(Record(s.raw_topic, key, envelope.SerializeToString()))
+        key = f"{source_prefix}{segment.user_key(event)}".encode()
+        records.append(Record(s.raw_topic, key, envelopes.encode(event["messageId"], value)))
     return Prepared(records, rejected, len(events) - len(rejected))
 
 
-async def _publish(ing: Ingest, records: list[Record]) -> None:
-    try:
-        await ing.publisher.publish(records)
-    except SpoolFull as exc:
+def _unavailable(ing: Ingest, exc: SpoolFull | Overloaded) -> RequestError:
+    """The 503 for events that cannot be taken right now; SDKs retry after Retry-After."""
+    if isinstance(exc, SpoolFull):
         retry = ing.settings.spool_retry_after_s
         err = RequestError(503, "unavailable", f"events cannot be stored right now: {exc}", retry_after_s=retry)
-        err.headers = {"Retry-After": str(retry)}
-        raise err from None
-    except Overloaded as exc:
-        err = RequestError(503, "overloaded", f"too many events in flight: {exc}", retry_after_s=1)
-        err.headers = {"Retry-After": "1"}
-        raise err from None
+    else:
+        retry = 1
+        err = RequestError(503, "overloaded", f"too many events in flight: {exc}", retry_after_s=retry)
+    err.headers = {"Retry-After": str(retry)}
+    return err
 
 
 def _observe(ing: Ingest, path: str, status: int, started: float) -> None:
-    ing.metrics.request(path, status).inc()
-    ing.metrics.latency(path).observe(time.perf_counter() - started)
+    ing.metrics.requests.observe(path, status, time.perf_counter() - started)
 
 
 def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -223,13 +228,14 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         started = time.perf_counter()
         ing = request.app[INGEST_KEY]
         origin = request.headers.get("Origin")
-        request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or uuid.uuid4().hex
+        request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or os.urandom(16).hex()
         source: Source | None = None
         try:
             body = await read_body(request, ing.settings.max_request_bytes)
             data = parsing.parse_json_body(body)
             key = parsing.find_write_key(request.headers.get("Authorization"),
-                                         request.query.get("writeKey"), data)
+                                         # The query is parsed only when there is one.
+                                         request.query.get("writeKey") if request.query_string else None, data)
             source = _authorize(ing, key)
             if origin and "*" not in source.allowed_origins and origin not in source.allowed_origins:
                 raise RequestError(403, "origin_not_allowed",
@@ -260,9 +266,12 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                                    **({"limit": "max_event_bytes"} if too_big else {}))
             # A rejected single event was answered above (the client knows);
             # a batch's rejected events travel as bad rows with the good ones.
-            await _publish(ing, prepared.records)
+            try:
+                await ing.publisher.publish(prepared.records)
+            except (SpoolFull, Overloaded) as exc:
+                raise _unavailable(ing, exc) from None
             if prepared.accepted:
-                ing.metrics.accepted.inc(prepared.accepted)
+                ing.metrics.events.accepted(prepared.accepted)
             if is_batch and prepared.rejected:
                 status = 200 if prepared.accepted else 400
                 body_out: dict[str, Any] | bytes = {
@@ -273,11 +282,11 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                 }
             else:
                 status, body_out = 200, SUCCESS
-            response = _json(status, body_out, _cors_headers(origin, source))
+            response = _json(status, body_out, _cors_headers(origin, source) if origin else None)
         except RequestError as exc:
             reason = exc.body["error"]
             if reason not in ("rate_limited", "unavailable", "overloaded"):
-                ing.metrics.events.labels("rejected", reason).inc()
+                ing.metrics.events.rejected(reason)
             # The page may read why it failed, unless its origin is what failed.
             headers = _cors_headers(origin if reason != "origin_not_allowed" else None, source)
             headers.update(exc.headers)
@@ -296,7 +305,7 @@ async def handle_pixel(request: web.Request) -> web.Response:
     ing = request.app[INGEST_KEY]
     pixel_type = request.match_info["type"]
     path = f"/v1/pixel/{pixel_type}"
-    request_id = uuid.uuid4().hex
+    request_id = os.urandom(16).hex()
     query = dict(request.query)
     source: Source | None = None
     try:
@@ -312,8 +321,11 @@ async def handle_pixel(request: web.Request) -> web.Response:
                            request=request, request_id=request_id, path=path)
         if prepared.rejected:
             raise RequestError(400, "bad_pixel", "; ".join(prepared.rejected[0]["errors"]))
-        await _publish(ing, prepared.records)
-        ing.metrics.accepted.inc()
+        try:
+            await ing.publisher.publish(prepared.records)
+        except (SpoolFull, Overloaded) as exc:
+            raise _unavailable(ing, exc) from None
+        ing.metrics.events.accepted()
     except RequestError as exc:
         reason = exc.body["error"]
         ing.metrics.bad_pixels.labels(reason).inc()

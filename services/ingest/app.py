@@ -90,4 +90,5 @@ def run_worker(settings: Settings, index: int) -> None:
     # auto_decompress off: ingest decodes bodies itself, with the size limit
     # applied to the decoded bytes as they stream in.
     run(make, host=settings.http_host, port=settings.http_port, worker=index,
-        shutdown_timeout_s=settings.shutdown_timeout_s, auto_decompress=False)
+        shutdown_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold,
+        auto_decompress=False)

@@ -2,61 +2,116 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
+
+
+class RequestStats:
+    """Requests by route and status, and their latency by route.
+
+    Every request lands here, so the hot path only bumps plain numbers (no
+    label lookup, no lock: a worker is one thread); Prometheus reads them at
+    scrape time as ``headwater_ingest_requests_total`` and the histogram
+    ``headwater_ingest_request_seconds``.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = REQUEST_BUCKETS) -> None:
+        self._bounds = buckets
+        self._counts: dict[tuple[str, int], int] = {}
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        key = (path, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        buckets = self._buckets.get(path)
+        if buckets is None:
+            buckets = self._buckets[path] = [0] * (len(self._bounds) + 1)
+            self._sums[path] = 0.0
+        buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+        self._sums[path] += seconds
+
+    def count(self, path: str, status: int) -> int:
+        return self._counts.get((path, status), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("headwater_ingest_requests", "HTTP requests by route and status",
+                                       labels=["path", "status"])
+        for (path, status), n in sorted(self._counts.items()):
+            requests.add_metric([path, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("headwater_ingest_request_seconds", "Request handling time by route",
+                                        labels=["path"])
+        for path, counts in sorted(self._buckets.items()):
+            cumulative, running = [], 0
+            for bound, n in zip((*map(floatToGoString, self._bounds), "+Inf"), counts, strict=True):
+                running += n
+                cumulative.append((bound, running))
+            latency.add_metric([path], cumulative, self._sums[path])
+        yield latency
+
+
+class EventCounts:
+    """Events by outcome and reason, as ``headwater_ingest_events_total``; plain
+    numbers on the hot path, read by Prometheus at scrape time."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        self.accepted_total = 0
+
+    def accepted(self, n: int = 1) -> None:
+        self.accepted_total += n
+
+    def rejected(self, reason: str, n: int = 1) -> None:
+        key = ("rejected", reason)
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def count(self, outcome: str, reason: str = "") -> int:
+        if outcome == "accepted":
+            return self.accepted_total
+        return self._counts.get((outcome, reason), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("headwater_ingest_events",
+                                     "Events by outcome (accepted, rejected) and reason", labels=["outcome", "reason"])
+        events.add_metric(["accepted", ""], self.accepted_total)
+        for (outcome, reason), n in sorted(self._counts.items()):
+            events.add_metric([outcome, reason], n)
+        yield events
 
 
 @dataclass(frozen=True)
 class IngestMetrics:
-    requests: Counter
-    events: Counter
+    requests: RequestStats
+    events: EventCounts
     kafka_ack_seconds: Histogram
-    request_seconds: Histogram
     spool_events: Gauge
     spool_bytes: Gauge
     spooling: Gauge
     spooled_after_timeout: Counter
     bad_pixels: Counter
     sources_loaded: Gauge
-    _children: dict[tuple[object, ...], MetricWrapperBase] = field(default_factory=dict)
-
-    # Label lookups cost more than the increment; the hot path reuses children.
-    def request(self, path: str, status: int) -> Counter:
-        key = ("req", path, status)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(path, str(status))
-        return child  # type: ignore[return-value]
-
-    def latency(self, path: str) -> Histogram:
-        key = ("lat", path)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.request_seconds.labels(path)
-        return child  # type: ignore[return-value]
-
-    @cached_property
-    def accepted(self) -> Counter:
-        return self.events.labels("accepted", "")
 
 
 def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
+    requests, events = RequestStats(), EventCounts()
+    registry.register(requests)
+    registry.register(events)
     return IngestMetrics(
-        requests=Counter("headwater_ingest_requests", "HTTP requests by route and status",
-                         ["path", "status"], registry=registry),
-        events=Counter("headwater_ingest_events", "Events by outcome (accepted, rejected) and reason",
-                       ["outcome", "reason"], registry=registry),
+        requests=requests,
+        events=events,
         # Kafka acks with acks=all land in milliseconds; spool fallbacks at the timeout.
         kafka_ack_seconds=Histogram(
-            "headwater_ingest_kafka_ack_seconds", "Time from send to Kafka acknowledgement of a request's events",
+            "headwater_ingest_kafka_ack_seconds",
+            "Time from a flush of batched events to Kafka's acknowledgement of all of them",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=registry),
-        request_seconds=Histogram(
-            "headwater_ingest_request_seconds", "Request handling time by route",
-            ["path"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
             registry=registry),
         spool_events=Gauge("headwater_ingest_spool_events", "Events in the local spool, not yet in Kafka",
                            registry=registry),

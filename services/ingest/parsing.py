@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
+import itertools
 import os
 import time
 import zlib
@@ -117,6 +119,12 @@ def write_key_from_basic(header: str | None) -> str | None:
     """``Basic base64("<writeKey>:")``; the trailing colon is optional."""
     if not header:
         return None
+    return _basic_user(header)
+
+
+@functools.lru_cache(maxsize=1024)
+def _basic_user(header: str) -> str | None:
+    # Cached: an SDK sends the same header with every request.
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic" or not value.strip():
         return None
@@ -170,6 +178,24 @@ class TrustedProxies:
         return ip
 
 
+class _MessageIds:
+    """``hw-<96 random bits>-<counter>``: unique without a system call per event.
+    The random part is drawn again in a forked child, so processes never share it."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = f"hw-{os.urandom(12).hex()}-"
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+new_message_id = _MessageIds()
+
 _last_ms: list[Any] = [-1, ""]
 
 
@@ -195,7 +221,7 @@ def stamp(event: dict[str, Any], *, received_at: str, client_ip: str,
     event.pop("writeKey", None)  # a credential never travels downstream
     event["receivedAt"] = received_at
     if not segment.present(event.get("messageId")):
-        event["messageId"] = f"hw-{os.urandom(16).hex()}"  # random 128 bits; cheaper than uuid4()
+        event["messageId"] = new_message_id()
     if batch_sent_at is not None and "sentAt" not in event:
         event["sentAt"] = batch_sent_at
     context = event.get("context")

@@ -38,7 +38,11 @@ class Settings(CommonSettings):
 
     # Kafka producer.
     kafka_ack_timeout_s: float = Field(default=2.0, gt=0)
-    kafka_linger_ms: int = Field(default=5, ge=0)
+    # Extra wait before a flush; 0 is right for most loads, since batches grow by
+    # themselves while the flushes in flight (at most kafka_max_inflight_flushes)
+    # wait for their acks.
+    kafka_linger_ms: int = Field(default=0, ge=0)
+    kafka_max_inflight_flushes: int = Field(default=1, ge=1, le=16)
     kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
 

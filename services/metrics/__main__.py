@@ -46,7 +46,7 @@ def _main() -> int:
         return await build_app(settings)
 
     run(make_app, host=settings.http_host, port=settings.http_port,
-        shutdown_timeout_s=settings.shutdown_timeout_s)
+        shutdown_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold)
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import sys
 
@@ -17,7 +16,7 @@ from services.common.errors import DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
-from services.common.runner import exit_on_config_error, supervise
+from services.common.runner import exit_on_config_error, supervise, tune_gc
 from services.common.settings import load_settings
 from services.common.sources import SourceRegistry
 from services.processor.enrich import Enricher
@@ -78,10 +77,8 @@ async def serve(settings: Settings, worker: int = 0) -> int:
                 if stop.is_set():
                     return 0
 
-        # Start-up objects (parsers, models, caches so far) are never garbage: keep them out
-        # of every later collection. GC was about a tenth of the CPU with the default threshold.
-        gc.freeze()
-        gc.set_threshold(settings.gc_young_threshold, *gc.get_threshold()[1:])
+        # GC was about a tenth of the CPU with the default threshold.
+        tune_gc(settings.gc_young_threshold)
         work = asyncio.create_task(processor.run(stop), name="processor-run")
         stopped = asyncio.create_task(stop.wait(), name="stop-wait")
         await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -70,10 +70,6 @@ class Settings(CommonSettings):
     dedupe_window_ms: int = Field(default=DAY_MS, ge=1000)
     dedupe_max_entries_per_partition: int = Field(default=500_000, ge=1)
 
-    # Allocations between two young-generation garbage collections (Python's default is 700).
-    # A batch keeps thousands of objects alive until its commit; with the default they are
-    # scanned again and again, promoted, and then rescanned by full collections.
-    gc_young_threshold: int = Field(default=20_000, ge=100)
 
     # Enrichment.
     geoip_path: Path | None = None

@@ -130,3 +130,20 @@ def test_pixel_data_accepts_standard_and_url_safe_base64() -> None:
     payload = json.dumps({"event": "Ã¿?>", "userId": "u"}).encode()
     for encoded in (base64.b64encode(payload), base64.urlsafe_b64encode(payload).rstrip(b"=")):
         assert parsing.decode_pixel({"data": encoded.decode()}, "track")["userId"] == "u"
+
+
+def test_stamped_message_ids_are_unique_and_differ_in_a_forked_child() -> None:
+    import os
+
+    ids = {parsing.new_message_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(i.startswith("hw-") and len(i) <= segment.MESSAGE_ID_MAX for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes one id and leaves at once
+        os.write(write, parsing.new_message_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 200).decode()
+    os.close(read)
+    os.close(write)
+    assert child_id.startswith("hw-") and child_id.rsplit("-", 1)[0] != parsing.new_message_id().rsplit("-", 1)[0]
