@@ -46,12 +46,22 @@ def _str(field: int, value: str) -> bytes:
     return _bytes(field, value.encode("utf-8"))
 
 
-# Sources, client addresses, user agents and paths repeat from request to request.
-_repeated_str = functools.lru_cache(maxsize=4096)(_str)
-
-
 _MESSAGE_ID_KEY = _key(3, _LEN)
+_REQUEST_ID_KEY = _key(7, _LEN)
 _EVENT_KEY = _key(9, _LEN)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared(schema_version: int, source_id: str, client_ip: str, user_agent: str,
+            path: str) -> tuple[bytes, bytes, bytes]:
+    """Fields 1-2, 5-6 and 8: sources, client addresses, user agents and paths
+    repeat from request to request."""
+    return (_int(1, schema_version) + _str(2, source_id), _str(5, client_ip) + _str(6, user_agent), _str(8, path))
+
+
+@functools.lru_cache(maxsize=64)
+def _received_at(ms: int) -> bytes:
+    return _int(4, ms)  # under load many requests share a millisecond
 
 
 class EnvelopeWriter:
@@ -61,9 +71,11 @@ class EnvelopeWriter:
 
     def __init__(self, *, source_id: str, received_at_ms: int, client_ip: str, user_agent: str,
                  request_id: str, path: str, schema_version: int = 1) -> None:
-        self._head = _int(1, schema_version) + _repeated_str(2, source_id)
-        self._middle = b"".join((_int(4, received_at_ms), _repeated_str(5, client_ip), _repeated_str(6, user_agent),
-                                 _str(7, request_id), _repeated_str(8, path)))
+        head, peer, tail = _shared(schema_version, source_id, client_ip, user_agent, path)
+        rid = request_id.encode("utf-8")
+        self._head = head
+        self._middle = b"".join((_received_at(received_at_ms), peer,
+                                 _REQUEST_ID_KEY + _varint(len(rid)) + rid if rid else b"", tail))
 
     def encode(self, message_id: str, event: bytes) -> bytes:
         mid = message_id.encode("utf-8")

@@ -141,3 +141,28 @@ async def test_auth_errors(ingest: IngestClient) -> None:
     assert resp.status == 403 and (await resp.json())["error"] == "source_disabled"
     resp = await client.post("/v1/track", json=event, headers={"Authorization": "Basic %%%"})
     assert resp.status == 401 and (await resp.json())["error"] == "bad_authorization"
+
+
+async def test_a_body_that_arrives_after_its_headers_is_read_whole(ingest: IngestClient,
+                                                                   kafka_bootstrap: str) -> None:
+    """Mostly the body comes with the headers and is taken from the buffer; a slow
+    client's body, sent in pieces later, must be awaited, not cut."""
+    import asyncio
+
+    client, settings = await ingest()
+    body = json.dumps({"userId": "slow", "messageId": "m-slow", "event": "Slow Upload",
+                       "properties": {"pad": "x" * 3000}}).encode()
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /v1/track HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: {basic(SERVER_KEY)}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    await writer.drain()
+    for start in range(0, len(body), 1000):
+        await asyncio.sleep(0.05)
+        writer.write(body[start:start + 1000])
+        await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    records = await read_topic(kafka_bootstrap, settings.raw_topic, expected=1)
+    _, event = decode(records[0])
+    assert event["messageId"] == "m-slow" and event["properties"]["pad"] == "x" * 3000
