@@ -315,11 +315,22 @@ async def run_processor(bootstrap: str, raw: str, tag: str, sources: Path, geoip
         name, _, value = setting.partition("=")
         env[f"HEADWATER_PROCESSOR_{name.upper()}"] = value
     proc = subprocess.Popen([sys.executable, "-m", "services.processor"], cwd=REPO, env=env)
+    spy = None
+    if args.profile:
+        # py-spy (pip install py-spy) samples the processor for the whole run; raw
+        # (collapsed) stacks, one file per round, for flamegraph.pl or a quick sort.
+        target = Path(args.profile) / f"processor-{tag}.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-r", "200", "-f", "raw",
+                                "--nonblocking", "-o", str(target)], stdout=subprocess.DEVNULL)
     try:
         result = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
         p50, p99 = await quantiles_from_histogram(port, "headwater_processor_batch_seconds")
         result["p50_ms"], result["p99_ms"] = p50 * 1000, p99 * 1000
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
         proc.terminate()
         proc.wait()
     return result
@@ -334,6 +345,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="plain/processor pairs run alternately")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a processor setting for this run, e.g. --set batch_max_records=1000")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="sample the processor with py-spy into DIR (one raw stack file per round)")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from services.common.plainmetrics import PlainHistogram
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
 
@@ -23,20 +23,14 @@ class RequestStats:
     """
 
     def __init__(self, buckets: tuple[float, ...] = REQUEST_BUCKETS) -> None:
-        self._bounds = buckets
         self._counts: dict[tuple[str, int], int] = {}
-        self._buckets: dict[str, list[int]] = {}
-        self._sums: dict[str, float] = {}
+        self.latency = PlainHistogram("headwater_ingest_request_seconds", "Request handling time by route",
+                                      buckets, ["path"])
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         key = (path, status)
         self._counts[key] = self._counts.get(key, 0) + 1
-        buckets = self._buckets.get(path)
-        if buckets is None:
-            buckets = self._buckets[path] = [0] * (len(self._bounds) + 1)
-            self._sums[path] = 0.0
-        buckets[bisect.bisect_left(self._bounds, seconds)] += 1
-        self._sums[path] += seconds
+        self.latency.observe(seconds, path)
 
     def count(self, path: str, status: int) -> int:
         return self._counts.get((path, status), 0)
@@ -47,15 +41,7 @@ class RequestStats:
         for (path, status), n in sorted(self._counts.items()):
             requests.add_metric([path, str(status)], n)
         yield requests
-        latency = HistogramMetricFamily("headwater_ingest_request_seconds", "Request handling time by route",
-                                        labels=["path"])
-        for path, counts in sorted(self._buckets.items()):
-            cumulative, running = [], 0
-            for bound, n in zip((*map(floatToGoString, self._bounds), "+Inf"), counts, strict=True):
-                running += n
-                cumulative.append((bound, running))
-            latency.add_metric([path], cumulative, self._sums[path])
-        yield latency
+        yield from self.latency.collect()
 
 
 class EventCounts:

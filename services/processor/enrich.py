@@ -91,7 +91,9 @@ def anonymise_ip(ip: str) -> str | None:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
 
 
-_WANTED_PARAMS = frozenset((*UTM_KEYS, *CLICK_IDS))
+# Query parameter -> (field, is a click id).
+_PARAM_TARGETS = {**{param: (key, False) for param, key in UTM_KEYS.items()},
+                  **{name: (name, True) for name in CLICK_IDS}}
 _NONE: dict[str, str] = {}
 
 
@@ -118,25 +120,29 @@ def _split(url: str) -> tuple[str | None, str]:
 
 
 def _page_params(url: str) -> tuple[str | None, dict[str, str], dict[str, str]]:
-    """The page host, its campaign fields (by UTM_KEYS, in their order) and its click ids.
+    """The page host, its campaign fields (named as UTM_KEYS says) and its click ids.
 
     Not cached: click ids make many URLs unique, and on the benchmark's traffic a cache
     cost more than it saved. With no parameters both dicts are one shared empty dict
     (never stored in an event).
     """
     host, raw_query = _split(url)
-    query: dict[str, str] = {}
-    if raw_query:
-        # Only the few parameters we use are decoded; parse_qs would decode them all.
-        for pair in raw_query.split("&"):
-            name, _, value = pair.partition("=")
-            if name in _WANTED_PARAMS and value and name not in query:  # first value wins
-                query[name] = unquote_plus(value) if "%" in value or "+" in value else value
-    if not query:  # most pages
+    if not raw_query:  # most pages
         return host, _NONE, _NONE
-    campaign = {key: query[param] for param, key in UTM_KEYS.items() if param in query}
-    click_ids = {name: query[name] for name in CLICK_IDS if name in query}
-    return host, campaign, click_ids
+    campaign: dict[str, str] = {}
+    click_ids: dict[str, str] = {}
+    # Only the few parameters we use are decoded (parse_qs would decode them all),
+    # straight into the dict each belongs to; the first value of a name wins.
+    for pair in raw_query.split("&"):
+        name, _, value = pair.partition("=")
+        target = _PARAM_TARGETS.get(name)
+        if target is None or not value:
+            continue
+        key, is_click_id = target
+        found = click_ids if is_click_id else campaign
+        if key not in found:
+            found[key] = unquote_plus(value) if "%" in value or "+" in value else value
+    return host, campaign or _NONE, click_ids or _NONE
 
 
 @functools.lru_cache(maxsize=4096)
@@ -208,7 +214,8 @@ class Enricher:
         if switches.bot:
             context["bot"] = parsed is not None and parsed[1]
 
-        ip = context.get("ip") if isinstance(context.get("ip"), str) and context.get("ip") else client_ip
+        context_ip = context.get("ip")
+        ip = context_ip if context_ip and isinstance(context_ip, str) else client_ip
         if switches.geo and ip and self._geo_reader is not None:
             geo = self._geo(ip)
             if geo is not None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.plainmetrics import PlainHistogram
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -15,7 +17,7 @@ class Metrics:
     duplicates: Counter
     transactions: Counter
     batch_seconds: Histogram
-    latency_seconds: Histogram
+    latency_seconds: PlainHistogram
     lag: Gauge
     partitions: Gauge
     dedupe_entries: Gauge
@@ -23,6 +25,11 @@ class Metrics:
 
 
 def make_metrics(registry: CollectorRegistry) -> Metrics:
+    # Observed once per event: plain numbers, read at scrape time.
+    latency = PlainHistogram("headwater_processor_latency_seconds",
+                             "From ingest's receivedAt to the commit that wrote the event.",
+                             (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+    registry.register(latency)
     return Metrics(
         events_in=Counter("headwater_processor_events_in", "Records read from events.raw.", registry=registry),
         events_out=Counter("headwater_processor_events_out", "Records written, by kind (enriched, dest).",
@@ -39,10 +46,7 @@ def make_metrics(registry: CollectorRegistry) -> Metrics:
                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                 registry=registry),
         # receivedAt at ingest to commit here: sub-second normally, minutes after an outage.
-        latency_seconds=Histogram("headwater_processor_latency_seconds",
-                                  "From ingest's receivedAt to the commit that wrote the event.",
-                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
-                                  registry=registry),
+        latency_seconds=latency,
         lag=Gauge("headwater_processor_lag_records", "Records behind the high watermark, per raw partition.",
                   ["partition"], registry=registry),
         partitions=Gauge("headwater_processor_partitions_assigned", "events.raw partitions this process owns.",

@@ -7,7 +7,7 @@ import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.common.segment import SHORT_TYPES, present
+from services.common.segment import SHORT_TYPES
 
 # Top-level fields events.enriched carries; anything else a client sent
 # (writeKey above all) stays in the raw topic only.
@@ -24,6 +24,7 @@ class TimestampError(ValueError):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
@@ -72,12 +73,16 @@ def event_time(event: dict[str, Any], received: datetime, max_future_skew: timed
     """
     out: dict[str, str] = {}
     parsed: dict[str, datetime] = {}
-    for name in ("timestamp", "originalTimestamp", "sentAt"):
+    given: dict[str, str] = {}
+    for name in _TIME_FIELDS:
         value = event.get(name)
-        if present(value):
-            parsed[name] = parse_ts(str(value), name)
-    if "timestamp" in parsed:
-        moment = parsed["timestamp"]
+        if value is not None and value != "":
+            text = str(value)
+            parsed[name] = parse_ts(text, name)
+            given[name] = text
+    timestamp = parsed.get("timestamp")
+    if timestamp is not None:
+        moment = timestamp
     elif "originalTimestamp" in parsed:
         original = parsed["originalTimestamp"]
         sent = parsed.get("sentAt")
@@ -87,13 +92,20 @@ def event_time(event: dict[str, Any], received: datetime, max_future_skew: timed
     if moment - received > max_future_skew:
         moment = received
         flags.append(FLAG_TIMESTAMP_CLAMPED)
-    out["timestamp"] = format_ts(moment)
-    if "originalTimestamp" in parsed:
-        out["originalTimestamp"] = format_ts(parsed["originalTimestamp"])
-    if "sentAt" in parsed:
-        out["sentAt"] = format_ts(parsed["sentAt"])
+    out["timestamp"] = given["timestamp"] if moment is timestamp and _canonical(given["timestamp"]) else format_ts(
+        moment)
+    for name in ("originalTimestamp", "sentAt"):
+        if name in parsed:
+            text = given[name]
+            out[name] = text if _canonical(text) else format_ts(parsed[name])
     out["receivedAt"] = format_ts(received)
     return out
+
+
+def _canonical(text: str) -> bool:
+    """Already as format_ts writes it (what JavaScript's toISOString gives): kept as is.
+    Called only on text parse_ts read, so the shape check is enough."""
+    return len(text) == 24 and text[23] == "Z" and text[19] == "." and text[10] == "T"
 
 
 def normalise(event: dict[str, Any], *, message_id: str, received: datetime,

@@ -536,8 +536,11 @@ class Processor:
 
     async def _ensure_dest_topics(self, results: list[Result]) -> None:
         s = self.settings
-        wanted = {out.topic for r in results for out in r.outputs
-                  if out.topic.startswith(s.dest_topic_prefix)} - self._known_dest
+        names: set[str] = set()
+        for r in results:
+            if r.destinations:
+                names.update(r.destinations)
+        wanted = {s.dest_topic_prefix + name for name in names} - self._known_dest
         if wanted:
             await ensure_topics(s.kafka_bootstrap, [
                 TopicSpec(name, s.dest_partitions, configs={"retention.ms": str(s.dest_retention_ms)})

@@ -57,6 +57,19 @@ def test_format_matches_isoformat(moment: datetime) -> None:
     assert norm.format_ts(moment) == reference
 
 
+@given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.timezones()),
+       st.sampled_from(["milliseconds", "microseconds", "seconds", "auto"]), st.booleans())
+def test_sent_times_come_out_as_format_ts_writes_them(moment: datetime, timespec: str, zulu: bool) -> None:
+    # Strings already in the output shape are passed through without formatting;
+    # the result must be the same as formatting whatever was sent.
+    text = moment.isoformat(timespec=timespec)
+    if zulu and moment.utcoffset() == timedelta(0):
+        text = moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+    out, _ = times({"timestamp": text, "originalTimestamp": text, "sentAt": text}, skew_s=10**12)
+    expected = norm.format_ts(norm.parse_ts(text, "timestamp"))
+    assert out["timestamp"] == out["originalTimestamp"] == out["sentAt"] == expected
+
+
 def test_segment_skew_rule_when_timestamp_absent() -> None:
     # Device clock 1 hour behind: sent at 14:00:05 device time, event at 14:00:00 device time.
     out, flags = times({"originalTimestamp": "2026-11-24T14:00:00.000Z", "sentAt": "2026-11-24T14:00:05Z"})
