@@ -27,6 +27,7 @@ import contextlib
 import functools
 import random
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,13 @@ async def _send_batched(producer: AIOKafkaProducer, outputs: list[Output]) -> li
     return futures
 
 
+def _raise_failure(task: asyncio.Task[bool]) -> None:
+    """A finished batch that failed with something other than a Kafka error (a bug)
+    ends the run loop, as it would have when awaited directly."""
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
 def _kafka_fields(tp: TopicPartition, offset: int | None = None) -> dict[str, Any]:
     fields: dict[str, Any] = {"kafka.topic": tp.topic, "kafka.partition": tp.partition}
     if offset is not None:
@@ -131,8 +139,11 @@ class PartitionState:
     lost: bool = False
     # The offset after our last commit (or the reset point); None until known.
     next_offset: int | None = None
-    # New dedupe keys of the batch whose transaction is in flight (not yet in the window).
-    pending: dict[str, int] = field(default_factory=dict)
+    # New dedupe keys of each batch dispatched but not yet committed (not yet in the
+    # window), oldest first.
+    pending: list[dict[str, int]] = field(default_factory=list)
+    # Its transactions dispatched and not finished, oldest first; each awaits the one before.
+    chain: deque[asyncio.Task[bool]] = field(default_factory=deque)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -161,8 +172,12 @@ class Processor:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._known_dest: set[str] = set()
-        # The transaction in flight per partition (at most one each).
+        # The last transaction dispatched per partition (it awaits the ones before it).
         self._inflight: dict[TopicPartition, asyncio.Task[bool]] = {}
+        # Every seek we make gets a number; records fetched before a seek of their
+        # partition are stale (the position moved back under them) and are dropped.
+        self._seeks = 0
+        self._last_seek: dict[TopicPartition, int] = {}
         self._stopping = False
         self._closed = False
 
@@ -390,6 +405,7 @@ class Processor:
             try:
                 batch = await consumer.getmany(timeout_ms=500,
                                                max_records=self.settings.batch_max_records * owned)
+                fetched_at = self._seeks
             except KafkaError as exc:
                 # The consumer reconnects by itself; positions are unchanged, so nothing is skipped.
                 log.warning("fetch failed; retrying", error=repr(exc), **{"kafka.topic": self.settings.raw_topic})
@@ -407,43 +423,82 @@ class Processor:
                         if tp in assignment:
                             state = self._parts.get(tp)
                             known = state.next_offset if state is not None else None
-                            consumer.seek(tp, records[0].offset if known is None else known)
+                            self._seek(tp, records[0].offset if known is None else known)
                     continue
                 for tp, records in batch.items():
-                    await self._dispatch(tp, records)
+                    await self._dispatch(tp, records, fetched_at)
         await self._drain(list(self._inflight))
 
-    async def _dispatch(self, tp: TopicPartition, records: list[Any]) -> None:
-        """Start ``records`` as tp's next transaction once tp's previous one is done.
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        assert self.consumer is not None
+        self._seeks += 1
+        self._last_seek[tp] = self._seeks
+        self.consumer.seek(tp, offset)
 
-        One transaction per partition is in flight at a time (order within a
-        partition). The batch is worked out first, while the previous
-        transaction is still on the wire, so CPU and Kafka round trips
-        overlap; the loop fetches meanwhile.
+    async def _dispatch(self, tp: TopicPartition, records: list[Any], fetched_at: int) -> None:
+        """Queue ``records`` as tp's next transaction, behind the ones in flight.
+
+        Transactions of one partition run one after another (order within the
+        partition, one producer), but the loop does not wait for them: it works
+        out this batch now, while the earlier ones are on the wire, and goes on
+        fetching. Up to ``max_pending_batches`` batches per partition are held
+        so; beyond that the loop waits for the oldest (back-pressure).
         """
-        previous = self._inflight.pop(tp, None)
+        if self._last_seek.get(tp, 0) > fetched_at:
+            return  # fetched before tp was rewound: these records come again
         state = self._parts.get(tp)
-        computed = self._compute(state, records) if state is not None and not state.lost else None
-        if previous is not None and not await previous:
-            # The previous batch rewound the partition (seek to its committed offset):
-            # these records were fetched past that point and come again.
+        tail = self._inflight.get(tp)
+        if tail is not None and tail.done():
+            _raise_failure(tail)
+        if state is None or state.lost or (tail is not None and tail not in state.chain and not tail.done()):
+            # No producer yet, fenced, or the tail belongs to a state a reset replaced:
+            # one batch at a time, opened (or dropped) by _run_partition.
+            if tail is not None:
+                await asyncio.wait([tail])
+                _raise_failure(tail)
+                if self._last_seek.get(tp, 0) > fetched_at:
+                    return
+            self._enqueue(tp, None, records, None)
             return
-        if computed is not None and self._parts.get(tp) is not state:
-            computed = None  # the partition was reopened meanwhile: work it out again
-        if computed is not None and state is not None:
-            state.pending = computed[1]
-        task = asyncio.create_task(self._run_partition(tp, records, computed), name=f"batch-{tp.partition}")
+        while len(state.chain) >= self.settings.max_pending_batches:
+            oldest = state.chain[0]
+            await asyncio.wait([oldest])
+            _raise_failure(oldest)
+            if self._last_seek.get(tp, 0) > fetched_at or self._parts.get(tp) is not state or state.lost:
+                return  # a transaction before this batch failed and rewound the partition
+        computed = self._compute(state, records)
+        state.pending.append(computed[1])
+        self._enqueue(tp, state, records, computed)
+
+    def _enqueue(self, tp: TopicPartition, state: PartitionState | None, records: list[Any],
+               computed: tuple[list[Result], dict[str, int]] | None) -> None:
+        previous = state.chain[-1] if state is not None and state.chain else None
+        task = asyncio.create_task(self._run_after(previous, tp, state, records, computed),
+                                   name=f"batch-{tp.partition}-{records[0].offset}")
         # Failures are visible: _run_partition handles Kafka errors; anything else ends the run loop
-        # when the task is awaited (next dispatch, rebalance or drain).
+        # when the task is awaited (back-pressure, rebalance or drain).
+        if state is not None:
+            state.chain.append(task)
+            task.add_done_callback(state.chain.remove)
         self._inflight[tp] = task
+
+    async def _run_after(self, previous: asyncio.Task[bool] | None, tp: TopicPartition,
+                         state: PartitionState | None, records: list[Any],
+                         computed: tuple[list[Result], dict[str, int]] | None) -> bool:
+        if previous is not None and not await previous:
+            return False  # the partition was rewound (or lost) before this batch: it comes again
+        if state is not None and (self._parts.get(tp) is not state or state.lost):
+            return False
+        return await self._run_partition(tp, records, computed)
 
     def _compute(self, state: PartitionState, records: list[Any]) -> tuple[list[Result], dict[str, int]]:
         """Run the pipeline over a batch; no Kafka. Returns the results and the new dedupe keys."""
         staged: dict[str, int] = {}
-        window, pending = state.window, state.pending
+        window = state.window
+        batches = (staged, *state.pending)
 
         def is_duplicate(key: str, received_at_ms: int) -> bool:
-            for batch in (staged, pending):
+            for batch in batches:
                 first = batch.get(key)
                 if first is not None and abs(received_at_ms - first) < window.window_ms:
                     return True
@@ -473,16 +528,16 @@ class Processor:
                 state = await self._open_partition(tp)
             except (KafkaError, TimeoutError) as exc:
                 log.warning("could not open partition; will retry", error=repr(exc), **_kafka_fields(tp))
-                self.consumer.seek(tp, records[0].offset)
+                self._seek(tp, records[0].offset)
                 await asyncio.sleep(self.settings.retry_backoff_s)
                 return False
         if state.lost:
-            self.consumer.seek(tp, records[0].offset)
+            self._seek(tp, records[0].offset)
             return False
         started = time.perf_counter()
         if computed is None:
             computed = self._compute(state, records)
-            state.pending = computed[1]
+            state.pending.append(computed[1])
         results, staged = computed
         try:
             await self._transact(state, records, results, staged)
@@ -491,7 +546,7 @@ class Processor:
             log.warning("producer fenced; leaving the partition to its new owner", error=repr(exc),
                         **_kafka_fields(tp, records[0].offset))
             state.lost = True
-            self.consumer.seek(tp, records[0].offset)
+            self._seek(tp, records[0].offset)
             self.consumer.pause(tp)
             self.metrics.transactions.labels("fenced").inc()
             return False
@@ -529,8 +584,10 @@ class Processor:
             raise
         # Only now: a failed transaction must leave no trace in the window.
         window.add_all(staged.items())
-        if state.pending is staged:
-            state.pending = {}
+        for index, batch in enumerate(state.pending):
+            if batch is staged:
+                del state.pending[index]
+                break
         if staged:
             window.expire(max(staged.values()))
 
@@ -570,7 +627,7 @@ class Processor:
                 self._parts.pop(tp, None)
                 await self._stop_producer(fresh)
                 continue
-            self.consumer.seek(tp, committed)
+            self._seek(tp, committed)
             fresh.next_offset = committed
             log.info("partition reset", committed=committed, dedupe_entries=len(fresh.window),
                      **_kafka_fields(tp))

@@ -262,3 +262,48 @@ async def test_dedupe_memory_is_bounded_and_the_newest_keys_come_back(
                   for r in await read_topic(kafka_bootstrap, settings.enriched_topic, expected=None))
     assert sum(ids.values()) == 105
     assert {k for k, n in ids.items() if n == 2} == {f"m-{i}" for i in range(5)}
+
+
+async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str, new_topic: NewTopic,
+                                                            new_group: NewGroup, sources_file: Path,
+                                                            monkeypatch: Any) -> None:
+    """Transactions that fail (as when a broker goes away) rewind their partition to the
+    committed offset while later batches are already queued behind them. Queued batches
+    must be dropped and read again, and records read after the rewind must be kept, also
+    at the end of the topic where nothing new arrives while the partition resets."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from services.processor.worker import Processor
+
+    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2,
+                                   batch_max_records=15, max_pending_batches=3)
+    real_transact = Processor._transact
+    calls = {"n": 0, "failed": 0, "fail_first": 0}
+
+    async def flaky_transact(self: Processor, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] <= calls["fail_first"] or (calls["n"] % 3 == 1 and calls["failed"] < 12):
+            calls["failed"] += 1
+            raise KafkaConnectionError("injected: broker went away")
+        await real_transact(self, *args, **kwargs)
+
+    monkeypatch.setattr(Processor, "_transact", flaky_transact)
+
+    def wave(start: int, count: int) -> list[tuple[bytes, bytes]]:
+        events = [{"type": "track", "event": "Tick", "userId": f"u{i % 9}", "messageId": f"m-{i}"}
+                  for i in range(start, start + count)]
+        return [(raw_key("web", e), envelope(e, message_id=e["messageId"])) for e in events]
+
+    async with running_processor(settings):
+        await produce(kafka_bootstrap, settings.raw_topic, wave(0, 240))
+        await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 240)
+        first_wave_failures = calls["failed"]
+        # A small second wave: the first transactions fail with nothing behind them.
+        calls["n"], calls["failed"], calls["fail_first"] = 0, 12, 2
+        await produce(kafka_bootstrap, settings.raw_topic, wave(240, 10))
+        await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 250)
+    assert first_wave_failures >= 5 and calls["failed"] == 14
+    enriched = await read_topic(kafka_bootstrap, settings.enriched_topic, expected=250)
+    seen = Counter(orjson.loads(r.value)["messageId"] for r in enriched)
+    assert sorted(seen) == sorted(f"m-{i}" for i in range(250)), "events lost"
+    assert max(seen.values()) == 1, "events doubled"
