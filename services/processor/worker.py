@@ -18,6 +18,18 @@ which is also what lets partitions commit concurrently.
 The dedupe changelog has as many partitions as events.raw and partition p's
 entries go to changelog partition p, written by the same producer, so its
 state moves with the partition.
+
+Pipelining
+----------
+A partition's transactions run one after another, but the loop does not
+wait for them: the next batches (up to ``max_pending_batches``) are worked
+out while the earlier ones are on the wire, each chained behind the one
+before it, with the keys of every uncommitted batch counted by dedupe. A
+failed transaction rewinds the partition to its committed offset, and the
+batches queued behind it are dropped. Which fetched records are stale is
+decided by a sequence number given to every seek: records fetched before
+their partition's latest seek are dropped (they come again), records
+fetched after it are kept.
 """
 
 from __future__ import annotations
