@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,20 +90,22 @@ def _cors_headers(origin: str | None, source: Source | None) -> CIMultiDict[str]
     return headers
 
 
+def _media_type(header: str) -> str:
+    return header.split(";")[0].strip().lower()
+
+
 @functools.lru_cache(maxsize=256)
-def _accepted_content_type(header: str) -> str | None:
-    """The media type when ingest takes it, else None (cached: clients send a handful)."""
-    content_type = header.split(";")[0].strip().lower()
-    if content_type in ALLOWED_CONTENT_TYPES or content_type.endswith("+json"):
-        return content_type
-    return None
+def _accepted_content_type(header: str) -> bool:
+    """Cached: clients send a handful of Content-Type headers."""
+    content_type = _media_type(header)
+    return content_type in ALLOWED_CONTENT_TYPES or content_type.endswith("+json")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The decoded body, refused with 413 as soon as it passes ``limit``."""
     header = request.headers.get("Content-Type", "")
-    if _accepted_content_type(header) is None:
-        content_type = header.split(";")[0].strip().lower()
+    if not _accepted_content_type(header):
+        content_type = _media_type(header)
         raise RequestError(415, "unsupported_media_type",
                            f"Content-Type {content_type!r} is not accepted; send application/json or text/plain")
     if request.content_length is not None and request.content_length > limit:
@@ -231,7 +232,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         started = time.perf_counter()
         ing = request.app[INGEST_KEY]
         origin = request.headers.get("Origin")
-        request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or os.urandom(16).hex()
+        request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or parsing.new_request_id()
         source: Source | None = None
         try:
             body = await read_body(request, ing.settings.max_request_bytes)
@@ -308,7 +309,7 @@ async def handle_pixel(request: web.Request) -> web.Response:
     ing = request.app[INGEST_KEY]
     pixel_type = request.match_info["type"]
     path = f"/v1/pixel/{pixel_type}"
-    request_id = os.urandom(16).hex()
+    request_id = parsing.new_request_id()
     query = dict(request.query)
     source: Source | None = None
     try:

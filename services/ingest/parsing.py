@@ -178,23 +178,26 @@ class TrustedProxies:
         return ip
 
 
-class _MessageIds:
-    """``hw-<96 random bits>-<counter>``: unique without a system call per event.
+class UniqueIds:
+    """``<prefix><96 random bits>-<counter>``: unique without a system call per id.
     The random part is drawn again in a forked child, so processes never share it."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
+        self._base = prefix
         self.reseed()
         os.register_at_fork(after_in_child=self.reseed)
 
     def reseed(self) -> None:
-        self._prefix = f"hw-{os.urandom(12).hex()}-"
+        self._prefix = f"{self._base}{os.urandom(12).hex()}-"
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
         return f"{self._prefix}{next(self._counter):x}"
 
 
-new_message_id = _MessageIds()
+# Stamped on events that come without a messageId, and on requests without X-Request-Id.
+new_message_id = UniqueIds("hw-")
+new_request_id = UniqueIds("")
 
 _last_ms: list[Any] = [-1, ""]
 
