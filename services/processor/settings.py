@@ -45,9 +45,10 @@ class Settings(CommonSettings):
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     # Records per partition per transaction, and how long a fetch waits to fill a batch.
     batch_max_records: int = Field(default=500, ge=1)
-    # Batches per partition worked out and queued behind the transaction in flight, so
-    # the CPU keeps working while Kafka commits. Bounds memory: at most this many
-    # batches of batch_max_records per owned partition are held uncommitted.
+    # Transactions per partition dispatched at once: the one in flight and the batches
+    # worked out and queued behind it, so the CPU keeps working while Kafka commits
+    # (1: no overlap). Bounds memory: at most this many batches of batch_max_records
+    # per owned partition are held uncommitted.
     max_pending_batches: int = Field(default=3, ge=1, le=16)
     batch_linger_ms: int = Field(default=50, ge=0)
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

@@ -190,6 +190,8 @@ class Processor:
         # partition are stale (the position moved back under them) and are dropped.
         self._seeks = 0
         self._last_seek: dict[TopicPartition, int] = {}
+        # The first unexpected (non-Kafka) failure of a batch task; run() raises it.
+        self._failure: BaseException | None = None
         self._stopping = False
         self._closed = False
 
@@ -281,12 +283,16 @@ class Processor:
         revoked = list(revoked)
         async with self._lock:
             self._generation += 1
-            await self._drain(revoked)
-            for tp in revoked:
-                state = self._parts.pop(tp, None)
-                if state is not None:
-                    self._revoked[tp] = state
-            self.metrics.partitions.set(len(self._parts))
+            try:
+                # A batch that failed with a bug is noted by _note_failure and ends the
+                # run loop; the revocation still completes.
+                await self._drain(revoked, raise_failure=False)
+            finally:
+                for tp in revoked:
+                    state = self._parts.pop(tp, None)
+                    if state is not None:
+                        self._revoked[tp] = state
+                self.metrics.partitions.set(len(self._parts))
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         async with self._lock:
@@ -417,12 +423,18 @@ class Processor:
             try:
                 batch = await consumer.getmany(timeout_ms=500,
                                                max_records=self.settings.batch_max_records * owned)
+                # Read right after getmany, with no await in between: getmany hands over
+                # only records fetched at the current positions (aiokafka drops the rest
+                # on seek), so any seek numbered above this came after these records.
+                # Read before getmany, it would drop fresh records: a skip.
                 fetched_at = self._seeks
             except KafkaError as exc:
                 # The consumer reconnects by itself; positions are unchanged, so nothing is skipped.
                 log.warning("fetch failed; retrying", error=repr(exc), **{"kafka.topic": self.settings.raw_topic})
                 await asyncio.sleep(self.settings.retry_backoff_s)
                 continue
+            if self._failure is not None:
+                raise self._failure
             if not batch:
                 continue
             async with self._lock:
@@ -464,14 +476,17 @@ class Processor:
             _raise_failure(tail)
         if state is None or state.lost or (tail is not None and tail not in state.chain and not tail.done()):
             # No producer yet, fenced, or the tail belongs to a state a reset replaced:
-            # one batch at a time, opened (or dropped) by _run_partition.
+            # wait for that tail, then chain if the partition is open by then, else one
+            # batch that _run_partition opens (or drops).
             if tail is not None:
                 await asyncio.wait([tail])
                 _raise_failure(tail)
                 if self._last_seek.get(tp, 0) > fetched_at:
                     return
-            self._enqueue(tp, None, records, None)
-            return
+            state = self._parts.get(tp)
+            if state is None or state.lost:
+                self._enqueue(tp, None, records, None)
+                return
         while len(state.chain) >= self.settings.max_pending_batches:
             oldest = state.chain[0]
             await asyncio.wait([oldest])
@@ -483,7 +498,7 @@ class Processor:
         self._enqueue(tp, state, records, computed)
 
     def _enqueue(self, tp: TopicPartition, state: PartitionState | None, records: list[Any],
-               computed: tuple[list[Result], dict[str, int]] | None) -> None:
+                 computed: tuple[list[Result], dict[str, int]] | None) -> None:
         previous = state.chain[-1] if state is not None and state.chain else None
         task = asyncio.create_task(self._run_after(previous, tp, state, records, computed),
                                    name=f"batch-{tp.partition}-{records[0].offset}")
@@ -492,14 +507,19 @@ class Processor:
         if state is not None:
             state.chain.append(task)
             task.add_done_callback(state.chain.remove)
+        task.add_done_callback(self._note_failure)
         self._inflight[tp] = task
+
+    def _note_failure(self, task: asyncio.Task[bool]) -> None:
+        if self._failure is None and not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
 
     async def _run_after(self, previous: asyncio.Task[bool] | None, tp: TopicPartition,
                          state: PartitionState | None, records: list[Any],
                          computed: tuple[list[Result], dict[str, int]] | None) -> bool:
         if previous is not None and not await previous:
             return False  # the partition was rewound (or lost) before this batch: it comes again
-        if state is not None and (self._parts.get(tp) is not state or state.lost):
+        if state is not None and self._parts.get(tp) is not state:
             return False
         return await self._run_partition(tp, records, computed)
 
@@ -524,11 +544,11 @@ class Processor:
             results.append(result)
         return results, staged
 
-    async def _drain(self, tps: Iterable[TopicPartition]) -> None:
-        """Wait for the transactions in flight on ``tps``."""
+    async def _drain(self, tps: Iterable[TopicPartition], *, raise_failure: bool = True) -> None:
+        """Wait for the transactions in flight on ``tps`` (each tail awaits its chain)."""
         tasks = [t for tp in tps if (t := self._inflight.pop(tp, None)) is not None]
         if tasks:
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=not raise_failure)
 
     async def _run_partition(self, tp: TopicPartition, records: list[Any],
                              computed: tuple[list[Result], dict[str, int]] | None = None) -> bool:
@@ -574,6 +594,18 @@ class Processor:
 
     async def _transact(self, state: PartitionState, records: list[Any], results: list[Result],
                         staged: dict[str, int]) -> None:
+        try:
+            await self._commit(state, records, results, staged)
+        finally:
+            # Committed keys are in the window now; a failed batch's keys must not make
+            # its own records look like duplicates when they are read again.
+            for index, batch in enumerate(state.pending):
+                if batch is staged:
+                    del state.pending[index]
+                    break
+
+    async def _commit(self, state: PartitionState, records: list[Any], results: list[Result],
+                      staged: dict[str, int]) -> None:
         s = self.settings
         window = state.window
         await self._ensure_dest_topics(results)
@@ -596,10 +628,6 @@ class Processor:
             raise
         # Only now: a failed transaction must leave no trace in the window.
         window.add_all(staged.items())
-        for index, batch in enumerate(state.pending):
-            if batch is staged:
-                del state.pending[index]
-                break
         if staged:
             window.expire(max(staged.values()))
 

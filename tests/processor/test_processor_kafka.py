@@ -307,3 +307,48 @@ async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str,
     seen = Counter(orjson.loads(r.value)["messageId"] for r in enriched)
     assert sorted(seen) == sorted(f"m-{i}" for i in range(250)), "events lost"
     assert max(seen.values()) == 1, "events doubled"
+
+
+async def test_a_bug_in_a_queued_batch_stops_the_processor_and_commits_nothing(
+        kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
+        monkeypatch: Any) -> None:
+    """A batch failing with something other than a Kafka error (a bug) must end the run
+    loop, not be swallowed by the chain of queued batches, and leave no offset behind."""
+    from prometheus_client import CollectorRegistry
+
+    from services.common.sources import SourceRegistry
+    from services.processor.enrich import Enricher
+    from services.processor.metrics import make_metrics
+    from services.processor.pipeline import Pipeline
+    from services.processor.worker import Processor
+
+    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
+                                   batch_max_records=5, max_pending_batches=3)
+
+    async def broken_commit(self: Processor, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(Processor, "_commit", broken_commit)
+    # One small batch: nothing comes after it, so only the failure itself can stop the loop.
+    events = [{"type": "track", "event": "Tick", "userId": "u1", "messageId": f"m-{i}"} for i in range(3)]
+    await produce(kafka_bootstrap, settings.raw_topic,
+                  [(raw_key("web", e), envelope(e, message_id=e["messageId"])) for e in events])
+    registry = SourceRegistry(settings.sources_file, settings.sources_reload_s)
+    registry.load()
+    processor = Processor(settings, Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=10,
+                                                                          geo_cache_size=10)),
+                          make_metrics(CollectorRegistry()))
+    await processor.start()
+    run = asyncio.create_task(processor.run(asyncio.Event()))
+    try:
+        done, _ = await asyncio.wait([run], timeout=15)
+        assert run in done, "the run loop kept going after a batch failed with a bug"
+        assert isinstance(run.exception(), RuntimeError) and "injected bug" in str(run.exception())
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.wait([run])
+        await processor.close()
+    from tests.processor.kafka_helpers import committed_total
+
+    assert await committed_total(kafka_bootstrap, settings.group_id, settings.raw_topic) == 0
