@@ -502,8 +502,8 @@ class Processor:
         previous = state.chain[-1] if state is not None and state.chain else None
         task = asyncio.create_task(self._run_after(previous, tp, state, records, computed),
                                    name=f"batch-{tp.partition}-{records[0].offset}")
-        # Failures are visible: _run_partition handles Kafka errors; anything else ends the run loop
-        # when the task is awaited (back-pressure, rebalance or drain).
+        # Failures are visible: _run_partition handles Kafka errors; anything else is noted by
+        # _note_failure and ends the run loop after its next fetch (or when awaited first).
         if state is not None:
             state.chain.append(task)
             task.add_done_callback(state.chain.remove)
