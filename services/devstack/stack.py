@@ -258,6 +258,16 @@ def _kafka_properties(settings: StackSettings, base: Path) -> str:
     ])
 
 
+def kafka_cluster_id() -> str:
+    """A random KRaft cluster id: a UUID in URL-safe base64, as Kafka's own tool makes
+    them. One in 64 such strings starts with "-", which the storage tool's argument
+    parser takes for an option; Kafka draws again in that case, and so do we."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def start_kafka(settings: StackSettings) -> Server:
     server = kafka_server(settings)
     server.resolve()
@@ -274,11 +284,11 @@ def start_kafka(settings: StackSettings) -> Server:
         log_copy = base / "log4j2.yaml"
         shutil.copyfile(log_path, log_copy)
     if not (base / "logs" / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         cmd = [
             settings.java, *java_base[2:], f"-Dlog4j2.configurationFile={log_copy}",
             "-cp", f"{server.lib_dir}/*", "kafka.tools.StorageTool", "format",
-            "-t", cluster_id, "-c", str(props), "--ignore-formatted",
+            f"--cluster-id={cluster_id}", "-c", str(props), "--ignore-formatted",
         ]
         # A full test run once saw this step fail and the next run pass; retry once,
         # and say what the tool printed if it fails again.

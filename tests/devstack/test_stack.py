@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.devstack import stack
@@ -76,3 +77,15 @@ async def test_private_cassandra_keeps_data_across_down_and_up(private_stack: st
     finally:
         await client.close()
     assert [r.v for r in rows] == ["kept"]
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The storage tool's argument parser reads "-..." as an option; one id in 64 would.
+    import uuid
+
+    dashed = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 "-A..."
+    draws = iter([dashed, uuid.UUID(int=7)])
+    monkeypatch.setattr(stack.uuid, "uuid4", lambda: next(draws))
+    assert stack.kafka_cluster_id() == "AAAAAAAAAAAAAAAAAAAABw"
+    monkeypatch.undo()
+    assert not any(stack.kafka_cluster_id().startswith("-") for _ in range(2000))
