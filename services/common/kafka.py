@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
 from services.common.errors import DependencyUnavailable
 
@@ -16,6 +18,14 @@ log = structlog.get_logger(__name__)
 
 # Kafka error codes that mean "the topic is there", which is what we wanted.
 _TOPIC_ALREADY_EXISTS = 36
+
+
+@lru_cache(maxsize=65_536)
+def key_hash(key: bytes) -> int:
+    """Kafka's default partitioner hash (positive murmur2), so a Java producer puts the
+    same keys on the same partitions. Cached: keys are per user and repeat, and the
+    pure-Python hash is not cheap."""
+    return int(murmur2(key)) & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,6 @@ class PlainHistogram:
         counts[bisect.bisect_left(self._bounds, value)] += 1
         self._sums[labels] += value
 
-    def count(self, *labels: str) -> int:
-        return sum(self._counts.get(labels, ()))
-
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
         for labels, counts in sorted(self._counts.items()):

@@ -23,13 +23,12 @@ import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
+from services.common.kafka import key_hash
 from services.ingest.spool import Record
 
 log = structlog.get_logger(__name__)
@@ -37,15 +36,8 @@ log = structlog.get_logger(__name__)
 Headers = Sequence[tuple[str, bytes]]
 
 
-@lru_cache(maxsize=65_536)
-def _key_hash(key: bytes) -> int:
-    # Kafka's DefaultPartitioner: positive murmur2 of the key. Cached: the same
-    # users send again and again, and the pure-Python hash is not cheap.
-    return int(murmur2(key)) & 0x7FFFFFFF
-
-
 def partition_for(key: bytes, partitions: int) -> int:
-    return _key_hash(key) % partitions
+    return key_hash(key) % partitions
 
 
 class KafkaBatcher:

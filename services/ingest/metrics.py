@@ -32,9 +32,6 @@ class RequestStats:
         self._counts[key] = self._counts.get(key, 0) + 1
         self.latency.observe(seconds, path)
 
-    def count(self, path: str, status: int) -> int:
-        return self._counts.get((path, status), 0)
-
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("headwater_ingest_requests", "HTTP requests by route and status",
                                        labels=["path", "status"])
@@ -49,27 +46,24 @@ class EventCounts:
     numbers on the hot path, read by Prometheus at scrape time."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, str], int] = {}
         self.accepted_total = 0
+        self._rejected: dict[str, int] = {}
 
     def accepted(self, n: int = 1) -> None:
         self.accepted_total += n
 
     def rejected(self, reason: str, n: int = 1) -> None:
-        key = ("rejected", reason)
-        self._counts[key] = self._counts.get(key, 0) + n
+        self._rejected[reason] = self._rejected.get(reason, 0) + n
 
     def count(self, outcome: str, reason: str = "") -> int:
-        if outcome == "accepted":
-            return self.accepted_total
-        return self._counts.get((outcome, reason), 0)
+        return self.accepted_total if outcome == "accepted" else self._rejected.get(reason, 0)
 
     def collect(self) -> Iterator[Metric]:
         events = CounterMetricFamily("headwater_ingest_events",
                                      "Events by outcome (accepted, rejected) and reason", labels=["outcome", "reason"])
         events.add_metric(["accepted", ""], self.accepted_total)
-        for (outcome, reason), n in sorted(self._counts.items()):
-            events.add_metric([outcome, reason], n)
+        for reason, n in sorted(self._rejected.items()):
+            events.add_metric(["rejected", reason], n)
         yield events
 
 

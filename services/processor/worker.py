@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 from collections import deque
@@ -53,10 +52,9 @@ from aiokafka.errors import (
     ProducerFenced,
     TransactionalIdAuthorizationFailed,
 )
-from aiokafka.partitioner import murmur2
 
 from services.common.errors import ConfigError, DependencyUnavailable
-from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics
+from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics, key_hash
 from services.processor.dedupe import DedupeWindow, decode_entries, encode_entries
 from services.processor.metrics import Metrics
 from services.processor.pipeline import Kind, Output, Pipeline, Result
@@ -67,17 +65,12 @@ log = structlog.get_logger(__name__)
 _FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 
 
-@functools.lru_cache(maxsize=65_536)
-def _key_hash(key: bytes) -> int:
-    return int(murmur2(key)) & 0x7FFFFFFF
-
-
 def _partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
     """aiokafka's default (Java-compatible murmur2) choice, with the hash cached per key:
     keys are per user, so they repeat, and hashing in Python is a visible cost."""
     if key is None:
         return random.choice(available or all_partitions)
-    return all_partitions[_key_hash(key) % len(all_partitions)]
+    return all_partitions[key_hash(key) % len(all_partitions)]
 
 
 async def _send_batched(producer: AIOKafkaProducer, outputs: list[Output]) -> list[asyncio.Future[Any]]:
