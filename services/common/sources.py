@@ -61,6 +61,18 @@ class Destination(BaseModel):
         return value
 
 
+class Legacy(BaseModel):
+    """How a source runs beside the legacy Kinesis path (services/bridge): ``bridge``
+    copies its records from ``stream`` into events.raw, ``mirror`` copies its
+    events.enriched events to ``stream``. One direction per stream, so no record
+    can go round in a loop (SourcesFile refuses a stream named both ways)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    direction: Literal["bridge", "mirror"]
+    stream: str = Field(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")
+
+
 class Source(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -77,6 +89,8 @@ class Source(BaseModel):
     destinations: tuple[Destination, ...] = ()
     # Numeric properties the metrics service sums per event name (e.g. "revenue").
     sum_properties: tuple[str, ...] = ()
+    # Beside the legacy Kinesis path: None = not at all.
+    legacy: Legacy | None = None
 
 
 class SourcesFile(BaseModel):
@@ -95,6 +109,14 @@ class SourcesFile(BaseModel):
                     raise ValueError(f"two sources share the {attr} {value!r}"
                                      if attr == "id" else "two sources share a write key")
                 seen.add(value)
+        directions: dict[str, set[str]] = {}
+        for s in sources:
+            if s.legacy is not None:
+                directions.setdefault(s.legacy.stream, set()).add(s.legacy.direction)
+        for stream, ways in directions.items():
+            if len(ways) > 1:
+                raise ValueError(f"the legacy stream {stream!r} is both bridged and mirrored; "
+                                 "a record would go round in a loop")
         return sources
 
 
