@@ -89,6 +89,9 @@ class Source(BaseModel):
     destinations: tuple[Destination, ...] = ()
     # Numeric properties the metrics service sums per event name (e.g. "revenue").
     sum_properties: tuple[str, ...] = ()
+    # Device clock correction of the event time (proto/topics/events.enriched.md):
+    # auto corrects client-side libraries only, correct every event, trust none.
+    clock_skew: Literal["auto", "correct", "trust"] = "auto"
     # Beside the legacy Kinesis path: None = not at all.
     legacy: Legacy | None = None
 
