@@ -56,7 +56,11 @@ def create_app(settings: Settings, worker: int = 0) -> web.Application:
         return publisher.status()
 
     health.add_check("sources", sources_ready)
+    async def spool_ready() -> tuple[bool, str]:
+        return publisher.spool_status()
+
     health.add_check("kafka", kafka_ready)
+    health.add_check("spool", spool_ready)
     add_health_routes(app, health)
     add_routes(app)
     doc = orjson.dumps(openapi.build(settings, VERSION))

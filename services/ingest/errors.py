@@ -22,3 +22,13 @@ class Overloaded(IngestError):
     """More events are in flight in this process than the configured limit."""
 
     retriable = True
+
+
+class SpoolDamaged(IngestError):
+    """A spool segment holds frames that fail their CRC before its durable end.
+
+    The segment was set aside (``damaged/`` in the spool folder) after its good
+    frames were sent; draining goes on with the next segment after a backoff.
+    """
+
+    retriable = True

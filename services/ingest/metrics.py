@@ -75,6 +75,7 @@ class IngestMetrics:
     spool_events: Gauge
     spool_bytes: Gauge
     spooling: Gauge
+    spool_damaged_segments: Gauge
     spooled_after_timeout: Counter
     bad_pixels: Counter
     sources_loaded: Gauge
@@ -99,6 +100,10 @@ def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
                           registry=registry),
         spooling=Gauge("headwater_ingest_spooling", "1 while new events go to the spool instead of Kafka",
                        registry=registry),
+        spool_damaged_segments=Gauge(
+            "headwater_ingest_spool_damaged_segments",
+            "Spool segments set aside because a frame failed its CRC; an operator must inspect them",
+            registry=registry),
         spooled_after_timeout=Counter(
             "headwater_ingest_spooled_after_timeout",
             "Events spooled after a Kafka send timed out; Kafka may also get them (a duplicate)",

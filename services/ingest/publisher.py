@@ -16,7 +16,7 @@ from services.common.badrow import BAD_ROW_SCHEMA
 from services.common.errors import HeadwaterError
 from services.common.kafka import TopicSpec, ensure_topics
 from services.ingest.batcher import KafkaBatcher
-from services.ingest.errors import Overloaded, SpoolFull
+from services.ingest.errors import Overloaded, SpoolDamaged, SpoolFull
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import Settings
 from services.ingest.spool import Record, Spool
@@ -197,6 +197,14 @@ class Publisher:
                 continue
             try:
                 sent = await self.spool.drain(self._send_batch)
+            except SpoolDamaged as exc:
+                # Already set aside and logged by the spool; back off so a disk that
+                # keeps failing cannot turn the drainer into a busy loop.
+                self.metrics.spool_damaged_segments.set(len(self.spool.damaged))
+                log.warning("spool drain set a damaged segment aside; backing off", error=str(exc),
+                          pending=self.spool.pending_events)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             except Exception as exc:  # noqa: BLE001 - the drainer must outlive any one failure
                 # Kafka errors, timeouts, disk errors, and anything unexpected: the spool
                 # stays on disk and draining is tried again after a backoff.
@@ -212,7 +220,17 @@ class Publisher:
                     log.info("spool drained to kafka", events=sent)
             self._update_gauges()
 
+    def spool_status(self) -> tuple[bool, str]:
+        """For /readyz: damaged segments set aside are reported (the process still
+        serves: new events are safe), with where they are and what to run."""
+        damaged = self.spool.damaged
+        if not damaged:
+            return True, f"{self.spool.pending_events} events pending"
+        return True, (f"{len(damaged)} damaged spool segment(s) set aside in {self.spool.damaged_dir}; "
+                      f"inspect with 'headwater spool inspect {damaged[-1].path}'")
+
     def _update_gauges(self) -> None:
+        self.metrics.spool_damaged_segments.set(len(self.spool.damaged))
         self.metrics.spool_events.set(self.spool.pending_events)
         self.metrics.spool_bytes.set(self.spool.pending_bytes)
         self.metrics.spooling.set(1 if self.spooling else 0)

@@ -2,12 +2,32 @@
 
 Ingest answers 200 only once an event is in Kafka or in this spool. The
 spool is a folder of segment files; each record is framed as
-``length u32 | crc32 u32 | payload`` so a torn write at a crash (always one
-that was never acknowledged, since we fsync before answering) is detected
-and dropped on reopen. Appends are group-committed: every request waiting
-at the same moment shares one write and one fsync. A cursor file per
-segment remembers how far draining got, so a restart resends at most the
-batch that was in flight (a duplicate, never a loss).
+``length u32 | crc32 u32 | payload``. Appends are group-committed: every
+request waiting at the same moment shares one write and one fsync. A cursor
+file per segment remembers how far draining got, so a restart resends at
+most the batch that was in flight (a duplicate, never a loss).
+
+Invariants:
+
+- **The drainer reads only up to the durable end.** The flusher records a
+  segment's durable end after each fsync (under the spool lock); the drainer
+  never looks past it. Bytes past it may still be written, or cut back by
+  a failed write (disk full, EIO), so a cursor never points past them and
+  no later acknowledged frame can land under a cursor.
+- **A failed write leaves no partial frame in front of later frames.** The
+  segment is cut back to its durable end; if even that fails the segment is
+  closed and the next write opens a new one.
+- **A torn tail is dropped only when it cannot hold an acknowledged frame.**
+  On reopen, bytes after the last good frame are cut only when they are a
+  frame that never finished arriving (shorter than it declares, or zeros):
+  the one unacknowledged write a crash interrupted.
+- **Damage is never cut silently.** A frame before the durable end that
+  fails its CRC (bit rot, a bad disk) makes the segment *damaged*: frames
+  around it that still frame correctly are delivered, and the file is set
+  aside in ``damaged/`` with a ``.damage.json`` report for an operator
+  (``headwater spool inspect|replay``). The drainer logs an error, the
+  ``headwater_ingest_spool_damaged_segments`` gauge and /readyz say so, and
+  draining backs off before it moves on to the next segment.
 """
 
 from __future__ import annotations
@@ -16,19 +36,22 @@ import asyncio
 import contextlib
 import os
 import struct
+import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import structlog
 
-from services.ingest.errors import SpoolFull
+from services.ingest.errors import SpoolDamaged, SpoolFull
 
 log = structlog.get_logger(__name__)
 
 _FRAME = struct.Struct(">II")        # payload length, crc32(payload)
 _HEADER = struct.Struct(">HI")       # topic length, key length
+DAMAGED_DIR = "damaged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,27 +68,111 @@ class Record:
         return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[Record, int] | None:
+    """The record framed at ``pos`` and where it ends, or None when the bytes
+    there are not a whole frame that passes its CRC."""
+    if pos + _FRAME.size > end:
+        return None
+    length, crc = _FRAME.unpack_from(data, pos)
+    body_start = pos + _FRAME.size
+    body_end = body_start + length
+    if body_end > end or length < _HEADER.size:
+        return None
+    payload = bytes(data[body_start:body_end])
+    if zlib.crc32(payload) != crc:
+        return None
+    topic_len, key_len = _HEADER.unpack_from(payload)
+    topic_end = _HEADER.size + topic_len
+    key_end = topic_end + key_len
+    if key_end > length:
+        return None
+    try:
+        topic = payload[_HEADER.size:topic_end].decode()
+    except UnicodeDecodeError:
+        return None
+    return Record(topic, payload[topic_end:key_end], payload[key_end:]), body_end
+
+
 def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, Record]], int]:
     """Parse records from ``start``; returns (end offset, record) pairs and the
-    offset where valid data ends (a torn or corrupt tail stops the scan)."""
+    offset where valid data ends (a torn or corrupt frame stops the scan)."""
     out: list[tuple[int, Record]] = []
     pos = start
-    while pos + _FRAME.size <= len(data):
-        length, crc = _FRAME.unpack_from(data, pos)
-        body_start = pos + _FRAME.size
-        payload = data[body_start:body_start + length]
-        if len(payload) < length or zlib.crc32(payload) != crc or length < _HEADER.size:
-            break
-        topic_len, key_len = _HEADER.unpack_from(payload)
-        topic_end = _HEADER.size + topic_len
-        key_end = topic_end + key_len
-        if key_end > length:
-            break
-        record = Record(payload[_HEADER.size:topic_end].decode(), payload[topic_end:key_end],
-                        payload[key_end:])
-        pos = body_start + length
+    while (parsed := parse_frame(data, pos, len(data))) is not None:
+        record, pos = parsed
         out.append((pos, record))
     return out, pos
+
+
+@dataclass
+class Scan:
+    """What a segment holds between two offsets."""
+
+    records: list[tuple[int, Record]] = field(default_factory=list)   # (end offset, record)
+    damaged: list[tuple[int, int]] = field(default_factory=list)      # [start, end) byte ranges
+    end: int = 0
+
+
+def scan_frames(data: bytes | memoryview, start: int, end: int, base: int = 0) -> Scan:
+    """Every good frame in ``data[start:end]`` and the damaged ranges between them.
+
+    A frame that fails its CRC is skipped by its declared length only when that
+    length leads exactly to ``end`` or to another good frame (a flipped byte in
+    a payload); otherwise framing is lost and the rest is one damaged range.
+    Never scans byte by byte for a frame: an event could carry bytes that look
+    like one. Offsets in the result are shifted by ``base``.
+    """
+    scan = Scan(end=end + base)
+    pos = start
+    while pos < end:
+        parsed = parse_frame(data, pos, end)
+        if parsed is not None:
+            record, pos = parsed
+            scan.records.append((pos + base, record))
+            continue
+        skip_to = None
+        if pos + _FRAME.size <= end:
+            length, _ = _FRAME.unpack_from(data, pos)
+            nxt = pos + _FRAME.size + length
+            if nxt == end or (nxt < end and parse_frame(data, nxt, end) is not None):
+                skip_to = nxt
+        scan.damaged.append((pos + base, (skip_to or end) + base))
+        pos = skip_to or end
+    return scan
+
+
+def resync_frames(data: bytes, start: int, end: int) -> Iterator[tuple[int, Record]]:
+    """Frames found by trying every offset in ``data[start:end]``: for an operator
+    recovering a damaged range after reading what it holds (``headwater spool
+    inspect``), never for the drainer. Yields (start offset, record)."""
+    pos = start
+    while pos < end:
+        parsed = parse_frame(data, pos, len(data))
+        if parsed is None:
+            pos += 1
+            continue
+        record, nxt = parsed
+        yield pos, record
+        pos = nxt
+
+
+def is_torn_tail(data: bytes, pos: int) -> bool:
+    """Bytes from ``pos`` to the end are an interrupted write, never acknowledged:
+    too short for a frame header, a frame shorter than it declares, or zeros."""
+    rest = data[pos:]
+    if len(rest) < _FRAME.size or not rest.strip(b"\0"):
+        return True
+    length, _ = _FRAME.unpack_from(rest)
+    return _FRAME.size + int(length) > len(rest)
+
+
+@dataclass(frozen=True)
+class DamagedSegment:
+    """A segment set aside; ``path`` is its file in ``damaged/``."""
+
+    path: Path
+    damaged: tuple[tuple[int, int], ...]
+    durable_end: int
 
 
 class Spool:
@@ -80,9 +187,10 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self._segments: list[Path] = []          # oldest first; the last may be active
+        self._durable: dict[Path, int] = {}      # segment -> end of its fsync'd frames
+        self._events: dict[Path, int] = {}       # segment -> events not yet drained
         self._active: Path | None = None
         self._active_fd: int | None = None
-        self._active_size = 0
         self._pending_bytes = 0                  # bytes not yet drained (incl. buffered)
         self._pending_events = 0
         self._buffer: list[bytes] = []
@@ -91,6 +199,7 @@ class Spool:
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._seq = 0
+        self.damaged: list[DamagedSegment] = []
 
     # -- state -----------------------------------------------------------------
 
@@ -106,6 +215,14 @@ class Spool:
     def is_empty(self) -> bool:
         return self._pending_events == 0
 
+    @property
+    def damaged_dir(self) -> Path:
+        return self.directory / DAMAGED_DIR
+
+    def durable_end(self, segment: Path) -> int:
+        """Where the fsync'd frames of ``segment`` end (0 for an unknown one)."""
+        return self._durable.get(segment, 0)
+
     def open(self) -> None:
         """Find what a previous run left, so it is replayed first."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -116,18 +233,28 @@ class Spool:
             self._seq = max(self._seq, int(seg.stem.split("-")[1]))
         for seg in self._segments:
             data = seg.read_bytes()
-            start = _read_cursor(seg)
-            records, end = read_frames(data, start)
-            if end < len(data):
+            start = min(_read_cursor(seg), len(data))
+            _, good_end = read_frames(data, start)
+            if good_end < len(data) and is_torn_tail(data, good_end):
                 log.warning("spool segment has a torn tail; it was never acknowledged",
-                            segment=seg.name, dropped_bytes=len(data) - end)
+                            segment=seg.name, dropped_bytes=len(data) - good_end)
                 with seg.open("r+b") as f:
-                    f.truncate(end)
-            self._pending_events += len(records)
-            self._pending_bytes += end - start
+                    f.truncate(good_end)
+                data = data[:good_end]
+            # Anything else that does not frame is damage: left in place, inside the
+            # durable end, for the drainer to find and set aside (never cut here).
+            self._durable[seg] = len(data)
+            events = len(scan_frames(data, start, len(data)).records)
+            self._events[seg] = events
+            self._pending_events += events
+            self._pending_bytes += len(data) - start
+        self.damaged = [_read_report(p) for p in sorted(self.damaged_dir.glob("seg-*.log"))]
         if self._pending_events:
             log.warning("spool holds events from an earlier run; replaying them first",
                         events=self._pending_events, bytes=self._pending_bytes)
+        if self.damaged:
+            log.error("spool holds damaged segments set aside earlier; inspect them with "
+                      "'headwater spool inspect'", segments=[str(d.path) for d in self.damaged])
 
     # -- appending ---------------------------------------------------------------
 
@@ -154,19 +281,9 @@ class Spool:
             waiters, self._waiters = self._waiters, []
             try:
                 async with self._lock:
-                    fd = self._open_active()
-                    try:
-                        await asyncio.to_thread(_write_and_sync, fd, data)
-                    except OSError:
-                        # A partial frame (disk full, I/O error) must not stay in front of
-                        # later, acknowledged frames: cut the segment back to its last good end.
-                        os.ftruncate(fd, self._active_size)
-                        raise
-                    self._active_size += len(data)
-                    if self._active_size >= self.segment_bytes:
-                        self._close_active()
+                    await self._write(data, events)
             except OSError as exc:
-                log.exception("spool write failed; these requests are refused", events=events)
+                log.warning("spool write failed; these requests are refused", events=events, error=repr(exc))
                 self._pending_bytes -= len(data)
                 self._pending_events -= events
                 for w in waiters:
@@ -177,13 +294,39 @@ class Spool:
                 if not w.done():
                     w.set_result(None)
 
+    async def _write(self, data: bytes, events: int) -> None:
+        """Write and fsync one group under the lock; then move the durable end."""
+        fd = self._open_active()
+        seg = self._active
+        assert seg is not None
+        durable = self._durable[seg]
+        try:
+            await asyncio.to_thread(_write_and_sync, fd, data)
+        except OSError:
+            # A partial frame (disk full, I/O error) must not stay in front of later,
+            # acknowledged frames: cut the segment back to its durable end. If that
+            # fails too, appends (O_APPEND) would land after the partial frame: close
+            # the segment, so the next write starts a new one.
+            try:
+                os.ftruncate(fd, durable)
+            except OSError:
+                log.exception("spool segment could not be cut back; closing it", segment=seg.name)
+                self._close_active()
+            raise
+        self._durable[seg] = durable + len(data)
+        self._events[seg] = self._events.get(seg, 0) + events
+        if self._durable[seg] >= self.segment_bytes:
+            self._close_active()
+
     def _open_active(self) -> int:
         if self._active_fd is None:
             self._seq += 1
-            self._active = self.directory / f"seg-{self._seq:020d}.log"
-            self._active_fd = os.open(self._active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._active_size = 0
-            self._segments.append(self._active)
+            active = self.directory / f"seg-{self._seq:020d}.log"
+            self._active_fd = os.open(active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._active = active
+            self._durable[active] = 0
+            self._events[active] = 0
+            self._segments.append(active)
             _fsync_dir(self.directory)
         return self._active_fd
 
@@ -196,37 +339,80 @@ class Spool:
     # -- draining ---------------------------------------------------------------
 
     async def drain(self, send: Callable[[list[Record]], Awaitable[None]], batch: int = 1000) -> int:
-        """Send everything on disk in order, ``batch`` records at a time.
+        """Send everything durable in order, ``batch`` records at a time.
 
         ``send`` must raise if Kafka did not take the batch; draining then
         stops and the cursor stays before that batch. Returns records sent.
+        Raises SpoolDamaged after setting a damaged segment aside (its good
+        frames sent first); the caller backs off and drains again.
         """
         sent = 0
         while self._segments:
             seg = self._segments[0]
-            data = await asyncio.to_thread(seg.read_bytes)
+            durable = self._durable.get(seg, 0)
             start = _read_cursor(seg)
-            records, _end = read_frames(data, start)
-            for i in range(0, len(records), batch):
-                chunk = records[i:i + batch]
-                await send([r for _, r in chunk])
-                new_cursor = chunk[-1][0]
-                _write_cursor(seg, new_cursor)
-                self._pending_bytes -= new_cursor - start
-                self._pending_events -= len(chunk)
-                start = new_cursor
-                sent += len(chunk)
+            if start > durable:
+                await self._set_aside(seg, Scan(damaged=[(durable, start)], end=durable))
+                raise SpoolDamaged(f"spool segment {seg.name}: cursor {start} past its durable end {durable}")
+            scan = Scan(end=start)
+            if start < durable:
+                data = await asyncio.to_thread(_read_range, seg, start, durable)
+                scan = scan_frames(data, 0, len(data), base=start)
+            sent += await self._send_scanned(seg, scan, start, send, batch)
+            if scan.damaged:
+                await self._set_aside(seg, scan)
+                raise SpoolDamaged(f"spool segment {seg.name} is damaged at {scan.damaged}; set aside")
             async with self._lock:
+                # Under the lock no write is in flight: a durable end equal to the
+                # cursor means this segment holds nothing more to send.
+                if self._durable.get(seg, 0) > scan.end:
+                    continue            # appended while we sent: read the new part
                 if seg == self._active:
-                    if _file_size(seg) > start:
-                        continue            # appended while we sent: read it again
                     self._close_active()
-                if _file_size(seg) > start:
-                    continue
-                self._segments.pop(0)
+                self._forget(seg)
                 seg.unlink(missing_ok=True)
                 _cursor_path(seg).unlink(missing_ok=True)
         return sent
+
+    async def _send_scanned(self, seg: Path, scan: Scan, start: int,
+                            send: Callable[[list[Record]], Awaitable[None]], batch: int) -> int:
+        records = scan.records
+        for i in range(0, len(records), batch):
+            chunk = records[i:i + batch]
+            await send([r for _, r in chunk])
+            new_cursor = chunk[-1][0]
+            _write_cursor(seg, new_cursor)
+            self._pending_bytes -= new_cursor - start
+            self._pending_events -= len(chunk)
+            self._events[seg] = self._events.get(seg, 0) - len(chunk)
+            start = new_cursor
+        if scan.end > start:
+            _write_cursor(seg, scan.end)        # past a damaged range at the end
+            self._pending_bytes -= scan.end - start
+        return len(records)
+
+    async def _set_aside(self, seg: Path, scan: Scan) -> None:
+        """Move a damaged segment to damaged/ with a report; it leaves the queue."""
+        async with self._lock:
+            if seg == self._active:
+                self._close_active()
+            durable = self._durable.get(seg, 0)
+            report = {"segment": seg.name, "from": str(seg.parent), "durable_end": durable,
+                      "damaged": scan.damaged, "delivered_up_to": scan.end, "set_aside_at": time.time()}
+            target = await asyncio.to_thread(_move_aside, seg, self.damaged_dir, orjson.dumps(report))
+            lost_events = self._events.get(seg, 0)
+            self._pending_events -= max(lost_events, 0)
+            self._forget(seg)
+            self.damaged.append(DamagedSegment(target, tuple(scan.damaged), durable))
+        log.error("spool segment damaged: frames failing their CRC before the durable end; "
+                  "the good frames were sent and the file set aside for an operator",
+                  segment=seg.name, damaged_ranges=scan.damaged, set_aside=str(target),
+                  hint="headwater spool inspect " + str(target))
+
+    def _forget(self, seg: Path) -> None:
+        self._segments.remove(seg)
+        self._durable.pop(seg, None)
+        self._events.pop(seg, None)
 
     async def close(self) -> None:
         """Finish pending writes and close the active segment; safe to call twice."""
@@ -237,6 +423,29 @@ class Spool:
             self._close_active()
 
 
+def _move_aside(seg: Path, folder: Path, report: bytes) -> Path:
+    """Move ``seg`` into ``folder`` beside its report (the report first, so a
+    damaged file is never found without one); its cursor goes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / seg.name
+    if target.exists():                 # an adopted folder's segment of the same name
+        target = folder / f"{seg.stem}-{time.time_ns()}.log"
+    target.with_suffix(".damage.json").write_bytes(report)
+    seg.replace(target)
+    _cursor_path(seg).unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return target
+
+
+def _read_report(path: Path) -> DamagedSegment:
+    try:
+        report = orjson.loads(path.with_suffix(".damage.json").read_bytes())
+        ranges = tuple((int(a), int(b)) for a, b in report.get("damaged", ()))
+        return DamagedSegment(path, ranges, int(report.get("durable_end", 0)))
+    except (OSError, ValueError, TypeError):
+        return DamagedSegment(path, (), 0)
+
+
 def _write_and_sync(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -245,19 +454,21 @@ def _write_and_sync(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise OSError(f"spool segment {path.name} is shorter ({start + len(data)}) than its durable end {end}")
+    return data
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _cursor_path(seg: Path) -> Path:

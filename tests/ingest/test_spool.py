@@ -147,3 +147,150 @@ def test_orphan_spool_folders_go_to_one_worker_each(tmp_path: Path) -> None:
     settings = Settings(spool_dir=tmp_path, workers=2)
     assert [p.name for p in orphan_spools(settings, 0)] == ["worker-2", "worker-4"]
     assert [p.name for p in orphan_spools(settings, 1)] == ["worker-3", "worker-5"]
+
+
+async def _drain_all(spool: Spool) -> list[Record]:
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    await spool.drain(send)
+    return got
+
+
+async def test_drainer_never_reads_past_the_durable_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that reached the file but whose fsync failed is cut back; a drain
+    running meanwhile must not send it or move its cursor past it."""
+    import asyncio
+    import os
+    import threading
+
+    from services.ingest import spool as spool_module
+
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    await spool.append([rec(1)])
+    written, release = threading.Event(), threading.Event()
+
+    def write_then_fail_fsync(fd: int, data: bytes) -> None:
+        os.write(fd, data)              # in the file (page cache), not yet durable
+        written.set()
+        release.wait(10)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_write_and_sync", write_then_fail_fsync)
+    failing = asyncio.create_task(spool.append([rec(2), rec(3)]))
+    await asyncio.to_thread(written.wait, 10)
+    [segment] = tmp_path.glob("seg-*.log")
+    assert segment.stat().st_size > spool.durable_end(segment)   # the frames are there, not durable
+
+    sent: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        sent.extend(batch)
+
+    drainer = asyncio.create_task(spool.drain(send))
+    await asyncio.sleep(0.2)
+    assert sent == [rec(1)]                        # nothing past the durable end
+    release.set()
+    with pytest.raises(OSError, match="Input/output"):
+        await failing
+    await drainer
+    monkeypatch.undo()
+    await spool.append([rec(4)])                   # acknowledged after the failure
+    assert await _drain_all(spool) == [rec(4)]
+    assert sent == [rec(1)] and spool.is_empty
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+async def test_flipped_payload_byte_sets_the_segment_aside_and_the_rest_is_delivered(tmp_path: Path) -> None:
+    from services.ingest.errors import SpoolDamaged
+
+    spool = Spool(tmp_path, max_bytes=10_000_000, segment_bytes=200)
+    for i in range(12):
+        await spool.append([rec(i)])
+    await spool.close()
+    segments = sorted(tmp_path.glob("seg-*.log"))
+    assert len(segments) >= 3
+    frames_first, _ = read_frames(segments[0].read_bytes())
+    in_first = [r for _, r in frames_first]
+    assert len(in_first) >= 3
+    second_frame_start = frames_first[0][0]
+    _flip(segments[0], second_frame_start + 20)     # inside the second frame's payload
+
+    reopened = Spool(tmp_path, max_bytes=10_000_000)
+    reopened.open()                                 # not a torn tail: nothing is cut
+    assert segments[0].stat().st_size == len(b"".join(r.frame() for r in in_first))
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    with pytest.raises(SpoolDamaged):
+        await reopened.drain(send)
+    # The frames around the damaged one were sent; the file is kept with a report.
+    assert got == [in_first[0], *in_first[2:]]
+    kept = tmp_path / "damaged" / segments[0].name
+    assert kept.exists() and kept.with_suffix(".damage.json").exists()
+    assert [d.path for d in reopened.damaged] == [kept]
+    await reopened.drain(send)                      # the next round moves on
+    assert got == [r for r in (rec(i) for i in range(12)) if r != in_first[1]]
+    assert reopened.is_empty and reopened.pending_bytes == 0
+
+    again = Spool(tmp_path, max_bytes=10_000_000)
+    again.open()                                    # still reported after a restart
+    assert [d.path for d in again.damaged] == [kept] and again.is_empty
+
+
+async def test_flipped_length_byte_loses_framing_and_keeps_the_rest_for_the_operator(tmp_path: Path) -> None:
+    from services.ingest.errors import SpoolDamaged
+    from services.ingest.spool import resync_frames
+
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    spool.open()
+    await spool.append([rec(i) for i in range(6)])
+    [segment] = tmp_path.glob("seg-*.log")
+    frames, _ = read_frames(segment.read_bytes())
+    _flip(segment, frames[1][0] + 1)                # the third frame's length field
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    # The segment is still the active one: a live drain finds the damage too.
+    with pytest.raises(SpoolDamaged):
+        await spool.drain(send)
+    assert got == [rec(0), rec(1)]
+    [damage] = spool.damaged
+    assert damage.damaged == ((frames[1][0], frames[-1][0]),)
+    data = damage.path.read_bytes()
+    recovered = [r for _, r in resync_frames(data, frames[1][0], len(data))]
+    assert recovered == [rec(3), rec(4), rec(5)]
+    await spool.append([rec(9)])                    # appends go to a new segment
+    assert await _drain_all(spool) == [rec(9)]
+
+
+async def test_a_damaged_last_frame_is_not_taken_for_a_torn_tail(tmp_path: Path) -> None:
+    from services.ingest.errors import SpoolDamaged
+
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    await spool.append([rec(1), rec(2)])
+    await spool.close()
+    [segment] = tmp_path.glob("seg-*.log")
+    _flip(segment, segment.stat().st_size - 2)
+    reopened = Spool(tmp_path, max_bytes=10_000_000)
+    reopened.open()
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    with pytest.raises(SpoolDamaged):
+        await reopened.drain(send)
+    assert got == [rec(1)]
+    assert (tmp_path / "damaged" / segment.name).exists()
