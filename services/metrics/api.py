@@ -14,6 +14,7 @@ from aiohttp import web
 from services.common.cassandra import CassandraClient
 from services.metrics import kairos
 from services.metrics.errors import QueryError
+from services.metrics.external import ExternalStore
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.rollup import union_estimate
 from services.metrics.settings import Settings
@@ -33,8 +34,9 @@ _MAX_TAG_CHARS = 256
 class QueryService:
     """Answers parsed KairosDB queries from the rollup tables and the external datapoints."""
 
-    def __init__(self, store: Store, settings: Settings, metrics: MetricsMetrics) -> None:
+    def __init__(self, store: Store, external: ExternalStore, settings: Settings, metrics: MetricsMetrics) -> None:
         self.store = store
+        self.external = external
         self.settings = settings
         self.metrics = metrics
         self.retention = retentions(settings)
@@ -71,8 +73,8 @@ class QueryService:
 
     async def _external_series(self, query: kairos.Query, metric: kairos.MetricQuery
                                ) -> list[tuple[dict[str, str], kairos.Point]]:
-        points = await self.store.read_external(metric.name, query.start_ms, query.end_ms,
-                                                self.settings.query_max_rows)
+        points = await self.external.read(metric.name, query.start_ms, query.end_ms,
+                                          max_rows=self.settings.query_max_rows)
         out = []
         for p in points:
             tags = orjson.loads(p.tags)
@@ -109,7 +111,7 @@ class QueryService:
         return {"sample_size": len(series), "results": results or [kairos.empty_result(metric)]}
 
     async def metric_names(self, prefix: str | None) -> list[str]:
-        names = sorted({*kairos.ROLLUP_METRICS, *await self.store.external_metrics()})
+        names = sorted({*kairos.ROLLUP_METRICS, *await self.external.metrics()})
         return [n for n in names if not prefix or n.startswith(prefix)]
 
 
@@ -262,7 +264,7 @@ async def _write(request: web.Request) -> web.Response:
         points = parse_datapoints(await _read_json(request))
     except QueryError as exc:
         return _errors(exc.errors)
-    await service.store.write_external(points)
+    await service.external.write(points)
     service.metrics.external_points.inc(len(points))
     return web.Response(status=204)
 

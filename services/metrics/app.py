@@ -19,6 +19,7 @@ from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
 from services.common.sources import SourceRegistry
 from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes
 from services.metrics.consumer import RollupConsumer
+from services.metrics.external import ExternalStore
 from services.metrics.metrics import make_metrics
 from services.metrics.settings import Settings
 from services.metrics.sink import KairosSink
@@ -113,8 +114,10 @@ async def build_app(settings: Settings, *, consume: bool = True,
         await migrate_schema(client, settings)
         store = Store(client, settings)
         await store.prepare()
+        external = ExternalStore(client, settings)
+        await external.prepare()
         health.add_check("cassandra", client.ready)
-        add_kairos_routes(app, QueryService(store, settings, metrics), client)
+        add_kairos_routes(app, QueryService(store, external, settings, metrics), client)
         if consume:
             await ensure_topics(settings.kafka_bootstrap, [
                 TopicSpec(settings.late_topic, settings.late_topic_partitions,

@@ -17,8 +17,6 @@ from services.metrics.settings import Settings
 
 T = TypeVar("T")
 
-# Bucket of the external datapoints table (one Cassandra partition per metric and day).
-EXTERNAL_BUCKET_MS = 86_400_000
 # TWCS window per table: about 20-40 SSTable windows over the default retention.
 _TWCS = {"1m": ("HOURS", 6), "1h": ("DAYS", 3), "1d": ("DAYS", 30), "external": ("DAYS", 3)}
 
@@ -63,6 +61,14 @@ def migrations() -> list[Migration]:
         Migration(4, "per-partition window horizons (no read for a window never written)", (
             "CREATE TABLE IF NOT EXISTS {keyspace}.horizons (consumer_group text, topic text, kpart int, "
             "resolution text, max_window bigint, PRIMARY KEY ((consumer_group, topic), kpart, resolution))",
+        )),
+        # Versions 100 and up belong to the external datapoints (external.py), so steps of the
+        # rollups and of the write API never take the same number.
+        Migration(100, "days and tag sets of each external metric (reads, deletes, tag lists)", (
+            "CREATE TABLE IF NOT EXISTS {keyspace}.external_buckets (metric text, bucket bigint, "
+            "PRIMARY KEY (metric, bucket))",
+            "CREATE TABLE IF NOT EXISTS {keyspace}.external_series (metric text, tags text, "
+            "PRIMARY KEY (metric, tags))",
         )),
     ]
 
@@ -120,14 +126,6 @@ class StoredRow:
     sums: dict[str, float]
 
 
-@dataclass(frozen=True)
-class ExternalPoint:
-    ts: int
-    tags: str
-    value: float
-    is_long: bool
-
-
 class Store:
     """Prepared statements over one keyspace."""
 
@@ -155,14 +153,6 @@ class Store:
             "series_put": f"UPDATE {ks}.series USING TTL {self.series_ttl} SET props = props + ? "
                           "WHERE k = 0 AND source = ? AND type = ? AND event = ?",
             "series_all": f"SELECT source, type, event, props FROM {ks}.series WHERE k = 0",
-            "ext_put": f"INSERT INTO {ks}.external_datapoints (metric, bucket, ts, tags, value, is_long) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-            "ext_put_ttl": f"INSERT INTO {ks}.external_datapoints (metric, bucket, ts, tags, value, is_long) "
-                           "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
-            "ext_get": f"SELECT ts, tags, value, is_long FROM {ks}.external_datapoints "
-                       "WHERE metric = ? AND bucket = ? AND ts >= ? AND ts <= ?",
-            "ext_metric_put": f"INSERT INTO {ks}.external_metrics (k, metric) VALUES (0, ?)",
-            "ext_metrics": f"SELECT metric FROM {ks}.external_metrics WHERE k = 0",
         }
         for res in RESOLUTIONS:
             t = f"{ks}.{table(res)}"
@@ -247,31 +237,3 @@ class Store:
                 if len(out) > limit:
                     raise QueryTooLarge(limit)
         return out
-
-    # --- external datapoints -----------------------------------------------------------------
-
-    async def write_external(self, points: Sequence[tuple[str, int, str, float, bool, int | None]]) -> None:
-        """(metric, ts, tags, value, is_long, ttl or None) rows."""
-        def statement(p: tuple[str, int, str, float, bool, int | None]) -> Awaitable[Any]:
-            metric, ts, tags, value, is_long, ttl = p
-            params: tuple[Any, ...] = (metric, ts // EXTERNAL_BUCKET_MS, ts, tags, value, is_long)
-            if ttl:
-                return self.client.execute(self._ps["ext_put_ttl"], (*params, ttl))
-            return self.client.execute(self._ps["ext_put"], params)
-
-        await bounded_gather((statement(p) for p in points), self.concurrency)
-        for metric in sorted({p[0] for p in points}):
-            await self.client.execute(self._ps["ext_metric_put"], (metric,))
-
-    async def read_external(self, metric: str, start_ms: int, end_ms: int, limit: int) -> list[ExternalPoint]:
-        out: list[ExternalPoint] = []
-        for bucket in self._buckets(start_ms, end_ms, EXTERNAL_BUCKET_MS):
-            rows = await self._all_pages("ext_get", (metric, bucket, start_ms, end_ms))
-            for r in rows:
-                out.append(ExternalPoint(int(r.ts), r.tags, float(r.value), bool(r.is_long)))
-                if len(out) > limit:
-                    raise QueryTooLarge(limit)
-        return out
-
-    async def external_metrics(self) -> list[str]:
-        return [r.metric for r in await self._all_pages("ext_metrics")]
