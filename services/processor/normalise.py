@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from services.common.segment import SHORT_TYPES
 
@@ -17,6 +17,14 @@ KEPT_FIELDS = frozenset((
 ))
 
 FLAG_TIMESTAMP_CLAMPED = "timestamp_clamped"
+
+# Libraries that run on the user's device, whose clock may be hours off: under
+# clock_skew "auto" their timestamp is corrected (context.library.name).
+CLIENT_LIBRARIES = frozenset((
+    "analytics.js", "analytics-ios", "analytics-android", "analytics-react-native", "analytics-kotlin",
+    "analytics-swift", "analytics-flutter",
+))
+ClockSkew = Literal["auto", "correct", "trust"]
 
 
 class TimestampError(ValueError):
@@ -60,16 +68,34 @@ def parse_ts(value: str, field: str) -> datetime:
     return moment
 
 
+def corrects_clock(event: dict[str, Any], clock_skew: ClockSkew) -> bool:
+    """Whether a client-given ``timestamp`` is a device time to correct (the source's
+    ``clock_skew``: ``auto`` corrects client-side libraries only)."""
+    if clock_skew == "auto":
+        context = event.get("context")
+        library = context.get("library") if isinstance(context, dict) else None
+        name = library.get("name") if isinstance(library, dict) else None
+        return name in CLIENT_LIBRARIES
+    return clock_skew == "correct"
+
+
 def event_time(event: dict[str, Any], received: datetime, max_future_skew: timedelta,
-               flags: list[str]) -> dict[str, str]:
+               flags: list[str], clock_skew: ClockSkew = "auto") -> dict[str, str]:
     """The timestamp fields of the enriched event.
 
-    A client-given ``timestamp`` stands. Without one, Segment's rule corrects
-    the device clock: timestamp = receivedAt - (sentAt - originalTimestamp);
-    with no sentAt the device clock is taken as is, and with no
-    originalTimestamp either, receivedAt is the event time. A result further
-    ahead of receivedAt than ``max_future_skew`` is clamped to receivedAt and
-    flagged.
+    Segment's rule corrects the device clock: timestamp = receivedAt - (sentAt -
+    originalTimestamp). Which device time it starts from depends on ``clock_skew``:
+
+    - a client-given ``timestamp`` from a client-side library (``auto``) or from
+      any library (``correct``) is the device time: it becomes originalTimestamp
+      and is corrected;
+    - otherwise a client-given ``timestamp`` stands, and without one the sent
+      originalTimestamp is corrected (``trust``: taken as is);
+    - with no sentAt the device time is taken as is, and with neither
+      timestamp nor originalTimestamp, receivedAt is the event time.
+
+    A result further ahead of receivedAt than ``max_future_skew`` is clamped to
+    receivedAt and flagged.
     """
     out: dict[str, str] = {}
     parsed: dict[str, datetime] = {}
@@ -81,12 +107,16 @@ def event_time(event: dict[str, Any], received: datetime, max_future_skew: timed
             parsed[name] = parse_ts(text, name)
             given[name] = text
     timestamp = parsed.get("timestamp")
+    if timestamp is not None and corrects_clock(event, clock_skew):
+        # The library's timestamp is the device time Segment calls originalTimestamp.
+        parsed["originalTimestamp"], given["originalTimestamp"] = timestamp, given["timestamp"]
+        timestamp = None
+    sent = parsed.get("sentAt")
     if timestamp is not None:
         moment = timestamp
     elif "originalTimestamp" in parsed:
         original = parsed["originalTimestamp"]
-        sent = parsed.get("sentAt")
-        moment = received - (sent - original) if sent is not None else original
+        moment = received - (sent - original) if sent is not None and clock_skew != "trust" else original
     else:
         moment = received
     if moment - received > max_future_skew:
@@ -109,7 +139,7 @@ def _canonical(text: str) -> bool:
 
 
 def normalise(event: dict[str, Any], *, message_id: str, received: datetime,
-              max_future_skew: timedelta, flags: list[str]) -> dict[str, Any]:
+              max_future_skew: timedelta, flags: list[str], clock_skew: ClockSkew = "auto") -> dict[str, Any]:
     """A new dict in the events.enriched shape (without enrichment and _hw).
 
     ``event`` must already have passed services.common.segment.validate.
@@ -126,5 +156,5 @@ def normalise(event: dict[str, Any], *, message_id: str, received: datetime,
             out[key] = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     context = out.get("context")
     out["context"] = dict(context) if isinstance(context, dict) else {}
-    out.update(event_time(event, received, max_future_skew, flags))
+    out.update(event_time(event, received, max_future_skew, flags, clock_skew))
     return out

@@ -163,6 +163,8 @@ class Pipeline:
         message_id = (mid if present(mid) else envelope.message_id) or (
             f"hw-{record.topic}-{record.partition}-{record.offset}")
 
+        source_id = envelope.source_id
+        source = self.registry.by_id(source_id)
         received_ms = envelope.received_at_ms
         try:
             if received_ms <= 0:
@@ -172,17 +174,15 @@ class Pipeline:
                                if isinstance(stamped, str) else record.timestamp)
             received = datetime.fromtimestamp(received_ms / 1000, UTC)
             flags: list[str] = []
-            out = normalise(event, message_id=message_id, received=received,
-                            max_future_skew=self._skew, flags=flags)
+            out = normalise(event, message_id=message_id, received=received, max_future_skew=self._skew,
+                            flags=flags, clock_skew=source.clock_skew if source is not None else "auto")
         except TimestampError as exc:
             raise _Bad(FailureType.SCHEMA_VIOLATION, [str(exc)], envelope, message_id) from None
 
-        source_id = envelope.source_id
         key = dedupe_key(source_id, message_id)
         if is_duplicate(key, received_ms):
             return Result(Kind.DUPLICATE, source_id=source_id, received_at_ms=received_ms)
 
-        source = self.registry.by_id(source_id)
         if source is None:
             flags.append(FLAG_UNKNOWN_SOURCE)
         switches = source.enrichment if source is not None else DEFAULT_ENRICHMENT

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from services.common.badrow import BadRow, FailureType
 from services.common.proto.envelope_pb2 import Envelope
-from services.common.sources import Destination, Enrichment, SourceRegistry
+from services.common.sources import Destination, Enrichment, SourceRegistry, parse_sources
 from services.processor import normalise as norm
 from services.processor.dedupe import DedupeWindow, decode_entries, dedupe_key, encode_entries
 from services.processor.enrich import Enricher, _split, anonymise_ip, is_bot, referrer_medium
@@ -78,6 +78,102 @@ def test_segment_skew_rule_when_timestamp_absent() -> None:
     assert out["sentAt"] == "2026-11-24T14:00:05.000Z"
     assert out["receivedAt"] == "2026-11-24T15:00:00.123Z"
     assert flags == []
+
+
+# Device clock one hour behind: the event at 14:00:00.000 and the send at 14:00:05.000 device
+# time, received at 15:00:00.123: corrected, the event happened 5 s before receipt.
+SLOW_DEVICE = {"timestamp": "2026-11-24T14:00:00.000Z", "sentAt": "2026-11-24T14:00:05.000Z"}
+CORRECTED = "2026-11-24T14:59:55.123Z"
+
+
+def library(name: str, **fields: Any) -> dict[str, Any]:
+    return {**fields, "context": {"library": {"name": name, "version": "1.0"}}}
+
+
+def skewed(event: dict[str, Any], clock_skew: norm.ClockSkew) -> tuple[dict[str, str], list[str]]:
+    flags: list[str] = []
+    return norm.event_time(event, RECEIVED, timedelta(seconds=600), flags, clock_skew), flags
+
+
+@pytest.mark.parametrize("name", sorted(norm.CLIENT_LIBRARIES))
+def test_client_library_timestamp_is_corrected_under_auto(name: str) -> None:
+    out, flags = skewed(library(name, **SLOW_DEVICE), "auto")
+    assert out["timestamp"] == CORRECTED
+    # Segment's shape: the device's own time is kept as originalTimestamp.
+    assert out["originalTimestamp"] == "2026-11-24T14:00:00.000Z"
+    assert out["sentAt"] == "2026-11-24T14:00:05.000Z"
+    assert flags == []
+
+
+@pytest.mark.parametrize("name", ["analytics-python", "analytics-node", "analytics.js-fork", ""])
+def test_server_library_timestamp_stands_under_auto(name: str) -> None:
+    out, _ = skewed(library(name, **SLOW_DEVICE), "auto")
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z"
+    assert "originalTimestamp" not in out
+
+
+def test_no_library_at_all_keeps_the_timestamp_under_auto() -> None:
+    out, _ = skewed(dict(SLOW_DEVICE), "auto")
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z"
+    out, _ = skewed({**SLOW_DEVICE, "context": {"library": "analytics.js"}}, "auto")  # not an object
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z"
+
+
+def test_correct_corrects_every_library() -> None:
+    out, _ = skewed(library("analytics-python", **SLOW_DEVICE), "correct")
+    assert out["timestamp"] == CORRECTED
+    assert out["originalTimestamp"] == "2026-11-24T14:00:00.000Z"
+
+
+def test_trust_never_corrects() -> None:
+    out, _ = skewed(library("analytics-ios", **SLOW_DEVICE), "trust")
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z" and "originalTimestamp" not in out
+    # Without a timestamp, originalTimestamp is taken as is too.
+    out, _ = skewed({"originalTimestamp": "2026-11-24T14:00:00.000Z", "sentAt": "2026-11-24T14:00:05Z"}, "trust")
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z"
+
+
+def test_client_library_without_sent_at_keeps_its_time() -> None:
+    out, _ = skewed(library("analytics-android", timestamp="2026-11-24T14:00:00.000Z"), "auto")
+    assert out["timestamp"] == "2026-11-24T14:00:00.000Z"
+    assert out["originalTimestamp"] == "2026-11-24T14:00:00.000Z"
+
+
+def test_device_clock_ahead_is_corrected_not_clamped() -> None:
+    # Two hours fast, offline queue: event at 17:00:00 device time, sent 30 minutes later.
+    event = library("analytics-swift", timestamp="2026-11-24T19:00:00+02:00", sentAt="2026-11-24T17:30:00Z")
+    out, flags = skewed(event, "auto")
+    assert out["timestamp"] == "2026-11-24T14:30:00.123Z"
+    assert flags == []
+    # Trusted, the same event is two hours in the future: clamped to receipt and flagged.
+    out, flags = skewed(event, "trust")
+    assert out["timestamp"] == "2026-11-24T15:00:00.123Z" and flags == [norm.FLAG_TIMESTAMP_CLAMPED]
+
+
+def test_pipeline_takes_clock_skew_from_the_source(tmp_path: Path) -> None:
+    path = tmp_path / "sources.json"
+    path.write_bytes(orjson.dumps({"sources": [
+        {"id": "app", "name": "app", "write_key": "wk-app"},
+        {"id": "kiosk", "name": "kiosk", "write_key": "wk-kiosk", "clock_skew": "trust"},
+        {"id": "backend", "name": "backend", "write_key": "wk-backend", "clock_skew": "correct"},
+    ]}))
+    registry = SourceRegistry(path)
+    assert registry.load()
+    pipe = Pipeline(Settings(sources_file=path), registry,
+                    Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
+    expected = {("app", "analytics.js"): CORRECTED, ("kiosk", "analytics.js"): "2026-11-24T14:00:00.000Z",
+                ("backend", "analytics-node"): CORRECTED, ("app", "analytics-node"): "2026-11-24T14:00:00.000Z",
+                ("gone", "analytics.js"): CORRECTED}  # an unknown source gets the default, auto
+    for (source_id, name), timestamp in expected.items():
+        event = library(name, type="identify", userId="u", **SLOW_DEVICE)
+        result = pipe.process(record(envelope(event, source_id=source_id, received_at_ms=RECEIVED_MS)), never)
+        assert orjson.loads(result.outputs[0].value)["timestamp"] == timestamp, (source_id, name)
+
+
+def test_clock_skew_setting_is_validated() -> None:
+    with pytest.raises(ValidationError, match="clock_skew"):
+        parse_sources(orjson.dumps({"sources": [{"id": "a", "name": "a", "write_key": "k",
+                                                 "clock_skew": "sometimes"}]}))
 
 
 def test_given_timestamp_stands_and_offsets_are_converted() -> None:
