@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
@@ -76,3 +76,32 @@ class Settings(CommonSettings):
         if not _CQL_NAME.match(value):
             raise ValueError("a keyspace name is lower-case letters, digits and '_', starting with a letter")
         return value
+
+    # Query API: access and limits
+    # Loopback unless told otherwise: the API stores series for whoever can reach it.
+    http_host: str = "127.0.0.1"
+    # HTTP Basic credentials (KairosDB's basic auth). Unset: the API is open (local development).
+    # Set: writes and deletes need them always, reads too when api_auth_reads is on.
+    api_user: SecretStr = SecretStr("")
+    api_password: SecretStr = SecretStr("")
+    api_auth_reads: bool = False
+    # Origins a browser may call the API from (CORS); "*" is KairosDB's answer.
+    api_cors_origins: tuple[str, ...] = ("*",)
+    # One POST /api/v1/datapoints: at most this many points, metric names and tags per metric.
+    write_max_points: int = Field(default=200_000, ge=1)
+    write_max_metrics: int = Field(default=10_000, ge=1)
+    write_max_tags: int = Field(default=64, ge=1)
+    # Bodies over this size are parsed in a worker thread, off the event loop.
+    write_inline_bytes: int = Field(default=256 * 1024, ge=0)
+
+    @field_validator("api_password")
+    @classmethod
+    def _password_with_user(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        user = info.data.get("api_user")
+        if bool(value.get_secret_value()) != bool(user and user.get_secret_value()):
+            raise ValueError("api_user and api_password are set together or not at all")
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_user.get_secret_value())
