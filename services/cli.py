@@ -12,7 +12,7 @@ def _stack(args: argparse.Namespace) -> int:
     settings = stack.StackSettings()
     if args.action == "up":
         try:
-            timings = stack.up(settings)
+            timings = stack.up(settings, kinesis=args.kinesis)
         except stack.StackError as exc:
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
@@ -25,7 +25,9 @@ def _stack(args: argparse.Namespace) -> int:
     elif args.action == "status":
         print("\n".join(stack.status(settings)))
     elif args.action == "logs":
-        for server in (stack.kafka_server(settings), stack.cassandra_server(settings)):
+        from services.devstack.kinesis import kinesis_server
+
+        for server in (stack.kafka_server(settings), stack.cassandra_server(settings), kinesis_server(settings)):
             print(f"==> {server.log_file} <==\n{server.log_tail(args.lines)}\n")
     return 0
 
@@ -40,18 +42,51 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run_fleet(root, demo=args.demo, duration_s=args.duration))
 
 
+def _spool(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    import orjson
+
+    from services.common.settings import load_settings
+    from services.ingest.settings import Settings
+    from services.ingest.spooltool import inspect_segment, replay_segment
+
+    path = Path(args.segment)
+    if not path.is_file():
+        print(f"no such spool segment: {path}", file=sys.stderr)
+        return 1
+    if args.action == "inspect":
+        print(orjson.dumps(inspect_segment(path).summary(), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    settings = load_settings(Settings)
+    sent = asyncio.run(replay_segment(path, bootstrap=args.bootstrap or settings.kafka_bootstrap,
+                                      dlq_topic=settings.dlq_topic, everything=args.all))
+    print(f"replayed {sent} records from {path}; the file moved to {path.parent / 'replayed'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headwater", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     stack_cmd = commands.add_parser("stack", help="local Kafka and Cassandra, no Docker")
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])
     stack_cmd.add_argument("--lines", type=int, default=40, help="log lines for 'logs'")
+    stack_cmd.add_argument("--kinesis", action="store_true",
+                           help="'up' also starts the Kinesis-compatible server (kinesalite) for the bridge")
     stack_cmd.set_defaults(func=_stack)
     run_cmd = commands.add_parser("run", help="the local fleet on the dev stack (starts it if needed)")
     run_cmd.add_argument("--demo", action="store_true", help="send demo traffic")
     run_cmd.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     run_cmd.add_argument("--root", default=".", help="the repository (config/, var/)")
     run_cmd.set_defaults(func=_run)
+    spool_cmd = commands.add_parser("spool", help="inspect or replay an ingest spool segment set aside as damaged")
+    spool_cmd.add_argument("action", choices=["inspect", "replay"])
+    spool_cmd.add_argument("segment", help="a seg-*.log file, e.g. var/spool/ingest/worker-0/damaged/seg-...log")
+    spool_cmd.add_argument("--all", action="store_true",
+                           help="replay every good frame, not only those recovered from damaged ranges")
+    spool_cmd.add_argument("--bootstrap", default=None, help="Kafka (default HEADWATER_INGEST_KAFKA_BOOTSTRAP)")
+    spool_cmd.set_defaults(func=_spool)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

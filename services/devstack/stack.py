@@ -60,6 +60,10 @@ class StackSettings(BaseSettings):
     cassandra_port: int = 9042
     cassandra_storage_port: int = 7000
     cassandra_heap: str = "1G"
+    # The optional Kinesis-compatible server (services/devstack/kinesis.py), for the bridge.
+    kinesis_port: int = 4567
+    node: str = "node"
+    npm: str = "npm"
     start_timeout_s: float = 240.0
     stop_timeout_s: float = 90.0
 
@@ -70,6 +74,10 @@ class StackSettings(BaseSettings):
     @property
     def kafka_bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def kinesis_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.kinesis_port}"
 
 
 @dataclass
@@ -215,6 +223,7 @@ class Server:
 
 # Servers this process started; kept so they can be reaped once they exit.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+children = _children  # the same map, for the non-JVM servers (services/devstack/kinesis.py)
 
 
 def _reap(pid: int) -> None:
@@ -431,9 +440,15 @@ def wait_until(server: Server, probe: Callable[[], bool], timeout_s: float) -> f
     )
 
 
-def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True) -> dict[str, float]:
-    """Start what is not running and return once every server answers."""
+def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
+       kinesis: bool = False) -> dict[str, float]:
+    """Start what is not running and return once every server answers; the
+    Kinesis server only when asked for (the bridge and its tests need it)."""
     timings: dict[str, float] = {}
+    if kinesis:
+        from services.devstack.kinesis import start_kinesis
+
+        timings["kinesis"] = start_kinesis(settings)[1]
     started: list[tuple[Server, Callable[[], bool]]] = []
     t0 = time.monotonic()
     if kafka:
@@ -449,16 +464,22 @@ def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True) -
 
 
 def down(settings: StackSettings) -> list[str]:
-    servers = (kafka_server(settings), cassandra_server(settings))
+    from services.devstack.kinesis import kinesis_server
+
+    servers = (kafka_server(settings), cassandra_server(settings), kinesis_server(settings))
     return [server.name for server in servers if server.stop()]
 
 
 def status(settings: StackSettings) -> list[str]:
+    from services.devstack.kinesis import kinesis_server
+
     lines = []
-    for server, where in (
+    servers: tuple[tuple[Server, str], ...] = (
         (kafka_server(settings), settings.kafka_bootstrap),
         (cassandra_server(settings), f"127.0.0.1:{settings.cassandra_port}"),
-    ):
+        (kinesis_server(settings), f"127.0.0.1:{settings.kinesis_port}"),
+    )
+    for server, where in servers:
         pid = server.pid()
         state = f"running pid {pid}" if pid else "stopped"
         lines.append(f"{server.name:<10} {server.version:<8} {state:<20} {where:<18} "
