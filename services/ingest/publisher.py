@@ -189,6 +189,9 @@ class Publisher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), 1.0)
             self._wakeup.clear()
+            if self.spool.damaged:
+                await asyncio.to_thread(self.spool.refresh_damaged)  # an operator may have replayed one
+                self._update_gauges()
             if self.spool.is_empty and self._kafka_up:
                 continue
             if not await self._connect() or not await self._kafka_answers():

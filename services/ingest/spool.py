@@ -19,8 +19,12 @@ Invariants:
   closed and the next write opens a new one.
 - **A torn tail is dropped only when it cannot hold an acknowledged frame.**
   On reopen, bytes after the last good frame are cut only when they are a
-  frame that never finished arriving (shorter than it declares, or zeros):
-  the one unacknowledged write a crash interrupted.
+  frame that never finished arriving (shorter than it declares, or zeros)
+  with no whole frame anywhere after it: the one unacknowledged write a
+  crash interrupted. (The durable end itself is not persisted, which would
+  cost a second fsync per write; a damaged length field in the very last
+  frame of a segment therefore looks torn and is cut, the one case where
+  damage goes unreported.)
 - **Damage is never cut silently.** A frame before the durable end that
   fails its CRC (bit rot, a bad disk) makes the segment *damaged*: frames
   around it that still frame correctly are delivered, and the file is set
@@ -158,12 +162,17 @@ def resync_frames(data: bytes, start: int, end: int) -> Iterator[tuple[int, Reco
 
 def is_torn_tail(data: bytes, pos: int) -> bool:
     """Bytes from ``pos`` to the end are an interrupted write, never acknowledged:
-    too short for a frame header, a frame shorter than it declares, or zeros."""
+    too short for a frame header, zeros, or a frame shorter than it declares with
+    no whole frame after it. A torn write is a prefix of one group write, so
+    nothing frames after its first incomplete frame; a good frame further on
+    means a damaged length field in front of acknowledged frames instead."""
     rest = data[pos:]
     if len(rest) < _FRAME.size or not rest.strip(b"\0"):
         return True
     length, _ = _FRAME.unpack_from(rest)
-    return _FRAME.size + int(length) > len(rest)
+    if _FRAME.size + int(length) <= len(rest):
+        return False                    # a whole frame that fails its CRC: damage
+    return next(resync_frames(data, pos + 1, len(data)), None) is None
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,11 @@ class Spool:
     def damaged_dir(self) -> Path:
         return self.directory / DAMAGED_DIR
 
+    def refresh_damaged(self) -> None:
+        """Re-read damaged/ (blocking; call in a thread): an operator's replay
+        moves files out of it."""
+        self.damaged = [_read_report(p) for p in sorted(self.damaged_dir.glob("seg-*.log"))]
+
     def durable_end(self, segment: Path) -> int:
         """Where the fsync'd frames of ``segment`` end (0 for an unknown one)."""
         return self._durable.get(segment, 0)
@@ -248,7 +262,7 @@ class Spool:
             self._events[seg] = events
             self._pending_events += events
             self._pending_bytes += len(data) - start
-        self.damaged = [_read_report(p) for p in sorted(self.damaged_dir.glob("seg-*.log"))]
+        self.refresh_damaged()
         if self._pending_events:
             log.warning("spool holds events from an earlier run; replaying them first",
                         events=self._pending_events, bytes=self._pending_bytes)

@@ -294,3 +294,16 @@ async def test_a_damaged_last_frame_is_not_taken_for_a_torn_tail(tmp_path: Path)
         await reopened.drain(send)
     assert got == [rec(1)]
     assert (tmp_path / "damaged" / segment.name).exists()
+
+
+async def test_a_damaged_length_in_front_of_good_frames_is_not_taken_for_a_torn_tail(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    await spool.append([rec(i) for i in range(4)])
+    await spool.close()
+    [segment] = tmp_path.glob("seg-*.log")
+    size = segment.stat().st_size
+    frames, _ = read_frames(segment.read_bytes())
+    _flip(segment, frames[0][0] + 2)                # frame 2 now declares 16 KiB more than the file holds
+    reopened = Spool(tmp_path, max_bytes=10_000_000)
+    reopened.open()
+    assert segment.stat().st_size == size           # nothing cut
