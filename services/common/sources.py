@@ -170,6 +170,10 @@ class SourceRegistry:
     def by_id(self, source_id: str) -> Source | None:
         return self._by_id.get(source_id)
 
+    def write_keys(self) -> list[str]:
+        """Every registered write key, for scrubbing them out of text that must not carry one."""
+        return list(self._by_key)
+
     def origin_allowed_anywhere(self, origin: str) -> bool:
         """For CORS preflights, which carry no write key: does any enabled
         source accept this origin? The real request is checked per source."""
