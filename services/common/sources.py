@@ -127,6 +127,25 @@ def parse_sources(raw: bytes) -> SourcesFile:
     return SourcesFile.model_validate(orjson.loads(raw))
 
 
+def describe_load_error(exc: OSError | ValueError) -> str:
+    """Why the registry file is unusable, for logs and /readyz (a public port):
+    where and what, never an entry's values. Pydantic's own text quotes the
+    input (a whole entry, write key included), so it is rebuilt from the
+    error list without inputs."""
+    if isinstance(exc, ValidationError):
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
+                    for err in exc.errors(include_url=False, include_input=False, include_context=False)]
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        message = f"invalid sources file: {shown}"
+    elif isinstance(exc, OSError):
+        message = f"cannot read the sources file: {exc.strerror or type(exc).__name__}"
+    elif isinstance(exc, orjson.JSONDecodeError):
+        message = f"the sources file is not valid JSON: {exc}"  # orjson says where, not what
+    else:
+        message = f"invalid sources file: {type(exc).__name__}"
+    return " ".join(message.split())
+
+
 class SourceRegistry:
     """Lookups by write key or id, reloaded live from a file."""
 
@@ -147,7 +166,7 @@ class SourceRegistry:
                 return False
             parsed = parse_sources(self.path.read_bytes())
         except (OSError, ValueError, ValidationError) as exc:
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            message = describe_load_error(exc)
             if message != self._error:
                 log.warning("source registry unreadable; keeping the last good copy",
                           path=str(self.path), error=message, sources=len(self._by_id))
