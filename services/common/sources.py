@@ -189,6 +189,10 @@ class SourceRegistry:
     def by_id(self, source_id: str) -> Source | None:
         return self._by_id.get(source_id)
 
+    def sources(self) -> list[Source]:
+        """Every registered source (enabled or not)."""
+        return list(self._by_id.values())
+
     def write_keys(self) -> list[str]:
         """Every registered write key, for scrubbing them out of text that must not carry one."""
         return list(self._by_key)
