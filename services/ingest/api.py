@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +58,11 @@ class Ingest:
 INGEST_KEY = web.AppKey("ingest", Ingest)
 
 
-# orjson reads JSON nested up to 1,024 levels but writes at most 254.
-JSON_MAX_DEPTH = 254
+JSON_MAX_DEPTH = parsing.JSON_MAX_DEPTH
+# A bad row's original keeps the event whole up to this depth; deeper containers
+# are replaced by a marker (orjson cannot write them, and repr() would recurse).
+ORIGINAL_MAX_DEPTH = 200
+CUT_MARKER = f"[nested deeper than {ORIGINAL_MAX_DEPTH} levels: cut]"
 
 
 def clean_header(value: str, limit: int = 1024) -> str:
@@ -69,12 +72,24 @@ def clean_header(value: str, limit: int = 1024) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:limit]
 
 
-def original_bytes(event: Any, limit: int) -> bytes:
-    """The event for a bad row: JSON when it can be written, else its repr (cut to ``limit``)."""
+def original_bytes(event: Any, write_keys: Sequence[str] = ()) -> bytes:
+    """The event for a bad row, as JSON: without its ``writeKey`` field and with any
+    registered write key blanked out; containers nested past ORIGINAL_MAX_DEPTH cut."""
+    if isinstance(event, dict) and "writeKey" in event:
+        event = {k: v for k, v in event.items() if k != "writeKey"}
     try:
-        return orjson.dumps(event)
+        raw = orjson.dumps(event)
     except orjson.JSONEncodeError:
-        return repr(event).encode("utf-8", "replace")[:limit]
+        try:
+            raw = orjson.dumps(parsing.cut_deep(event, ORIGINAL_MAX_DEPTH, CUT_MARKER))
+        except orjson.JSONEncodeError:
+            raw = orjson.dumps(CUT_MARKER)
+    return parsing.scrub_keys(raw, write_keys)
+
+
+def _scrubbed(errors: list[str], write_keys: Sequence[str]) -> list[str]:
+    """Error texts quote client values (a type, say), which may be a write key."""
+    return [parsing.scrub_keys(e.encode(), write_keys).decode() for e in errors]
 
 
 def _json(status: int, body: dict[str, Any] | bytes, headers: CIMultiDict[str] | None = None) -> web.Response:
@@ -195,8 +210,10 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
             rejected.append({"index": index, "messageId": message_id if isinstance(message_id, str) else None,
                              "errors": errors})
             ing.metrics.events.rejected(failure.value)
+            keys = ing.sources.write_keys()
             records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
-                failure_type=failure, errors=errors, original=original_bytes(event, s.max_request_bytes),
+                failure_type=failure, errors=_scrubbed(errors, keys),
+                original=original_bytes(event, keys),
                 service="ingest", version=VERSION, source_id=source.id,
                 message_id=message_id if isinstance(message_id, str) else None, request_id=request_id,
                 extra={"path": path, "index": index},
@@ -303,23 +320,54 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
     return handle
 
 
+# Pixel failures that are counted only: without a valid write key (or for a
+# source that takes nothing now) a pixel is anonymous junk that must not fill
+# the DLQ or the spool.
+PIXEL_COUNT_ONLY = frozenset({"missing_write_key", "unknown_write_key", "source_disabled", "rate_limited",
+                              "unavailable", "overloaded"})
+
+
+def _pixel_original(path: str, query: dict[str, str], write_keys: Sequence[str]) -> bytes:
+    """A bad pixel's input for its bad row: the query without ``writeKey``, its
+    ``data=`` decoded when it is base64 (a key inside shows, so it can be blanked),
+    every registered write key blanked."""
+    kept: dict[str, Any] = {k: v for k, v in query.items() if k != "writeKey"}
+    data = kept.get("data")
+    if data is not None:
+        decoded = parsing.decode_pixel_data(data)
+        if decoded is not None:
+            kept["data"] = decoded.decode("utf-8", "replace")
+            kept["data_decoded"] = True
+    return parsing.scrub_keys(orjson.dumps({"path": path, "query": kept}), write_keys)
+
+
 async def handle_pixel(request: web.Request) -> web.Response:
-    """Tracking pixels always answer the GIF; problems go to metrics, logs and the DLQ."""
+    """Tracking pixels always answer the GIF. Problems go to metrics; those of a
+    pixel with a valid write key also to the DLQ (keys blanked out)."""
     started = time.perf_counter()
     ing = request.app[INGEST_KEY]
     pixel_type = request.match_info["type"]
     path = f"/v1/pixel/{pixel_type}"
-    request_id = parsing.new_request_id()
     query = dict(request.query)
     source: Source | None = None
+    request_id = ""
     try:
-        if pixel_type not in segment.TYPES:
-            raise RequestError(404, "bad_pixel", f"unknown pixel type {pixel_type!r}")
-        event = parsing.decode_pixel(query, pixel_type)
-        key = query.get("writeKey") or event.pop("writeKey", None)
+        event: dict[str, Any] | None = None
+        decode_error: RequestError | None = None
+        try:
+            event = parsing.decode_pixel(query, pixel_type)
+        except RequestError as exc:
+            decode_error = exc
+        key = query.get("writeKey") or (event.pop("writeKey", None) if event is not None else None)
         if not isinstance(key, str) or not key:
             raise RequestError(401, "missing_write_key", "the pixel has no writeKey")
         source = _authorize(ing, key)
+        request_id = parsing.new_request_id()
+        if pixel_type not in segment.TYPES:
+            raise RequestError(404, "bad_pixel", f"unknown pixel type {pixel_type!r}")
+        if decode_error is not None:
+            raise decode_error
+        assert event is not None
         _rate_limit(ing, source, 1)
         prepared = prepare(ing, source, [event], expected_type=pixel_type, batch=None,
                            request=request, request_id=request_id, path=path)
@@ -333,19 +381,24 @@ async def handle_pixel(request: web.Request) -> web.Response:
     except RequestError as exc:
         reason = exc.body["error"]
         ing.metrics.bad_pixels.labels(reason).inc()
-        log.warning("bad tracking pixel", reason=reason, detail=str(exc), request_id=request_id)
-        if exc.status < 500:
-            original = orjson.dumps({"path": path, "query": query})
-            bad = BadRow(failure_type=FailureType.PIXEL_DECODE, errors=[str(exc)], original=original,
-                         service="ingest", version=VERSION, source_id=source.id if source else None,
-                         request_id=request_id, extra={"path": path, "reason": reason})
-            try:
-                await ing.publisher.publish([Record(ing.settings.dlq_topic, b"pixel", bad.to_json())])
-            except (SpoolFull, Overloaded):
-                log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id)
+        if source is not None and reason not in PIXEL_COUNT_ONLY:
+            await _dead_letter_pixel(ing, source, path, query, exc, reason, request_id)
     _observe(ing, "/v1/pixel/{type}", 200, started)
     return web.Response(body=PIXEL_GIF, content_type="image/gif",
                         headers={"Cache-Control": "no-cache, no-store, must-revalidate"})
+
+
+async def _dead_letter_pixel(ing: Ingest, source: Source, path: str, query: dict[str, str],
+                             exc: RequestError, reason: str, request_id: str) -> None:
+    keys = ing.sources.write_keys()
+    bad = BadRow(failure_type=FailureType.PIXEL_DECODE, errors=_scrubbed([str(exc)], keys),
+                 original=_pixel_original(path, query, keys), service="ingest", version=VERSION,
+                 source_id=source.id, request_id=request_id, extra={"path": path, "reason": reason})
+    try:
+        await ing.publisher.publish([Record(ing.settings.dlq_topic, source.id.encode(), bad.to_json())])
+    except (SpoolFull, Overloaded):
+        log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id,
+                    source_id=source.id)
 
 
 async def handle_preflight(request: web.Request) -> web.Response:

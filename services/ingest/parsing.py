@@ -103,15 +103,66 @@ class BoundedDecoder:
         return b"".join(self._parts)
 
 
+# orjson reads JSON nested up to 1,024 levels (deeper is a decode error) but
+# writes at most 254: an event deeper than that cannot be forwarded.
+JSON_READ_MAX_DEPTH = 1024
+JSON_MAX_DEPTH = 254
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise RequestError(400, "invalid_json", "the request body is empty")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise RequestError(400, "invalid_json",
+                               f"the body is nested deeper than {JSON_READ_MAX_DEPTH} levels; events may nest "
+                               f"at most {JSON_MAX_DEPTH}") from None
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError(400, "invalid_json", f"the body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def cut_deep(value: Any, max_depth: int, marker: str) -> Any:
+    """A copy of a JSON value with every container deeper than ``max_depth``
+    replaced by ``marker``. Iterative, so no depth can exhaust the stack."""
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]   # (value, parent, slot, depth)
+    while stack:
+        item, parent, slot, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth >= max_depth:
+                parent[slot] = marker
+                continue
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            stack.extend((v, copy, k, depth + 1) for k, v in item.items())
+        elif isinstance(item, list):
+            if depth >= max_depth:
+                parent[slot] = marker
+                continue
+            items: list[Any] = [None] * len(item)
+            parent[slot] = items
+            stack.extend((v, items, i, depth + 1) for i, v in enumerate(item))
+        else:
+            parent[slot] = item
+    return root[0]
+
+
+def scrub_keys(data: bytes, keys: Sequence[str], mask: bytes = b"[write key removed]") -> bytes:
+    """``data`` with every write key in it (raw, and as JSON writes it) replaced:
+    for bad rows, whose originals and errors are client input that may carry one."""
+    for key in keys:
+        if not key:
+            continue
+        raw = key.encode("utf-8", "surrogateescape")
+        if raw in data:
+            data = data.replace(raw, mask)
+        escaped = orjson.dumps(key)[1:-1]
+        if escaped != raw and escaped in data:
+            data = data.replace(escaped, mask)
     return data
 
 
@@ -243,16 +294,23 @@ def stamp(event: dict[str, Any], *, received_at: str, client_ip: str,
     return event
 
 
+def decode_pixel_data(data: str) -> bytes | None:
+    """A pixel's ``data=``: base64, standard or URL-safe, padding optional; None if not."""
+    padded = data.strip() + "=" * (-len(data.strip()) % 4)
+    try:
+        return base64.b64decode(padded, altchars=b"-_" if ("-" in padded or "_" in padded) else None,
+                                validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def decode_pixel(query: dict[str, str], pixel_type: str) -> dict[str, Any]:
     """A tracking pixel's event: ``?data=<base64 JSON>`` or plain query fields."""
     data = query.get("data")
     if data is not None:
-        padded = data.strip() + "=" * (-len(data.strip()) % 4)
-        try:
-            raw = base64.b64decode(padded, altchars=b"-_" if ("-" in padded or "_" in padded) else None,
-                                   validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(400, "bad_pixel", "data= is not valid base64") from None
+        raw = decode_pixel_data(data)
+        if raw is None:
+            raise RequestError(400, "bad_pixel", "data= is not valid base64")
         try:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -94,22 +94,32 @@ async def test_pixels_always_answer_a_gif(ingest: IngestClient, kafka_bootstrap:
     resp = await client.get("/v1/pixel/page", params={"writeKey": SERVER_KEY, "anonymousId": "a9",
                                                       "name": "Newsletter", "properties.issue": "42"})
     assert resp.status == 200
-    for bad in ({"data": "%%%not-base64"}, {"data": base64.b64encode(b"not json").decode()},
+    # With a valid write key a bad pixel gets a bad row; without one it is only counted.
+    for bad in ({"data": "%%%not-base64", "writeKey": SERVER_KEY},
+                {"data": base64.b64encode(b"not json").decode(), "writeKey": SERVER_KEY},
                 {"data": base64.b64encode(b'{"event": "E"}').decode(), "writeKey": SERVER_KEY},
+                {"data": "%%%not-base64"}, {"data": base64.b64encode(b"not json").decode()},
                 {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode()},
                 {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode(), "writeKey": "nope"}):
         resp = await client.get("/v1/pixel/track", params=bad)
+        assert resp.status == 200 and resp.content_type == "image/gif"
+    for _ in range(50):
+        resp = await client.get("/v1/pixel/page", params={"anonymousId": "a"})   # keyless junk
         assert resp.status == 200 and resp.content_type == "image/gif"
 
     good = [decode(r)[1] for r in await read_topic(kafka_bootstrap, settings.raw_topic, expected=2)]
     by_type = {e["type"]: e for e in good}
     assert by_type["track"]["properties"] == {"campaign": "nov"}
     assert by_type["page"]["properties"] == {"issue": "42"} and by_type["page"]["name"] == "Newsletter"
-    bad_rows = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.dlq_topic, expected=5)]
-    assert len(bad_rows) == 5
+    bad_rows = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.dlq_topic)]
+    assert len(bad_rows) == 3
     assert {b["failure_type"] for b in bad_rows} == {"pixel_decode"}
+    assert {b["source_id"] for b in bad_rows} == {"server"}
     metrics = await (await client.get("/metrics")).text()
     assert 'headwater_ingest_bad_pixels_total{reason="bad_pixel"} 3.0' in metrics
+    assert 'headwater_ingest_bad_pixels_total{reason="missing_write_key"} 53.0' in metrics
+    assert 'headwater_ingest_bad_pixels_total{reason="unknown_write_key"} 1.0' in metrics
+    assert "headwater_ingest_spool_events 0.0" in metrics          # none of it was spooled
 
 
 async def test_cors_preflight_and_origin_per_source(ingest: IngestClient) -> None:
