@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.common.proto.envelope_pb2 import Envelope
 from services.ingest.app import create_app
 from services.ingest.settings import Settings
+from tests.ingest.helpers import LiveIngest
 
 WEB_KEY = "web-key"
 SERVER_KEY = "server-key"
@@ -69,6 +70,15 @@ def ingest_settings(kafka_bootstrap: str, sources_file: Path, tmp_path: Path) ->
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def live_ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveIngest]:
+    """ingest as its own process on a loopback port, shared by a module's tests
+    (for blocking clients: hypothesis, schemathesis, raw sockets)."""
+    live = LiveIngest(tmp_path_factory.mktemp("live-ingest"), kafka_bootstrap, SOURCES).start()
+    yield live
+    assert live.stop() == 0, live.log_path.read_text()[-3000:]
 
 
 IngestClient = Callable[..., Awaitable[tuple[TestClient[Any, Any], Settings]]]
