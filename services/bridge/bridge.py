@@ -1,0 +1,359 @@
+"""Legacy Kinesis stream -> events.raw, for every source bridged from it.
+
+The loop, as the KCL does it:
+
+1. Every ``discovery_interval_s``: list each bridged stream's shards (new
+   shards from a split or merge are found here), read the lease table, renew
+   the leases held, and take free or expired leases of shards that are ready
+   (every parent still listed is finished), up to this process's fair share.
+2. One reader task per held shard: GetRecords from the checkpoint, forward
+   the batch (below), follow NextShardIterator; when Kinesis returns none the
+   shard is closed and read to its end: it is marked finished, and its
+   children become ready at the next discovery.
+3. Forwarding one batch (``_forward``), in this order:
+   1. decode every record (legacy.py): an Envelope, a bad row or a skip;
+   2. send the Envelopes to events.raw and the bad rows to events.dlq and wait
+      until Kafka acknowledged every one (acks=all, idempotent producer);
+   3. record the parity messageIds (idempotent rows);
+   4. checkpoint the batch's last sequence number, conditional on the lease.
+   A crash anywhere before 4 means the batch is read again: at least once
+   into events.raw; the processor's messageId dedupe makes it exactly once in
+   events.enriched. A checkpoint refused (the lease went to another process)
+   stops the reader: the other process goes on from the last checkpoint.
+
+Throughput errors (five reads or 2 MB per second per shard) and other
+retriable Kinesis errors back off with jitter and try again; an expired
+iterator is fetched again from the checkpoint. A reader that fails in a way
+no retry helps (a bug) stops the bridge with a failure instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
+from services.bridge.kinesis import Backoff, KinesisClient, ShardInfo, list_shards, ready_shards
+from services.bridge.legacy import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
+from services.bridge.metrics import BridgeMetrics
+from services.bridge.settings import Settings
+from services.bridge.store import Lease, ParityEntry, Store, now_ms
+from services.common.badrow import BadRow, FailureType
+from services.common.sources import SourceRegistry
+
+log = structlog.get_logger(__name__)
+
+RAW_HEADERS = [("hw-schema", b"envelope/1"), ("hw-origin", b"legacy-kinesis")]
+BAD_ROW_HEADERS = [("hw-schema", b"bad_row/1")]
+# Of a record too large for Kafka, the bad row keeps this much.
+TRUNCATED_ORIGINAL_BYTES = 64 * 1024
+
+
+class ReaderState(enum.Enum):
+    """A shard reader's life: STARTING -> READING -> (FINISHED | LOST | STOPPED)."""
+
+    STARTING = "starting"   # getting an iterator from the checkpoint
+    READING = "reading"     # GetRecords / forward / checkpoint
+    FINISHED = "finished"   # a closed shard read to its end; children may start
+    LOST = "lost"           # another process took the lease
+    STOPPED = "stopped"     # this process is stopping; lease released
+
+
+@dataclass
+class Reader:
+    lease: Lease
+    task: asyncio.Task[None] | None = None
+    state: ReaderState = ReaderState.STARTING
+
+
+@dataclass
+class Batch:
+    """One GetRecords answer, decoded."""
+
+    raw: list[Bridged] = field(default_factory=list)
+    bad: list[Rejected] = field(default_factory=list)
+    skipped: dict[Skip, int] = field(default_factory=dict)
+    last_sequence: str | None = None
+
+
+def bridged_streams(registry: SourceRegistry) -> list[str]:
+    return sorted({s.legacy.stream for s in registry.sources() if s.legacy is not None
+                   and s.legacy.direction == "bridge"})
+
+
+def fair_share(total: int, owners: int) -> int:
+    return max(1, math.ceil(total / max(1, owners)))
+
+
+class Bridge:
+    def __init__(self, settings: Settings, registry: SourceRegistry, store: Store, kinesis: KinesisClient,
+                 producer: AIOKafkaProducer, metrics: BridgeMetrics, *, version: str) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.kinesis = kinesis
+        self.producer = producer
+        self.metrics = metrics
+        self.decoder = LegacyDecoder(registry, service="bridge", version=version,
+                                     max_future_skew_ms=int(settings.max_future_skew_s * 1000))
+        self.readers: dict[tuple[str, str], Reader] = {}
+        self.failure: BaseException | None = None
+        self._stop = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._duration_ms = int(settings.lease_duration_s * 1000)
+
+    # -- the discovery loop -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: discover, balance, and watch the readers; then release the leases."""
+        try:
+            while not stop.is_set() and not self._failed.is_set():
+                for stream in bridged_streams(self.registry):
+                    try:
+                        await self.balance(stream)
+                    except Exception as exc:
+                        if not retriable(exc) and not isinstance(exc, KafkaError | OSError) and error_code(
+                                exc) != "ResourceNotFoundException":
+                            raise
+                        log.warning("shard discovery failed; trying again", stream=stream,
+                                    error=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_either(stop, self._failed), self.settings.discovery_interval_s)
+        finally:
+            await self.close()
+        if self.failure is not None:
+            raise self.failure
+
+    async def balance(self, stream: str) -> None:
+        """Step 1: renew what we hold, take what is free and ready, up to a fair share."""
+        shards = await list_shards(self.kinesis, stream)
+        rows = await self.store.leases(stream)
+        await self._renew(stream)
+        finished = {shard_id for shard_id, row in rows.items() if row.finished}
+        ready = ready_shards(shards, finished)
+        now = now_ms()
+        owners = {row.owner for row in rows.values() if row.owner and row.expires_at_ms > now and not row.finished}
+        owners.add(self.settings.owner_id)
+        held = [key for key in self.readers if key[0] == stream]
+        share = fair_share(len(ready), len(owners))
+        for shard in ready:
+            if len(held) >= share:
+                break
+            key = (stream, shard.shard_id)
+            if key in self.readers:
+                continue
+            row = rows.get(shard.shard_id)
+            if row is not None and (row.finished or (row.expires_at_ms > now and row.owner != self.settings.owner_id)):
+                continue
+            lease = await self.store.take(stream, shard.shard_id, row, self.settings.owner_id, self._duration_ms)
+            if lease is None:
+                continue
+            log.info("shard lease taken", stream=stream, shard=shard.shard_id, checkpoint=lease.checkpoint,
+                     counter=lease.counter)
+            self._start_reader(lease, shard)
+            held.append(key)
+        self.metrics.shards_held.labels(stream).set(sum(1 for key in self.readers if key[0] == stream))
+
+    async def _renew(self, stream: str) -> None:
+        for key, reader in list(self.readers.items()):
+            if key[0] != stream or reader.lease.lost.is_set():
+                continue
+            if not await self.store.renew(reader.lease, self._duration_ms):
+                log.warning("shard lease lost", stream=stream, shard=key[1])
+                self.metrics.leases_lost.labels(stream).inc()
+                reader.lease.lost.set()
+
+    def _start_reader(self, lease: Lease, shard: ShardInfo) -> None:
+        reader = Reader(lease)
+        reader.task = asyncio.create_task(self._read(reader), name=f"bridge-{lease.stream}-{shard.shard_id}")
+        reader.task.add_done_callback(functools.partial(self._reader_done, lease.key))
+        self.readers[lease.key] = reader
+
+    def _reader_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self.readers.pop(key, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A failure no retry helps: the bridge stops and says why (no silent dead shard).
+            log.error("shard reader failed", stream=key[0], shard=key[1], error=f"{type(exc).__name__}: {exc}")
+            self.failure = exc
+            self._failed.set()
+
+    # -- one shard --------------------------------------------------------------------
+
+    async def _iterator(self, lease: Lease) -> str:
+        if lease.checkpoint:
+            answer = await self.kinesis.get_shard_iterator(
+                StreamName=lease.stream, ShardId=lease.shard_id, ShardIteratorType="AFTER_SEQUENCE_NUMBER",
+                StartingSequenceNumber=lease.checkpoint)
+        else:
+            answer = await self.kinesis.get_shard_iterator(StreamName=lease.stream, ShardId=lease.shard_id,
+                                                           ShardIteratorType="TRIM_HORIZON")
+        return str(answer["ShardIterator"])
+
+    async def _read(self, reader: Reader) -> None:
+        """Step 2: one shard, from its checkpoint to its end or until the lease is gone."""
+        lease = reader.lease
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        iterator: str | None = None
+        while not self._stop.is_set():
+            if lease.lost.is_set():
+                reader.state = ReaderState.LOST
+                return
+            try:
+                if iterator is None:
+                    reader.state = ReaderState.STARTING
+                    iterator = await self._iterator(lease)
+                    reader.state = ReaderState.READING
+                answer = await self.kinesis.get_records(ShardIterator=iterator,
+                                                        Limit=self.settings.get_records_limit)
+            except Exception as exc:
+                code = error_code(exc)
+                if code == "ExpiredIteratorException":
+                    iterator = None
+                    continue
+                if not retriable(exc):
+                    raise
+                if code in THROUGHPUT_CODES:
+                    self.metrics.throttled.labels(lease.stream, code).inc()
+                log.info("kinesis read backs off", stream=lease.stream, shard=lease.shard_id, error=code or str(exc))
+                await backoff.wait(self._stop)
+                continue
+            backoff.reset()
+            records = answer.get("Records", [])
+            if records and not await self._forward(lease, records):
+                reader.state = ReaderState.LOST
+                return
+            self.metrics.behind_ms.labels(lease.stream, lease.shard_id).set(answer.get("MillisBehindLatest", 0))
+            iterator = answer.get("NextShardIterator")
+            if iterator is None:
+                await self._finish(reader)
+                return
+            if not records:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_either(self._stop, lease.lost), self.settings.idle_poll_s)
+        reader.state = ReaderState.STOPPED
+
+    async def _finish(self, reader: Reader) -> None:
+        lease = reader.lease
+        if await self.store.checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0):
+            reader.state = ReaderState.FINISHED
+            log.info("shard read to its end", stream=lease.stream, shard=lease.shard_id)
+        else:
+            reader.state = ReaderState.LOST
+
+    def decode(self, lease: Lease, records: Sequence[Any]) -> Batch:
+        """Step 3.1."""
+        batch = Batch()
+        for record in records:
+            arrival = record.get("ApproximateArrivalTimestamp")
+            at = Position(lease.stream, lease.shard_id, record["SequenceNumber"],
+                          int(arrival.timestamp() * 1000) if arrival is not None else now_ms())
+            data: bytes = record["Data"]
+            outcome = self.decoder.decode(data, at)
+            if isinstance(outcome, Bridged):
+                if len(outcome.value) > self.settings.max_raw_bytes:
+                    outcome = self._too_large(data, at, outcome)
+                else:
+                    batch.raw.append(outcome)
+            if isinstance(outcome, Rejected):
+                batch.bad.append(outcome)
+            elif isinstance(outcome, Skip):
+                batch.skipped[outcome] = batch.skipped.get(outcome, 0) + 1
+            batch.last_sequence = at.sequence
+        return batch
+
+    def _too_large(self, data: bytes, at: Position, bridged: Bridged) -> Rejected:
+        original = self.decoder.redact(data, None)[:TRUNCATED_ORIGINAL_BYTES]
+        row = BadRow(FailureType.SIZE_VIOLATION, [f"the Envelope would be {len(bridged.value)} bytes; the limit "
+                                                  f"is {self.settings.max_raw_bytes}"], original, "bridge",
+                     self.decoder.version, source_id=bridged.source_id, message_id=bridged.message_id,
+                     extra={"reason": "too_large", "original_truncated_to": TRUNCATED_ORIGINAL_BYTES,
+                            "kinesis": {"stream": at.stream, "shard_id": at.shard_id, "sequence": at.sequence}})
+        return Rejected(BadReason.TOO_LARGE, row)
+
+    async def _forward(self, lease: Lease, records: Sequence[Any]) -> bool:
+        """Step 3: decode, send and wait for Kafka, parity, checkpoint. False when the lease is gone."""
+        batch = self.decode(lease, records)
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        while True:
+            try:
+                await self._send(batch)
+                await self.store.record_parity(
+                    ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw)
+                break
+            except (KafkaError, OSError, *CASSANDRA_ERRORS) as exc:
+                # Kafka or Cassandra is away: the same batch again (at least once), until they answer.
+                log.warning("forwarding a batch failed; trying again", stream=lease.stream, shard=lease.shard_id,
+                            error=f"{type(exc).__name__}: {exc}")
+                if self._stop.is_set() or lease.lost.is_set():
+                    return False
+                await backoff.wait(self._stop)
+        if not await self.store.checkpoint(lease, batch.last_sequence, finished=False,
+                                           duration_ms=self._duration_ms):
+            log.warning("checkpoint refused: the lease is another process's now", stream=lease.stream,
+                        shard=lease.shard_id)
+            self.metrics.leases_lost.labels(lease.stream).inc()
+            lease.lost.set()
+            return False
+        self.metrics.checkpoints.labels(lease.stream).inc()
+        self._count(lease.stream, batch)
+        return True
+
+    async def _send(self, batch: Batch) -> None:
+        """Step 3.2: every record sent, then every acknowledgement awaited."""
+        futures = [await self.producer.send(self.settings.raw_topic, b.value, key=b.key, headers=RAW_HEADERS)
+                   for b in batch.raw]
+        futures.extend([await self.producer.send(self.settings.dlq_topic, r.row.to_json(),
+                                                 key=(r.row.source_id or "legacy").encode(),
+                                                 headers=BAD_ROW_HEADERS) for r in batch.bad])
+        await asyncio.gather(*futures)
+
+    def _count(self, stream: str, batch: Batch) -> None:
+        records = self.metrics.records
+        if batch.raw:
+            records.labels(stream, "bridged", "").inc(len(batch.raw))
+        for bad in batch.bad:
+            records.labels(stream, "dlq", bad.reason.value).inc()
+        for skip, count in batch.skipped.items():
+            records.labels(stream, "skipped", skip.value).inc(count)
+
+    async def status(self) -> tuple[bool, str]:
+        if self.failure is not None:
+            return False, f"a shard reader failed: {type(self.failure).__name__}: {self.failure}"
+        return True, f"{len(self.readers)} shards held"
+
+    async def close(self) -> None:
+        """Stop the readers (each finishes the batch it forwards) and release their leases; safe twice."""
+        self._stop.set()
+        readers = list(self.readers.values())
+        tasks = [r.task for r in readers if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout_s)
+        for reader in readers:
+            if reader.task is not None and not reader.task.done():
+                reader.task.cancel()
+            if reader.state not in (ReaderState.FINISHED, ReaderState.LOST):
+                with contextlib.suppress(Exception):
+                    await self.store.release(reader.lease)
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Wait until either event is set."""
+    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
