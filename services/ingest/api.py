@@ -206,16 +206,19 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
                     errors = [f"event is larger than max_event_bytes ({s.max_event_bytes} bytes)"]
                     failure = FailureType.SIZE_VIOLATION
         if errors:
-            message_id = event.get("messageId") if isinstance(event, dict) else None
-            rejected.append({"index": index, "messageId": message_id if isinstance(message_id, str) else None,
-                             "errors": errors})
-            ing.metrics.events.rejected(failure.value)
+            # Errors and ids quote client values, which may be a write key: blanked
+            # here for the answer and the bad row alike.
             keys = ing.sources.write_keys()
+            errors = _scrubbed(errors, keys)
+            message_id = event.get("messageId") if isinstance(event, dict) else None
+            message_id = _scrubbed([message_id], keys)[0] if isinstance(message_id, str) else None
+            rejected.append({"index": index, "messageId": message_id, "errors": errors})
+            ing.metrics.events.rejected(failure.value)
             records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
-                failure_type=failure, errors=_scrubbed(errors, keys),
+                failure_type=failure, errors=errors,
                 original=original_bytes(event, keys),
                 service="ingest", version=VERSION, source_id=source.id,
-                message_id=message_id if isinstance(message_id, str) else None, request_id=request_id,
+                message_id=message_id, request_id=request_id,
                 extra={"path": path, "index": index},
             ).to_json()))
             continue
@@ -311,7 +314,11 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             # The page may read why it failed, unless its origin is what failed.
             headers = _cors_headers(origin if reason != "origin_not_allowed" else None, source)
             headers.update(exc.headers)
-            response = _json(exc.status, {**exc.body, "request_id": request_id}, headers)
+            # An error answer may quote client input (an origin, a type); no write key
+            # goes back in one, whoever sent it.
+            answer = parsing.scrub_keys(orjson.dumps({**exc.body, "request_id": request_id}),
+                                        ing.sources.write_keys())
+            response = _json(exc.status, answer, headers)
             if exc.status >= 500:
                 log.warning("request refused", status=exc.status, error=reason, request_id=request_id)
         _observe(ing, path, response.status, started)
