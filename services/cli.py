@@ -66,6 +66,16 @@ def _spool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.bridge.parity import parse_time
+    from services.bridge.report import parity_command
+
+    return asyncio.run(parity_command(source=args.source, from_ms=parse_time(args.from_), to_ms=parse_time(args.to),
+                                      as_json=args.json, threshold=args.threshold, metrics_file=args.metrics_file))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headwater", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
                            help="replay every good frame, not only those recovered from damaged ranges")
     spool_cmd.add_argument("--bootstrap", default=None, help="Kafka (default HEADWATER_INGEST_KAFKA_BOOTSTRAP)")
     spool_cmd.set_defaults(func=_spool)
+    parity_cmd = commands.add_parser(
+        "parity", help="compare what the legacy Kinesis stream carried with Headwater's rollups, per minute",
+        description="Exit status 1 when a minute's difference exceeds --threshold. Settings: HEADWATER_BRIDGE_* "
+                    "(Cassandra, Kafka, metrics_url).")
+    parity_cmd.add_argument("--source", required=True, help="source id")
+    parity_cmd.add_argument("--from", dest="from_", required=True, help="start, ISO-8601 (UTC if naive) or epoch ms")
+    parity_cmd.add_argument("--to", required=True, help="end (exclusive), ISO-8601 or epoch ms")
+    parity_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    parity_cmd.add_argument("--threshold", type=int, default=0,
+                            help="largest per-minute difference still accepted (default 0)")
+    parity_cmd.add_argument("--metrics-file", default=None,
+                            help="also write the comparison's gauges here (Prometheus textfile format)")
+    parity_cmd.set_defaults(func=_parity)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

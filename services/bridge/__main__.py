@@ -29,8 +29,7 @@ from services.bridge.kinesis import kinesis_client
 from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
 from services.bridge.mirror import Mirror
 from services.bridge.settings import Settings
-from services.bridge.store import Store
-from services.common.cassandra import CassandraClient
+from services.bridge.store import cassandra_store
 from services.common.errors import ConfigError, DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
@@ -47,19 +46,6 @@ except metadata.PackageNotFoundError:  # running from a source tree without an i
     VERSION = "0.0.0"
 
 RAW_RETENTION_MS = str(7 * 86_400_000)
-
-
-@contextlib.asynccontextmanager
-async def cassandra_store(settings: Settings) -> AsyncIterator[Store]:
-    client = CassandraClient(list(settings.cassandra_hosts), settings.cassandra_port)
-    await client.connect()
-    try:
-        store = Store(client, settings.cassandra_keyspace, parity_ttl_s=settings.parity_ttl_s)
-        await store.migrate(settings.cassandra_replication)
-        await store.prepare()
-        yield store
-    finally:
-        await client.close()
 
 
 @contextlib.asynccontextmanager

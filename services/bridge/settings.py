@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
@@ -64,3 +64,9 @@ class Settings(CommonSettings):
     mirror_batch_max_records: int = Field(default=500, ge=1, le=500)
     mirror_batch_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=5 * 1024 * 1024)
     mirror_poll_ms: int = Field(default=200, ge=1)
+    # The parity report reads Headwater's rollups from the metrics service's KairosDB API.
+    metrics_url: str = "http://127.0.0.1:8083"
+    metrics_user: str | None = None
+    metrics_password: SecretStr | None = None
+    # Records of events.enriched the report scans at most for Headwater's messageIds.
+    parity_scan_limit: int = Field(default=2_000_000, ge=1)

@@ -24,15 +24,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
+from services.bridge.settings import Settings
 from services.common.cassandra import CassandraClient, Migration, migrate
 
 MIGRATIONS = (
@@ -186,3 +188,17 @@ class Store:
         """Every (type, event, message_id) the bridge saw for the source in that minute (paged)."""
         stmt = self._stmts["parity_read"]
         return await asyncio.to_thread(lambda: list(self.client.session.execute(stmt, (source_id, minute_ms))))
+
+
+@contextlib.asynccontextmanager
+async def cassandra_store(settings: Settings) -> AsyncIterator[Store]:
+    """A connected, migrated, prepared Store; the connection closes on exit."""
+    client = CassandraClient(list(settings.cassandra_hosts), settings.cassandra_port)
+    await client.connect()
+    try:
+        store = Store(client, settings.cassandra_keyspace, parity_ttl_s=settings.parity_ttl_s)
+        await store.migrate(settings.cassandra_replication)
+        await store.prepare()
+        yield store
+    finally:
+        await client.close()
