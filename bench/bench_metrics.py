@@ -101,10 +101,10 @@ class TimedConsumer(RollupConsumer):
 
     flush_s: list[float]
 
-    async def _flush(self, states):  # type: ignore[no-untyped-def]
+    async def flush(self, states, deadline_s=None):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         try:
-            return await super()._flush(states)
+            return await super().flush(states, deadline_s)
         finally:
             if states:
                 self.flush_s.append(time.perf_counter() - started)

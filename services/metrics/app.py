@@ -119,6 +119,8 @@ async def build_app(settings: Settings, *, consume: bool = True,
         health.add_check("cassandra", client.ready)
         add_kairos_routes(app, QueryService(store, external, settings, metrics), client)
         if consume:
+            # One rollup writer per keyspace: a second group or topic would mix its partitions' rows.
+            await store.claim(settings.consumer_group, settings.enriched_topic)
             await ensure_topics(settings.kafka_bootstrap, [
                 TopicSpec(settings.late_topic, settings.late_topic_partitions,
                           configs={"retention.ms": str(settings.late_topic_retention_ms)}),
@@ -135,7 +137,10 @@ async def build_app(settings: Settings, *, consume: bool = True,
             task = await stack.enter_async_context(_consuming(consumer, settings.shutdown_timeout_s))
 
             async def consumer_alive() -> tuple[bool, str]:
-                return (not task.done(), "consuming" if not task.done() else "stopped")
+                if task.done():
+                    return False, "stopped"
+                problems = consumer.problems()
+                return (not problems, "; ".join(problems) or "consuming")
 
             async def sources_ok() -> tuple[bool, str]:
                 return sources.status()

@@ -4,21 +4,25 @@ How a window stays equal to its input whatever moment the process dies at:
 
 * Window rows are kept per Kafka partition (``kpart`` is part of the row key),
   so one partition has one writer and queries add the partitions up.
-* A row stores its whole aggregate and ``upto``, the last offset of its
-  partition it includes. A stored row is always the rollup of exactly the
+* A row stores its whole aggregate and ``upto``, the last (logical) offset of
+  its partition it includes. A stored row is always the rollup of exactly the
   partition's events at offsets <= upto that map to it.
-* A flush writes the dirty rows first, then the partition's checkpoint
-  (next offset and watermark) in Cassandra, then commits the Kafka offsets
-  (for lag monitoring only).
+* A flush writes the dirty rows first, then the partition's checkpoint (next
+  offset and watermark) in Cassandra, then commits the Kafka offsets (for lag
+  monitoring only). See ``flush`` for its steps.
 * On assignment the partition resumes from its Cassandra checkpoint. Rows are
-  read back before they are updated, and an event at offset <= upto of the
-  stored row is skipped: the row already holds it. A crash between the row
-  writes and the checkpoint therefore re-reads events that some rows hold and
-  others do not, and each row takes exactly the ones it lacks.
-* A read before the first update of a row is skipped when the row's window
-  starts after the partition's horizon: the newest window start it has ever
-  written per resolution, saved before the rows that pass it are written, so
-  no stored row lies beyond it.
+  read back before they are updated (rowcache.py says when a read is skipped),
+  and an event at offset <= upto of the stored row is skipped: the row already
+  holds it. A crash between the row writes and the checkpoint therefore
+  re-reads events that some rows hold and others do not, and each row takes
+  exactly the ones it lacks.
+* Late events update their own windows the same way: the row is read back
+  (batched) and rewritten whole. Which windows an event updates depends on its
+  age alone (receivedAt - timestamp, rollup.AgeRule), so a replay decides as
+  the first run did; only events past the maximum age (or a resolution's
+  retention) go to the late topic.
+* Writes are fenced by the offsets they include (store.py): a member cut off
+  from the group that writes again after the new owner moved on loses to it.
 * Kafka offsets are committed only after the checkpoint, so the group's
   committed offset is never ahead of it: should a fetch from the committed
   position race the seek to the checkpoint, it only re-reads records that
@@ -26,71 +30,58 @@ How a window stays equal to its input whatever moment the process dies at:
 * A Cassandra node with a periodic commitlog can lose what it acknowledged
   in its last sync period when it is killed. So after any failed Cassandra
   call or a node going down or up, no checkpoint is written until every
-  partition has been resumed from what Cassandra holds (memory is dropped),
-  and the first batch after a resume must start at the checkpoint (else the
-  partition is sought again), even if the group's Kafka offset is ahead.
-* Lateness is decided against the partition's watermark (the newest
-  receivedAt seen on it), which the checkpoint stores, so a replay decides
-  exactly as the first run did.
+  partition has been resumed from what Cassandra holds (memory is dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import functools
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from cassandra import DriverException
-from cassandra.cluster import NoHostAvailable
-from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.policies import HostStateListener
 
-from services.common.badrow import BadRow, FailureType
-from services.common.errors import DependencyUnavailable
 from services.common.sources import SourceRegistry
 from services.metrics.errors import ConsumerBroken
+from services.metrics.flush import FlushedRow, Flusher
 from services.metrics.metrics import MetricsMetrics
-from services.metrics.rollup import RESOLUTIONS, BadEvent, Event, RowKey, WindowRow, parse_event, row_keys
+from services.metrics.partition import BatchPlan, PartitionState, PartitionStatus, plan, resume_position
+from services.metrics.retry import retry
+from services.metrics.rollup import RESOLUTIONS, AgeRule
+from services.metrics.rowcache import ALWAYS_READ, RowCache
+from services.metrics.series import SeriesIndex
 from services.metrics.settings import Settings
-from services.metrics.store import Store, bounded_gather
+from services.metrics.sidesend import SideSender
+from services.metrics.store import Store, retentions
 
 log = structlog.get_logger(__name__)
 
 SERVICE = "headwater-metrics"
-VERSION = "0.1.0"
-BAD_ROW_HEADERS = [("hw-schema", b"headwater/bad_row/1")]
-# Series already noted in the index by this process; bounded, cleared when full.
-_MAX_KNOWN_SERIES = 50_000
-
-FlushedRow = tuple[int, RowKey, WindowRow]
 T = TypeVar("T")
-_ALWAYS_READ = 2**62
-# Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
-RETRIABLE = (DriverException, NoHostAvailable, ConnectionException, ConnectionBusy, DependencyUnavailable,
-             KafkaError, OSError, TimeoutError)
 
 
-@dataclass
-class PartitionState:
-    """What one owned partition has consumed and the window rows it holds."""
+class ConsumerStatus(enum.Enum):
+    """The consumer's own state. Transitions:
 
-    kpart: int
-    next_offset: int
-    watermark_ms: int
-    saved_offset: int
-    # Per resolution, no stored row of this partition starts after this window.
-    horizon: dict[str, int] = field(default_factory=dict)
-    rows: OrderedDict[RowKey, WindowRow] = field(default_factory=OrderedDict)
-    # The first batch after a resume must start at next_offset; see _process.
-    verified: bool = False
-    reseeked: bool = False
+    RUNNING -> RESYNC   a Cassandra call failed, or a node went down or up: what Cassandra holds
+                        may be behind memory, so no checkpoint is written until every partition
+                        resumed from Cassandra
+    RESYNC -> RUNNING   every partition resumed
+    any -> BROKEN       processing or a flush failed half-way: memory may be ahead of what it
+                        applied, so this process never writes another row or checkpoint; run()
+                        raises ConsumerBroken and the service stops for a restart (final)
+    """
+
+    RUNNING = "running"
+    RESYNC = "resync"
+    BROKEN = "broken"
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -105,7 +96,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class _HostWatch(HostStateListener):  # type: ignore[misc]
-    """Cassandra node down or up: what it acknowledged lately may be gone (periodic commitlog)."""
+    """Cassandra node down or up (driver threads): what it acknowledged lately may be gone."""
 
     def __init__(self, owner: RollupConsumer) -> None:
         self.owner = owner
@@ -132,26 +123,24 @@ class RollupConsumer:
         self.settings = settings
         self.store = store
         self.sources = sources
-        self.producer = producer
         self.metrics = metrics
         self.on_flush = on_flush
         self.topic = settings.enriched_topic
+        self.group = settings.consumer_group
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
+        self.rule = AgeRule(settings.max_event_age_ms, {r: s * 1000 for r, s in retentions(settings).items()})
+        self.side = SideSender(producer, metrics, late_topic=settings.late_topic, dlq_topic=settings.dlq_topic)
         self.states: dict[int, PartitionState] = {}
+        self.status = ConsumerStatus.RUNNING
         self._lock = asyncio.Lock()
-        self._pending_sends: list[tuple[str, bytes, bytes | None, asyncio.Future[asyncio.Future[object]]]] = []
-        self._new_series: dict[tuple[str, str, str], set[str]] = {}
-        self._known_series: set[tuple[str, str, str, frozenset[str]]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.series = SeriesIndex()
+        self.flusher = Flusher(settings, store, self.side, self.series, metrics, self._storage,
+                               lambda: self.status is ConsumerStatus.RUNNING, on_flush)
         self._stop = asyncio.Event()
-        # Set when processing or a flush failed half-way: the in-memory state may then be
-        # ahead of what it applied, so this process must never write another row or checkpoint.
-        self._broken = False
-        # Set from driver threads when Cassandra failed or restarted: a node may lose the writes it
-        # acknowledged in its last commitlog sync period, so memory is no longer known to match
-        # the store. No checkpoint is written until every partition resumed from Cassandra again.
-        self._resync = False
+        self._last_flush = time.monotonic()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
+            bootstrap_servers=settings.kafka_bootstrap, group_id=self.group,
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
             max_poll_records=settings.max_poll_records, client_id=f"{SERVICE}-consumer",
         )
@@ -160,107 +149,135 @@ class RollupConsumer:
 
     def request_resync(self) -> None:
         """Thread-safe: resume every partition from its checkpoint before the next checkpoint."""
-        self._resync = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._mark_resync)
+
+    def _mark_resync(self) -> None:
+        if self.status is ConsumerStatus.RUNNING:
+            self.status = ConsumerStatus.RESYNC
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, flush and leave; safe to call twice."""
         self._stop.set()
 
+    def problems(self) -> list[str]:
+        """What /readyz reports: halted partitions, a broken consumer."""
+        out = [f"partition {s.kpart}: checkpoint ahead of the topic's end (halted)"
+               for s in self.states.values() if s.status is PartitionStatus.HALTED]
+        if self.status is ConsumerStatus.BROKEN:
+            out.append("the consumer failed half-way and stops for a restart")
+        return out
+
     async def run(self) -> None:
         """Consume until stop(); the last flush and commit happen before it returns."""
+        self._loop = asyncio.get_running_loop()
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         watch = _HostWatch(self)
         cluster = self.store.client.session.cluster
         cluster.register_listener(watch)
         await self.consumer.start()
         try:
-            last_flush = time.monotonic()
             while not self._stop.is_set():
-                self._raise_if_broken()
-                if self._resync:
-                    await self._resync_states()
-                batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
-                                                    max_records=self.settings.max_poll_records)
-                # aiokafka logs and swallows errors of the rebalance callbacks run in getmany.
-                self._raise_if_broken()
-                async with self._lock:
-                    try:
-                        for tp, records in batch.items():
-                            state = self.states.get(tp.partition)
-                            if state is not None and records:
-                                await self._process(tp, state, records)
-                        due = (time.monotonic() - last_flush >= self.settings.flush_interval_s
-                               or self._dirty_rows() >= self.settings.max_dirty_rows
-                               or self._cached_rows() > self.settings.max_cached_rows)
-                        offsets = await self._flush(list(self.states.values())) if due else {}
-                    except BaseException:
-                        self._broken = True
-                        raise
-                if due:
-                    last_flush = time.monotonic()
-                    await self._commit(offsets)
+                await self._round()
             self._raise_if_broken()
-            async with self._lock:
-                offsets = await self._flush(list(self.states.values()))
+            async with self._lock, self._breaks_on_error():
+                offsets = await self.flush(list(self.states.values()))
             await self._commit(offsets)
         finally:
             cluster.unregister_listener(watch)
             await self.consumer.stop()
+            # The rows' sketches are C++ objects: free them now, not at interpreter exit, where the
+            # bindings report every one still alive as "leaked" into the service log.
+            self.states.clear()
+
+    async def _round(self) -> None:
+        """One turn of the loop: resync if asked, fetch, roll up, flush when due, commit."""
+        self._raise_if_broken()
+        if self.status is ConsumerStatus.RESYNC:
+            await self._resync_states()
+        batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
+                                            max_records=self.settings.max_poll_records)
+        # aiokafka logs and swallows errors of the rebalance callbacks run in getmany.
+        self._raise_if_broken()
+        async with self._lock, self._breaks_on_error():
+            for tp, records in batch.items():
+                state = self.states.get(tp.partition)
+                if state is not None and records:
+                    await self._process(tp, state, records)
+            offsets = await self.flush(list(self.states.values())) if self._flush_due() else None
+        if offsets is not None:
+            self._last_flush = time.monotonic()
+            await self._commit(offsets)
+
+    def _flush_due(self) -> bool:
+        return (time.monotonic() - self._last_flush >= self.settings.flush_interval_s
+                or self._dirty_rows() >= self.settings.max_dirty_rows
+                or self._cached_rows() > self.settings.max_cached_rows)
+
+    @contextlib.asynccontextmanager
+    async def _breaks_on_error(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.status = ConsumerStatus.BROKEN
+            raise
 
     def _raise_if_broken(self) -> None:
         # An error, not a return: the task's done-callback then stops the service for a restart.
-        if self._broken:
+        if self.status is ConsumerStatus.BROKEN:
             raise ConsumerBroken("the rollup consumer failed half-way (see the errors logged before); "
                                  "restart to resume from the Cassandra checkpoints")
 
     async def _resync_states(self) -> None:
         async with self._lock:
-            self._resync = False
             assigned = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
             log.warning("Cassandra failed or restarted; resuming every partition from its checkpoint",
                         partitions=len(assigned))
             self.states.clear()
-            await self._resume_locked(assigned)
+            self.status = ConsumerStatus.RUNNING
+            await self._resume_locked(assigned, deadline_s=None)
+
+    async def _storage(self, call: Callable[[], Awaitable[T]], what: str, deadline_s: float | None) -> T:
+        """A Cassandra call, retried; any failure means memory may no longer match the store."""
+        def failed(_: BaseException) -> None:
+            self.metrics.flush_errors.inc()
+            self._mark_resync()
+
+        return await retry(call, what=what, deadline_s=deadline_s, on_failure=failed)
 
     # --- rebalance ---------------------------------------------------------------------------
 
     async def resume(self, assigned: list[TopicPartition]) -> None:
         """Start each assigned partition at its Cassandra checkpoint (or its beginning)."""
         try:
-            await self._resume(assigned)
+            async with self._lock:
+                await self._resume_locked(assigned, deadline_s=self.settings.rebalance_retry_s)
         except BaseException:
             # A partition without state would be skipped for good: stop, so a restart resumes it.
-            self._broken = True
+            self.status = ConsumerStatus.BROKEN
             self._stop.set()
             raise
 
-    async def _resume(self, assigned: list[TopicPartition]) -> None:
-        async with self._lock:
-            await self._resume_locked(assigned)
-
-    async def _resume_locked(self, assigned: list[TopicPartition]) -> None:
+    async def _resume_locked(self, assigned: list[TopicPartition], deadline_s: float | None) -> None:
         for tp in assigned:
             if tp.topic != self.topic:
                 continue
-            checkpoint = await self._retry(functools.partial(
-                self.store.load_checkpoint, self.settings.consumer_group, tp.topic, tp.partition))
-            horizons = await self._retry(functools.partial(
-                self.store.load_horizons, self.settings.consumer_group, tp.topic, tp.partition))
+            checkpoint = await self._storage(functools.partial(
+                self.store.load_checkpoint, self.group, tp.topic, tp.partition), "load checkpoint", deadline_s)
+            horizons = await self._storage(functools.partial(
+                self.store.load_horizons, self.group, tp.topic, tp.partition), "load horizons", deadline_s)
             # No checkpoint and no horizon: nothing was ever written. A checkpoint without
             # a horizon for a resolution: be safe and read every row of it.
-            unknown = -1 if checkpoint is None else _ALWAYS_READ
-            horizon = {res: horizons.get(res, unknown) for res in RESOLUTIONS}
-            if checkpoint is None:
-                await self.consumer.seek_to_beginning(tp)
-                state = PartitionState(tp.partition, 0, 0, -1, horizon)
-            else:
-                next_offset, watermark = checkpoint
-                self.consumer.seek(tp, next_offset)
-                state = PartitionState(tp.partition, next_offset, watermark, next_offset, horizon)
+            unknown = -1 if checkpoint is None else ALWAYS_READ
+            cache = RowCache({res: horizons.get(res, unknown) for res in RESOLUTIONS}, self.settings.hll_lg_k)
+            state = await resume_position(self.consumer, tp, checkpoint, cache, self.settings.on_checkpoint_ahead,
+                                          self.metrics, deadline_s)
             self.states[tp.partition] = state
             log.info("partition resumed", **{"kafka.topic": tp.topic, "kafka.partition": tp.partition,
                                              "kafka.offset": state.next_offset},
-                     watermark_ms=state.watermark_ms)
+                     base=state.base, watermark_ms=state.watermark_ms, status=state.status.value)
+        self.metrics.halted_partitions.set(
+            sum(1 for s in self.states.values() if s.status is PartitionStatus.HALTED))
 
     async def release(self, revoked: list[TopicPartition]) -> None:
         """Flush the partitions another member takes over, then forget them."""
@@ -269,11 +286,8 @@ class RollupConsumer:
                       if tp.topic == self.topic and tp.partition in self.states]
             if not states:
                 return
-            try:
-                offsets = await self._flush(states)
-            except BaseException:
-                self._broken = True
-                raise
+            async with self._breaks_on_error():
+                offsets = await self.flush(states, deadline_s=self.settings.rebalance_retry_s)
             for state in states:
                 del self.states[state.kpart]
         await self._commit(offsets)
@@ -281,228 +295,70 @@ class RollupConsumer:
 
     # --- processing --------------------------------------------------------------------------
 
+    async def _process(self, tp: TopicPartition, state: PartitionState, records: list[Any]) -> None:
+        """Roll one partition's batch up: check the position, plan, read back, apply."""
+        if not self._at_position(tp, state, records[0].offset):
+            return
+        batch = plan(state, records, self.rule)
+        for record, failure, error in batch.bad:
+            self.side.bad(record, failure, error)
+        for late in batch.late:
+            self.side.late(late.record, late.event, late.reason, late.error, late.extra)
+        missing = state.cache.missing(batch.keys())
+        if missing:
+            rows = await self._storage(functools.partial(self.store.load_rows, state.kpart, missing),
+                                       "read rows back", None)
+            state.cache.fill(missing, rows)
+        self._apply(state, batch)
+
+    def _at_position(self, tp: TopicPartition, state: PartitionState, first: int) -> bool:
+        """False (and the partition sought again) for a batch fetched before our seek landed."""
+        if state.status is PartitionStatus.HALTED:
+            return False
+        if state.status is PartitionStatus.SOUGHT and first > state.next_offset:
+            self.consumer.seek(tp, state.next_offset)
+            state.status = PartitionStatus.RESOUGHT
+            return False
+        state.status = PartitionStatus.ACTIVE
+        return True
+
     def _sum_properties(self, source_id: str) -> tuple[str, ...]:
         source = self.sources.by_id(source_id)
         return source.sum_properties if source is not None else ()
 
-    async def _process(self, tp: TopicPartition, state: PartitionState, records: list[object]) -> None:
-        if not state.verified:
-            first: int = records[0].offset  # type: ignore[attr-defined]
-            if first > state.next_offset and not state.reseeked:
-                # Fetched from an older position (e.g. a group offset ahead of the checkpoint)
-                # before our seek: seek again and drop it. A gap seen after our own seek is real
-                # (transaction markers, aborted records).
-                self.consumer.seek(tp, state.next_offset)
-                state.reseeked = True
-                return
-            state.verified = True
-        # Pass 1: decode and decide lateness in offset order, so the rows to read are known.
-        plan: list[tuple[int, Event]] = []
-        watermark = state.watermark_ms
-        for record in records:
-            offset: int = record.offset  # type: ignore[attr-defined]
-            if offset < state.next_offset:
-                continue  # already consumed (a seek raced a fetch)
-            value: bytes = record.value or b""  # type: ignore[attr-defined]
-            try:
-                event = parse_event(value)
-            except BadEvent as exc:
-                self._send_bad(self.settings.dlq_topic, record, FailureType(exc.failure), [str(exc)])
-                self.metrics.bad.labels(exc.failure).inc()
-                state.next_offset = offset + 1
-                continue
-            watermark = max(watermark, event.received_ms)
-            if event.time_ms < watermark - self.lateness_ms:
-                self._send_late(record, event, watermark)
-            else:
-                plan.append((offset, event))
-            state.next_offset = offset + 1
-        state.watermark_ms = watermark
-
-        # Read back the rows this batch touches that are not in memory.
-        missing: list[RowKey] = []
-        seen: set[RowKey] = set()
-        for _, event in plan:
-            for key in row_keys(event):
-                if key not in state.rows and key not in seen:
-                    seen.add(key)
-                    if key.window_start > state.horizon[key.resolution]:
-                        state.rows[key] = WindowRow(self.settings.hll_lg_k)  # never written: no read
-                    else:
-                        missing.append(key)
-        if missing:
-            loaded = await self._retry(lambda: self.store.load_rows(state.kpart, missing))
-            for key, row in zip(missing, loaded, strict=True):
-                state.rows[key] = row
-
-        # Pass 2: apply, skipping what a stored row already holds.
+    def _apply(self, state: PartitionState, batch: BatchPlan) -> None:
+        """Add each event to the rows that do not hold it yet; note new series."""
         skipped = 0
         per_type: dict[str, int] = {}
-        for offset, event in plan:
+        self.series.tick()
+        for offset, event, keys in batch.events:
             props = self._sum_properties(event.source)
-            for key in row_keys(event):
-                row = state.rows[key]
-                state.rows.move_to_end(key)
+            for key in keys:
+                row = state.cache.touch(key)
                 if offset <= row.upto:
                     skipped += 1
                     continue
                 row.add(event, props)
             per_type[event.type] = per_type.get(event.type, 0) + 1
-            present = frozenset(p for p in props if p in event.properties) if props else frozenset()
-            series = (event.source, event.type, event.name, present)
-            if series not in self._known_series:
-                self._new_series.setdefault(series[:3], set()).update(present)
+            self.series.see(event, props)
         for etype, n in per_type.items():
             self.metrics.events.labels(etype).inc(n)
         if skipped:
             self.metrics.replay_skipped.inc(skipped)
         self.metrics.cached_rows.set(self._cached_rows())
 
-    def _send_bad(self, topic: str, record: object, failure: FailureType, errors: list[str],
-                  event: Event | None = None, extra: dict[str, object] | None = None) -> None:
-        row = BadRow(
-            failure_type=failure, errors=errors, original=record.value or b"",  # type: ignore[attr-defined]
-            service=SERVICE, version=VERSION,
-            source_id=event.source if event else None, message_id=event.message_id if event else None,
-            topic=record.topic, partition=record.partition, offset=record.offset,  # type: ignore[attr-defined]
-            extra=extra or {},
-        )
-        key: bytes | None = record.key  # type: ignore[attr-defined]
-        log.warning("bad input", failure_type=failure.value, error=errors[0],
-                    **{"kafka.topic": row.topic, "kafka.partition": row.partition, "kafka.offset": row.offset})
-        self._side_send(topic, row.to_json(), key)
-
-    def _send_late(self, record: object, event: Event, watermark: int) -> None:
-        self.metrics.late.labels(event.source).inc()
-        row = BadRow(
-            failure_type=FailureType.LATE_EVENT,
-            errors=[f"event time {event.time_ms} is older than the partition watermark {watermark} "
-                    f"minus the allowed lateness of {self.lateness_ms} ms"],
-            original=record.value or b"", service=SERVICE, version=VERSION,  # type: ignore[attr-defined]
-            source_id=event.source, message_id=event.message_id,
-            topic=record.topic, partition=record.partition, offset=record.offset,  # type: ignore[attr-defined]
-            extra={"event_time_ms": event.time_ms, "watermark_ms": watermark,
-                   "allowed_lateness_ms": self.lateness_ms, "type": event.type, "event": event.name},
-        )
-        key: bytes | None = record.key  # type: ignore[attr-defined]
-        self._side_send(self.settings.late_topic, row.to_json(), key)
-
-    def _side_send(self, topic: str, value: bytes, key: bytes | None) -> None:
-        future = asyncio.ensure_future(self.producer.send(topic, value, key=key, headers=BAD_ROW_HEADERS))
-        self._pending_sends.append((topic, value, key, future))
-
-    async def _settle_sends(self) -> None:
-        """Wait for every late/bad row to be acknowledged; resend the ones Kafka refused."""
-        sends, self._pending_sends = self._pending_sends, []
-        for topic, value, key, future in sends:
-            try:
-                await (await future)
-            except KafkaError as exc:
-                log.warning("side record not acknowledged; sending again", error=f"{type(exc).__name__}: {exc}",
-                            **{"kafka.topic": topic})
-                await self._retry(functools.partial(self.producer.send_and_wait, topic, value, key=key,
-                                                    headers=BAD_ROW_HEADERS))
-
     # --- flushing ----------------------------------------------------------------------------
 
     def _cached_rows(self) -> int:
-        return sum(len(s.rows) for s in self.states.values())
+        return sum(len(s.cache) for s in self.states.values())
 
     def _dirty_rows(self) -> int:
-        return sum(1 for s in self.states.values() for r in s.rows.values() if r.dirty)
+        return sum(s.cache.dirty_count() for s in self.states.values())
 
-    async def _flush(self, states: list[PartitionState]) -> dict[TopicPartition, int]:
-        """Side records, then rows, then checkpoints; returns the Kafka offsets to commit."""
-        if self._broken:
-            log.error("not flushing: this process failed half-way through a batch; "
-                      "the next one resumes from the last checkpoint")
-            return {}
-        if self._resync:
-            return {}
-        started = time.monotonic()
-        # Late and bad rows must be acknowledged before the checkpoint passes their offsets.
-        await self._settle_sends()
-        if self._new_series:
-            new, self._new_series = self._new_series, {}
-            for (source, etype, name), props in new.items():
-                await self._retry(functools.partial(self.store.note_series, source, etype, name, props))
-                if len(self._known_series) > _MAX_KNOWN_SERIES:
-                    self._known_series.clear()
-                self._known_series.add((source, etype, name, frozenset(props)))
-        flushed: list[FlushedRow] = []
-        writes = []
-        for state in states:
-            through = state.next_offset - 1
-            for key, row in state.rows.items():
-                if row.dirty:
-                    upto = max(row.upto, through)
-                    writes.append((state.kpart, key, row, upto))
-        if writes:
-            # Horizons first: after a crash no stored row may start beyond its partition's horizon.
-            for state in states:
-                newest: dict[str, int] = {}
-                for kpart, key, _, _ in writes:
-                    if kpart == state.kpart and key.window_start > newest.get(key.resolution, -1):
-                        newest[key.resolution] = key.window_start
-                for res, window in newest.items():
-                    if window > state.horizon[res]:
-                        await self._retry(functools.partial(
-                            self.store.save_horizon, self.settings.consumer_group, self.topic, state.kpart,
-                            res, window))
-                        state.horizon[res] = window
-            await self._retry(lambda: self._write_rows(writes))
-            for kpart, key, row, upto in writes:
-                row.upto = upto
-                row.dirty = False
-                self.metrics.rows_written.labels(key.resolution).inc()
-                flushed.append((kpart, key, row))
-        offsets: dict[TopicPartition, int] = {}
-        if self._resync:
-            # Rows just written are consistent on their own (value and upto); a checkpoint now
-            # could cover writes the node lost. Resume from Cassandra first.
-            return offsets
-        for state in states:
-            if state.next_offset != state.saved_offset:
-                await self._retry(functools.partial(
-                    self.store.save_checkpoint, self.settings.consumer_group, self.topic, state.kpart,
-                    state.next_offset, state.watermark_ms))
-                state.saved_offset = state.next_offset
-                offsets[TopicPartition(self.topic, state.kpart)] = state.next_offset
-        self._evict(states)
-        if flushed and self.on_flush is not None:
-            self.on_flush(flushed)
-        if states:
-            oldest = min(s.watermark_ms for s in states)
-            if oldest > 0:
-                self.metrics.watermark_lag.set(max(0.0, time.time() - oldest / 1000))
-        self.metrics.flushes.observe(time.monotonic() - started)
-        return offsets
-
-    async def _write_rows(self, writes: list[tuple[int, RowKey, WindowRow, int]]) -> None:
-        # Every write of a failed attempt must be finished or cancelled before _retry starts the
-        # next one: Cassandra keeps the last write, so a stale one landing later would undo it.
-        await bounded_gather((self.store.write_row(*w) for w in writes), self.settings.write_concurrency)
-
-    def _evict(self, states: list[PartitionState]) -> None:
-        """Drop closed windows (no on-time event can reach them), then the least recently used."""
-        for state in states:
-            horizon = state.watermark_ms - self.lateness_ms
-            closed = [k for k, r in state.rows.items()
-                      if not r.dirty and k.window_start + RESOLUTIONS[k.resolution] <= horizon]
-            for key in closed:
-                del state.rows[key]
-        limit = self.settings.max_cached_rows
-        total = self._cached_rows()
-        if total > limit:
-            target = int(limit * 0.9)
-            for state in sorted(self.states.values(), key=lambda s: -len(s.rows)):
-                while total > target and state.rows:
-                    key, row = next(iter(state.rows.items()))
-                    if row.dirty:
-                        break
-                    del state.rows[key]
-                    total -= 1
-        self.metrics.cached_rows.set(self._cached_rows())
+    async def flush(self, states: list[PartitionState], deadline_s: float | None = None
+                    ) -> dict[TopicPartition, int]:
+        """Make Cassandra hold what ``states`` applied (flush.py); returns the offsets to commit."""
+        return await self.flusher.flush(states, list(self.states.values()), deadline_s)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Kafka offsets are for lag dashboards only; the Cassandra checkpoint is the truth."""
@@ -513,17 +369,3 @@ class RollupConsumer:
         except KafkaError as exc:
             log.warning("kafka offset commit failed; the checkpoint in Cassandra stands",
                         error=f"{type(exc).__name__}: {exc}")
-
-    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Retry a Cassandra or Kafka call that failed for a reason that may pass (a restart)."""
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except RETRIABLE as exc:
-                self._resync = True
-                self.metrics.flush_errors.inc()
-                log.warning("storage call failed; retrying", error=f"{type(exc).__name__}: {exc}",
-                            retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)

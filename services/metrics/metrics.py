@@ -17,6 +17,8 @@ class MetricsMetrics:
     flushes: Histogram
     flush_errors: Counter
     cached_rows: Gauge
+    halted_partitions: Gauge
+    partition_problems: Counter
     watermark_lag: Gauge
     queries: Counter
     query_seconds: Histogram
@@ -32,10 +34,10 @@ def make_metrics(registry: CollectorRegistry) -> MetricsMetrics:
         events=Counter("headwater_metrics_events_total", "Enriched events rolled up",
                        ["type"], registry=registry),
         late=Counter("headwater_metrics_dropped_late_total",
-                     "Events older than the allowed lateness, sent to the late topic", ["source"],
-                     registry=registry),
+                     "Events some or all resolutions cannot hold (max_event_age: none; retention: some), "
+                     "sent to the late topic", ["source", "reason"], registry=registry),
         bad=Counter("headwater_metrics_bad_input_total", "Records that were not a usable enriched event",
-                    ["failure_type"], registry=registry),
+                    ["reason"], registry=registry),
         replay_skipped=Counter("headwater_metrics_replay_skipped_total",
                                "Window updates skipped because the stored window already held them",
                                registry=registry),
@@ -47,6 +49,12 @@ def make_metrics(registry: CollectorRegistry) -> MetricsMetrics:
         flush_errors=Counter("headwater_metrics_flush_errors_total", "Flushes that failed and were retried",
                              registry=registry),
         cached_rows=Gauge("headwater_metrics_cached_rows", "Window rows held in memory", registry=registry),
+        halted_partitions=Gauge("headwater_metrics_halted_partitions",
+                                "Owned partitions halted because their checkpoint is ahead of the topic's end",
+                                registry=registry),
+        partition_problems=Counter("headwater_metrics_partition_problems_total",
+                                   "Partitions resumed from a checkpoint the topic does not match "
+                                   "(checkpoint_ahead, records_expired)", ["reason"], registry=registry),
         watermark_lag=Gauge("headwater_metrics_watermark_lag_seconds",
                             "Wall clock minus the oldest partition watermark", registry=registry),
         queries=Counter("headwater_metrics_queries_total", "KairosDB API queries", ["outcome"],

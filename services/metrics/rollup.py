@@ -137,10 +137,31 @@ class RowKey(NamedTuple):
         return self.window_start // BUCKET_MS[self.resolution]
 
 
-def row_keys(event: Event) -> list[RowKey]:
-    """The windows (one per resolution) an event updates."""
-    return [RowKey(res, event.source, event.type, event.name, event.time_ms - event.time_ms % size)
-            for res, size in RESOLUTIONS.items()]
+def row_keys(event: Event, resolutions: tuple[str, ...] = tuple(RESOLUTIONS)) -> list[RowKey]:
+    """The windows (one per resolution asked for) an event updates."""
+    return [RowKey(res, event.source, event.type, event.name, event.time_ms - event.time_ms % RESOLUTIONS[res])
+            for res in resolutions]
+
+
+class AgeRule(NamedTuple):
+    """Which resolutions an event may still update, decided by its age alone.
+
+    The age is ``receivedAt - timestamp``: both travel with the record, so a
+    replay decides exactly as the first run did, whatever the wall clock says
+    and in whatever order the partition delivers the events (a mobile SDK's
+    offline queue, a spool drained late, /v1/import of history).
+    """
+
+    max_event_age_ms: int
+    # Resolution -> its retention in ms: a window older than that is gone from its table.
+    retention_ms: dict[str, int]
+
+    def resolutions(self, event: Event) -> tuple[str, ...]:
+        """The resolutions the event is rolled into; empty when it is older than the maximum age."""
+        age = event.received_ms - event.time_ms
+        if age > self.max_event_age_ms:
+            return ()
+        return tuple(res for res in RESOLUTIONS if age <= self.retention_ms[res])
 
 
 def new_sketch(lg_k: int) -> datasketches.hll_sketch:

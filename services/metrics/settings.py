@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -45,8 +46,13 @@ class Settings(CommonSettings):
     retention_1d_s: int = Field(default=2 * 365 * 86_400, ge=1)
     # Series written by other producers through POST /api/v1/datapoints.
     retention_external_s: int = Field(default=90 * 86_400, ge=1)
-    # An event whose time is older than the partition's watermark (the newest
-    # receivedAt seen) minus this is late: counted, sent to the late topic, not rolled up.
+    # The oldest event (receivedAt minus timestamp) rolled up; older ones go to the late topic.
+    # Unset: the 1-minute resolution's retention, which is what every table can still hold.
+    # A resolution whose retention is shorter than an event's age skips that event alone.
+    max_event_age_s: float | None = Field(default=None, gt=0)
+    # How long a window row stays cached once its window closed this far behind the partition's
+    # watermark (the newest receivedAt seen). Bounds memory, not correctness: an event for an
+    # evicted window reads the stored row back (in batches) and rewrites the whole aggregate.
     allowed_lateness_s: float = Field(default=3600.0, ge=0)
     # HyperLogLog precision: 2^lg_k buckets, about 1.6% error at 12.
     hll_lg_k: int = Field(default=12, ge=4, le=21)
@@ -56,6 +62,19 @@ class Settings(CommonSettings):
     # Flush (write rollups, then the partition checkpoint, then commit offsets) this often.
     flush_interval_s: float = Field(default=1.0, gt=0)
     max_dirty_rows: int = Field(default=20_000, ge=1)
+    # Rows of one Cassandra partition written in one unlogged batch (one mutation on the node),
+    # bounded in count and in bytes so batches stay under the node's batch size warning.
+    write_batch_rows: int = Field(default=64, ge=1)
+    write_batch_bytes: int = Field(default=5_000, ge=256)
+    # Rows of one Cassandra partition read back in one SELECT ... IN.
+    read_batch_rows: int = Field(default=100, ge=1)
+    # A rebalance callback (resume from or flush to Cassandra) gives up after this long and the
+    # service stops for a restart, instead of holding the whole group's rebalance for ever.
+    rebalance_retry_s: float = Field(default=30.0, gt=0)
+    # A checkpoint ahead of the topic's end (topic recreated, cluster moved): "halt" keeps the
+    # partition paused and /readyz failing until an operator acts; "restart" rolls the partition
+    # up again from its beginning, counting its offsets on from the old checkpoint.
+    on_checkpoint_ahead: Literal["halt", "restart"] = "halt"
 
     # Optional sink to an external KairosDB (REST). Empty: off.
     kairosdb_url: str = ""
@@ -69,6 +88,11 @@ class Settings(CommonSettings):
     # The most Cassandra partitions (day buckets of 1m rows and external points, 30 / 360 days
     # of 1h / 1d rows) one query reads per series; each is one read, even when empty.
     query_max_buckets: int = Field(default=4000, ge=1)
+
+    @property
+    def max_event_age_ms(self) -> int:
+        age = self.max_event_age_s if self.max_event_age_s is not None else self.retention_1m_s
+        return int(age * 1000)
 
     @field_validator("cassandra_keyspace")
     @classmethod

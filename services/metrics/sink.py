@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import structlog
 
-from services.metrics.consumer import FlushedRow
+from services.metrics.flush import FlushedRow
 from services.metrics.kairos import COUNT_METRIC, SUM_METRIC, USERS_METRIC
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.settings import Settings

@@ -34,7 +34,10 @@ def metrics_settings(kafka_bootstrap: str, cassandra_port: int, new_topic: Calla
             "cassandra_keyspace": new_keyspace(),
             "sources_file": write_sources(tmp_path / "sources.json", SUMS),
             "flush_interval_s": 0.2,
+            # Rows of windows closed 10 minutes behind the watermark leave the cache; events up to
+            # 30 minutes old still count (read back); older ones go to the late topic.
             "allowed_lateness_s": 600.0,
+            "max_event_age_s": 1800.0,
             "http_port": 0,
         }
         values.update(overrides)

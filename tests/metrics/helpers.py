@@ -82,29 +82,32 @@ def parse_ms(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
-def expected(sent: list[Sent], lateness_ms: int, sums: dict[str, list[str]]
+def expected(sent: list[Sent], max_age_ms: int, sums: dict[str, list[str]],
+             retention_ms: dict[str, int] | None = None
              ) -> tuple[dict[tuple[str, str, str, str, int], dict[str, Any]], set[tuple[int, int]]]:
     """Windows computed straight from the input, written independently of the service's code.
 
-    Key (resolution, source, type, event, window_start) -> {count, users (set), sums}.
-    Also the (partition, offset) of every late event.
+    Key (resolution, source, type, event, window_start) -> {count, users (set), sums}. An
+    event counts in every window whatever order it arrived in, unless it is older (receivedAt
+    minus timestamp) than ``max_age_ms``, or than a resolution's retention for that resolution.
+    Also the (partition, offset) of every event that some resolution did not take (the late topic).
     """
     windows: dict[tuple[str, str, str, str, int], dict[str, Any]] = defaultdict(
         lambda: {"count": 0, "users": set(), "sums": defaultdict(float)})
     late: set[tuple[int, int]] = set()
-    watermark: dict[int, int] = defaultdict(int)
-    for s in sorted(sent, key=lambda s: (s.partition, s.offset)):
+    for s in sent:
         if s.doc is None:
             continue
         d = s.doc
         t = parse_ms(d["timestamp"])
-        watermark[s.partition] = max(watermark[s.partition], d["_hw"]["received_at_ms"])
-        if t < watermark[s.partition] - lateness_ms:
+        age = d["_hw"]["received_at_ms"] - t
+        kept = [] if age > max_age_ms else [r for r in RES_MS if retention_ms is None or age <= retention_ms[r]]
+        if len(kept) < len(RES_MS):
             late.add((s.partition, s.offset))
-            continue
         name = d.get("event") if d["type"] == "track" else d.get("name") if d["type"] in ("page", "screen") else ""
         user = d.get("userId") or d.get("anonymousId")
-        for res, size in RES_MS.items():
+        for res in kept:
+            size = RES_MS[res]
             w = windows[(res, d["_hw"]["source_id"], d["type"], name or "", t - t % size)]
             w["count"] += 1
             if user:

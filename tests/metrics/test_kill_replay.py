@@ -95,11 +95,13 @@ async def test_kill_9_while_consuming_never_double_counts_or_loses(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
-    want_windows, late = expected(sent, int(settings.allowed_lateness_s * 1000), SUMS)
+    want_windows, late = expected(sent, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, ks), want_windows)
     # Late events reach the side topic at least once (a kill may repeat a few, never drop one).
     rows = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.late_topic,
                                                              expected=len(late), timeout_s=30)]
     assert {(r["input"]["partition"], r["input"]["offset"]) for r in rows} == late
     log_text = log_path.read_text()
+    # A clean stop frees the sketches before exit: their bindings report none as leaked.
+    assert "leaked" not in log_text
     assert log_text.count("partition resumed") >= 3 * (KILLS + 1)
