@@ -87,6 +87,12 @@ class ParityEntry:
     message_id: str
 
 
+def _applied(rows: Any) -> bool:
+    """Whether an LWT was applied: its first column is ``[applied]`` (the client hands rows over)."""
+    rows = list(rows)
+    return bool(rows) and bool(rows[0][0])
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -139,34 +145,34 @@ class Store:
         expires = now_ms() + duration_ms
         if seen is None:
             result = await self.client.execute(self._stmts["create"], (stream, shard_id, owner, expires))
-            if not result.was_applied:
+            if not _applied(result):
                 return None
             return Lease(stream, shard_id, owner, 1, None, asyncio.Event())
         counter = seen.counter + 1
         result = await self.client.execute(self._stmts["take"],
                                            (owner, expires, counter, stream, shard_id, seen.counter))
-        if not result.was_applied:
+        if not _applied(result):
             return None
         return Lease(stream, shard_id, owner, counter, seen.checkpoint, asyncio.Event())
 
     async def renew(self, lease: Lease, duration_ms: int) -> bool:
         result = await self.client.execute(self._stmts["renew"], (now_ms() + duration_ms, lease.stream,
                                                                   lease.shard_id, lease.counter, lease.owner))
-        return bool(result.was_applied)
+        return _applied(result)
 
     async def checkpoint(self, lease: Lease, sequence: str | None, *, finished: bool, duration_ms: int) -> bool:
         """Move the checkpoint (and renew) while the lease is ours; False when it is not."""
         result = await self.client.execute(self._stmts["checkpoint"], (
             sequence, finished, now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner))
-        if result.was_applied:
+        if _applied(result):
             lease.checkpoint = sequence
-        return bool(result.was_applied)
+        return _applied(result)
 
     async def release(self, lease: Lease) -> bool:
         """Let another process take the shard at once (a clean stop)."""
         result = await self.client.execute(self._stmts["renew"], (0, lease.stream, lease.shard_id, lease.counter,
                                                                   lease.owner))
-        return bool(result.was_applied)
+        return _applied(result)
 
     # -- parity -------------------------------------------------------------------
 
