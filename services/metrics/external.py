@@ -14,7 +14,7 @@ the page that crosses it arrives, so no query holds more than one page over the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,7 @@ class ExternalStore:
             "series_put": f"INSERT INTO {ks}.external_series (metric, tags) VALUES (?, ?)",
             "series": f"SELECT tags FROM {ks}.external_series WHERE metric = ?",
             "series_del": f"DELETE FROM {ks}.external_series WHERE metric = ?",
+            "series_every": f"SELECT metric, tags FROM {ks}.external_series",
         }
         names = list(cql)
         prepared = await bounded_gather((self.client.prepare(cql[n]) for n in names), 8)
@@ -87,21 +88,35 @@ class ExternalStore:
 
     # --- writes ------------------------------------------------------------------------------
 
+    async def _pooled(self, items: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run (statement, params) items with ``write_concurrency`` workers: memory stays
+        flat however many points a request holds (no task or coroutine per point)."""
+        iterator = iter(items)
+
+        async def worker() -> None:
+            for name, params in iterator:
+                await self.client.execute(self._ps[name], params)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.concurrency):
+                    group.create_task(worker())
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+
     async def write(self, points: Sequence[ExternalRow]) -> None:
         """Store the points, then index their metric names, days and tag sets."""
-        def statement(p: ExternalRow) -> Awaitable[Any]:
-            metric, ts, tags, value, is_long, ttl = p
-            params: tuple[Any, ...] = (metric, ts // EXTERNAL_BUCKET_MS, ts, tags, value, is_long)
-            if ttl:
-                return self.client.execute(self._ps["put_ttl"], (*params, ttl))
-            return self.client.execute(self._ps["put"], params)
+        def statements() -> Iterator[tuple[str, tuple[Any, ...]]]:
+            for metric, ts, tags, value, is_long, ttl in points:
+                params: tuple[Any, ...] = (metric, ts // EXTERNAL_BUCKET_MS, ts, tags, value, is_long)
+                yield ("put_ttl", (*params, ttl)) if ttl else ("put", params)
 
-        await bounded_gather((statement(p) for p in points), self.concurrency)
+        await self._pooled(statements())
         index: list[tuple[str, tuple[Any, ...]]] = []
         index += [("bucket_put", k) for k in sorted({(p[0], p[1] // EXTERNAL_BUCKET_MS) for p in points})]
         index += [("series_put", k) for k in sorted({(p[0], p[2]) for p in points})]
         index += [("metric_put", (m,)) for m in sorted({p[0] for p in points})]
-        await bounded_gather((self.client.execute(self._ps[n], k) for n, k in index), self.concurrency)
+        await self._pooled(index)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -157,6 +172,15 @@ class ExternalStore:
         """The tag sets ever written for ``metric`` (until it is deleted)."""
         return [orjson.loads(r.tags) for r in await self._all("series", (metric,))]
 
+    async def all_series(self, max_rows: int) -> list[tuple[str, dict[str, str]]]:
+        """(metric, tags) of every external series, refused past ``max_rows``."""
+        out: list[tuple[str, dict[str, str]]] = []
+        async for rows in self._pages("series_every", ()):
+            out.extend((r.metric, orjson.loads(r.tags)) for r in rows)
+            if len(out) > max_rows:
+                raise QueryTooLarge(max_rows)
+        return out
+
     # --- deletes -----------------------------------------------------------------------------
 
     async def delete(self, metric: str, start_ms: int, end_ms: int, keep: Callable[[str], bool] | None,
@@ -168,18 +192,15 @@ class ExternalStore:
         """
         buckets = await self.buckets(metric, start_ms, end_ms)
         if keep is None:
-            await bounded_gather((self.client.execute(self._ps["del_range"], (metric, b, start_ms, end_ms))
-                                  for b in buckets), self.concurrency)
+            await self._pooled(("del_range", (metric, b, start_ms, end_ms)) for b in buckets)
             return None
         points = await self.read(metric, start_ms, end_ms, max_rows=max_rows, keep=keep)
-        await bounded_gather((self.client.execute(self._ps["del_point"], (
-            metric, p.ts // EXTERNAL_BUCKET_MS, p.ts, p.tags)) for p in points), self.concurrency)
+        await self._pooled(("del_point", (metric, p.ts // EXTERNAL_BUCKET_MS, p.ts, p.tags)) for p in points)
         return len(points)
 
     async def delete_metric(self, metric: str) -> None:
         """Delete every point of ``metric`` and forget its name, days and tag sets."""
         buckets = [int(r.bucket) for r in await self._all("buckets_all", (metric,))]
-        await bounded_gather((self.client.execute(self._ps["del_bucket"], (metric, b)) for b in buckets),
-                             self.concurrency)
+        await self._pooled(("del_bucket", (metric, b)) for b in buckets)
         for name in ("buckets_del", "series_del", "metric_del"):
             await self.client.execute(self._ps[name], (metric,))

@@ -1,5 +1,6 @@
-"""The KairosDB query language subset the service answers: parsing, validation,
-grouping and aggregators. Pure code; api.py feeds it stored datapoints.
+"""The KairosDB 1.3 query language: parsing and validation of query bodies, the choice of
+rollup table, and the shape of answers. Pure code; aggregators.py and groupby.py hold the
+semantics, api.py feeds them stored datapoints.
 
 Metric names served from the rollups (tags in brackets):
 
@@ -9,19 +10,28 @@ Metric names served from the rollups (tags in brackets):
 * ``headwater.property.sum``   [source, type, event, property, resolution]  sum of a numeric property
 
 ``event`` is the track event name or the page/screen name ("" for other types).
-``resolution`` picks the table (1m, 1h, 1d); without it the service picks the
-coarsest one that divides the first aggregator's sampling and still covers the
-range. Any other name is a series stored through POST /api/v1/datapoints.
+``resolution`` picks the table (1m, 1h, 1d); without it the service picks the coarsest one
+whose windows fit the query start and every sampling period boundary of the first range
+aggregator. Any other name is a series stored through POST /api/v1/datapoints.
+
+Parsing follows KairosDB's: units in any case, an aggregator or grouper property KairosDB
+does not know is an error, and so is a missing required one (div's divisor, percentile's
+percentile, filter's filter_op, sma's size, save_as's metric_name).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from services.metrics.aggregators import AGGREGATORS, DISTINCT, RANGE_AGGREGATORS, Aggregator, Sampling
 from services.metrics.errors import QueryError
+from services.metrics.groupby import BinGroupBy, PointGrouper, TagGroupBy, TimeGroupBy, ValueGroupBy
+from services.metrics.periods import FIXED_MS, UNITS, UTC, Unit, to_local
 from services.metrics.rollup import RESOLUTIONS
 
 COUNT_METRIC = "headwater.events.count"
@@ -29,37 +39,36 @@ USERS_METRIC = "headwater.users.distinct"
 SUM_METRIC = "headwater.property.sum"
 ROLLUP_METRICS = (COUNT_METRIC, USERS_METRIC, SUM_METRIC)
 
-UNIT_MS: dict[str, int] = {
-    "milliseconds": 1, "seconds": 1000, "minutes": 60_000, "hours": 3_600_000, "days": 86_400_000,
-    "weeks": 7 * 86_400_000,
-    # KairosDB steps months and years on the calendar; here they are fixed lengths (30 and 365 days).
-    "months": 30 * 86_400_000, "years": 365 * 86_400_000,
-}
-AGGREGATORS = ("sum", "count", "avg", "min", "max", "first", "last")
 # Times are Cassandra bigints.
 MAX_TIME_MS = 2**63 - 1
-# Headwater extension for headwater.users.distinct: union the sketches of each sampling period.
-DISTINCT = "distinct"
 
-
-@dataclass(frozen=True)
-class Aggregator:
-    name: str
-    sampling_ms: int | None = None
-    unit_ms: int = 1
-    align_sampling: bool = False
-    align_start_time: bool = False
-    align_end_time: bool = False
+_RANGE_PROPS = {"sampling", "align_sampling", "align_start_time", "align_end_time", "time_zone", "trim"}
+_PROPS: dict[str, set[str]] = {
+    **{name: _RANGE_PROPS for name in (*RANGE_AGGREGATORS, DISTINCT)},
+    "dev": _RANGE_PROPS | {"return_type", "dev_count"},
+    "percentile": _RANGE_PROPS | {"percentile"},
+    "diff": set(), "div": {"divisor"}, "filter": {"filter_op", "threshold"},
+    "rate": {"sampling", "unit", "time_zone"}, "sampler": {"unit", "time_zone"},
+    "save_as": {"metric_name", "tags", "ttl", "add_saved_from"}, "scale": {"factor"},
+    "sma": {"size"}, "trim": {"trim"},
+}
 
 
 @dataclass(frozen=True)
 class MetricQuery:
     name: str
     tags: dict[str, tuple[str, ...]]
-    group_by: tuple[str, ...]
-    aggregators: tuple[Aggregator, ...]
+    aggregators: tuple[Aggregator, ...] = ()
+    tag_group: TagGroupBy | None = None
+    groupers: tuple[PointGrouper, ...] = ()
     limit: int | None = None
     order: str = "asc"
+    exclude_tags: bool = False
+    alias: str | None = None
+
+    @property
+    def group_by(self) -> tuple[str, ...]:
+        return self.tag_group.tags if self.tag_group else ()
 
 
 @dataclass(frozen=True)
@@ -67,27 +76,62 @@ class Query:
     start_ms: int
     end_ms: int
     metrics: tuple[MetricQuery, ...]
+    time_zone: ZoneInfo = field(default=UTC)
 
 
-def _duration(value: Any, where: str) -> tuple[int, int]:
-    """A KairosDB {value, unit} as (ms, unit ms)."""
+# --- small parsers -----------------------------------------------------------------------------
+
+def _whole(value: Any, where: str, minimum: int = 1) -> int:
+    if isinstance(value, str) and value.strip().isdecimal():
+        # isdecimal, not isdigit: "²" is a digit that int() refuses.
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise QueryError(f"{where} must be a whole number of at least {minimum}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise QueryError(f"{where} must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise QueryError(f"{where} must be a number")
+    return float(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise QueryError(f"{where} must be true or false")
+    return value
+
+
+def _unit(value: Any, where: str) -> str:
+    unit = value.lower() if isinstance(value, str) else value
+    if unit not in UNITS:
+        raise QueryError(f"{where} must be one of {', '.join(UNITS)} (any case)")
+    return str(unit)
+
+
+def _duration(value: Any, where: str) -> tuple[int, str]:
+    """A KairosDB {value, unit} as (value, unit name)."""
     if not isinstance(value, dict):
         raise QueryError(f"{where} must be an object with value and unit")
-    unit = value.get("unit")
-    amount = value.get("value")
-    if isinstance(unit, str):
-        unit = unit.lower()
-    if unit not in UNIT_MS:
-        raise QueryError(f"{where}.unit must be one of {', '.join(UNIT_MS)}")
-    if isinstance(amount, str) and amount.strip().isdecimal():
-        # isdecimal, not isdigit: "²" is a digit that int() refuses.
-        try:
-            amount = int(amount)
-        except ValueError:
-            raise QueryError(f"{where}.value must be a whole number of at least 1") from None
-    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
-        raise QueryError(f"{where}.value must be a whole number of at least 1")
-    return amount * UNIT_MS[unit], UNIT_MS[unit]
+    return _whole(value.get("value"), f"{where}.value"), _unit(value.get("unit"), f"{where}.unit")
+
+
+def time_zone(value: Any, where: str = "time_zone") -> ZoneInfo:
+    if not isinstance(value, str) or not value:
+        raise QueryError(f"{where} must be a time zone name such as UTC or Europe/Paris")
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise QueryError(f"{where}: {value!r} is not a time zone") from None
 
 
 def _absolute(value: Any, where: str) -> int:
@@ -95,6 +139,15 @@ def _absolute(value: Any, where: str) -> int:
             or not 0 <= value <= MAX_TIME_MS):
         raise QueryError(f"{where} must be a time in milliseconds since the epoch")
     return int(value)
+
+
+def _relative(value: Any, where: str, now_ms: int) -> int:
+    amount, unit = _duration(value, where)
+    try:
+        # Months and years step on the calendar (UTC), as KairosDB's relative times do.
+        return Unit(unit).add(now_ms, -amount)
+    except (OverflowError, ValueError):
+        raise QueryError(f"{where} reaches before the year 1") from None
 
 
 def _tags(value: Any, where: str) -> dict[str, tuple[str, ...]]:
@@ -111,24 +164,160 @@ def _tags(value: Any, where: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _aggregator(value: Any, where: str) -> Aggregator:
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise QueryError(f"{where}.name must be set")
-    name = value["name"].lower()
-    if name not in (*AGGREGATORS, DISTINCT):
-        raise QueryError(f"{where}.name {value['name']!r} is not supported; use one of "
-                         f"{', '.join((*AGGREGATORS, DISTINCT))}")
-    sampling_ms: int | None = None
-    unit_ms = 1
-    if value.get("sampling") is not None:
-        sampling_ms, unit_ms = _duration(value["sampling"], f"{where}.sampling")
-    flags = {}
-    for flag in ("align_sampling", "align_start_time", "align_end_time"):
-        flag_value = value.get(flag, False)
-        if not isinstance(flag_value, bool):
-            raise QueryError(f"{where}.{flag} must be true or false")
-        flags[flag] = flag_value
-    return Aggregator(name, sampling_ms, unit_ms, **flags)
+# --- aggregators -------------------------------------------------------------------------------
+
+def _choice(value: Any, where: str, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in options:
+        raise QueryError(f"{where} must be one of {', '.join(options)}")
+    return value.lower()
+
+
+def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[str, Any]:
+    """The aggregator's own properties, validated as KairosDB validates them."""
+    out: dict[str, Any] = {}
+    if name == "dev":
+        out["return_type"] = _choice(spec.get("return_type", "value"), f"{where}.return_type",
+                                     ("value", "pos_sd", "neg_sd"))
+        out["dev_count"] = _whole(spec.get("dev_count", 1), f"{where}.dev_count", 0)
+    elif name == "percentile":
+        if "percentile" not in spec:
+            raise QueryError(f"{where}.percentile may not be zero")
+        out["percentile"] = _number(spec["percentile"], f"{where}.percentile")
+        if not 0 < out["percentile"] <= 1:
+            raise QueryError(f"{where}.percentile must be greater than 0 and at most 1")
+    elif name == "div":
+        out["divisor"] = _number(spec.get("divisor", 0), f"{where}.divisor")
+        if out["divisor"] == 0:
+            raise QueryError(f"{where}.divisor may not be zero")
+    elif name == "scale":
+        out["factor"] = _number(spec.get("factor", 0), f"{where}.factor")
+    elif name == "filter":
+        out["filter_op"] = _choice(spec.get("filter_op"), f"{where}.filter_op",
+                                   ("lte", "lt", "gte", "gt", "equal", "ne"))
+        threshold = spec.get("threshold", 0.0)
+        out["threshold"] = threshold if isinstance(threshold, str) else _number(threshold, f"{where}.threshold")
+    elif name == "sma":
+        out["size"] = _whole(spec.get("size"), f"{where}.size")
+    elif name == "trim":
+        if spec.get("trim") is not None:
+            out["trim"] = _choice(spec["trim"], f"{where}.trim", ("first", "last", "both"))
+    elif name in ("rate", "sampler"):
+        zone = time_zone(spec["time_zone"], f"{where}.time_zone") if "time_zone" in spec else tz
+        value, unit = 1, "milliseconds"
+        if name == "rate" and spec.get("sampling") is not None:
+            value, unit = _duration(spec["sampling"], f"{where}.sampling")
+        if spec.get("unit") is not None:
+            value, unit = 1, _unit(spec["unit"], f"{where}.unit")
+        out["sampling"] = Sampling(value, Unit(unit, zone))
+    elif name == "save_as":
+        metric_name = spec.get("metric_name")
+        if not isinstance(metric_name, str) or not metric_name.strip():
+            raise QueryError(f"{where}.metric_name may not be empty")
+        if metric_name in ROLLUP_METRICS:
+            raise QueryError(f"{where}.metric_name: {metric_name} is written by the service itself")
+        tags = spec.get("tags") or {}
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                 for k, v in tags.items()):
+            raise QueryError(f"{where}.tags must be an object of non-empty strings")
+        out.update(metric_name=metric_name, tags=tags, ttl=_whole(spec.get("ttl", 0), f"{where}.ttl", 0),
+                   add_saved_from=_flag(spec.get("add_saved_from", True), f"{where}.add_saved_from"))
+    return out
+
+
+def parse_aggregator(spec: Any, where: str, tz: ZoneInfo) -> Aggregator:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise QueryError(f"{where} must have a name")
+    name = spec["name"].lower()
+    if name not in AGGREGATORS:
+        raise QueryError(f"{where}: {spec['name']!r} is an invalid aggregator name; use one of "
+                         f"{', '.join(AGGREGATORS)}")
+    unknown = sorted(set(spec) - {"name"} - _PROPS[name])
+    if unknown:
+        raise QueryError(f"{where}: property {unknown[0]!r} was specified for aggregator {name!r}, "
+                         "which has no such property")
+    options = _options(name, spec, where, tz)
+    if name not in RANGE_AGGREGATORS and name != DISTINCT:
+        return Aggregator(name, options=options)
+    zone = time_zone(spec["time_zone"], f"{where}.time_zone") if "time_zone" in spec else tz
+    sampling = Sampling(1, Unit("milliseconds", zone))
+    if spec.get("sampling") is not None:
+        value, unit = _duration(spec["sampling"], f"{where}.sampling")
+        sampling = Sampling(value, Unit(unit, zone))
+    flags = {flag: _flag(spec[flag], f"{where}.{flag}") for flag in
+             ("align_sampling", "align_start_time", "align_end_time", "trim") if spec.get(flag) is not None}
+    return Aggregator(name, sampling, spec.get("sampling") is not None, options=options, **flags)
+
+
+# --- group_by ----------------------------------------------------------------------------------
+
+def _grouper(spec: Any, where: str) -> TagGroupBy | PointGrouper:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise QueryError(f"{where} must have a name")
+    name = spec["name"].lower()
+    known = {"tag": {"tags"}, "time": {"range_size", "group_count"}, "value": {"range_size"},
+             "bin": {"bins"}}
+    if name not in known:
+        raise QueryError(f"{where}: {spec['name']!r} is an invalid group_by name; use tag, time, value or bin")
+    unknown = sorted(set(spec) - {"name"} - known[name])
+    if unknown:
+        raise QueryError(f"{where}: property {unknown[0]!r} was specified for group_by {name!r}, "
+                         "which has no such property")
+    if name == "tag":
+        tags = spec.get("tags")
+        if not isinstance(tags, list) or not tags or not all(isinstance(t, str) for t in tags):
+            raise QueryError(f"{where}.tags may not be empty: a list of tag names")
+        return TagGroupBy(tuple(dict.fromkeys(tags)))
+    if name == "time":
+        if spec.get("range_size") is None:
+            raise QueryError(f"{where}.range_size may not be null")
+        value, unit = _duration(spec["range_size"], f"{where}.range_size")
+        if spec.get("group_count") is None:
+            raise QueryError(f"{where}.group_count must be greater than or equal to 1")
+        return TimeGroupBy(value, unit, _whole(spec["group_count"], f"{where}.group_count"))
+    if name == "value":
+        return ValueGroupBy(_whole(spec.get("range_size"), f"{where}.range_size"))
+    bins = spec.get("bins")
+    if not isinstance(bins, list) or not bins:
+        raise QueryError(f"{where}.bins may not be empty: a list of numbers")
+    return BinGroupBy(tuple(_number(b, f"{where}.bins[]") for b in bins))
+
+
+# --- the query ---------------------------------------------------------------------------------
+
+def _metric(spec: Any, where: str, tz: ZoneInfo) -> MetricQuery:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise QueryError(f"{where}.name may not be empty")
+    groupers = spec.get("group_by") or []
+    if not isinstance(groupers, list):
+        raise QueryError(f"{where}.group_by must be a list")
+    parsed = [_grouper(g, f"{where}.group_by[{j}]") for j, g in enumerate(groupers)]
+    # KairosDB groups by the first tag grouper only.
+    tag_group = next((g for g in parsed if isinstance(g, TagGroupBy)), None)
+    others = tuple(g for g in parsed if not isinstance(g, TagGroupBy))
+    aggregators = spec.get("aggregators") or []
+    if not isinstance(aggregators, list):
+        raise QueryError(f"{where}.aggregators must be a list")
+    aggs = tuple(parse_aggregator(a, f"{where}.aggregators[{j}]", tz) for j, a in enumerate(aggregators))
+    for j, agg in enumerate(aggs):
+        if agg.name == DISTINCT and (j != 0 or spec["name"] != USERS_METRIC):
+            raise QueryError(f"{where}.aggregators[{j}]: 'distinct' must come first and only on {USERS_METRIC}")
+    if aggs and aggs[0].name == DISTINCT and any(not isinstance(g, TimeGroupBy) for g in others):
+        raise QueryError(f"{where}: group_by value or bin cannot split sketches; put an aggregator "
+                         "other than 'distinct' first")
+    limit = spec.get("limit")
+    if limit is not None:
+        limit = _whole(limit, f"{where}.limit", 0) or None
+    order = spec.get("order", "asc")
+    if not isinstance(order, str) or order.lower() not in ("asc", "desc"):
+        raise QueryError(f"{where}.order must be asc or desc")
+    alias = spec.get("alias")
+    if alias is not None and not isinstance(alias, str):
+        raise QueryError(f"{where}.alias must be a string")
+    if spec.get("plugins"):
+        raise QueryError(f"{where}.plugins: query plugins are not supported")
+    return MetricQuery(spec["name"], _tags(spec.get("tags"), f"{where}.tags"), aggs, tag_group, others,
+                       limit, order.lower(), _flag(spec.get("exclude_tags", False), f"{where}.exclude_tags"),
+                       alias)
 
 
 def parse_query(body: Any, now_ms: int) -> Query:
@@ -138,183 +327,94 @@ def parse_query(body: Any, now_ms: int) -> Query:
     if body.get("start_absolute") is not None:
         start = _absolute(body["start_absolute"], "start_absolute")
     elif body.get("start_relative") is not None:
-        start = now_ms - _duration(body["start_relative"], "start_relative")[0]
+        start = _relative(body["start_relative"], "start_relative", now_ms)
     else:
-        raise QueryError("start_absolute or start_relative is required")
+        raise QueryError("start_time: relative or absolute time must be set")
     if body.get("end_absolute") is not None:
         end = _absolute(body["end_absolute"], "end_absolute")
     elif body.get("end_relative") is not None:
-        end = now_ms - _duration(body["end_relative"], "end_relative")[0]
+        end = _relative(body["end_relative"], "end_relative", now_ms)
     else:
         end = now_ms
     if start < 0:
         raise QueryError("the start time may not be before the epoch (1970-01-01)")
     if end < start:
-        raise QueryError("the end time must be after the start time")
+        raise QueryError("end_time must be greater than the start time")
+    tz = time_zone(body["time_zone"]) if body.get("time_zone") is not None else UTC
+    if body.get("plugins"):
+        raise QueryError("plugins: query plugins are not supported")
     metrics = body.get("metrics")
     if not isinstance(metrics, list) or not metrics:
-        raise QueryError("metrics must be a non-empty list")
-    parsed = []
-    for i, metric in enumerate(metrics):
-        where = f"metrics[{i}]"
-        if not isinstance(metric, dict) or not isinstance(metric.get("name"), str) or not metric["name"]:
-            raise QueryError(f"{where}.name may not be empty")
-        group_by: list[str] = []
-        groupers = metric.get("group_by") or []
-        if not isinstance(groupers, list):
-            raise QueryError(f"{where}.group_by must be a list")
-        for j, group in enumerate(groupers):
-            if not isinstance(group, dict) or group.get("name") != "tag":
-                raise QueryError(f"{where}.group_by[{j}]: only the 'tag' grouper is supported")
-            tags = group.get("tags")
-            if not isinstance(tags, list) or not tags or not all(isinstance(t, str) for t in tags):
-                raise QueryError(f"{where}.group_by[{j}].tags must be a non-empty list of tag names")
-            group_by.extend(t for t in tags if t not in group_by)
-        aggregators = metric.get("aggregators") or []
-        if not isinstance(aggregators, list):
-            raise QueryError(f"{where}.aggregators must be a list")
-        aggs = tuple(_aggregator(a, f"{where}.aggregators[{j}]") for j, a in enumerate(aggregators))
-        for j, agg in enumerate(aggs):
-            if agg.name == DISTINCT and (j != 0 or metric["name"] != USERS_METRIC):
-                raise QueryError(f"{where}.aggregators[{j}]: 'distinct' must come first and only on "
-                                 f"{USERS_METRIC}")
-        limit = metric.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise QueryError(f"{where}.limit must be a whole number")
-        order = metric.get("order", "asc")
-        if order not in ("asc", "desc"):
-            raise QueryError(f"{where}.order must be asc or desc")
-        parsed.append(MetricQuery(metric["name"], _tags(metric.get("tags"), f"{where}.tags"),
-                                  tuple(group_by), aggs, limit, order))
-    return Query(start, end, tuple(parsed))
+        raise QueryError("metric[] must have a size of at least 1")
+    parsed = tuple(_metric(m, f"query.metric[{i}]", tz) for i, m in enumerate(metrics))
+    return Query(start, end, parsed, tz)
 
 
 def pick_resolution(metric: MetricQuery, start_ms: int, now_ms: int, retention_s: dict[str, int]) -> str:
-    """The rollup table a query reads: the resolution tag, else the coarsest that fits."""
+    """The rollup table a query reads: the resolution tag, else the coarsest whose windows fit
+    the query start and the first range aggregator's period boundaries, within retention."""
     asked = metric.tags.get("resolution")
     if asked is not None:
         if len(asked) != 1 or asked[0] not in RESOLUTIONS:
             raise QueryError(f"the resolution tag takes one of {', '.join(RESOLUTIONS)}")
         return asked[0]
-    sampling = next((a.sampling_ms for a in metric.aggregators if a.sampling_ms), None)
+    agg = next((a for a in metric.aggregators if a.is_range and a.sampling_given), None)
+
+    def fits(res: str) -> bool:
+        size = RESOLUTIONS[res]
+        if start_ms % size:
+            return False
+        if agg is None:
+            return True
+        unit, value = agg.sampling.unit, agg.sampling.value
+        origin = unit.align(start_ms) if agg.align_sampling else start_ms
+        if unit.name in FIXED_MS and unit.name not in ("days", "weeks"):
+            step = FIXED_MS[unit.name] * value
+        elif unit.tz.key == "UTC":
+            step = 86_400_000
+        else:
+            # Local days start on whole hours in most zones, on half hours in some.
+            offset = to_local(origin, unit.tz) - to_local(origin, UTC)
+            step = 3_600_000 if offset % dt.timedelta(hours=1) == dt.timedelta(0) else 60_000
+        return origin % size == 0 and step % size == 0
+
     finest_first = list(RESOLUTIONS)
-    if sampling is not None:
-        fitting = [r for r in finest_first if sampling % RESOLUTIONS[r] == 0] or finest_first[:1]
-        candidates = fitting[::-1] + [r for r in finest_first if r not in fitting]
-    else:
-        candidates = finest_first
-    for res in candidates:
-        if start_ms >= now_ms - retention_s[res] * 1000:
-            return res
-    return finest_first[-1]
+    held = [r for r in finest_first if start_ms >= now_ms - retention_s[r] * 1000]
+    fitting = [r for r in held if fits(r)]
+    if fitting:
+        return fitting[-1]
+    return held[0] if held else finest_first[-1]
 
 
-# --- grouping and aggregation -----------------------------------------------------------------
+# --- answers -----------------------------------------------------------------------------------
 
-Point = tuple[int, Any]
-
-
-@dataclass
-class Group:
-    """One result: the tag values seen in it and its datapoints."""
-
-    group: dict[str, str]
-    tags: dict[str, set[str]] = field(default_factory=dict)
-    points: list[Point] = field(default_factory=list)
-
-    def add_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.tags.setdefault(k, set()).add(v)
+def result(metric: MetricQuery, group_by: list[dict[str, Any]], tags: dict[str, set[str]],
+           values: list[list[Any]]) -> dict[str, Any]:
+    """One entry of a KairosDB "results" list."""
+    out: dict[str, Any] = {"name": metric.name}
+    if metric.alias is not None:
+        out["alias"] = metric.alias
+    if group_by:
+        out["group_by"] = group_by
+    if not metric.exclude_tags:
+        out["tags"] = {k: sorted(v) for k, v in sorted(tags.items())}
+    out["values"] = values
+    return out
 
 
 def matches(tags: dict[str, str], wanted: dict[str, tuple[str, ...]]) -> bool:
     return all(tags.get(k) in values for k, values in wanted.items())
 
 
-def group_series(metric: MetricQuery, series: Sequence[tuple[dict[str, str], Point]]) -> list[Group]:
-    """Split filtered (tags, point) pairs into KairosDB tag groups."""
-    groups: dict[tuple[str, ...], Group] = {}
-    for tags, point in series:
-        key = tuple(tags.get(t, "") for t in metric.group_by)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = Group({t: tags[t] for t in metric.group_by if t in tags})
-        group.add_tags(tags)
-        group.points.append(point)
-    return [groups[k] for k in sorted(groups)]
+def tag_matcher(wanted: dict[str, tuple[str, ...]], parse: Callable[[str], dict[str, str]]
+                ) -> Callable[[str], bool]:
+    """A filter over stored tag texts that parses each distinct text once."""
+    seen: dict[str, bool] = {}
 
+    def keep(text: str) -> bool:
+        hit = seen.get(text)
+        if hit is None:
+            hit = seen[text] = matches(parse(text), wanted)
+        return hit
 
-def merge_same_time(points: list[Point], combine: Callable[[list[Any]], Any]) -> list[Point]:
-    """One point per timestamp (rollup rows of several partitions and series in one group)."""
-    by_ts: dict[int, list[Any]] = {}
-    for ts, value in points:
-        by_ts.setdefault(ts, []).append(value)
-    return [(ts, combine(values)) for ts, values in sorted(by_ts.items())]
-
-
-def _bucket_ts(agg: Aggregator, origin: int, size: int, index: int, first_ts: int) -> int:
-    if agg.align_end_time:
-        return origin + (index + 1) * size
-    if agg.align_start_time or agg.align_sampling:
-        return origin + index * size
-    return first_ts
-
-
-def buckets(agg: Aggregator, points: list[Point], start_ms: int, end_ms: int) -> list[tuple[int, list[Any]]]:
-    """Cut time-ordered points into the aggregator's sampling periods."""
-    if agg.sampling_ms is None:
-        size, origin = end_ms - start_ms + 1, start_ms
-    else:
-        size = agg.sampling_ms
-        # align_sampling: periods start on multiples of the sampling length (UTC), so
-        # "5 minutes" gives :00, :05, ... whatever the query start is.
-        origin = start_ms - start_ms % size if agg.align_sampling else start_ms
-    out: list[tuple[int, list[Any]]] = []
-    current = None
-    for ts, value in points:
-        index = (ts - origin) // size
-        if current != index:
-            current = index
-            out.append((_bucket_ts(agg, origin, size, index, ts), []))
-        out[-1][1].append(value)
-    return out
-
-
-def _avg(values: list[float]) -> float:
-    return math.fsum(values) / len(values)
-
-
-_FUNCTIONS: dict[str, Callable[[list[Any]], Any]] = {
-    "sum": lambda vs: sum(vs) if all(isinstance(v, int) for v in vs) else math.fsum(vs),
-    "count": len,
-    "avg": _avg,
-    "min": min,
-    "max": max,
-    "first": lambda vs: vs[0],
-    "last": lambda vs: vs[-1],
-}
-
-
-def aggregate(agg: Aggregator, points: list[Point], start_ms: int, end_ms: int) -> list[Point]:
-    """Apply one numeric aggregator (not 'distinct', which api.py runs on sketches)."""
-    fn = _FUNCTIONS[agg.name]
-    return [(ts, fn(values)) for ts, values in buckets(agg, points, start_ms, end_ms)]
-
-
-def result(metric: MetricQuery, group: Group, points: list[Point]) -> dict[str, Any]:
-    """One entry of a KairosDB "results" list."""
-    if metric.order == "desc":
-        points = points[::-1]
-    if metric.limit:
-        points = points[:metric.limit]
-    group_by: list[dict[str, Any]] = []
-    if metric.group_by:
-        group_by.append({"name": "tag", "tags": list(metric.group_by), "group": group.group})
-    group_by.append({"name": "type", "type": "number"})
-    return {"name": metric.name, "group_by": group_by,
-            "tags": {k: sorted(v) for k, v in sorted(group.tags.items())},
-            "values": [[ts, v] for ts, v in points]}
-
-
-def empty_result(metric: MetricQuery) -> dict[str, Any]:
-    return {"name": metric.name, "tags": {}, "values": []}
+    return keep

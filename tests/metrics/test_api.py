@@ -24,7 +24,7 @@ MIN = 60_000
 async def loaded(metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
                  ) -> tuple[Settings, int]:
     """Known events two hours back: minute 0..3 of one hour, two sources, two partitions."""
-    settings = await metrics_settings(partitions=2, allowed_lateness_s=10 * 86_400)
+    settings = await metrics_settings(partitions=2, allowed_lateness_s=10 * 86_400, max_event_age_s=10 * 86_400)
     base = (int(time.time() * 1000) // HOUR - 2) * HOUR
     docs = []
     for minute in range(4):
@@ -126,13 +126,23 @@ async def test_distinct_users_union_and_sums(api: TestClient, loaded: tuple[Sett
                    ("srv", "quantity"): [[base, 8.0]]}
 
 
-async def test_relative_times_and_automatic_resolution(api: TestClient) -> None:
+async def test_relative_times_and_automatic_resolution(api: TestClient, loaded: tuple[Settings, int]) -> None:
+    # A start inside a minute: only the 1m windows start in the range, whatever the sampling.
     answer = await query(api, {"start_relative": {"value": 1, "unit": "days"}, "metrics": [{
         "name": "headwater.events.count", "tags": {"source": "srv"},
         "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "days"}}]}]})
     (result,) = answer["queries"][0]["results"]
-    assert result["tags"]["resolution"] == ["1d"]
+    assert result["tags"]["resolution"] == ["1m"]
     assert sum(v for _, v in result["values"]) == 4
+    # A start on a UTC midnight with daily periods (aligned to midnight by default): the 1d table.
+    _, base = loaded
+    midnight = base - base % 86_400_000
+    answer = await query(api, {"start_absolute": midnight, "metrics": [{
+        "name": "headwater.events.count", "tags": {"source": "srv"},
+        "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "DAYS"}}]}]})
+    (result,) = answer["queries"][0]["results"]
+    assert result["tags"]["resolution"] == ["1d"]
+    assert result["values"] == [[midnight, 4]]
 
 
 async def test_bad_queries_get_kairosdb_errors(api: TestClient) -> None:
@@ -163,10 +173,15 @@ async def test_write_api_metricnames_health_and_version(api: TestClient) -> None
     assert resp.status == 204, await resp.text()
     answer = await query(api, {"start_relative": {"value": 1, "unit": "hours"}, "metrics": [
         {"name": "legacy.cpu", "group_by": [{"name": "tag", "tags": ["host"]}]},
-        {"name": "legacy.cpu", "aggregators": [{"name": "max"}]}]})
-    grouped, maxed = answer["queries"]
+        {"name": "legacy.cpu", "aggregators": [{"name": "max"}]},
+        {"name": "legacy.cpu", "aggregators": [{"name": "max", "sampling": {"value": 1, "unit": "HOURS"},
+                                                "align_sampling": False}]}]})
+    grouped, every, maxed = answer["queries"]
     assert {r["group_by"][0]["group"]["host"]: r["values"] for r in grouped["results"]} == {
         "a": [[now - 2000, 1], [now - 1000, 3]], "b": [[now - 1500, 2.5]]}
+    # KairosDB's default sampling is 1 ms: without a sampling every point stays.
+    assert every["results"][0]["values"] == [[now - 2000, 1], [now - 1500, 2.5], [now - 1000, 3]]
+    # One period from the query start, stamped at its first point.
     assert maxed["results"][0]["values"] == [[now - 2000, 3]]
     assert maxed["sample_size"] == 3
 
@@ -183,14 +198,15 @@ async def test_write_api_metricnames_health_and_version(api: TestClient) -> None
             "legacy.cpu"} <= set(names)
     assert (await (await api.get("/api/v1/metricnames?prefix=legacy")).json())["results"] == ["legacy.cpu"]
     assert (await api.get("/api/v1/health/check")).status == 204
-    assert "Datastore-Query: OK" in (await (await api.get("/api/v1/health/status")).json())["status"]
+    assert await (await api.get("/api/v1/health/status")).json() == ["JVM-Thread-Deadlock: OK",
+                                                                      "Datastore-Query: OK"]
     assert (await (await api.get("/api/v1/version")).json())["version"].startswith("KairosDB 1.3")
     assert (await api.get("/readyz")).status == 200
     assert b"headwater_metrics_queries_total" in await (await api.get("/metrics")).read()
 
 
 async def test_empty_answer_has_kairosdb_shape(api: TestClient) -> None:
+    # KairosDB 1.3.2 leaves groups without points out of a query's results.
     answer = await query(api, {"start_relative": {"value": 1, "unit": "minutes"},
                                "metrics": [{"name": "nothing.here"}]})
-    assert answer == {"queries": [{"sample_size": 0, "results": [
-        {"name": "nothing.here", "tags": {}, "values": []}]}]}
+    assert answer == {"queries": [{"sample_size": 0, "results": []}]}

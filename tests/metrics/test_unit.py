@@ -1,29 +1,22 @@
-"""Fast unit tests: event parsing, windows, row arithmetic, the query language,
-the write format and the sink's number formats. No servers."""
+"""Fast unit tests: event parsing, windows, row arithmetic, the sink's number formats. No servers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from services.metrics import app as app_module
-from services.metrics import kairos
-from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes, gunzip, parse_datapoints
 from services.metrics.consumer import RollupConsumer
-from services.metrics.errors import ConsumerBroken, QueryError, RangeTooLarge
+from services.metrics.errors import ConsumerBroken, RangeTooLarge
 from services.metrics.metrics import make_metrics
 from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
 from services.metrics.settings import Settings
@@ -87,85 +80,6 @@ def test_window_row_counts_sums_and_sketches() -> None:
     assert round(again.sketch().get_estimate()) == 4
 
 
-def body(**metric: object) -> dict[str, object]:
-    return {"start_absolute": T0, "end_absolute": T0 + 3_600_000, "metrics": [{"name": "m", **metric}]}
-
-
-def test_parse_query_defaults_and_relative_times() -> None:
-    q = kairos.parse_query({"start_relative": {"value": "2", "unit": "hours"},
-                            "end_relative": {"value": 1, "unit": "minutes"}, "metrics": [{"name": "m"}]},
-                           now_ms=T0)
-    assert (q.start_ms, q.end_ms) == (T0 - 7_200_000, T0 - 60_000)
-    m = kairos.parse_query(body(tags={"a": "x", "b": ["y", "z"]},
-                                group_by=[{"name": "tag", "tags": ["a"]}],
-                                aggregators=[{"name": "SUM", "sampling": {"value": 5, "unit": "Minutes"}}]),
-                           T0).metrics[0]
-    assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
-    assert m.aggregators[0] == kairos.Aggregator("sum", 300_000, 60_000)
-
-
-@pytest.mark.parametrize("bad", [
-    {}, {"start_absolute": -1, "metrics": [{"name": "m"}]}, {"start_absolute": True, "metrics": [{"name": "m"}]},
-    body(aggregators=[{"name": "sum", "sampling": {"value": 0, "unit": "minutes"}}]),
-    body(aggregators=[{"name": "sum", "align_sampling": "yes"}]),
-    body(tags={"a": 1}), body(limit=-1), body(order="up"),
-    body(aggregators=[{"name": "distinct"}]),  # only on headwater.users.distinct
-    # Before the epoch, out of Cassandra's bigint, not a finite number.
-    {"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
-    {"start_relative": {"value": 60, "unit": "years"}, "metrics": [{"name": "m"}]},
-    {"start_absolute": 0, "end_absolute": 2**63, "metrics": [{"name": "m"}]},
-    {"start_absolute": float("inf"), "metrics": [{"name": "m"}]},
-    {"start_absolute": float("nan"), "metrics": [{"name": "m"}]},
-    {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
-    body(aggregators=[{"name": "sum", "sampling": {"value": "\u00b2", "unit": "minutes"}}]),
-    body(group_by=5), body(group_by={"name": "tag", "tags": ["a"]}),
-])
-def test_parse_query_rejects(bad: dict[str, object]) -> None:
-    with pytest.raises(QueryError) as info:
-        kairos.parse_query(bad, T0)
-    assert info.value.errors
-
-
-def test_buckets_alignment_and_timestamps() -> None:
-    points = [(T0 + 30_000, 1), (T0 + 90_000, 2), (T0 + 150_000, 3), (T0 + 610_000, 4)]
-    start = T0 + 20_000
-    aligned = kairos.Aggregator("sum", 300_000, 60_000, align_sampling=True)
-    assert kairos.aggregate(aligned, points, start, T0 + 3_600_000) == [(T0, 6), (T0 + 600_000, 4)]
-    unaligned = kairos.Aggregator("sum", 300_000, 60_000)
-    # periods start at the query start; the point's time is the first point in the period
-    assert kairos.aggregate(unaligned, points, start, T0 + 3_600_000) == [(T0 + 30_000, 6), (T0 + 610_000, 4)]
-    end_aligned = kairos.Aggregator("max", 300_000, 60_000, align_sampling=True, align_end_time=True)
-    assert kairos.aggregate(end_aligned, points, start, T0 + 3_600_000) == [(T0 + 300_000, 3),
-                                                                            (T0 + 900_000, 4)]
-    whole = kairos.Aggregator("avg")
-    assert kairos.aggregate(whole, points, start, T0 + 3_600_000) == [(T0 + 30_000, 2.5)]
-    assert kairos.aggregate(kairos.Aggregator("sum"), [(1, 0.1), (2, 0.2)], 0, 10)[0][1] == math.fsum([0.1, 0.2])
-
-
-def test_resolution_choice() -> None:
-    retention = {"1m": 7 * 86_400, "1h": 90 * 86_400, "1d": 730 * 86_400}
-    q = kairos.parse_query(body(aggregators=[{"name": "sum", "sampling": {"value": 2, "unit": "hours"}}]), T0)
-    assert kairos.pick_resolution(q.metrics[0], T0 - 1000, T0, retention) == "1h"
-    q = kairos.parse_query(body(aggregators=[{"name": "sum", "sampling": {"value": 90, "unit": "seconds"}}]), T0)
-    assert kairos.pick_resolution(q.metrics[0], T0 - 1000, T0, retention) == "1m"
-    q = kairos.parse_query(body(), T0)
-    assert kairos.pick_resolution(q.metrics[0], T0 - 30 * 86_400_000, T0, retention) == "1h"
-    q = kairos.parse_query(body(tags={"resolution": "1d"}), T0)
-    assert kairos.pick_resolution(q.metrics[0], T0, T0, retention) == "1d"
-
-
-def test_write_format_validation() -> None:
-    rows = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 2], [2, 2.5]], "ttl": 60},
-                             {"name": "b", "tags": {"h": "y"}, "timestamp": 3, "value": 1}])
-    assert rows == [("a", 1, '{"h":"x"}', 2.0, True, 60), ("a", 2, '{"h":"x"}', 2.5, False, 60),
-                    ("b", 3, '{"h":"y"}', 1.0, True, None)]
-    with pytest.raises(QueryError) as info:
-        parse_datapoints([{"name": "a", "tags": {}, "datapoints": [[1, 2]]},
-                          {"name": "headwater.events.count", "tags": {"h": "x"}, "datapoints": [[1, 2]]},
-                          {"name": "c", "tags": {"h": "x"}, "datapoints": [[1, "v"], [-5, 1]]}])
-    assert len(info.value.errors) == 4
-
-
 def test_sink_uses_one_number_format_per_metric() -> None:
     row = WindowRow(12)
     row.add(parse_event(orjson.dumps(enriched("web", "identify", None, "u1", T0, T0, {"revenue": 3}))),
@@ -205,15 +119,13 @@ async def test_bounded_gather_leaves_no_write_behind_after_a_failure() -> None:
     assert await _writes_after_a_failure(lambda aws: bounded_gather(aws, 2)) == []
 
 
-async def test_store_row_writes_leave_no_write_behind_after_a_failure() -> None:
+async def test_consumer_row_writes_leave_no_write_behind_after_a_failure() -> None:
     async def run(aws: list[Awaitable[None]]) -> None:
         pending = iter(aws)
-        client = SimpleNamespace(execute=lambda *_: next(pending))
-        store = Store(client, Settings(write_concurrency=2, write_batch_rows=1))  # type: ignore[arg-type]
-        # A plain statement string: BatchStatement.add binds its values without a server.
-        store._ps = {"put_1m": "INSERT INTO t VALUES (" + ", ".join(["%s"] * 11) + ")"}  # type: ignore[dict-item]
-        # One row per batch: each batch is one of the writes above.
-        await store.write_rows([(0, RowKey("1m", "s", "t", f"e{i}", T0), WindowRow(12), 1) for i in range(len(aws))])
+        store = SimpleNamespace(write_row=lambda *_: next(pending))
+        owner = SimpleNamespace(settings=SimpleNamespace(write_concurrency=2), store=store)
+        key = RowKey("1m", "s", "t", "e", T0)
+        await RollupConsumer._write_rows(owner, [(0, key, WindowRow(12), 1)] * len(aws))  # type: ignore[arg-type]
 
     assert await _writes_after_a_failure(run) == []
 
@@ -241,18 +153,6 @@ class _FakeKafka:
 
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         return None
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        return None
-
-    def pause(self, *tps: TopicPartition) -> None:
-        return None
-
-    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, 0)
-
-    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, 0)
 
     async def commit(self, offsets: object) -> None:
         return None
@@ -303,49 +203,18 @@ async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> N
     consumer = await _unit_consumer([("assign", [tp]), ("revoke", [tp])],
                                     SimpleNamespace(load_checkpoint=none, load_horizons=nothing))
 
-    async def failing_flush(*_: object, **__: object) -> dict[TopicPartition, int]:
+    async def failing_flush(_: object) -> dict[TopicPartition, int]:
         raise ValueError("flush failed half-way")
 
-    consumer.flush = failing_flush  # type: ignore[method-assign]
+    consumer._flush = failing_flush  # type: ignore[method-assign,assignment]
     with pytest.raises(ConsumerBroken):
         await asyncio.wait_for(consumer.run(), 5)
-
-
-@pytest.fixture
-async def bare_api() -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    """The KairosDB routes on a store that must not be reached (bodies refused before any write)."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    service = QueryService(SimpleNamespace(), SimpleNamespace(), Settings(),  # type: ignore[arg-type]
-                           make_metrics(CollectorRegistry()))
-    add_kairos_routes(app, service, SimpleNamespace())  # type: ignore[arg-type]
-    async with TestClient(TestServer(app)) as client:
-        yield client
-
-
-async def test_a_gzip_bomb_is_refused_without_inflating_it(bare_api: TestClient[web.Request, web.Application]) -> None:
-    bomb = gzip.compress(b" " * (MAX_BODY_BYTES + 1))
-    assert len(bomb) < 100_000
-    resp = await bare_api.post("/api/v1/datapoints", data=bomb, headers={"Content-Type": "application/gzip"})
-    assert resp.status == 413, await resp.text()
-    assert (await resp.json())["errors"]
-    with pytest.raises(web.HTTPRequestEntityTooLarge):
-        gunzip(gzip.compress(b"12345678"), limit=7)
-    assert gunzip(gzip.compress(b"[1,") + gzip.compress(b"2]"), limit=5) == b"[1,2]"
-
-
-@pytest.mark.parametrize("body", [b"\x1f\x8b\x08\x00garbage-not-deflate", gzip.compress(b"[1, 2]")[:-6],
-                                  b"plain text"])
-async def test_a_corrupt_gzip_body_is_a_kairosdb_400(bare_api: TestClient[web.Request, web.Application],
-                                                     body: bytes) -> None:
-    resp = await bare_api.post("/api/v1/datapoints", data=body, headers={"Content-Type": "application/gzip"})
-    assert resp.status == 400, await resp.text()
-    assert (await resp.json())["errors"]
 
 
 async def test_a_range_over_too_many_buckets_is_refused_before_any_read() -> None:
     reads: list[tuple[Any, ...]] = []
 
-    async def all_pages(name: str, params: tuple[Any, ...] = (), limit: int | None = None) -> list[Any]:
+    async def all_pages(name: str, params: tuple[Any, ...] = ()) -> list[Any]:
         reads.append(params)
         return []
 
@@ -359,39 +228,6 @@ async def test_a_range_over_too_many_buckets_is_refused_before_any_read() -> Non
         await store.read_windows("1m", "web", T0, T0 + 10 * day, 100)
     assert info.value.errors
     assert reads == []
-
-
-async def test_bad_query_bodies_are_kairosdb_400s(bare_api: TestClient[web.Request, web.Application]) -> None:
-    bodies = [{"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
-              {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
-              {"start_absolute": 1, "metrics": 5}]
-    # /query/tags drops group_by and aggregators before parsing.
-    for path, bads in (("/api/v1/datapoints/query", [*bodies, body(group_by=5)]),
-                       ("/api/v1/datapoints/query/tags", bodies)):
-        for bad in bads:
-            resp = await bare_api.post(path, data=orjson.dumps(bad))
-            assert resp.status == 400, (path, bad, await resp.text())
-            assert (await resp.json())["errors"]
-
-
-def test_write_format_keeps_to_cassandra_limits() -> None:
-    ok = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63 - 1, 1]], "ttl": 630_720_000}])
-    assert ok == [("a", 2**63 - 1, '{"h":"x"}', 1.0, True, 630_720_000)]
-    for bad in ({"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
-                {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}):
-        with pytest.raises(QueryError) as info:
-            parse_datapoints([bad])
-        assert info.value.errors
-
-
-async def test_a_write_with_one_bad_point_writes_nothing(bare_api: TestClient[web.Request, web.Application]) -> None:
-    # bare_api's store has no write method: reaching it would be a 500.
-    for bad in ({"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
-                {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}):
-        good = {"name": "a", "tags": {"h": "y"}, "datapoints": [[T0, 1]]}
-        resp = await bare_api.post("/api/v1/datapoints", data=orjson.dumps([good, bad]))
-        assert resp.status == 400, await resp.text()
-        assert (await resp.json())["errors"]
 
 
 async def test_the_side_producer_stops_within_the_shutdown_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
