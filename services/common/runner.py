@@ -23,6 +23,8 @@ from services.common.errors import HeadwaterError
 log = structlog.get_logger(__name__)
 
 AppFactory = Callable[[int], Awaitable[web.Application]]
+# Wraps the listening socket's protocol factory (ingest's connection guard).
+ProtocolWrapper = Callable[[Callable[[], asyncio.BaseProtocol]], Callable[[], asyncio.BaseProtocol]]
 
 
 def tune_gc(young_threshold: int) -> None:
@@ -35,10 +37,12 @@ def tune_gc(young_threshold: int) -> None:
 
 async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
                     shutdown_timeout_s: float = 15.0, gc_young_threshold: int | None = None,
-                    **runner_kwargs: Any) -> None:
+                    protocol_wrapper: ProtocolWrapper | None = None, **runner_kwargs: Any) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight
     requests finish (bounded), and run the app's cleanup contexts in reverse.
-    With ``gc_young_threshold``, the collector is tuned once the app is up."""
+    With ``gc_young_threshold``, the collector is tuned once the app is up;
+    with ``protocol_wrapper``, connections are accepted through the protocol
+    factory it returns for aiohttp's."""
     app = await make_app(worker)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=shutdown_timeout_s, **runner_kwargs)
@@ -48,24 +52,34 @@ async def serve_app(make_app: AppFactory, *, host: str, port: int, worker: int =
     for sig in (signal.SIGTERM, signal.SIGINT):
         # The handler only asks for a stop; the drain happens below.
         loop.add_signal_handler(sig, stop.set)
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=True, backlog=1024)
-        await site.start()
+        if protocol_wrapper is None:
+            site = web.TCPSite(runner, host, port, reuse_port=True, backlog=1024)
+            await site.start()
+        else:
+            assert runner.server is not None  # made by setup()
+            listener = await loop.create_server(protocol_wrapper(runner.server), host, port,
+                                                reuse_port=True, backlog=1024)
         log.info("serving", host=host, port=port, worker=worker, pid=os.getpid())
         if gc_young_threshold is not None:
             tune_gc(gc_young_threshold)
         await stop.wait()
         log.info("draining", worker=worker, timeout_s=shutdown_timeout_s)
     finally:
+        if listener is not None:
+            listener.close()          # stop accepting; the runner drains open connections
         await runner.cleanup()
         log.info("stopped", worker=worker)
 
 
 def run(make_app: AppFactory, *, host: str, port: int, worker: int = 0,
-        shutdown_timeout_s: float = 15.0, gc_young_threshold: int | None = None, **runner_kwargs: Any) -> None:
+        shutdown_timeout_s: float = 15.0, gc_young_threshold: int | None = None,
+        protocol_wrapper: ProtocolWrapper | None = None, **runner_kwargs: Any) -> None:
     """Run one worker on uvloop in this process."""
     uvloop.run(serve_app(make_app, host=host, port=port, worker=worker, shutdown_timeout_s=shutdown_timeout_s,
-                         gc_young_threshold=gc_young_threshold, **runner_kwargs))
+                         gc_young_threshold=gc_young_threshold, protocol_wrapper=protocol_wrapper,
+                         **runner_kwargs))
 
 
 def supervise(target: Callable[[int], None], workers: int, *, restart_delay_s: float = 1.0) -> int:
