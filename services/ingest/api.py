@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import time
@@ -116,8 +117,9 @@ def _accepted_content_type(header: str) -> bool:
     return content_type in ALLOWED_CONTENT_TYPES or content_type.endswith("+json")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The decoded body, refused with 413 as soon as it passes ``limit``."""
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The decoded body, refused with 413 as soon as it passes ``limit``, and with
+    408 (the connection then closed) when it has not all arrived after ``timeout_s``."""
     header = request.headers.get("Content-Type", "")
     if not _accepted_content_type(header):
         content_type = _media_type(header)
@@ -131,6 +133,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         # same packets as the headers and is all buffered already: take it as is.
         if request.content.is_eof():
             return request.content.read_nowait()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_rest(request, limit, encoding)
+    except TimeoutError:
+        err = RequestError(408, "request_timeout",
+                           f"the request body did not arrive within client_body_timeout_s ({timeout_s:g} s)")
+        err.close_connection = True
+        raise err from None
+
+
+async def _read_rest(request: web.Request, limit: int, encoding: str) -> bytes:
+    if request.content_length is not None and encoding in ("", "identity"):
         return await request.read()
     decoder = parsing.BoundedDecoder(encoding, limit)
     received = 0
@@ -255,7 +269,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or parsing.new_request_id()
         source: Source | None = None
         try:
-            body = await read_body(request, ing.settings.max_request_bytes)
+            body = await read_body(request, ing.settings.max_request_bytes, ing.settings.client_body_timeout_s)
             data = parsing.parse_json_body(body)
             key = parsing.find_write_key(request.headers.get("Authorization"),
                                          # The query is parsed only when there is one.
@@ -319,6 +333,8 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             answer = parsing.scrub_keys(orjson.dumps({**exc.body, "request_id": request_id}),
                                         ing.sources.write_keys())
             response = _json(exc.status, answer, headers)
+            if exc.close_connection:
+                response.force_close()
             if exc.status >= 500:
                 log.warning("request refused", status=exc.status, error=reason, request_id=request_id)
         _observe(ing, path, response.status, started)

@@ -15,7 +15,8 @@ from services.common.runner import run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
-from services.ingest.metrics import make_metrics
+from services.ingest.connections import ConnectionGuard
+from services.ingest.metrics import ConnectionStats, make_metrics
 from services.ingest.publisher import Publisher
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.settings import Settings
@@ -33,9 +34,11 @@ def orphan_spools(settings: Settings, worker: int) -> list[Path]:
     return found
 
 
-def create_app(settings: Settings, worker: int = 0) -> web.Application:
+def create_app(settings: Settings, worker: int = 0, guard: ConnectionGuard | None = None) -> web.Application:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
+    if guard is not None:
+        registry.register(ConnectionStats(guard))
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     spool = Spool(settings.spool_dir / f"worker-{worker}", settings.spool_max_bytes,
                   settings.spool_segment_bytes, adopt=orphan_spools(settings, worker))
@@ -88,11 +91,17 @@ def run_worker(settings: Settings, index: int) -> None:
     """One worker process: serve on the shared port until SIGTERM."""
     configure_logging(settings.service_name, settings.log_level)
 
+    guard = ConnectionGuard(settings.max_connections)
+
     async def make(worker: int) -> web.Application:
-        return create_app(settings, worker)
+        return create_app(settings, worker, guard)
 
     # auto_decompress off: ingest decodes bodies itself, with the size limit
-    # applied to the decoded bytes as they stream in.
+    # applied to the decoded bytes as they stream in. keepalive_timeout closes
+    # connections idle (or without complete headers) for client_idle_timeout_s;
+    # lingering_time bounds how long an unread body is drained after an answer
+    # that did not need it (a 408, 413 or 415) before the connection closes.
     run(make, host=settings.http_host, port=settings.http_port, worker=index,
         shutdown_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold,
-        auto_decompress=False)
+        protocol_wrapper=guard.wrap, auto_decompress=False, keepalive_timeout=settings.client_idle_timeout_s,
+        lingering_time=1.0)

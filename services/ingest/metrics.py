@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common.plainmetrics import PlainHistogram
+
+
+class ConnectionCounts(Protocol):
+    open: int
+    refused_total: int
+
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5)
 
@@ -65,6 +72,22 @@ class EventCounts:
         for reason, n in sorted(self._rejected.items()):
             events.add_metric(["rejected", reason], n)
         yield events
+
+
+class ConnectionStats:
+    """Client connections of this process, read from the connection guard at
+    scrape time: ``headwater_ingest_connections_open`` and
+    ``headwater_ingest_connections_refused_total``."""
+
+    def __init__(self, guard: ConnectionCounts) -> None:
+        self._guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("headwater_ingest_connections_open", "Open client connections",
+                                value=self._guard.open)
+        yield CounterMetricFamily("headwater_ingest_connections_refused",
+                                  "Client connections answered 503 because max_connections were open",
+                                  value=self._guard.refused_total)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class RequestError(Exception):
         self.status = status
         self.body = {"success": False, "error": error, "message": message, **extra}
         self.headers: dict[str, str] = {}
+        self.close_connection = False      # answer, then close (a client too slow to finish)
 
 
 def too_large(limit_name: str, limit: int, what: str) -> RequestError:

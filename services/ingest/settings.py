@@ -52,6 +52,15 @@ class Settings(CommonSettings):
     spool_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     spool_retry_after_s: int = Field(default=5, ge=1)
 
+    # Slow clients (services/ingest/connections.py). Open client connections per
+    # process; beyond it a new one is answered 503 at once.
+    max_connections: int = Field(default=2048, ge=1)
+    # A connection without complete request headers this long after it opened or
+    # after its previous answer (idle keep-alive, or headers sent in part) is closed.
+    client_idle_timeout_s: float = Field(default=15.0, gt=0)
+    # A request body must have arrived this long after its headers, else 408 and close.
+    client_body_timeout_s: float = Field(default=10.0, gt=0)
+
     # Seconds a 429 asks the client to wait at least.
     rate_limit_retry_after_s: int = Field(default=1, ge=1)
 
