@@ -5,14 +5,27 @@ state survives restarts and rebalances through a changelog topic that the
 processor writes in the same transaction as the outputs (one record per
 batch, holding that batch's new keys) and reads back when it is given the
 partition. The changelog's retention is the window, so it stays small.
+
+The read back (``restore``) goes newest first, in growing chunks, and stops
+once the bounded window is full: a busy partition's day of history is not
+read in full. It reads with read_committed, so a batch whose transaction was
+aborted leaves no key behind, and it runs after the new owner's producer has
+fenced the previous one, so nothing the previous owner wrote is still open.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable
 
 import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.processor.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 _SEP = "\x1f"
 
@@ -76,3 +89,61 @@ class DedupeWindow:
             if ts >= cutoff:
                 break
             del self._seen[key]
+
+
+async def restore(settings: Settings, partition: int) -> DedupeWindow:
+    """The window of events.raw ``partition`` as its committed changelog records left it."""
+    s = settings
+    window = DedupeWindow(s.dedupe_window_ms, s.dedupe_max_entries_per_partition)
+    tp = TopicPartition(s.dedupe_changelog, partition)
+    reader = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                              isolation_level="read_committed", enable_auto_commit=False,
+                              auto_offset_reset="earliest", client_id=f"{s.service_name}-restore")
+    await reader.start()
+    try:
+        reader.assign([tp])
+        end = (await asyncio.wait_for(reader.end_offsets([tp]), s.restore_timeout_s))[tp]
+        begin = (await asyncio.wait_for(reader.beginning_offsets([tp]), s.restore_timeout_s))[tp]
+        deadline = asyncio.get_running_loop().time() + s.restore_timeout_s
+        chunks: list[list[tuple[str, int]]] = []
+        held, stop_at = 0, end
+        # A changelog record holds one batch (at most batch_max_records keys).
+        span = max(1, s.dedupe_max_entries_per_partition // max(1, s.batch_max_records))
+        while stop_at > begin and held < window.max_entries:
+            start = max(begin, stop_at - span)
+            chunk = await _read_range(reader, tp, start, stop_at, deadline)
+            if chunk is None:
+                log.error("dedupe state only partly read back; duplicates may pass", end=end, read_from=stop_at,
+                          **{"kafka.topic": tp.topic, "kafka.partition": partition})
+                break
+            chunks.append(chunk)
+            held += len(chunk)
+            stop_at, span = start, span * 2
+        newest = 0
+        for chunk in reversed(chunks):  # oldest first: the window evicts from the front
+            for key, ts in chunk:
+                window.add(key, ts)
+                newest = max(newest, ts)
+        window.expire(newest)
+        log.info("dedupe state read back", changelog_end=end, read_from=stop_at, entries=len(window),
+                 **{"kafka.topic": tp.topic, "kafka.partition": partition})
+    finally:
+        await reader.stop()
+    return window
+
+
+async def _read_range(reader: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int,
+                      deadline: float) -> list[tuple[str, int]] | None:
+    """Entries of changelog records in [start, stop); None when the deadline passed."""
+    loop = asyncio.get_running_loop()
+    reader.seek(tp, start)
+    entries: list[tuple[str, int]] = []
+    while await reader.position(tp) < stop:
+        if loop.time() > deadline:
+            return None
+        batch = await reader.getmany(tp, timeout_ms=500)
+        for record in batch.get(tp, ()):
+            if record.offset >= stop:
+                return entries
+            entries.extend(decode_entries(record.value))
+    return entries

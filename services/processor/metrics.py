@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.plainmetrics import PlainHistogram
+from services.processor.pipeline import Kind
+
+if TYPE_CHECKING:
+    from services.processor.partitions import Batch, Partition
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,7 @@ class Metrics:
     latency_seconds: PlainHistogram
     lag: Gauge
     partitions: Gauge
+    partitions_stalled: Gauge
     dedupe_entries: Gauge
     dedupe_evicted: Counter
 
@@ -51,9 +58,47 @@ def make_metrics(registry: CollectorRegistry) -> Metrics:
                   ["partition"], registry=registry),
         partitions=Gauge("headwater_processor_partitions_assigned", "events.raw partitions this process owns.",
                          registry=registry),
+        partitions_stalled=Gauge("headwater_processor_partitions_stalled",
+                                 "Owned events.raw partitions taking no batches: fenced, resetting or not yet open.",
+                                 registry=registry),
         dedupe_entries=Gauge("headwater_processor_dedupe_entries", "Keys held in the dedupe windows of this process.",
                              registry=registry),
         dedupe_evicted=Counter("headwater_processor_dedupe_evicted",
                                "Keys pushed out of a full dedupe window before it expired.",
                                registry=registry),
     )
+
+
+def account(m: Metrics, part: Partition, batch: Batch, seconds: float, dedupe_entries: int) -> None:
+    """The counts of one committed batch."""
+    m.transactions.labels("committed").inc()
+    m.batch_seconds.observe(seconds)
+    m.events_in.inc(len(batch.records))
+    now_ms = time.time() * 1000
+    enriched = dest = duplicates = 0
+    dlq: dict[str, int] = {}
+    latency = m.latency_seconds
+    for result in batch.results:
+        if result.kind is Kind.ENRICHED:
+            enriched += 1
+            dest += len(result.destinations)
+            if result.received_at_ms:
+                latency.observe(max(0.0, (now_ms - result.received_at_ms) / 1000))
+        elif result.kind is Kind.DLQ:
+            reason = result.reason.value if result.reason else "unknown"
+            dlq[reason] = dlq.get(reason, 0) + 1
+        else:
+            duplicates += 1
+    if enriched:
+        m.events_out.labels("enriched").inc(enriched)
+    if dest:
+        m.events_out.labels("dest").inc(dest)
+    if duplicates:
+        m.duplicates.inc(duplicates)
+    for reason, count in dlq.items():
+        m.events_dlq.labels(reason).inc(count)
+    window = part.window
+    if window is not None and window.evicted:
+        m.dedupe_evicted.inc(window.evicted)
+        window.evicted = 0
+    m.dedupe_entries.set(dedupe_entries)

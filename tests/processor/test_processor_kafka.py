@@ -277,17 +277,17 @@ async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str,
 
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2,
                                    batch_max_records=15, max_pending_batches=3)
-    real_transact = Processor._transact
+    real_commit = Processor._commit
     calls = {"n": 0, "failed": 0, "fail_first": 0}
 
-    async def flaky_transact(self: Processor, *args: Any, **kwargs: Any) -> None:
+    async def flaky_commit(self: Processor, *args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
         if calls["n"] <= calls["fail_first"] or (calls["n"] % 3 == 1 and calls["failed"] < 12):
             calls["failed"] += 1
             raise KafkaConnectionError("injected: broker went away")
-        await real_transact(self, *args, **kwargs)
+        await real_commit(self, *args, **kwargs)
 
-    monkeypatch.setattr(Processor, "_transact", flaky_transact)
+    monkeypatch.setattr(Processor, "_commit", flaky_commit)
 
     def wave(start: int, count: int) -> list[tuple[bytes, bytes]]:
         events = [{"type": "track", "event": "Tick", "userId": f"u{i % 9}", "messageId": f"m-{i}"}
