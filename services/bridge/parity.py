@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.bridge.store import Store
 
@@ -156,14 +157,19 @@ async def headwater_ids(bootstrap: str, topic: str, source: str, wanted: set[int
     out: dict[int, set[str]] = defaultdict(set)
     if not wanted:
         return {}, True
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] != 0:
+        raise RuntimeError(f"topic {topic} could not be described: error {described['error_code']}")
+    parts = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 isolation_level="read_committed", auto_offset_reset="earliest")
     await consumer.start()
     try:
-        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
-        if not parts:
-            await consumer.force_metadata_update()
-            parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
         consumer.assign(parts)
         ends = await consumer.end_offsets(parts)
         starts = await consumer.offsets_for_times({tp: max(0, from_ms - skew_ms) for tp in parts})
