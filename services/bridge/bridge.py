@@ -47,7 +47,7 @@ from services.bridge.kinesis import Backoff, KinesisClient, ShardInfo, list_shar
 from services.bridge.legacy import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.metrics import BridgeMetrics
 from services.bridge.settings import Settings
-from services.bridge.store import Lease, ParityEntry, Store, now_ms
+from services.bridge.store import Lease, LeaseRow, ParityEntry, Store, now_ms
 from services.common.badrow import BadRow, FailureType
 from services.common.sources import SourceRegistry
 
@@ -162,7 +162,32 @@ class Bridge:
                      counter=lease.counter)
             self._start_reader(lease, shard)
             held.append(key)
+        if len(held) < share:
+            await self._steal(stream, ready, rows, share)
         self.metrics.shards_held.labels(stream).set(sum(1 for key in self.readers if key[0] == stream))
+
+    async def _steal(self, stream: str, ready: list[ShardInfo], rows: dict[str, LeaseRow], share: int) -> None:
+        """Below our share with nothing free: take one shard from the busiest owner if it
+        holds more than its share (as the KCL does). Its next renewal or checkpoint is
+        refused, so it stops; we go on from its last checkpoint (a batch may be sent twice)."""
+        now = now_ms()
+        by_owner: dict[str, list[LeaseRow]] = {}
+        for shard in ready:
+            row = rows.get(shard.shard_id)
+            if row is not None and row.owner and row.owner != self.settings.owner_id and row.expires_at_ms > now:
+                by_owner.setdefault(row.owner, []).append(row)
+        if not by_owner:
+            return
+        victim, their = max(by_owner.items(), key=lambda item: len(item[1]))
+        if len(their) <= share:
+            return
+        row = their[-1]
+        lease = await self.store.take(stream, row.shard_id, row, self.settings.owner_id, self._duration_ms)
+        if lease is None:
+            return
+        log.info("shard lease taken over for balance", stream=stream, shard=row.shard_id, owner_before=victim,
+                 checkpoint=lease.checkpoint)
+        self._start_reader(lease, next(s for s in ready if s.shard_id == row.shard_id))
 
     async def _renew(self, stream: str) -> None:
         for key, reader in list(self.readers.items()):
