@@ -128,13 +128,16 @@ async def write_outputs(producer: AIOKafkaProducer, outputs: list[Output]) -> li
 @contextlib.asynccontextmanager
 async def transaction(producer: AIOKafkaProducer) -> AsyncIterator[None]:
     """Begin; commit when the body finishes, abort when it raises. A failed abort is not
-    raised over the body's error (a fenced producer cannot abort; the broker does)."""
+    raised over the body's error: the next producer with this id aborts what is left."""
     await producer.begin_transaction()
     try:
         yield
-    except BaseException:
-        with contextlib.suppress(KafkaError, TimeoutError):
-            await producer.abort_transaction()
+    except BaseException as exc:
+        if not is_fenced(exc):  # a fenced producer cannot abort (the broker did, or the new owner does)
+            # aiokafka asserts on the state change when an error was fatal, and tells which
+            # errors are only through private state: AssertionError is that refusal here.
+            with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
+                await producer.abort_transaction()
         raise
     await producer.commit_transaction()
 
