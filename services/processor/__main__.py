@@ -48,34 +48,10 @@ async def serve(settings: Settings, worker: int = 0) -> int:
         processor = Processor(settings, Pipeline(settings, sources, enricher), metrics)
         stack.push_async_callback(processor.close)
 
-        async def kafka_check() -> tuple[bool, str]:
-            return await kafka_ready(settings.kafka_bootstrap)
-
-        async def sources_check() -> tuple[bool, str]:
-            return sources.status()
-
-        health.add_check("kafka", kafka_check)
-        health.add_check("sources", sources_check)
-        health.add_check("consumer", processor.status)
-        app = web.Application()
-        add_health_routes(app, health)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True).start()
+        await _serve_http(stack, settings, health, sources, processor)
         log.info("serving", port=settings.http_port, worker=worker)
-
-        # Kafka may be restarting when the processor starts: wait for it, unless asked to stop.
-        while True:
-            try:
-                await processor.start()
-                break
-            except DependencyUnavailable as exc:
-                log.warning("Kafka not ready; retrying", error=str(exc), retry_s=settings.retry_backoff_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(settings.retry_backoff_s, 1.0))
-                if stop.is_set():
-                    return 0
+        if not await _start_when_kafka_answers(processor, settings, stop):
+            return 0
 
         # GC was about a tenth of the CPU with the default threshold.
         tune_gc(settings.gc_young_threshold)
@@ -96,6 +72,42 @@ async def serve(settings: Settings, worker: int = 0) -> int:
             # The open transaction is aborted by the next owner of the partition.
             log.warning("drain timed out; leaving the open transaction to be fenced")
     return 0
+
+
+async def _serve_http(stack: contextlib.AsyncExitStack, settings: Settings, health: Health,
+                      sources: SourceRegistry, processor: Processor) -> None:
+    """/metrics, /healthz and /readyz (Kafka, the source registry, the consumer's partitions)."""
+
+    async def kafka_check() -> tuple[bool, str]:
+        return await kafka_ready(settings.kafka_bootstrap)
+
+    async def sources_check() -> tuple[bool, str]:
+        return sources.status()
+
+    health.add_check("kafka", kafka_check)
+    health.add_check("sources", sources_check)
+    health.add_check("consumer", processor.status)
+    app = web.Application()
+    add_health_routes(app, health)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True).start()
+
+
+async def _start_when_kafka_answers(processor: Processor, settings: Settings, stop: asyncio.Event) -> bool:
+    """Kafka may be restarting when the processor starts: wait for it. False when asked to stop first."""
+    while True:
+        try:
+            await processor.start()
+        except DependencyUnavailable as exc:
+            log.warning("Kafka not ready; retrying", error=str(exc), retry_s=settings.retry_backoff_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(settings.retry_backoff_s, 1.0))
+            if stop.is_set():
+                return False
+        else:
+            return True
 
 
 def _worker(index: int) -> None:
