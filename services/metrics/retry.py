@@ -54,7 +54,7 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, deadline_s: floa
                 log.exception("giving up after retrying", what=what, error=f"{type(exc).__name__}: {exc}",
                               deadline_s=deadline_s)
                 raise
-            log.warning("call failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}",
+            log.warning("storage call failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}",
                         retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)

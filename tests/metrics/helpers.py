@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from aiokafka import AIOKafkaProducer
 
 from services.common.cassandra import CassandraClient
 from services.metrics.rollup import union_estimate
+from services.metrics.settings import Settings
+from tests.conftest import free_port
 
 RES_MS = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 
@@ -184,3 +188,21 @@ def end_offsets(sent: list[Sent]) -> dict[int, int]:
     for s in sent:
         out[s.partition] = max(out.get(s.partition, 0), s.offset + 1)
     return out
+
+
+async def start_service(settings: Settings, log_path: Path, *, port: int | None = None
+                        ) -> asyncio.subprocess.Process:
+    """The metrics service as its own process, configured from ``settings`` through its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_METRICS_")}
+    for name, value in settings.model_dump(exclude={"service_name"}).items():
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = orjson.dumps(list(value)).decode()
+        elif hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"HEADWATER_METRICS_{name.upper()}"] = str(value)
+    env["HEADWATER_METRICS_HTTP_PORT"] = str(port or free_port())
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics", env=env,
+                                                    stdout=log, stderr=log, cwd=Path(__file__).parents[2])

@@ -4,18 +4,12 @@ clean run every window equals what the input says, none counted twice or lost.""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 
-import orjson
-
 from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
-from services.metrics.settings import Settings
 from tests.conftest import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
@@ -25,32 +19,12 @@ from tests.metrics.helpers import (
     expected,
     poll,
     produce,
+    start_service,
     stored_windows,
 )
 from tests.metrics.test_rollups import HOUR, workload
 
 KILLS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_service(settings: Settings, log_path: Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_METRICS_")}
-    for name, value in settings.model_dump(exclude={"service_name"}).items():
-        if isinstance(value, tuple):
-            value = orjson.dumps(list(value)).decode()
-        env[f"HEADWATER_METRICS_{name.upper()}"] = str(value)
-    env["HEADWATER_METRICS_HTTP_PORT"] = str(free_port())
-    log = log_path.open("ab")
-    try:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics", env=env,
-                                                    stdout=log, stderr=log, cwd=Path(__file__).parents[2])
-    finally:
-        log.close()
 
 
 async def test_kill_9_while_consuming_never_double_counts_or_loses(
