@@ -119,13 +119,15 @@ async def test_bounded_gather_leaves_no_write_behind_after_a_failure() -> None:
     assert await _writes_after_a_failure(lambda aws: bounded_gather(aws, 2)) == []
 
 
-async def test_consumer_row_writes_leave_no_write_behind_after_a_failure() -> None:
+async def test_store_row_writes_leave_no_write_behind_after_a_failure() -> None:
     async def run(aws: list[Awaitable[None]]) -> None:
         pending = iter(aws)
-        store = SimpleNamespace(write_row=lambda *_: next(pending))
-        owner = SimpleNamespace(settings=SimpleNamespace(write_concurrency=2), store=store)
-        key = RowKey("1m", "s", "t", "e", T0)
-        await RollupConsumer._write_rows(owner, [(0, key, WindowRow(12), 1)] * len(aws))  # type: ignore[arg-type]
+        client = SimpleNamespace(execute=lambda *_: next(pending))
+        store = Store(client, Settings(write_concurrency=2, write_batch_rows=1))  # type: ignore[arg-type]
+        # A plain statement string: BatchStatement.add binds its values without a server.
+        store._ps = {"put_1m": "INSERT INTO t VALUES (" + ", ".join(["%s"] * 11) + ")"}  # type: ignore[dict-item]
+        # One row per batch: each batch is one of the writes above.
+        await store.write_rows([(0, RowKey("1m", "s", "t", f"e{i}", T0), WindowRow(12), 1) for i in range(len(aws))])
 
     assert await _writes_after_a_failure(run) == []
 
@@ -153,6 +155,18 @@ class _FakeKafka:
 
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         return None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        return None
+
+    def pause(self, *tps: TopicPartition) -> None:
+        return None
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
 
     async def commit(self, offsets: object) -> None:
         return None
@@ -203,10 +217,10 @@ async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> N
     consumer = await _unit_consumer([("assign", [tp]), ("revoke", [tp])],
                                     SimpleNamespace(load_checkpoint=none, load_horizons=nothing))
 
-    async def failing_flush(_: object) -> dict[TopicPartition, int]:
+    async def failing_flush(*_: object, **__: object) -> dict[TopicPartition, int]:
         raise ValueError("flush failed half-way")
 
-    consumer._flush = failing_flush  # type: ignore[method-assign,assignment]
+    consumer.flush = failing_flush  # type: ignore[method-assign]
     with pytest.raises(ConsumerBroken):
         await asyncio.wait_for(consumer.run(), 5)
 
@@ -214,7 +228,7 @@ async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> N
 async def test_a_range_over_too_many_buckets_is_refused_before_any_read() -> None:
     reads: list[tuple[Any, ...]] = []
 
-    async def all_pages(name: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    async def all_pages(name: str, params: tuple[Any, ...] = (), limit: int | None = None) -> list[Any]:
         reads.append(params)
         return []
 
