@@ -33,6 +33,10 @@ SCALED_BY_REPLICAS = ("processor", "metrics")
 # Settings every service has (services/common/settings.py CommonSettings).
 COMMON_SETTINGS = ("KAFKA_BOOTSTRAP", "HTTP_PORT", "LOG_LEVEL", "SHUTDOWN_TIMEOUT_S")
 RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
+# Beside the legacy Kinesis path: one console script and one settings prefix, two
+# roles (services/bridge/__main__.py), each with its HTTP port setting.
+LEGACY_PATH = {"bridge": ("HEADWATER_BRIDGE_HTTP_PORT", ["headwater-bridge"]),
+               "mirror": ("HEADWATER_BRIDGE_MIRROR_HTTP_PORT", ["headwater-bridge", "mirror"])}
 
 Compose = dict[str, Any]
 
@@ -229,6 +233,11 @@ def check_prometheus(compose: Compose, config: dict[str, Any]) -> list[str]:
         port = int(env_of(compose["services"].get(name, {})).get(f"HEADWATER_{name.upper()}_HTTP_PORT", "0"))
         if (name, port) not in targets:
             problems.append(f"prometheus does not scrape {name}:{port}")
+    for name, (port_var, _) in LEGACY_PATH.items():
+        if name in compose["services"]:
+            port = int(env_of(compose["services"][name]).get(port_var, "0"))
+            if (name, port) not in targets:
+                problems.append(f"prometheus does not scrape {name}:{port}")
     return problems
 
 
@@ -265,6 +274,54 @@ def check_dockerignore(dockerfile: str, ignore: str) -> list[str]:
             top = src.split("/")[0]
             if src in ignored or top in ignored:
                 problems.append(f".dockerignore drops {src}, which the Dockerfile copies")
+    return problems
+
+
+def check_legacy_path(compose: Compose) -> list[str]:
+    """The bridge and the mirror: built from the repo, scalable, on the Kinesis service,
+    settings under HEADWATER_BRIDGE_ (AWS credentials come from an env_file, as the
+    standard AWS variables), the registry mounted read-only."""
+    services = compose["services"]
+    problems = []
+    kinesis = services.get("kinesis")
+    if kinesis is None:
+        return ["kinesis: missing"]
+    if not [s for s, t, _ in bind_sources(kinesis) if t == "/var/lib/kinesalite" and not is_path(s)]:
+        problems.append("kinesis: /var/lib/kinesalite is not on a named volume")
+    for name, (port_var, command) in LEGACY_PATH.items():
+        svc = services.get(name)
+        if svc is None:
+            problems.append(f"{name}: missing")
+            continue
+        if not svc.get("build"):
+            problems.append(f"{name}: not built from the repo")
+        if "container_name" in svc or fixed_host_ports(svc):
+            problems.append(f"{name}: cannot be scaled with --scale")
+        if as_list(svc.get("command")) != command:
+            problems.append(f"{name}: command {as_list(svc.get('command'))} is not {command}")
+        elif command[0] not in console_scripts():
+            problems.append(f"{name}: {command[0]} is not a console script in pyproject.toml")
+        env = env_of(svc)
+        problems += [f"{name}: {var} lacks the HEADWATER_BRIDGE_ prefix" for var in env
+                     if not var.startswith("HEADWATER_BRIDGE_")]
+        for var in ("HEADWATER_BRIDGE_KAFKA_BOOTSTRAP", "HEADWATER_BRIDGE_SOURCES_FILE", port_var):
+            if var not in env:
+                problems.append(f"{name}: {var} not set")
+        if env.get("HEADWATER_BRIDGE_AWS_ENDPOINT_URL") != "http://kinesis:4567":
+            problems.append(f"{name}: not pointed at the kinesis service")
+        if depends_on(svc).get("kinesis") != "service_healthy" or depends_on(svc).get("kafka") != "service_healthy":
+            problems.append(f"{name}: does not wait for kafka and kinesis to be healthy")
+        if env.get(port_var) and svc.get("healthcheck") and health_port(svc) != int(env[port_var]):
+            problems.append(f"{name}: healthcheck port {health_port(svc)} is not {port_var}")
+        mounts = {target: (source, ro) for source, target, ro in bind_sources(svc)}
+        source, ro = mounts.get(env.get("HEADWATER_BRIDGE_SOURCES_FILE", ""), ("", False))
+        if not source.endswith("config/sources.json") or not ro:
+            problems.append(f"{name}: config/sources.json not mounted read-only")
+        for env_file in svc.get("env_file") or []:
+            if not (COMPOSE_DIR / str(env_file)).is_file():
+                problems.append(f"{name}: env_file {env_file} does not exist")
+    if depends_on(services.get("bridge", {})).get("cassandra") != "service_healthy":
+        problems.append("bridge: does not wait for cassandra (its leases and checkpoints) to be healthy")
     return problems
 
 
@@ -309,6 +366,34 @@ def test_infrastructure_services(compose: Compose) -> None:
         assert kafka["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
 
 
+def test_legacy_path_services(compose: Compose, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_legacy_path(compose) == []
+    from services.bridge.settings import Settings
+
+    for name in LEGACY_PATH:
+        for var in list(os.environ):
+            if var.startswith("HEADWATER_BRIDGE_"):
+                monkeypatch.delenv(var)
+        for var, value in env_of(compose["services"][name]).items():
+            monkeypatch.setenv(var, value)
+        settings = load_settings(Settings)
+        assert settings.kafka_bootstrap == "kafka:9092" and settings.aws_endpoint_url == "http://kinesis:4567"
+
+
+def test_checks_catch_a_misconfigured_legacy_path(compose: Compose) -> None:
+    def change(services: dict[str, Any]) -> None:
+        services["mirror"]["environment"].pop("HEADWATER_BRIDGE_AWS_ENDPOINT_URL")
+        services["mirror"]["environment"]["AWS_ACCESS_KEY_ID"] = "x"
+        services["bridge"]["ports"] = ["8085:8080"]
+        services["bridge"]["depends_on"].pop("cassandra")
+
+    problems = check_legacy_path(broken(compose, change))
+    assert set(problems) >= {"mirror: not pointed at the kinesis service",
+                             "mirror: AWS_ACCESS_KEY_ID lacks the HEADWATER_BRIDGE_ prefix",
+                             "bridge: cannot be scaled with --scale",
+                             "bridge: does not wait for cassandra (its leases and checkpoints) to be healthy"}
+
+
 def test_ingest_spool_is_durable_and_not_shared(compose: Compose) -> None:
     assert check_ingest_spool(compose) == []
 
@@ -340,7 +425,7 @@ def test_filebeat_decodes_service_json_into_elasticsearch(compose: Compose) -> N
     templates = config["filebeat.autodiscover"]["providers"][0]["templates"]
     wanted = {cond["equals"]["docker.container.labels.com_docker_compose_service"]
               for t in templates for cond in t["condition"]["or"]}
-    assert wanted == set(HEADWATER)
+    assert wanted == set(HEADWATER) | set(LEGACY_PATH)
     parsers = [p for t in templates for inp in t["config"] for p in inp["parsers"]]
     assert [next(iter(p)) for p in parsers] == ["container", "ndjson"]
     mounts = {t for _, t, _ in bind_sources(compose["services"]["filebeat"])}
@@ -447,7 +532,9 @@ def test_checks_catch_missing_files_and_scrape_targets(compose: Compose) -> None
     assert any("Dockerfile.missing" in p for p in problems)
     config = {"scrape_configs": [{"job_name": "x", "dns_sd_configs": [{"names": ["ingest"], "port": 8080}]}]}
     assert check_prometheus(compose, config) == ["prometheus does not scrape processor:8080",
-                                                 "prometheus does not scrape metrics:8080"]
+                                                 "prometheus does not scrape metrics:8080",
+                                                 "prometheus does not scrape bridge:8080",
+                                                 "prometheus does not scrape mirror:8080"]
 
 
 def test_checks_catch_a_broken_dockerfile() -> None:
