@@ -10,6 +10,7 @@ import gzip
 import io
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -469,3 +470,21 @@ async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pyte
         assert (await c.options("/api/v1/version")).status == 200  # preflights carry no credentials
     assert secret not in caplog.text
     assert secret not in repr(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret)))
+
+
+def test_compose_turns_auth_on_for_the_api_and_grafana() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "compose"
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    env = services["metrics"]["environment"]
+    assert env["HEADWATER_METRICS_HTTP_HOST"] == "0.0.0.0"  # inside its container
+    assert env["HEADWATER_METRICS_API_AUTH_READS"] == "true"
+    # The password comes from the operator's environment; compose refuses to start without it.
+    assert env["HEADWATER_METRICS_API_PASSWORD"].startswith("${METRICS_API_PASSWORD:?")
+    assert services["grafana"]["environment"]["METRICS_API_PASSWORD"] == env["HEADWATER_METRICS_API_PASSWORD"]
+    (kairos_source,) = [s for s in yaml.safe_load(
+        (root / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())["datasources"]
+        if s["type"] == "grafana-kairosdb-datasource"]
+    assert kairos_source["basicAuth"] is True
+    assert kairos_source["secureJsonData"]["basicAuthPassword"] == "${METRICS_API_PASSWORD}"
