@@ -1,5 +1,10 @@
 """``headwater run``: the local fleet (ingest, processor, metrics) as child
-processes on the running dev stack, optionally with demo traffic."""
+processes on the running dev stack, optionally with demo traffic.
+
+When a source in config/sources.json runs beside the legacy Kinesis path
+(its ``legacy``), the fleet also starts the dev stack's Kinesis server, makes
+the named streams there if they are missing, and runs the bridge and/or the
+mirror (services/bridge) for the directions asked for."""
 
 from __future__ import annotations
 
@@ -26,6 +31,54 @@ class Member:
     module: str
     port: int
     env: dict[str, str]
+    args: tuple[str, ...] = ()
+
+
+# The local Kinesis server takes any credentials; real ones in the environment win.
+LOCAL_AWS = {"AWS_ACCESS_KEY_ID": "headwater-local", "AWS_SECRET_ACCESS_KEY": "headwater-local"}
+
+
+def legacy_directions(root: Path) -> dict[str, set[str]]:
+    """Stream -> the directions sources ask for ("bridge", "mirror"); empty when none."""
+    from services.common.sources import parse_sources
+
+    out: dict[str, set[str]] = {}
+    for source in parse_sources((root / "config" / "sources.json").read_bytes()).sources:
+        if source.legacy is not None:
+            out.setdefault(source.legacy.stream, set()).add(source.legacy.direction)
+    return out
+
+
+def legacy_members(settings: stack.StackSettings, root: Path, directions: dict[str, set[str]]) -> list[Member]:
+    wanted = set().union(*directions.values()) if directions else set()
+    aws = {k: v for k, v in LOCAL_AWS.items() if k not in os.environ}
+    common = {"HEADWATER_BRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "HEADWATER_BRIDGE_HTTP_HOST": "127.0.0.1",
+              "HEADWATER_BRIDGE_SOURCES_FILE": str(root / "config" / "sources.json"),
+              "HEADWATER_BRIDGE_CASSANDRA_PORT": str(settings.cassandra_port),
+              "HEADWATER_BRIDGE_AWS_ENDPOINT_URL": settings.kinesis_endpoint, **aws}
+    members = []
+    if "bridge" in wanted:
+        members.append(Member("bridge", "services.bridge", 8084, {**common, "HEADWATER_BRIDGE_HTTP_PORT": "8084"},
+                              ("bridge",)))
+    if "mirror" in wanted:
+        members.append(Member("mirror", "services.bridge", 8085,
+                              {**common, "HEADWATER_BRIDGE_MIRROR_HTTP_PORT": "8085"}, ("mirror",)))
+    return members
+
+
+async def ensure_local_streams(settings: stack.StackSettings, streams: list[str], shards: int = 2) -> None:
+    """Make the legacy streams on the local Kinesis server (a stand-in for AWS's)."""
+    from services.bridge.kinesis import kinesis_client
+    from services.bridge.settings import Settings as BridgeSettings
+
+    for name, value in LOCAL_AWS.items():
+        os.environ.setdefault(name, value)
+    async with kinesis_client(BridgeSettings(aws_endpoint_url=settings.kinesis_endpoint)) as client:
+        existing = set((await client.list_streams())["StreamNames"])
+        for stream in streams:
+            if stream not in existing:
+                await client.create_stream(StreamName=stream, ShardCount=shards)
+                print(f"created the local Kinesis stream {stream} ({shards} shards)")
 
 
 def fleet(settings: stack.StackSettings, root: Path) -> list[Member]:
@@ -77,7 +130,10 @@ async def _summary() -> str:
 
 async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
     settings = stack.StackSettings()
-    await asyncio.to_thread(stack.up, settings)
+    directions = legacy_directions(root)
+    await asyncio.to_thread(lambda: stack.up(settings, kinesis=bool(directions)))
+    if directions:
+        await ensure_local_streams(settings, sorted(directions))
     logs = root / "var" / "log"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[Member, subprocess.Popen[bytes]]] = []
@@ -86,9 +142,9 @@ async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        for member in fleet(settings, root):
+        for member in [*fleet(settings, root), *legacy_members(settings, root, directions)]:
             with (logs / f"{member.name}.log").open("ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", member.module], cwd=root,
+                proc = subprocess.Popen([sys.executable, "-m", member.module, *member.args], cwd=root,
                                         env={**os.environ, **member.env}, stdout=log, stderr=subprocess.STDOUT)
             procs.append((member, proc))
         for member, proc in procs:
