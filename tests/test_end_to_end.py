@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +14,8 @@ import aiohttp
 import pytest
 from segment.analytics.client import Client
 
-from tests.conftest import eventually, free_port, read_topic, unique_name
+from tests import fleet as fleet_helpers
+from tests.conftest import eventually, read_topic, unique_name
 
 KEY = "e2e-key"
 
@@ -31,49 +28,8 @@ async def fleet(kafka_bootstrap: str, cassandra_port: int, new_keyspace: Callabl
         {"id": "shop", "name": "Shop", "write_key": KEY, "sum_properties": ["revenue"],
          "destinations": [{"name": unique_name("billing"), "types": ["track"], "events": ["Order Completed"]}]},
     ]}))
-    topics = {name: unique_name(f"test.e2e.{name}") for name in ("raw", "enriched", "dlq", "late")}
-    ports = {name: free_port() for name in ("ingest", "processor", "metrics")}
-    common = {"KAFKA_BOOTSTRAP": kafka_bootstrap, "HTTP_HOST": "127.0.0.1"}
-    envs = {
-        "ingest": {**common, "HTTP_PORT": ports["ingest"], "RAW_TOPIC": topics["raw"], "DLQ_TOPIC": topics["dlq"],
-                   "SOURCES_FILE": sources, "SPOOL_DIR": tmp_path / "spool", "RAW_PARTITIONS": 2},
-        "processor": {**common, "HTTP_PORT": ports["processor"], "RAW_TOPIC": topics["raw"],
-                      "ENRICHED_TOPIC": topics["enriched"], "DLQ_TOPIC": topics["dlq"], "SOURCES_FILE": sources,
-                      "GROUP_ID": unique_name("e2e-processor"), "DEDUPE_TOPIC": unique_name("test.e2e.dedupe"),
-                      "DEST_TOPIC_PREFIX": unique_name("test.e2e.dest") + ".",
-                      "RAW_PARTITIONS": 2, "ENRICHED_PARTITIONS": 2},
-        "metrics": {**common, "HTTP_PORT": ports["metrics"], "ENRICHED_TOPIC": topics["enriched"],
-                    "DLQ_TOPIC": topics["dlq"], "LATE_TOPIC": topics["late"],
-                    "CONSUMER_GROUP": unique_name("e2e-metrics"), "CASSANDRA_PORT": cassandra_port,
-                    "CASSANDRA_KEYSPACE": new_keyspace(), "SOURCES_FILE": sources},
-    }
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name, values in envs.items():
-            env = {**os.environ, **{f"HEADWATER_{name.upper()}_{k}": str(v) for k, v in values.items()}}
-            with (tmp_path / f"{name}.log").open("ab") as log:
-                procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT)
-        async with aiohttp.ClientSession() as http:
-            for name, port in ports.items():
-                async def ready(name: str = name, port: int = port) -> bool:
-                    assert procs[name].poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-                    try:
-                        async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                            return resp.status == 200
-                    except aiohttp.ClientError:
-                        return False
-                await eventually(ready, 90, f"{name} to be ready")
-        yield {"ports": ports, "topics": topics, "procs": procs, "logs": tmp_path}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    async with fleet_helpers.running(kafka_bootstrap, cassandra_port, new_keyspace(), sources, tmp_path) as fleet:
+        yield fleet
 
 
 def _send(host: str, now: datetime) -> list[Any]:

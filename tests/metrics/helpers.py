@@ -206,3 +206,21 @@ async def start_service(settings: Settings, log_path: Path, *, port: int | None 
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics", env=env,
                                                     stdout=log, stderr=log, cwd=Path(__file__).parents[2])
+
+
+def count_body(start: int, end: int, group: str = "source", tags: dict[str, list[str]] | None = None
+               ) -> dict[str, Any]:
+    """A KairosDB query: events per value of one tag in [start, end] at 1-minute resolution."""
+    return {"start_absolute": start, "end_absolute": end, "metrics": [{
+        "name": "headwater.events.count", "tags": {"resolution": ["1m"], **(tags or {})},
+        "group_by": [{"name": "tag", "tags": [group]}]}]}
+
+
+def counts(answer: dict[str, Any], group: str = "source") -> dict[str, int]:
+    """The answer to count_body(): value of the grouped tag -> events, partitions added up."""
+    out: dict[str, int] = {}
+    for result in answer["queries"][0]["results"]:
+        if result["values"]:
+            (value,) = result["tags"][group]
+            out[value] = sum(v for _, v in result["values"])
+    return out

@@ -29,6 +29,8 @@ from tests.metrics.conftest import MakeSettings
 from tests.metrics.helpers import (
     assert_windows_equal,
     checkpoints,
+    count_body,
+    counts,
     end_offsets,
     enriched,
     expected,
@@ -55,18 +57,9 @@ def sources(path: Path) -> Path:
 
 async def count_query(api: TestClient, start: int, end: int, group: str = "source",
                       tags: dict[str, list[str]] | None = None) -> dict[str, int]:
-    """Events per value of one tag in [start, end] at 1-minute resolution, partitions added up."""
-    body = {"start_absolute": start, "end_absolute": end, "metrics": [{
-        "name": "headwater.events.count", "tags": {"resolution": ["1m"], **(tags or {})},
-        "group_by": [{"name": "tag", "tags": [group]}]}]}
-    resp = await api.post("/api/v1/datapoints/query", json=body)
+    resp = await api.post("/api/v1/datapoints/query", json=count_body(start, end, group, tags))
     assert resp.status == 200, await resp.text()
-    out: dict[str, int] = {}
-    for result in (await resp.json())["queries"][0]["results"]:
-        if result["values"]:
-            (value,) = result["tags"][group]
-            out[value] = sum(v for _, v in result["values"])
-    return out
+    return counts(await resp.json(), group)
 
 
 async def test_every_source_type_and_old_event_is_in_its_own_window(
