@@ -48,13 +48,13 @@ from services.bridge.legacy import BadReason, Bridged, LegacyDecoder, Position, 
 from services.bridge.metrics import BridgeMetrics
 from services.bridge.settings import Settings
 from services.bridge.store import Lease, LeaseRow, ParityEntry, Store, now_ms
-from services.common.badrow import BadRow, FailureType
+from services.common.badrow import BAD_ROW_SCHEMA, BadRow, FailureType
 from services.common.sources import SourceRegistry
 
 log = structlog.get_logger(__name__)
 
 RAW_HEADERS = [("hw-schema", b"envelope/1"), ("hw-origin", b"legacy-kinesis")]
-BAD_ROW_HEADERS = [("hw-schema", b"bad_row/1")]
+BAD_ROW_HEADERS = [("hw-schema", BAD_ROW_SCHEMA.encode())]
 # Of a record too large for Kafka, the bad row keeps this much.
 TRUNCATED_ORIGINAL_BYTES = 64 * 1024
 

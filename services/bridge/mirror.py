@@ -41,12 +41,12 @@ from services.bridge.kinesis import Backoff, KinesisClient
 from services.bridge.legacy import MAX_RECORD_BYTES, LegacyRecord, NotMirrored, to_legacy
 from services.bridge.metrics import MirrorMetrics
 from services.bridge.settings import Settings
-from services.common.badrow import BadRow, FailureType
+from services.common.badrow import BAD_ROW_SCHEMA, BadRow, FailureType
 from services.common.sources import SourceRegistry
 
 log = structlog.get_logger(__name__)
 
-BAD_ROW_HEADERS = [("hw-schema", b"bad_row/1")]
+BAD_ROW_HEADERS = [("hw-schema", BAD_ROW_SCHEMA.encode())]
 
 
 @dataclass
