@@ -287,7 +287,8 @@ class QueryService:
         for metric in query.metrics:
             if metric.name in kairos.ROLLUP_METRICS:
                 tag_sets = await self._rollup_tag_sets(metric.name)
-            elif await self.external.buckets(metric.name, query.start_ms, query.end_ms):
+            # One read of the day index, whatever the range (Grafana asks from start_absolute 0).
+            elif await self.external.buckets(metric.name, query.start_ms, query.end_ms, bounded=False):
                 tag_sets = await self.external.series(metric.name)
             else:
                 tag_sets = []
@@ -634,6 +635,13 @@ def _cors_origin(request: web.Request, settings: Settings) -> str | None:
     return origin if origin in origins else None
 
 
+def _vary(resp: web.StreamResponse, allowed: str) -> None:
+    """A named origin may send credentials (Grafana's "with credentials"); "*" may not."""
+    if allowed != "*":
+        resp.headers["Vary"] = "Origin"
+        resp.headers["Access-Control-Allow-Credentials"] = "true"
+
+
 def _preflight(methods: list[str]) -> Handler:
     async def answer(request: web.Request) -> web.Response:
         settings = request.app[QUERY_SERVICE].settings
@@ -646,8 +654,7 @@ def _preflight(methods: list[str]) -> Handler:
         resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
             "Access-Control-Request-Headers", "Authorization, Content-Type")
         resp.headers["Access-Control-Max-Age"] = "86400"
-        if allowed != "*":
-            resp.headers["Vary"] = "Origin"
+        _vary(resp, allowed)
         return resp
 
     return answer
@@ -683,8 +690,7 @@ async def kairos_middleware(request: web.Request, handler: Handler) -> web.Strea
     allowed = _cors_origin(request, settings)
     if allowed is not None and request.method != "OPTIONS":
         resp.headers["Access-Control-Allow-Origin"] = allowed
-        if allowed != "*":
-            resp.headers["Vary"] = "Origin"
+        _vary(resp, allowed)
     return resp
 
 

@@ -139,10 +139,11 @@ class ExternalStore:
     async def _all(self, name: str, params: tuple[Any, ...]) -> list[Any]:
         return [row async for rows in self._pages(name, params) for row in rows]
 
-    async def buckets(self, metric: str, start_ms: int, end_ms: int) -> list[int]:
-        """The days holding points of ``metric`` in a range; refused over query_max_buckets days."""
+    async def buckets(self, metric: str, start_ms: int, end_ms: int, *, bounded: bool = True) -> list[int]:
+        """The days holding points of ``metric`` in a range; a range over query_max_buckets days
+        is refused when ``bounded`` (reads and deletes: each day is a read)."""
         first, last = start_ms // EXTERNAL_BUCKET_MS, end_ms // EXTERNAL_BUCKET_MS
-        if last - first + 1 > self.max_buckets:
+        if bounded and last - first + 1 > self.max_buckets:
             raise RangeTooLarge(last - first + 1, self.max_buckets)
         return sorted(int(r.bucket) for r in await self._all("buckets", (metric, first, last)))
 

@@ -149,7 +149,6 @@ async def test_grafana_request_shapes(api: Any) -> None:
     # The tag pickers: metricnames, then query/tags over the dashboard's range.
     names = await (await api.get("/api/v1/metricnames", params={"prefix": "kx."})).json()
     assert names == {"results": ["kx.cpu", "kx.mem"]}
-    tags = {"metrics": [{"name": "kx.cpu", "tags": {}}], "start_relative": {"value": 10, "unit": "years"},
-            "cache_time": 0}
+    tags = {"cache_time": 0, "metrics": [{"name": "kx.cpu", "tags": {}}], "start_absolute": 0}
     resp = await api.post("/api/v1/datapoints/query/tags", data=orjson.dumps(tags))
     assert (await resp.json())["queries"][0]["results"][0]["tags"] == {"dc": ["east", "west"], "host": ["a", "b"]}

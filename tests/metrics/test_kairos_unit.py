@@ -431,6 +431,7 @@ async def test_every_endpoint_answers_a_preflight() -> None:
                 assert resp.headers["Access-Control-Allow-Origin"] == "https://grafana.example"
                 assert method in resp.headers["Access-Control-Allow-Methods"]
                 assert resp.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+                assert resp.headers["Access-Control-Allow-Credentials"] == "true"
         resp = await c.options("/api/v1/datapoints/query", headers={"Origin": "https://evil.example",
                                                                     "Access-Control-Request-Method": "POST"})
         assert resp.status == 403 and (await resp.json())["errors"]
