@@ -6,6 +6,7 @@ events.enriched, events.dlq and dest.<name>, exactly once through Kafka transact
 - worker.py: the consumer group and the run loop: fetch, dispatch, one transaction per batch
 - transactions.py: per-partition transactional producers: open, fence, reset, revoke, close
 - partitions.py: a partition's status (with its transitions), its epoch, its batches
+- topics.py: the topics it reads and writes, ensured at start (dest.* on first use)
 - __main__.py: ``headwater-processor`` (HTTP /metrics /healthz /readyz, SIGTERM drain)
 
 Contracts: proto/topics/events.enriched.md, events.dlq.md, dest.md.

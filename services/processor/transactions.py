@@ -30,8 +30,11 @@ way and takes it from us), or the broker aborted a transaction that ran past
 ``transaction_timeout_ms`` and no rebalance will ever come. The partition
 waits one session timeout for that rebalance (a member the group dropped
 learns it within that time) and then resets as above, so it cannot stall
-for good. Either way it is paused while it stalls, and /readyz and the
-stalled gauge show it.
+for good. Resetting is safe even if the other owner is real: the reset
+fences whoever holds the id and reads the committed state back, so the worst
+case is two owners taking turns until the group settles, never a record
+written twice. Either way the partition is paused while it stalls, and
+/readyz and the stalled gauge show it.
 """
 
 from __future__ import annotations

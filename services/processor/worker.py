@@ -39,18 +39,24 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from services.common.errors import ConfigError, DependencyUnavailable
-from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics
-from services.processor import transactions
-from services.processor.dedupe import encode_entries
+from services.common.errors import DependencyUnavailable
+from services.processor import topics, transactions
+from services.processor.dedupe import encode_entries, restore
 from services.processor.metrics import Metrics, account
 from services.processor.partitions import Batch, Partition
 from services.processor.pipeline import Pipeline
 from services.processor.settings import Settings
-from services.processor.transactions import RETRIABLE, TransactionManager, is_fenced, kafka_fields
+from services.processor.transactions import (
+    RETRIABLE,
+    ProducerFactory,
+    Restore,
+    TransactionManager,
+    is_fenced,
+    kafka_fields,
+    make_producer,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -60,34 +66,6 @@ def _raise_failure(task: asyncio.Task[bool]) -> None:
     ends the run loop, as it would have when awaited directly."""
     if not task.cancelled() and task.exception() is not None:
         raise task.exception()  # type: ignore[misc]
-
-
-async def _partition_count(bootstrap: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        await admin.start()
-        [described] = await admin.describe_topics([topic])
-    except KafkaError as exc:
-        raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe {topic}: {exc}") from exc
-    finally:
-        await admin.close()
-    if described["error_code"] or not described["partitions"]:
-        raise DependencyUnavailable(f"topic {topic} is not available (error {described['error_code']})")
-    return len(described["partitions"])
-
-
-async def _ensure_configs(bootstrap: str, topic: str, configs: dict[str, str], tries: int = 5) -> None:
-    """ensure_topic_configs, given a moment: a topic created a moment ago may not be in
-    the metadata of the broker asked yet (error 3, unknown topic)."""
-    for attempt in range(1, tries + 1):
-        try:
-            await ensure_topic_configs(bootstrap, topic, configs)
-        except DependencyUnavailable:
-            if attempt == tries:
-                raise
-            await asyncio.sleep(0.2 * attempt)
-        else:
-            return
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -105,16 +83,18 @@ class Processor:
     """Owns the consumer and the run loop; the partitions and their producers are the
     TransactionManager's."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics, **manager_options: Any) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics, *,
+                 producer_factory: ProducerFactory = make_producer, restore_window: Restore = restore) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.metrics = metrics
         self.consumer: AIOKafkaConsumer | None = None
         self.txns: TransactionManager | None = None
-        self._manager_options = manager_options
+        # How partitions get their producer and dedupe window (unit tests give stand-ins).
+        self._producer_factory, self._restore_window = producer_factory, restore_window
         # Held while a batch is dispatched; rebalance callbacks wait for it.
         self._lock = asyncio.Lock()
-        self._known_dest: set[str] = set()
+        self._dest_topics = topics.DestTopics(settings)
         self._lagging: set[int] = set()
         # The first unexpected (non-Kafka) failure of a batch or reset task; run() raises it.
         self._failure: BaseException | None = None
@@ -143,14 +123,7 @@ class Processor:
 
     async def _start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, [
-            TopicSpec(s.raw_topic, s.raw_partitions),
-            TopicSpec(s.enriched_topic, s.enriched_partitions,
-                      configs={"retention.ms": str(s.enriched_retention_ms)}),
-            TopicSpec(s.dlq_topic, s.dlq_partitions,
-                      configs={"retention.ms": str(s.dlq_retention_ms),
-                               "max.message.bytes": str(s.max_request_bytes)}),
-        ])
+        await topics.ensure_outputs(s)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=s.group_id,
             isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest",
@@ -161,18 +134,7 @@ class Processor:
         )
         self.bind(consumer)
         await consumer.start()
-        partitions = await _partition_count(s.kafka_bootstrap, s.raw_topic)
-        # Entries older than the window are useless, so retention is the window (plus a margin).
-        changelog_configs = {"cleanup.policy": "delete", "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)}
-        await ensure_topics(s.kafka_bootstrap, [TopicSpec(s.dedupe_changelog, partitions, configs=changelog_configs)])
-        # A changelog made by an older release was compacted, which refuses the keyless
-        # records written now (every transaction would fail): bring it up to date.
-        await _ensure_configs(s.kafka_bootstrap, s.dedupe_changelog, changelog_configs)
-        changelog_partitions = await _partition_count(s.kafka_bootstrap, s.dedupe_changelog)
-        if changelog_partitions < partitions:
-            raise ConfigError(
-                f"{s.dedupe_changelog} has {changelog_partitions} partitions but {s.raw_topic} has "
-                f"{partitions}; add partitions to the changelog to match")
+        partitions = await topics.ensure_changelog(s)
         consumer.subscribe([s.raw_topic], listener=_Listener(self))
         log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic},
                  partitions=partitions)
@@ -180,7 +142,8 @@ class Processor:
     def bind(self, consumer: Any) -> None:
         """Use ``consumer`` (start() gives it the group consumer; unit tests a stand-in)."""
         self.consumer = consumer
-        self.txns = TransactionManager(self.settings, consumer, self._note_failure, **self._manager_options)
+        self.txns = TransactionManager(self.settings, consumer, self._note_failure,
+                                       producer_factory=self._producer_factory, restore_window=self._restore_window)
 
     async def close(self) -> None:
         """Leave the group and close every producer; safe to call twice."""
@@ -346,7 +309,7 @@ class Processor:
         s = self.settings
         producer, window = part.producer, part.window
         assert producer is not None and window is not None
-        await self._ensure_dest_topics(batch)                                         # 1
+        await self._dest_topics.ensure(batch.results)                                 # 1
         async with transactions.transaction(producer):                               # 2, 7
             futures = await transactions.write_outputs(                              # 3
                 producer, [out for result in batch.results for out in result.outputs])
@@ -358,19 +321,6 @@ class Processor:
         window.add_all(batch.staged.items())                                          # 8
         if batch.staged:
             window.expire(max(batch.staged.values()))
-
-    async def _ensure_dest_topics(self, batch: Batch) -> None:
-        s = self.settings
-        names: set[str] = set()
-        for r in batch.results:
-            if r.destinations:
-                names.update(r.destinations)
-        wanted = {s.dest_topic_prefix + name for name in names} - self._known_dest
-        if wanted:
-            await ensure_topics(s.kafka_bootstrap, [
-                TopicSpec(name, s.dest_partitions, configs={"retention.ms": str(s.dest_retention_ms)})
-                for name in sorted(wanted)])
-            self._known_dest |= wanted
 
     async def _drain(self, parts: Iterable[Partition], *, raise_failure: bool = True) -> None:
         """Wait for the transactions in flight on ``parts``."""
