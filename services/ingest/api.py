@@ -289,6 +289,8 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                                        limit="max_batch_events", limit_events=ing.settings.max_batch_events)
                 if not events:
                     raise RequestError(400, "invalid_batch", "the batch is empty")
+                if data.get("sentAt") is not None and not isinstance(data["sentAt"], str):
+                    raise RequestError(400, "invalid_batch", "the batch's sentAt must be an ISO-8601 string")
             else:
                 events = [data]
             _rate_limit(ing, source, len(events))
@@ -311,12 +313,16 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             if prepared.accepted:
                 ing.metrics.events.accepted(prepared.accepted)
             if is_batch and prepared.rejected:
-                status = 200 if prepared.accepted else 400
+                # 200 for any well-formed batch, as Segment answers: every event has its
+                # outcome here (taken, or listed and dead-lettered), and SDKs must not
+                # resend the good ones. success says whether any was taken.
+                status = 200
                 body_out: dict[str, Any] | bytes = {
                     "success": prepared.accepted > 0, "accepted": prepared.accepted,
                     "rejected": prepared.rejected,
                     **({} if prepared.accepted else {"error": "invalid_batch",
-                                                     "message": "no event in the batch is valid"}),
+                                                     "message": "no event in the batch is valid; each is listed "
+                                                                "in rejected and dead-lettered"}),
                 }
             else:
                 status, body_out = 200, SUCCESS
