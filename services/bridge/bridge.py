@@ -44,7 +44,7 @@ from aiokafka.errors import KafkaError
 
 from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
 from services.bridge.kinesis import Backoff, KinesisClient, ShardInfo, list_shards, ready_shards
-from services.bridge.legacy import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
+from services.bridge.legacy import TRUNCATED_ORIGINAL, BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.metrics import BridgeMetrics
 from services.bridge.settings import Settings
 from services.bridge.store import Lease, LeaseRow, ParityEntry, Store, now_ms
@@ -55,8 +55,6 @@ log = structlog.get_logger(__name__)
 
 RAW_HEADERS = [("hw-schema", b"envelope/1"), ("hw-origin", b"legacy-kinesis")]
 BAD_ROW_HEADERS = [("hw-schema", BAD_ROW_SCHEMA.encode())]
-# Of a record too large for Kafka, the bad row keeps this much.
-TRUNCATED_ORIGINAL_BYTES = 64 * 1024
 
 
 class ReaderState(enum.Enum):
@@ -122,8 +120,9 @@ class Bridge:
                     try:
                         await self.balance(stream)
                     except Exception as exc:
-                        if not retriable(exc) and not isinstance(exc, KafkaError | OSError) and error_code(
-                                exc) != "ResourceNotFoundException":
+                        # Kinesis, Cassandra or Kafka away, or a stream not made yet: next round.
+                        if not (retriable(exc) or isinstance(exc, (KafkaError, OSError, *CASSANDRA_ERRORS))
+                                or error_code(exc) == "ResourceNotFoundException"):
                             raise
                         log.warning("shard discovery failed; trying again", stream=stream,
                                     error=f"{type(exc).__name__}: {exc}")
@@ -228,47 +227,66 @@ class Bridge:
         return str(answer["ShardIterator"])
 
     async def _read(self, reader: Reader) -> None:
-        """Step 2: one shard, from its checkpoint to its end or until the lease is gone."""
+        """Step 2: one shard, from its checkpoint to its end or until the lease is gone.
+
+        The next GetRecords is in flight while a batch is forwarded (one call per
+        shard at a time still, within Kinesis's five reads per second), so reading
+        and writing overlap; it is cancelled when the reader stops."""
         lease = reader.lease
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         iterator: str | None = None
-        while not self._stop.is_set():
-            if lease.lost.is_set():
-                reader.state = ReaderState.LOST
-                return
-            try:
-                if iterator is None:
-                    reader.state = ReaderState.STARTING
-                    iterator = await self._iterator(lease)
-                    reader.state = ReaderState.READING
-                answer = await self.kinesis.get_records(ShardIterator=iterator,
-                                                        Limit=self.settings.get_records_limit)
-            except Exception as exc:
-                code = error_code(exc)
-                if code == "ExpiredIteratorException":
-                    iterator = None
+        prefetch: asyncio.Task[Any] | None = None
+        try:
+            while not self._stop.is_set():
+                if lease.lost.is_set():
+                    reader.state = ReaderState.LOST
+                    return
+                try:
+                    if iterator is None:
+                        reader.state = ReaderState.STARTING
+                        iterator = await self._iterator(lease)
+                        reader.state = ReaderState.READING
+                    fetch, prefetch = prefetch or self._get_records(iterator), None
+                    answer = await fetch
+                except Exception as exc:
+                    code = error_code(exc)
+                    if code == "ExpiredIteratorException":
+                        iterator = None  # fetched again from the checkpoint
+                        continue
+                    if not retriable(exc):
+                        raise
+                    if code in THROUGHPUT_CODES:
+                        self.metrics.throttled.labels(lease.stream, code).inc()
+                    log.info("kinesis read backs off", stream=lease.stream, shard=lease.shard_id,
+                             error=code or str(exc))
+                    await backoff.wait(self._stop)
                     continue
-                if not retriable(exc):
-                    raise
-                if code in THROUGHPUT_CODES:
-                    self.metrics.throttled.labels(lease.stream, code).inc()
-                log.info("kinesis read backs off", stream=lease.stream, shard=lease.shard_id, error=code or str(exc))
-                await backoff.wait(self._stop)
-                continue
-            backoff.reset()
-            records = answer.get("Records", [])
-            if records and not await self._forward(lease, records):
-                reader.state = ReaderState.LOST
-                return
-            self.metrics.behind_ms.labels(lease.stream, lease.shard_id).set(answer.get("MillisBehindLatest", 0))
-            iterator = answer.get("NextShardIterator")
-            if iterator is None:
-                await self._finish(reader)
-                return
-            if not records:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_either(self._stop, lease.lost), self.settings.idle_poll_s)
-        reader.state = ReaderState.STOPPED
+                backoff.reset()
+                records = answer.get("Records", [])
+                following = answer.get("NextShardIterator")
+                if records and following is not None:
+                    prefetch = asyncio.ensure_future(self._get_records(following))
+                if records and not await self._forward(lease, records):
+                    reader.state = ReaderState.LOST
+                    return
+                self.metrics.behind_ms.labels(lease.stream, lease.shard_id).set(answer.get("MillisBehindLatest", 0))
+                iterator = following
+                if iterator is None:
+                    await self._finish(reader)
+                    return
+                if not records:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_either(self._stop, lease.lost), self.settings.idle_poll_s)
+            reader.state = ReaderState.STOPPED
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await prefetch  # its answer, or its error, is of no use any more
+
+    def _get_records(self, iterator: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.kinesis.get_records(ShardIterator=iterator,
+                                                              Limit=self.settings.get_records_limit))
 
     async def _finish(self, reader: Reader) -> None:
         lease = reader.lease
@@ -300,11 +318,11 @@ class Bridge:
         return batch
 
     def _too_large(self, data: bytes, at: Position, bridged: Bridged) -> Rejected:
-        original = self.decoder.redact(data, None)[:TRUNCATED_ORIGINAL_BYTES]
+        original = self.decoder.redact(data, None)[:TRUNCATED_ORIGINAL]
         row = BadRow(FailureType.SIZE_VIOLATION, [f"the Envelope would be {len(bridged.value)} bytes; the limit "
                                                   f"is {self.settings.max_raw_bytes}"], original, "bridge",
                      self.decoder.version, source_id=bridged.source_id, message_id=bridged.message_id,
-                     extra={"reason": "too_large", "original_truncated_to": TRUNCATED_ORIGINAL_BYTES,
+                     extra={"reason": "too_large", "original_truncated_to": TRUNCATED_ORIGINAL,
                             "kinesis": {"stream": at.stream, "shard_id": at.shard_id, "sequence": at.sequence}})
         return Rejected(BadReason.TOO_LARGE, row)
 

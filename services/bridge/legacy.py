@@ -56,6 +56,9 @@ MARKER_CONTEXT = "headwater"
 MARKER_FIELD = "mirrored"
 # Kinesis refuses a record (data plus partition key) over 1 MiB.
 MAX_RECORD_BYTES = 1024 * 1024
+# A bad row keeps an original up to this size whole, and the first TRUNCATED_ORIGINAL bytes of a larger one.
+MAX_BAD_ROW_ORIGINAL = 256 * 1024
+TRUNCATED_ORIGINAL = 64 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 # Kinesis partition keys are at most 256 characters.
@@ -256,7 +259,12 @@ class LegacyDecoder:
              doc: dict[str, Any] | None = None, source: Source | None = None,
              extra: dict[str, Any] | None = None) -> Rejected:
         mid = doc.get("messageId") if doc is not None else None
-        row = BadRow(failure_type=failure, errors=errors, original=self.redact(data, doc), service=self.service,
+        original = self.redact(data, doc)
+        if len(original) > MAX_BAD_ROW_ORIGINAL:
+            # Base64 in a bad row grows it by a third: a whole 1 MiB record would not fit a Kafka record.
+            extra = {**(extra or {}), "original_bytes": len(original), "original_truncated_to": TRUNCATED_ORIGINAL}
+            original = original[:TRUNCATED_ORIGINAL]
+        row = BadRow(failure_type=failure, errors=errors, original=original, service=self.service,
                      version=self.version, source_id=source.id if source is not None else None,
                      message_id=mid if isinstance(mid, str) and mid else None,
                      extra={"reason": reason.value, "original_format": "legacy_kinesis_record",

@@ -38,7 +38,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from services.bridge.errors import error_code, retriable
 from services.bridge.kinesis import Backoff, KinesisClient
-from services.bridge.legacy import MAX_RECORD_BYTES, LegacyRecord, NotMirrored, to_legacy
+from services.bridge.legacy import (
+    MAX_BAD_ROW_ORIGINAL,
+    MAX_RECORD_BYTES,
+    TRUNCATED_ORIGINAL,
+    LegacyRecord,
+    NotMirrored,
+    to_legacy,
+)
 from services.bridge.metrics import MirrorMetrics
 from services.bridge.settings import Settings
 from services.common.badrow import BAD_ROW_SCHEMA, BadRow, FailureType
@@ -129,13 +136,19 @@ class Mirror:
         return batch
 
     def _bad_row(self, record: Any, failure: FailureType, errors: list[str], legacy: LegacyRecord | None) -> BadRow:
-        return BadRow(failure_type=failure, errors=errors, original=record.value or b"", service="mirror",
+        original: bytes = record.value or b""
+        cut = {}
+        if len(original) > MAX_BAD_ROW_ORIGINAL:
+            # Base64 grows it by a third: a whole ~1 MB event would not fit a Kafka record.
+            cut = {"original_bytes": len(original), "original_truncated_to": TRUNCATED_ORIGINAL}
+            original = original[:TRUNCATED_ORIGINAL]
+        return BadRow(failure_type=failure, errors=errors, original=original, service="mirror",
                       version=self.version, source_id=legacy.source_id if legacy else None,
                       message_id=legacy.message_id if legacy else None, topic=record.topic,
                       partition=record.partition, offset=record.offset,
                       extra={"reason": "too_large" if failure is FailureType.SIZE_VIOLATION else failure.value,
                              "original_format": "enriched_event",
-                             **({"stream": legacy.stream} if legacy else {})})
+                             **({"stream": legacy.stream} if legacy else {}), **cut})
 
     async def send(self, batch: MirrorBatch) -> bool:
         """Steps 2 and 3. False when asked to stop before every record was accepted."""

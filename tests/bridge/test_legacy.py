@@ -137,6 +137,14 @@ def test_unparsable_bytes_are_dead_lettered_with_keys_blanked(decoder: LegacyDec
     assert b"<redacted>" in BadRow.decode(out.row.to_json())["original"]
 
 
+def test_a_huge_bad_record_is_cut_so_its_row_fits_kafka(decoder: LegacyDecoder) -> None:
+    out = decode(decoder, b'{"appId": "wk-web-secret", "blob": "' + b"x" * (1024 * 1024 - 100))
+    assert isinstance(out, Rejected)
+    raw = out.row.to_json()
+    assert len(raw) < 200_000 and out.row.extra["original_truncated_to"] == 64 * 1024
+    assert_no_key(raw)
+
+
 def test_mirrored_and_unbridged_records_are_skipped(decoder: LegacyDecoder) -> None:
     mirrored = legacy_record("wk-web-secret", event_ms=NOW)
     mirrored["context"]["headwater"] = {"mirrored": True}  # type: ignore[index]

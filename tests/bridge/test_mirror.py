@@ -142,5 +142,7 @@ async def test_a_record_over_the_kinesis_limit_is_a_bad_row(tmp_path: Path) -> N
     assert [(row.failure_type, row.message_id) for row in batch.bad] == [
         (FailureType.SIZE_VIOLATION, "big-1"), (FailureType.INVALID_JSON, None)]
     assert KEY.encode() not in batch.bad[0].to_json()
+    # Cut, so the row itself fits a Kafka record.
+    assert len(batch.bad[0].to_json()) < 200_000 and batch.bad[0].extra["original_truncated_to"] == 64 * 1024
     assert batch.skipped == {"unknown_source": 1}
     assert {(tp.partition, offset) for tp, offset in batch.offsets.items()} == {(0, 3), (1, 8)}
