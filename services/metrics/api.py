@@ -665,8 +665,17 @@ async def kairos_middleware(request: web.Request, handler: Handler) -> web.Strea
     """For /api/v1: Basic auth, CORS headers, and every error in KairosDB's {"errors": [...]}."""
     if not request.path.startswith("/api/v1/"):
         return await handler(request)
-    service = request.app[QUERY_SERVICE]
-    settings = service.settings
+    settings = request.app[QUERY_SERVICE].settings
+    resp = await _guarded(request, handler, settings)
+    allowed = _cors_origin(request, settings)
+    if allowed is not None and request.method != "OPTIONS":
+        resp.headers["Access-Control-Allow-Origin"] = allowed
+        _vary(resp, allowed)
+    return resp
+
+
+async def _guarded(request: web.Request, handler: Handler, settings: Settings) -> web.StreamResponse:
+    """The handler's answer behind Basic auth, its errors in KairosDB's shape."""
     if request.method != "OPTIONS" and settings.auth_enabled:
         route = request.match_info.route.resource
         path = route.canonical if route is not None else ""
@@ -687,10 +696,6 @@ async def kairos_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         resp = _errors([exc.reason], status=exc.status)
-    allowed = _cors_origin(request, settings)
-    if allowed is not None and request.method != "OPTIONS":
-        resp.headers["Access-Control-Allow-Origin"] = allowed
-        _vary(resp, allowed)
     return resp
 
 

@@ -466,7 +466,9 @@ async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pyte
             aggregators=[{"name": "save_as", "metric_name": "copy"}])))
         assert resp.status == 401
     async with _bare(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret), api_auth_reads=True)) as c:
-        assert (await c.get("/api/v1/version")).status == 401
+        resp = await c.get("/api/v1/version", headers={"Origin": "https://grafana.example"})
+        # A browser must see the 401 itself, not a CORS failure.
+        assert resp.status == 401 and resp.headers["Access-Control-Allow-Origin"] == "*"
         assert (await c.get("/api/v1/version", headers=_basic("grafana", secret))).status == 200
         assert (await c.options("/api/v1/version")).status == 200  # preflights carry no credentials
     assert secret not in caplog.text
