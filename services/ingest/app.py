@@ -15,6 +15,7 @@ from services.common.runner import run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
+from services.ingest.cdnsettings import add_settings_route
 from services.ingest.connections import ConnectionGuard
 from services.ingest.metrics import ConnectionStats, make_metrics
 from services.ingest.publisher import Publisher
@@ -66,6 +67,7 @@ def create_app(settings: Settings, worker: int = 0, guard: ConnectionGuard | Non
     health.add_check("spool", spool_ready)
     add_health_routes(app, health)
     add_routes(app)
+    add_settings_route(app)
     doc = orjson.dumps(openapi.build(settings, VERSION))
 
     async def openapi_json(_: web.Request) -> web.Response:

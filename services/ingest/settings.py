@@ -61,6 +61,13 @@ class Settings(CommonSettings):
     # A request body must have arrived this long after its headers, else 408 and close.
     client_body_timeout_s: float = Field(default=10.0, gt=0)
 
+    # The analytics.js settings document (services/ingest/cdnsettings.py): the
+    # address events go to ("events.example.com/v1"; default: the Host asked,
+    # fine locally) and its scheme (default: the request's), and its cache life.
+    settings_api_host: str | None = None
+    settings_protocol: Literal["http", "https"] | None = None
+    settings_max_age_s: int = Field(default=300, ge=0)
+
     # Seconds a 429 asks the client to wait at least.
     rate_limit_retry_after_s: int = Field(default=1, ge=1)
 
