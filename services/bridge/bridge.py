@@ -217,13 +217,23 @@ class Bridge:
     # -- one shard --------------------------------------------------------------------
 
     async def _iterator(self, lease: Lease) -> str:
+        """After the checkpoint, or from the oldest record the shard keeps. A checkpoint
+        Kinesis refuses (older than the stream's retention, so those records are gone)
+        is logged as the loss it is and the shard is read from its oldest record."""
         if lease.checkpoint:
-            answer = await self.kinesis.get_shard_iterator(
-                StreamName=lease.stream, ShardId=lease.shard_id, ShardIteratorType="AFTER_SEQUENCE_NUMBER",
-                StartingSequenceNumber=lease.checkpoint)
-        else:
-            answer = await self.kinesis.get_shard_iterator(StreamName=lease.stream, ShardId=lease.shard_id,
-                                                           ShardIteratorType="TRIM_HORIZON")
+            try:
+                answer = await self.kinesis.get_shard_iterator(
+                    StreamName=lease.stream, ShardId=lease.shard_id, ShardIteratorType="AFTER_SEQUENCE_NUMBER",
+                    StartingSequenceNumber=lease.checkpoint)
+                return str(answer["ShardIterator"])
+            except Exception as exc:
+                if error_code(exc) != "InvalidArgumentException":
+                    raise
+                log.error("checkpoint refused by Kinesis (past the retention?); reading from the oldest record",  # noqa: TRY400 - an expected answer, not a bug: no trace
+                          stream=lease.stream, shard=lease.shard_id, checkpoint=lease.checkpoint, error=str(exc))
+                self.metrics.checkpoints_refused.labels(lease.stream).inc()
+        answer = await self.kinesis.get_shard_iterator(StreamName=lease.stream, ShardId=lease.shard_id,
+                                                       ShardIteratorType="TRIM_HORIZON")
         return str(answer["ShardIterator"])
 
     async def _read(self, reader: Reader) -> None:

@@ -15,6 +15,7 @@ class BridgeMetrics:
     behind_ms: Gauge          # MillisBehindLatest of the last GetRecords, per stream and shard
     checkpoints: Counter      # shard checkpoints written
     leases_lost: Counter      # leases taken over by another process while held
+    checkpoints_refused: Counter  # checkpoints Kinesis no longer knows (past retention): records lost upstream
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ def make_bridge_metrics(registry: CollectorRegistry) -> BridgeMetrics:
                             registry=registry),
         leases_lost=Counter("headwater_bridge_leases_lost", "Leases lost while held", ["stream"],
                             registry=registry),
+        checkpoints_refused=Counter("headwater_bridge_checkpoints_refused",
+                                    "Checkpoints Kinesis refused (past the retention)", ["stream"], registry=registry),
     )
 
 

@@ -154,7 +154,7 @@ class Mirror:
         """Steps 2 and 3. False when asked to stop before every record was accepted."""
         for stream, records in batch.by_stream.items():
             for chunk in chunks(records, self.settings.mirror_batch_max_records, self.settings.mirror_batch_max_bytes):
-                if not await self._put(stream, chunk):
+                if not await self.put_chunk(stream, chunk):
                     return False
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         while batch.bad:
@@ -171,7 +171,7 @@ class Mirror:
                 await backoff.wait(self._stop)
         return True
 
-    async def _put(self, stream: str, chunk: list[LegacyRecord]) -> bool:
+    async def put_chunk(self, stream: str, chunk: list[LegacyRecord]) -> bool:
         """One PutRecords, then only the refused records again, until all are accepted."""
         pending = chunk
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)

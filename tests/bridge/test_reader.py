@@ -1,0 +1,116 @@
+"""The bridge and mirror loops in this process: a checkpoint Kinesis refuses, and a
+PutRecords that accepts only part of a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from botocore.exceptions import ClientError
+from prometheus_client import CollectorRegistry
+
+from services.bridge.bridge import Bridge
+from services.bridge.errors import retriable
+from services.bridge.legacy import LegacyRecord
+from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
+from services.bridge.mirror import Mirror
+from services.bridge.store import Store
+from services.common.cassandra import CassandraClient
+from services.common.sources import SourceRegistry
+from tests.bridge.helpers import bridge_settings, legacy_record, put_legacy
+from tests.conftest import eventually, read_topic
+
+KEY = "reader-web-write-key"
+
+
+def throttled(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "slow down"}}, "GetRecords")
+
+
+def test_throughput_and_service_errors_are_retried_others_are_not() -> None:
+    for code in ("ProvisionedThroughputExceededException", "LimitExceededException", "InternalFailure"):
+        assert retriable(throttled(code))
+    for code in ("ResourceNotFoundException", "InvalidArgumentException", "AccessDeniedException"):
+        assert not retriable(throttled(code))
+    assert not retriable(ValueError("bug"))
+
+
+async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
+    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str], tmp_path: Path,
+) -> None:
+    stream = await new_stream(1)
+    sources = tmp_path / "sources.json"
+    sources.write_bytes(orjson.dumps({"sources": [
+        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}))
+    raw = await new_topic("raw", partitions=1)
+    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
+                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
+                               aws_endpoint_url=kinesis_endpoint, sources_file=sources, owner_id="reader")
+    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000))
+                                       for i in range(5)])
+    store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
+    await store.migrate(settings.cassandra_replication)
+    await store.prepare()
+    # A checkpoint from before the stream's retention (here: one this shard never had).
+    lease = await store.take(stream, "shardId-000000000000", None, "someone-before", 1000)
+    assert lease is not None
+    assert await store.checkpoint(lease, "49590338271490256608559692538361571095921575989136588898",
+                                  finished=False, duration_ms=0)
+    registry = SourceRegistry(sources)
+    registry.load()
+    prometheus = CollectorRegistry()
+    metrics = make_bridge_metrics(prometheus)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    stop = asyncio.Event()
+    try:
+        bridge = Bridge(settings, registry, store, kinesis, producer, metrics, version="test")
+        task = asyncio.create_task(bridge.run(stop))
+
+        async def forwarded() -> bool:
+            assert not task.done(), task
+            return len(await read_topic(kafka_bootstrap, raw, expected=5, timeout_s=2)) >= 5
+        await eventually(forwarded, 60, "the shard to be read from its oldest record")
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        await producer.stop()
+    assert prometheus.get_sample_value("headwater_bridge_checkpoints_refused_total", {"stream": stream}) == 1
+
+
+class PartlyRefusing:
+    """A stand-in for the Kinesis client in a unit test: the first PutRecords refuses
+    every other record, as Kinesis does under throughput limits."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def put_records(self, *, StreamName: str, Records: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls.append([r["PartitionKey"] for r in Records])
+        first = len(self.calls) == 1
+        return {"Records": [{"ErrorCode": "ProvisionedThroughputExceededException"} if first and i % 2 else
+                            {"SequenceNumber": "1", "ShardId": "s"} for i in range(len(Records))]}
+
+
+@pytest.mark.parametrize("count", [7])
+async def test_put_records_sends_only_the_refused_records_again(count: int, tmp_path: Path) -> None:
+    client = PartlyRefusing()
+    prometheus = CollectorRegistry()
+    mirror = Mirror(bridge_settings(backoff_initial_s=0.01), SourceRegistry(tmp_path / "none.json"),
+                    client, consumer=None, producer=None,  # type: ignore[arg-type]
+                    metrics=make_mirror_metrics(prometheus), version="test")
+    records = [LegacyRecord("s", f"m{i}", b"{}", "web", f"m{i}") for i in range(count)]
+    assert await mirror.put_chunk("s", records)
+    assert client.calls == [[f"m{i}" for i in range(count)], ["m1", "m3", "m5"]]
+    assert prometheus.get_sample_value("headwater_mirror_put_retries_total",
+                                       {"stream": "s", "reason": "ProvisionedThroughputExceededException"}) == 3
+    assert prometheus.get_sample_value("headwater_mirror_records_total",
+                                       {"stream": "s", "outcome": "sent", "reason": ""}) == count
