@@ -132,6 +132,20 @@ def build(settings: Settings, version: str) -> dict[str, Any]:
         "responses": {"200": {"description": "GIF", "content": {"image/gif": {"schema": {
             "type": "string", "format": "binary"}}}}},
     }}
+    paths["/v1/projects/{writeKey}/settings"] = {"get": {
+        "summary": "The analytics.js settings document for a source (analytics-next's cdnURL pointed here)",
+        "description": "The Segment.io integration aimed at this ingest, with apiKey = the write key asked for; "
+                       "Cache-Control public with max-age, an ETag (If-None-Match answers 304), CORS per source.",
+        "operationId": "get_settings", "security": [],
+        "parameters": [{"name": "writeKey", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": "the settings document", "headers": {
+                "ETag": {"schema": {"type": "string"}}, "Cache-Control": {"schema": {"type": "string"}}},
+                "content": {"application/json": {"schema": {"type": "object", "required": ["integrations"]}}}},
+            "304": {"description": "unchanged since the ETag sent in If-None-Match"},
+            "404": _error("No enabled source has this write key"),
+        },
+    }}
     paths["/healthz"] = {"get": {"summary": "Alive", "operationId": "healthz", "security": [], "responses": {
         "200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
     ready = {"content": {"application/json": {"schema": {"$ref": f"{_REF}Readiness"}}}}

@@ -3,7 +3,7 @@ service finds no request the document allows refused, none it forbids taken,
 no 5xx and no answer the document does not describe.
 
 Bounded: a fixed number of examples per operation and a fixed seed, so a run
-is reproducible (``st run ... --seed``) and takes about a minute.
+is reproducible (``st run ... --seed``) and takes a minute or two.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.ingest.conftest import SERVER_KEY
 from tests.ingest.helpers import LiveIngest, http
@@ -31,13 +33,14 @@ def test_the_document_says_what_the_service_takes() -> None:
     assert "408" in doc["paths"]["/v1/track"]["post"]["responses"]
 
 
+@pytest.mark.timeout(420)
 def test_schemathesis_finds_nothing_against_the_running_service(live_ingest: LiveIngest, tmp_path: Path) -> None:
     status, _, _ = http("GET", f"{live_ingest.url}/openapi.json")
     assert status == 200
     result = subprocess.run(
         [str(ST), "run", f"{live_ingest.url}/openapi.json", "--auth", f"{SERVER_KEY}:", "--checks", "all",
-         "--max-examples", "10", "--seed", "20261201", "--workers", "1", "--request-timeout", "10",
+         "--max-examples", "8", "--seed", "20261201", "--workers", "1", "--request-timeout", "10",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=280, cwd=tmp_path)
+        capture_output=True, text=True, timeout=380, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-6000:]
     assert "Schema-valid" not in result.stdout and "API Operations" in result.stdout, result.stdout[-3000:]
