@@ -17,7 +17,10 @@ For each it prints events/s (measured from the first committed offset to the
 last, so start-up and group join are left out), CPU seconds per 1,000 events
 (utime+stime of the process over the same span), peak RSS, and p50/p99 of
 the time one batch takes (read from the process's own histogram), then the
-ratio processor/plain per round and its median. The goal is 0.40 or more.
+ratio processor/plain per round and its median. The goals: 0.6 or more by
+events/s, 0.5 or more by CPU per event (plain's CPU per event over the
+processor's). On a shared machine events/s swings with the other work; CPU
+per event is the steadier of the two.
 Every enrichment step is on, with a small generated geo-IP database covering
 half of the (random) client addresses. The bench source routes every event
 to one destination (as the demo's
@@ -68,6 +71,10 @@ SOURCES = {"sources": [{"id": "bench", "name": "bench", "write_key": "bench-key"
                         "enrichment": {"ip": "anonymize"},
                         "destinations": [{"name": "all"}, {"name": "orders", "types": ["track"],
                                                            "events": ["Order Completed"]}]}]}
+
+
+# processor / plain: events/s, and plain CPU per event / processor CPU per event.
+GOAL_RATE, GOAL_CPU = 0.6, 0.5
 
 
 def make_event(i: int, rng: random.Random) -> tuple[bytes, bytes]:
@@ -278,8 +285,9 @@ async def run(args: argparse.Namespace) -> None:
     cpu_ratio = statistics.median(r["plain"]["cpu_s_per_1000"] / r["processor"]["cpu_s_per_1000"] for r in rounds)
     ratio = statistics.median(ratios)
     print(f"processor / plain events/s per round: {', '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"median ratio {ratio:.2f} (goal >= 0.40): {'met' if ratio >= 0.40 else 'NOT met'}; "
-          f"by CPU per event (plain CPU / processor CPU): {cpu_ratio:.2f}")
+    print(f"median ratio {ratio:.2f} (goal >= {GOAL_RATE}): {'met' if ratio >= GOAL_RATE else 'NOT met'}; "
+          f"by CPU per event (plain CPU / processor CPU): {cpu_ratio:.2f} "
+          f"(goal >= {GOAL_CPU}): {'met' if cpu_ratio >= GOAL_CPU else 'NOT met'}")
     print("processor batch p50/p99 are histogram bucket upper bounds; plain's are exact.")
 
 
