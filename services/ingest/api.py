@@ -189,8 +189,8 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
     """Validate and stamp events; build Kafka records for the good ones and
     bad rows for the rest."""
     s = ing.settings
-    now_ms = int(time.time() * 1000)
-    received_at = parsing.iso_now_ms()
+    now_ms = time.time_ns() // 1_000_000
+    received_at = parsing.iso_ms(now_ms)      # the same instant as the Envelope's received_at_ms
     client_ip = ing.proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
     user_agent = clean_header(request.headers.get("User-Agent", ""))
     batch_context = batch.get("context") if batch else None

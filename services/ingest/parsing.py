@@ -16,7 +16,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -251,20 +251,23 @@ class UniqueIds:
 new_message_id = UniqueIds("hw-")
 new_request_id = UniqueIds("")
 
-_last_ms: list[Any] = [-1, ""]
+_second: list[Any] = [-1, ""]     # the last Unix second formatted, and its text
+
+
+def iso_ms(ms: int) -> str:
+    """Unix milliseconds as ISO-8601 UTC with milliseconds. Every request needs
+    one: the date and time of day are formatted once per second, not per call."""
+    sec, milli = divmod(ms, 1000)
+    if sec != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        _second[0] = sec
+    return f"{_second[1]}{milli:03d}Z"
 
 
 def iso_now_ms(now: datetime | None = None) -> str:
-    """ISO-8601 UTC with milliseconds; under load many requests share a millisecond,
-    so the last string is reused."""
+    """ISO-8601 UTC with milliseconds, for now or for ``now``."""
     if now is None:
-        ms = time.time_ns() // 1_000_000
-        if ms == _last_ms[0]:
-            return str(_last_ms[1])
-        now = datetime.fromtimestamp(ms / 1000, UTC)
-        text = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-        _last_ms[0], _last_ms[1] = ms, text
-        return text
+        return iso_ms(time.time_ns() // 1_000_000)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

@@ -147,3 +147,13 @@ def test_stamped_message_ids_are_unique_and_differ_in_a_forked_child() -> None:
     os.close(read)
     os.close(write)
     assert child_id.startswith("hw-") and child_id.rsplit("-", 1)[0] != parsing.new_message_id().rsplit("-", 1)[0]
+
+
+def test_iso_ms_matches_datetime_formatting_across_seconds() -> None:
+    from datetime import UTC, datetime
+
+    from services.ingest.parsing import iso_ms, iso_now_ms
+
+    for ms in (0, 999, 1000, 1_795_535_689_541, 1_795_535_689_999, 1_795_535_690_000, 1_795_535_689_001):
+        expected = iso_now_ms(datetime.fromtimestamp(ms / 1000, UTC).replace(microsecond=(ms % 1000) * 1000))
+        assert iso_ms(ms) == expected, ms
