@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,7 +46,8 @@ BRIDGE_PATH = "/legacy/kinesis"
 # The user agent of bridged records when the event's context has none.
 BRIDGE_USER_AGENT = "headwater-bridge"
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
-TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+# The times the bridge reads (the event time and receivedAt); sentAt is moved aside unread.
+PARSED_TIMES = ("timestamp", "originalTimestamp", "receivedAt")
 # The fields of the old API's Message struct (pkg/types/v1/message.go) other than the key.
 LEGACY_FIELDS = ("type", "messageId", "context", "timestamp", "originalTimestamp", "sentAt", "receivedAt",
                  "integrations", "traits", "properties", "anonymousId", "userId", "groupId", "previousId",
@@ -122,12 +124,23 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=8192)
+def _second_ms(prefix: str) -> int:
+    """Epoch ms of a UTC "YYYY-MM-DDTHH:MM:SS"; cached, since event times cluster."""
+    return (datetime.fromisoformat(prefix).replace(tzinfo=UTC) - _EPOCH) // _MS
+
+
 def parse_time_ms(value: Any) -> int | None:
     """ISO-8601 text to epoch ms; None when absent or Go's zero time; ValueError when unreadable."""
     if value is None or value == "" or value == GO_ZERO_TIME:
         return None
     if not isinstance(value, str):
         raise ValueError(f"not a timestamp: {value!r}")  # noqa: TRY004 - callers treat every bad time alike
+    if len(value) >= 20 and value[-1] == "Z" and value[10] == "T" and value[19] in ".Z" and value[:4] > "0001":
+        # The shape both writers use (UTC, "Z", 0 to 9 fraction digits): no datetime per value.
+        fraction = value[20:-1]
+        if not fraction or fraction.isdigit():
+            return _second_ms(value[:19]) + (int((fraction + "00")[:3]) if fraction else 0)
     moment = datetime.fromisoformat(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -208,14 +221,17 @@ class LegacyDecoder:
         event = {k: v for k, v in doc.items() if k not in KEY_FIELDS}
         event["type"] = kind
         try:
-            times = {name: parse_time_ms(event.get(name)) for name in TIME_FIELDS}
+            times = {name: parse_time_ms(event.get(name)) for name in PARSED_TIMES}
         except ValueError as exc:
             return self._bad(BadReason.BAD_TIMESTAMP, FailureType.SCHEMA_VIOLATION, [str(exc)], data, at,
                              doc=doc, source=source)
         for name, ms in times.items():
             if ms is None:
                 event.pop(name, None)  # Go's zero time: the old API did not have it
+        # sentAt is only carried along (the processor never sees it), so it is not parsed.
         sent = event.pop("sentAt", None)
+        if sent == GO_ZERO_TIME or sent == "":
+            sent = None
         context = event.get("context")
         context = dict(context) if isinstance(context, dict) else {}
         if sent is not None:

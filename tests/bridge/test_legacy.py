@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -19,13 +20,14 @@ from services.bridge.legacy import (
     Rejected,
     Skip,
     infer_type,
+    parse_time_ms,
     to_legacy,
 )
 from services.bridge.mirror import chunks
 from services.common.badrow import BadRow
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import SourceRegistry
-from tests.bridge.helpers import legacy_record
+from tests.bridge.helpers import GO_ZERO, legacy_record
 
 STREAM = "legacy-events"
 SOURCES = {"sources": [
@@ -216,3 +218,23 @@ def test_the_registry_refuses_a_stream_bridged_and_mirrored(tmp_path: Path) -> N
     assert not registry.load()
     ok, detail = registry.status()
     assert not ok and "both bridged and mirrored" in detail
+
+
+@pytest.mark.parametrize("text", ["2026-12-01T07:21:00.123456789Z", "2026-12-01T07:21:00Z", "2026-12-01T07:21:00.1Z",
+                                  "2026-12-01T07:21:00.12+02:00", "2026-12-01T07:21:00.003Z", "2026-12-01 07:21:00",
+                                  "1999-12-31T23:59:59.999999Z"])
+def test_time_parsing_matches_the_standard_parser(text: str) -> None:
+    expected = datetime.fromisoformat(text)
+    expected = expected if expected.tzinfo else expected.replace(tzinfo=UTC)
+    assert parse_time_ms(text) == int(expected.timestamp() * 1000)
+
+
+@pytest.mark.parametrize("text", [None, "", GO_ZERO, "0001-01-01T00:00:00.000Z"])
+def test_absent_times_are_none(text: str | None) -> None:
+    assert parse_time_ms(text) is None
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "2026-12-01T07:21:00.x1Z", 17])
+def test_bad_times_raise(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_time_ms(text)
