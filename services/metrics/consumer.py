@@ -50,7 +50,7 @@ from cassandra.policies import HostStateListener
 
 from services.common.sources import SourceRegistry
 from services.metrics.errors import ConsumerBroken
-from services.metrics.flush import FlushedRow, Flusher
+from services.metrics.flush import FlushedRow, Flusher, InFlight
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.partition import BatchPlan, PartitionState, PartitionStatus, plan, resume_position
 from services.metrics.retry import retry
@@ -137,6 +137,7 @@ class RollupConsumer:
         self.series = SeriesIndex()
         self.flusher = Flusher(settings, store, self.side, self.series, metrics, self._storage,
                                lambda: self.status is ConsumerStatus.RUNNING, on_flush)
+        self.inflight = InFlight(self.flusher, self._flush_failed)
         self._stop = asyncio.Event()
         self._last_flush = time.monotonic()
         self.consumer = AIOKafkaConsumer(
@@ -181,9 +182,11 @@ class RollupConsumer:
                 await self._round()
             self._raise_if_broken()
             async with self._lock, self._breaks_on_error():
-                offsets = await self.flush(list(self.states.values()))
+                offsets = await self._settle_flush()
+                offsets.update(await self.flush(list(self.states.values())))
             await self._commit(offsets)
         finally:
+            await self.inflight.drop()
             cluster.unregister_listener(watch)
             await self.consumer.stop()
             # The rows' sketches are C++ objects: free them now, not at interpreter exit, where the
@@ -204,15 +207,28 @@ class RollupConsumer:
                 state = self.states.get(tp.partition)
                 if state is not None and records:
                     await self._process(tp, state, records)
-            offsets = await self.flush(list(self.states.values())) if self._flush_due() else None
-        if offsets is not None:
-            self._last_flush = time.monotonic()
+            offsets = None
+            if self._flush_due():
+                offsets = await self._settle_flush()
+                self._start_flush()
+        if offsets:
             await self._commit(offsets)
+
+    def _start_flush(self) -> None:
+        self._last_flush = time.monotonic()
+        self.inflight.start(list(self.states.values()))
+
+    async def _settle_flush(self, timeout_s: float | None = None) -> dict[TopicPartition, int]:
+        return await self.inflight.settle(list(self.states.values()), timeout_s)
 
     def _flush_due(self) -> bool:
         return (time.monotonic() - self._last_flush >= self.settings.flush_interval_s
                 or self._dirty_rows() >= self.settings.max_dirty_rows
                 or self._cached_rows() > self.settings.max_cached_rows)
+
+    def _flush_failed(self, exc: BaseException) -> None:
+        log.error("rollup flush failed; the consumer stops", error=repr(exc))
+        self.status = ConsumerStatus.BROKEN
 
     @contextlib.asynccontextmanager
     async def _breaks_on_error(self) -> AsyncIterator[None]:
@@ -233,6 +249,7 @@ class RollupConsumer:
             assigned = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
             log.warning("Cassandra failed or restarted; resuming every partition from its checkpoint",
                         partitions=len(assigned))
+            await self.inflight.drop()
             self.states.clear()
             self.status = ConsumerStatus.RUNNING
             await self._resume_locked(assigned, deadline_s=None)
@@ -287,7 +304,8 @@ class RollupConsumer:
             if not states:
                 return
             async with self._breaks_on_error():
-                offsets = await self.flush(states, deadline_s=self.settings.rebalance_retry_s)
+                offsets = await self._settle_flush(self.settings.rebalance_retry_s)
+                offsets.update(await self.flush(states, deadline_s=self.settings.rebalance_retry_s))
             for state in states:
                 del self.states[state.kpart]
         await self._commit(offsets)

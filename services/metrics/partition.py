@@ -23,7 +23,16 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from services.common.badrow import FailureType
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.retry import retry
-from services.metrics.rollup import RESOLUTIONS, AgeRule, BadEvent, Event, RowKey, parse_event, row_keys
+from services.metrics.rollup import (
+    ALL_RESOLUTIONS,
+    RESOLUTIONS,
+    AgeRule,
+    BadEvent,
+    Event,
+    RowKey,
+    parse_event,
+    row_keys,
+)
 from services.metrics.rowcache import RowCache
 from services.metrics.store import INCARNATION_GAP, Checkpoint
 
@@ -111,7 +120,7 @@ def plan(state: PartitionState, records: list[Any], rule: AgeRule) -> BatchPlan:
             continue
         watermark = max(watermark, event.received_ms)
         resolutions = rule.resolutions(event)
-        if len(resolutions) < len(RESOLUTIONS):
+        if resolutions is not ALL_RESOLUTIONS and len(resolutions) < len(RESOLUTIONS):
             out.late.append(_late(record, event, resolutions, rule))
         if resolutions:
             out.events.append((state.logical(offset), event, row_keys(event, resolutions)))

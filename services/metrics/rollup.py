@@ -137,10 +137,13 @@ class RowKey(NamedTuple):
         return self.window_start // BUCKET_MS[self.resolution]
 
 
-def row_keys(event: Event, resolutions: tuple[str, ...] = tuple(RESOLUTIONS)) -> list[RowKey]:
+ALL_RESOLUTIONS = tuple(RESOLUTIONS)
+
+
+def row_keys(event: Event, resolutions: tuple[str, ...] = ALL_RESOLUTIONS) -> list[RowKey]:
     """The windows (one per resolution asked for) an event updates."""
-    return [RowKey(res, event.source, event.type, event.name, event.time_ms - event.time_ms % RESOLUTIONS[res])
-            for res in resolutions]
+    t, source, etype, name = event.time_ms, event.source, event.type, event.name
+    return [RowKey(res, source, etype, name, t - t % RESOLUTIONS[res]) for res in resolutions]
 
 
 class AgeRule(NamedTuple):
@@ -161,7 +164,13 @@ class AgeRule(NamedTuple):
         age = event.received_ms - event.time_ms
         if age > self.max_event_age_ms:
             return ()
+        if age <= self.shortest_retention_ms:
+            return ALL_RESOLUTIONS  # the common case, without a tuple per event
         return tuple(res for res in RESOLUTIONS if age <= self.retention_ms[res])
+
+    @property
+    def shortest_retention_ms(self) -> int:
+        return min(self.retention_ms.values())
 
 
 def new_sketch(lg_k: int) -> datasketches.hll_sketch:
@@ -209,6 +218,11 @@ class WindowRow:
                 self._sketch = new_sketch(self.lg_k)
             self.sketch_blob = None
         return self._sketch
+
+    def frozen(self, upto: int) -> WindowRow:
+        """A copy of the aggregate as it stands, to be written while this row takes more events."""
+        return WindowRow(self.lg_k, count=self.count, sums=dict(self.sums), upto=upto,
+                         sketch_blob=self.users_blob())
 
     def users_blob(self) -> bytes:
         if self._sketch is not None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.metrics.rollup import Event
+from services.metrics.store import bounded_gather
 
 Series = tuple[str, str, str]
 # Noted again after this long; everything forgotten past this many.
@@ -40,12 +41,20 @@ class SeriesIndex:
         """Read the clock once per batch, not per event."""
         self._now = time.monotonic()
 
-    async def write(self, note: Callable[[str, str, str, set[str]], Awaitable[None]]) -> None:
-        """Note every new series through ``note`` (a retried store call); forget them only once noted."""
-        while self._new:
-            series, props = next(iter(self._new.items()))
-            await note(*series, props)
-            del self._new[series]
-            if len(self._known) > MAX_KNOWN:
-                self._known.clear()
-            self._known[(series, frozenset(props))] = time.monotonic()
+    async def write(self, note: Callable[[str, str, str, set[str]], Awaitable[None]], concurrency: int) -> None:
+        """Note every new series through ``note`` (a retried store call), ``concurrency`` at a time;
+        a series is remembered as noted only once its write succeeded."""
+        if not self._new:
+            return
+        new, self._new = self._new, {}
+        try:
+            await bounded_gather((note(*series, props) for series, props in new.items()), concurrency)
+        except BaseException:
+            for series, props in new.items():  # written again at the next flush (idempotent)
+                self._new.setdefault(series, set()).update(props)
+            raise
+        now = time.monotonic()
+        if len(self._known) + len(new) > MAX_KNOWN:
+            self._known.clear()
+        for series, props in new.items():
+            self._known[(series, frozenset(props))] = now

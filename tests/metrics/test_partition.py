@@ -134,10 +134,10 @@ async def test_every_series_is_noted_once_with_or_without_summed_properties() ->
     index.see(web, ("revenue",))
     index.see(node, ())
     index.see(node, ())
-    await index.write(note)
+    await index.write(note, 4)
     assert noted == [("web", "track", "Paid", {"revenue"}), ("node", "identify", "", set())]
     index.see(node, ())
-    await index.write(note)
+    await index.write(note, 4)
     assert len(noted) == 2
 
 
