@@ -147,15 +147,32 @@ def _dev(agg: Aggregator, values: list[float]) -> float:
 
 
 def _least_squares(chunk: list[Point]) -> list[Point]:
+    """The fitted line at the first and last point, computed as Apache Commons Math's
+    SimpleRegression (with intercept) does, so the answers match KairosDB's to the last bit:
+    its intercept loses precision on millisecond timestamps, and so does this one."""
     if len(chunk) <= 2:
         return list(chunk)
-    xs = [float(t) for t, _ in chunk]
-    ys = [_num(v) for _, v in chunk]
-    mx, my = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
-    sxx = math.fsum((x - mx) ** 2 for x in xs)
-    slope = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else math.nan
+    n = 0
+    x_bar = y_bar = sum_xx = sum_xy = sum_x = sum_y = 0.0
+    for t, v in chunk:
+        x, y = float(t), _num(v)
+        if n == 0:
+            x_bar, y_bar = x, y
+        else:
+            fact1 = 1.0 + n
+            fact2 = n / (1.0 + n)
+            dx, dy = x - x_bar, y - y_bar
+            sum_xx += dx * dx * fact2
+            sum_xy += dx * dy * fact2
+            x_bar += dx / fact1
+            y_bar += dy / fact1
+        sum_x += x
+        sum_y += y
+        n += 1
+    slope = sum_xy / sum_xx if abs(sum_xx) >= 10 * 5e-324 else math.nan
+    intercept = (sum_y - slope * sum_x) / n
     first, last = chunk[0][0], chunk[-1][0]
-    return [(first, my + slope * (first - mx)), (last, my + slope * (last - mx))]
+    return [(first, intercept + slope * first), (last, intercept + slope * last)]
 
 
 def _reduce(agg: Aggregator, stamp: int, chunk: list[Point]) -> list[Point]:

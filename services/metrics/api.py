@@ -86,9 +86,14 @@ def _tag_groups(metric: kairos.MetricQuery, series: list[Series]) -> list[TagGro
     return [groups[k] for k in sorted(groups)]
 
 
-def _json_value(value: Any) -> Any:
+def _json_value(ts: int, value: Any) -> Any:
     if isinstance(value, float):
-        return groupby.json_number(value) if math.isfinite(value) else None
+        if not math.isfinite(value):
+            # KairosDB fails such a query too (a 500 there): least_squares over points of one time.
+            text = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+            raise QueryError(f"NaN or Infinity:{text} data point at {ts}; precede the aggregator "
+                             "with one that gives each time one point")
+        return groupby.json_number(value)
     return value
 
 
@@ -126,8 +131,10 @@ class QueryService:
         by_key: dict[tuple[str, ...], Series] = {}
         budget = self.settings.query_max_rows
         rows_read = 0
+        events = metric.tags.get("event")
+        one_event = events[0] if events and len(events) == 1 else None
         for source in sources:
-            rows = await self.store.read_windows(res, source, query.start_ms, query.end_ms, budget)
+            rows = await self.store.read_windows(res, source, query.start_ms, query.end_ms, budget, one_event)
             budget -= len(rows)
             for row in rows:
                 base = {"source": source, "type": row.type, "event": row.event, "resolution": res}
@@ -199,9 +206,11 @@ class QueryService:
         for s in group.series:
             for ts, values in s.points.items():
                 merged.setdefault(ts, []).extend(values)
-        times = sorted(merged, reverse=metric.order == "desc")
+        descending = metric.order == "desc"
+        times = sorted(merged, reverse=descending)
         if combine is None:
-            points = [(ts, v) for ts in times for v in merged[ts]]
+            # Points of one time in KairosDB's merge order: by value (the other way round for desc).
+            points = [(ts, v) for ts in times for v in sorted(merged[ts], reverse=descending)]
         else:
             points = [(ts, combine(merged[ts])) for ts in times]
         return points[:metric.limit] if metric.limit else points
@@ -232,7 +241,7 @@ class QueryService:
                         saves.append(self._save_as(metric, agg, tag_group, out))
                 if not out:
                     continue  # KairosDB leaves groups without points out of the answer
-                values = [[ts, _json_value(v)] for ts, v in out]
+                values = [[ts, _json_value(ts, v)] for ts, v in out]
                 results.append(kairos.result(metric, entries + entries_tail, tag_group.tags, values))
         return {"sample_size": sample_size, "results": results}
 

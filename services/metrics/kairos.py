@@ -344,8 +344,9 @@ def parse_query(body: Any, now_ms: int) -> Query:
     if body.get("plugins"):
         raise QueryError("plugins: query plugins are not supported")
     metrics = body.get("metrics")
-    if not isinstance(metrics, list) or not metrics:
+    if not isinstance(metrics, list):
         raise QueryError("metric[] must have a size of at least 1")
+    # An empty list is a query with no answers ({"queries": []}), as KairosDB has it.
     parsed = tuple(_metric(m, f"query.metric[{i}]", tz) for i, m in enumerate(metrics))
     return Query(start, end, parsed, tz)
 

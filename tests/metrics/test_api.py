@@ -149,7 +149,7 @@ async def test_bad_queries_get_kairosdb_errors(api: TestClient) -> None:
     bad = [
         {"metrics": [{"name": "headwater.events.count"}]},
         {"start_relative": {"value": 1, "unit": "fortnights"}, "metrics": [{"name": "x"}]},
-        {"start_absolute": 1, "metrics": []},
+        {"start_absolute": 1, "metrics": {}},
         {"start_absolute": 1, "metrics": [{"name": ""}]},
         {"start_absolute": 1, "metrics": [{"name": "x", "aggregators": [{"name": "percentile"}]}]},
         {"start_absolute": 1, "metrics": [{"name": "x", "group_by": [{"name": "time"}]}]},

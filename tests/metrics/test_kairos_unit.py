@@ -28,6 +28,8 @@ from services.metrics.api import (
     ROUTES,
     BodyTooLarge,
     QueryService,
+    Series,
+    TagGroup,
     WriteLimits,
     add_kairos_routes,
     gunzip,
@@ -81,6 +83,8 @@ def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
     assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
     (a,) = m.aggregators
     assert (a.name, a.sampling.value, a.sampling.unit.name, a.align_sampling) == ("sum", 5, "minutes", True)
+    # An empty metrics list answers {"queries": []}, as KairosDB does.
+    assert kairos.parse_query({"start_absolute": 1, "metrics": []}, T0).metrics == ()
     # No sampling: KairosDB's default of 1 millisecond.
     assert (agg({"name": "avg"}).sampling.value, agg({"name": "avg"}).sampling.unit.name) == (1, "milliseconds")
 
@@ -186,6 +190,28 @@ def test_least_squares_answers_the_line_at_the_first_and_last_point() -> None:
     spec = sampled("least_squares", 1, "hours")
     assert run(spec, line, 0, HOUR) == [(0, pytest.approx(1)), (3000, pytest.approx(7))]
     assert run(spec, line[:2], 0, HOUR) == line[:2]  # two points or fewer come back as they are
+
+
+def test_least_squares_rounds_as_kairosdb_does() -> None:
+    # KairosDB 1.3.2's answer for these six points (Commons Math's SimpleRegression loses the
+    # same bits on millisecond timestamps), taken from a side-by-side run.
+    t, t2 = 1_795_000_013_123, 1_795_000_434_123
+    points = [(t, 1), (t, 1), (t, 100), (t2, 2), (t2, 3.5), (t2, 200)]
+    assert run(sampled("least_squares", 20, "minutes"), points, t, t + HOUR) == [
+        (t, 33.99999997019768), (t2, 68.49999997019768)]
+    # Points of one time only: no line; KairosDB fails the query, this a 400 when answering.
+    assert all(math.isnan(v) for _, v in run({"name": "least_squares"}, points[:3], t, t + HOUR))
+
+
+def test_points_of_one_time_merge_in_value_order() -> None:
+    """KairosDB merges a group's series ordered by time, then value (descending for desc)."""
+    service = QueryService(SimpleNamespace(), SimpleNamespace(), Settings(),  # type: ignore[arg-type]
+                           make_metrics(CollectorRegistry()))
+    group = TagGroup({}, series=[Series({"h": "a"}, {1: [7], 2: [1]}), Series({"h": "b"}, {1: [3.5], 2: [9]})])
+    asc = kairos.parse_query(body(), T0).metrics[0]
+    desc = kairos.parse_query(body(order="desc"), T0).metrics[0]
+    assert service._group_points(asc, group, False) == [(1, 3.5), (1, 7), (2, 1), (2, 9)]
+    assert service._group_points(desc, group, False) == [(2, 9), (2, 1), (1, 7), (1, 3.5)]
 
 
 def test_gaps_marks_every_empty_period_up_to_the_query_end() -> None:
