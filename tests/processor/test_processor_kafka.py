@@ -253,6 +253,7 @@ async def test_dedupe_memory_is_bounded_and_the_newest_keys_come_back(
             assert asyncio.get_running_loop().time() < deadline, "partition never assigned"
             await asyncio.sleep(0.05)
         window = next(iter(processor._parts.values())).window
+        assert window is not None
         assert len(window) == 10  # only the newest keys were read back, not the whole changelog
         # Retries of the newest events are dropped; the oldest were evicted, so they pass again.
         await produce(kafka_bootstrap, settings.raw_topic, events(range(95, 100)) + events(range(5)))

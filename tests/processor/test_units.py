@@ -435,7 +435,7 @@ def test_pipeline_bad_rows(sources_file: Path, value: bytes | None, failure: Fai
                             row["input"]["request_id"]}
     assert row["producer"]["service"] == "processor"
     if row["extra"]["original_format"] == "event_json":
-        assert row["original"] == Envelope.FromString(value).event
+        assert row["original"] == Envelope.FromString(value or b"").event
     else:
         assert row["original"] == (value or b"")
 
