@@ -43,7 +43,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
-from services.bridge.kinesis import Backoff, KinesisClient, ShardInfo, list_shards, ready_shards
+from services.bridge.kinesis import Backoff, KinesisClient, ShardInfo, arrival_ms, list_shards, ready_shards
 from services.bridge.legacy import TRUNCATED_ORIGINAL, BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.metrics import BridgeMetrics
 from services.bridge.settings import Settings
@@ -312,9 +312,8 @@ class Bridge:
         """Step 3.1."""
         batch = Batch()
         for record in records:
-            arrival = record.get("ApproximateArrivalTimestamp")
             at = Position(lease.stream, lease.shard_id, record["SequenceNumber"],
-                          int(arrival.timestamp() * 1000) if arrival is not None else now_ms())
+                          arrival_ms(record.get("ApproximateArrivalTimestamp")) or now_ms())
             data: bytes = record["Data"]
             outcome = self.decoder.decode(data, at)
             if isinstance(outcome, Bridged):

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 else:
     KinesisClient = Any
 
-__all__ = ["Backoff", "KinesisClient", "ShardInfo", "kinesis_client", "list_shards", "ready_shards"]
+__all__ = ["Backoff", "KinesisClient", "ShardInfo", "arrival_ms", "kinesis_client", "list_shards", "ready_shards"]
 
 
 @contextlib.asynccontextmanager
@@ -33,9 +33,26 @@ async def kinesis_client(settings: Settings) -> AsyncIterator[KinesisClient]:
     config = AioConfig(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=5, read_timeout=30,
                        max_pool_connections=64)
     session = get_session()
+    # Timestamps (ApproximateArrivalTimestamp of every record) stay as Kinesis sent them,
+    # epoch seconds: botocore's own parsing into datetimes was a fifth of the bridge's CPU.
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_epoch_seconds)
     async with session.create_client("kinesis", region_name=settings.aws_region,
                                      endpoint_url=settings.aws_endpoint_url, config=config) as client:
         yield client
+
+
+def _epoch_seconds(value: Any) -> float:
+    """Kinesis's JSON protocol sends times as epoch seconds (a number)."""
+    return float(value)
+
+
+def arrival_ms(value: Any) -> int | None:
+    """A record's ApproximateArrivalTimestamp (epoch seconds, or a datetime) in ms."""
+    if value is None:
+        return None
+    if isinstance(value, int | float | str):
+        return int(float(value) * 1000)
+    return int(value.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
