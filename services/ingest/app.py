@@ -16,7 +16,7 @@ from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
 from services.ingest.cdnsettings import add_settings_route
-from services.ingest.connections import ConnectionGuard
+from services.ingest.connections import ConnectionGuard, usable_connections
 from services.ingest.metrics import ConnectionStats, make_metrics
 from services.ingest.publisher import Publisher
 from services.ingest.ratelimit import RateLimiter
@@ -93,7 +93,7 @@ def run_worker(settings: Settings, index: int) -> None:
     """One worker process: serve on the shared port until SIGTERM."""
     configure_logging(settings.service_name, settings.log_level)
 
-    guard = ConnectionGuard(settings.max_connections)
+    guard = ConnectionGuard(usable_connections(settings.max_connections))
 
     async def make(worker: int) -> web.Application:
         return create_app(settings, worker, guard)

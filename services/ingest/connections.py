@@ -4,7 +4,8 @@ Slow clients must not hold ingest: thousands of connections that send part of
 a request and then nothing would keep their file descriptors and memory for
 ever, until real clients are refused. Three bounds, each a setting:
 
-- ``max_connections``: beyond this many open client connections a new one is
+- ``max_connections`` (lowered to fit the file descriptor limit, keeping
+  RESERVED_FDS free): beyond this many open client connections a new one is
   answered ``503`` (JSON, ``Retry-After``, ``Connection: close``) at once,
   without reaching aiohttp, and closed after a short linger that lets the
   client read the answer. Refused connections being answered are capped as
@@ -25,10 +26,14 @@ as before.
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Callable
 from typing import cast
 
 import orjson
+import structlog
+
+log = structlog.get_logger(__name__)
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -43,6 +48,23 @@ def refusal(retry_after_s: int) -> bytes:
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (retry_after_s, len(body), body))
+
+
+# File descriptors kept free of client connections: Kafka, the spool, the
+# registry file, the listening socket, logging.
+RESERVED_FDS = 64
+
+
+def usable_connections(wanted: int) -> int:
+    """``wanted``, lowered to what the process's file descriptor limit leaves once
+    RESERVED_FDS are kept (a cap above the limit would not stop the exhaustion)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted <= soft - RESERVED_FDS:
+        return wanted
+    usable = max(1, soft - RESERVED_FDS)
+    log.warning("max_connections is above what the file descriptor limit allows; lowered",
+                max_connections=wanted, nofile_limit=soft, used=usable)
+    return usable
 
 
 class ConnectionGuard:

@@ -133,3 +133,14 @@ async def test_slow_clients_are_closed_and_capped_while_a_normal_client_gets_200
     finally:
         done.set()
         await asyncio.to_thread(live.stop)
+
+
+def test_the_connection_cap_fits_the_file_descriptor_limit() -> None:
+    import resource
+
+    from services.ingest.connections import RESERVED_FDS, usable_connections
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert usable_connections(10) == 10
+    if soft != resource.RLIM_INFINITY:
+        assert usable_connections(soft * 2) == soft - RESERVED_FDS
