@@ -72,12 +72,13 @@ class TagGroup:
     series: list[Series] = field(default_factory=list)
 
 
-def _tag_groups(metric: kairos.MetricQuery, series: list[Series]) -> list[TagGroup]:
+def tag_groups(metric: kairos.MetricQuery, series: list[Series]) -> list[TagGroup]:
     """KairosDB's tag groups, sorted by tag names and values run together."""
     groups: dict[str, TagGroup] = {}
     names = metric.tag_group.tags if metric.tag_group else ()
     for s in series:
-        matching = {t: s.tags[t] for t in names if t in s.tags}
+        # A series without a grouped tag groups under "" for it, as in KairosDB.
+        matching = {t: s.tags.get(t, "") for t in names}
         key = "".join(k + v for k, v in matching.items())
         group = groups.setdefault(key, TagGroup(matching))
         group.series.append(s)
@@ -229,10 +230,16 @@ class QueryService:
 
         window = aggs.Window(query.start_ms, query.end_ms, self.settings.query_max_rows)
         results = []
-        for tag_group in _tag_groups(metric, series):
+        groups = tag_groups(metric, series)
+        for tag_group in groups or [TagGroup({})]:
             points = self._group_points(metric, tag_group, distinct_first)
-            entries_tail = [groupby.tag_entry(metric.tag_group, tag_group.group)] if metric.tag_group else []
-            entries_tail.append(groupby.TYPE_ENTRY)
+            if not groups:
+                # No series: one empty group without group_by entries (gaps still marks its periods).
+                entries_tail = []
+            elif metric.tag_group:
+                entries_tail = [groupby.tag_entry(metric.tag_group, tag_group.group), groupby.TYPE_ENTRY]
+            else:
+                entries_tail = [groupby.TYPE_ENTRY]
             for entries, group_points in groupby.split(list(metric.groupers), query.start_ms, points):
                 out = group_points
                 for agg in metric.aggregators:

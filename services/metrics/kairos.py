@@ -160,7 +160,8 @@ def _tags(value: Any, where: str) -> dict[str, tuple[str, ...]]:
         items = [values] if isinstance(values, str) else values
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise QueryError(f"{where}.{name} must be a string or a list of strings")
-        out[str(name)] = tuple(items)
+        if items:  # KairosDB ignores a tag with no values
+            out[str(name)] = tuple(items)
     return out
 
 
@@ -227,7 +228,8 @@ def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[
 def parse_aggregator(spec: Any, where: str, tz: ZoneInfo) -> Aggregator:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise QueryError(f"{where} must have a name")
-    name = spec["name"].lower()
+    # Names are case-sensitive in KairosDB ("SUM" is refused); units are not.
+    name = spec["name"]
     if name not in AGGREGATORS:
         raise QueryError(f"{where}: {spec['name']!r} is an invalid aggregator name; use one of "
                          f"{', '.join(AGGREGATORS)}")
@@ -253,7 +255,7 @@ def parse_aggregator(spec: Any, where: str, tz: ZoneInfo) -> Aggregator:
 def _grouper(spec: Any, where: str) -> TagGroupBy | PointGrouper:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise QueryError(f"{where} must have a name")
-    name = spec["name"].lower()
+    name = spec["name"]
     known = {"tag": {"tags"}, "time": {"range_size", "group_count"}, "value": {"range_size"},
              "bin": {"bins"}}
     if name not in known:

@@ -119,6 +119,12 @@ async def test_deletes(api: Any) -> None:
     # The whole metric: points, name and tags gone.
     assert (await api.delete("/api/v1/metric/kx.cpu")).status == 204
     assert (await query(api, {"name": "kx.cpu"}))["results"] == []
+    # gaps over no series at all still marks its periods, in one group without group_by (KairosDB).
+    gaps = await query(api, {"name": "kx.cpu", "aggregators": [
+        {"name": "gaps", "sampling": {"value": 20, "unit": "minutes"}, "align_sampling": False}]},
+        end_absolute=T0 + HOUR)
+    assert gaps["results"] == [{"name": "kx.cpu", "tags": {}, "values": [
+        [T0, None], [T0 + 20 * MIN, None], [T0 + 40 * MIN, None], [T0 + 60 * MIN, None]]}]
     assert "kx.cpu" not in (await (await api.get("/api/v1/metricnames")).json())["results"]
     assert (await api.delete("/api/v1/metric/headwater.events.count")).status == 400
 

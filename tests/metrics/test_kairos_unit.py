@@ -34,6 +34,7 @@ from services.metrics.api import (
     add_kairos_routes,
     gunzip,
     parse_datapoints,
+    tag_groups,
 )
 from services.metrics.errors import QueryError
 from services.metrics.metrics import make_metrics
@@ -79,7 +80,7 @@ def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
     q = kairos.parse_query({"start_relative": {"value": 1, "unit": "MONTHS"}, "metrics": [{"name": "m"}]}, T0)
     assert q.start_ms == T0 - 31 * 86_400_000
     m = kairos.parse_query(body(tags={"a": "x", "b": ["y", "z"]}, group_by=[{"name": "tag", "tags": ["a"]}],
-                                aggregators=[sampled("SUM", 5, "MINUTES")]), T0).metrics[0]
+                                aggregators=[sampled("sum", 5, "MINUTES")]), T0).metrics[0]
     assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
     (a,) = m.aggregators
     assert (a.name, a.sampling.value, a.sampling.unit.name, a.align_sampling) == ("sum", 5, "minutes", True)
@@ -119,6 +120,8 @@ def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
     body(group_by=[{"name": "value"}]), body(group_by=[{"name": "bin", "bins": []}]),
     body(group_by=[{"name": "tag", "tags": []}]), body(group_by=[{"name": "colour"}]), body(group_by=[{}]),
     body(plugins=[{"name": "x"}]),
+    # Names are case-sensitive in KairosDB (units are not).
+    body(aggregators=[sampled("SUM", 1, "hours")]), body(group_by=[{"name": "TAG", "tags": ["a"]}]),
 ])
 def test_parse_query_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(QueryError) as info:
@@ -201,6 +204,14 @@ def test_least_squares_rounds_as_kairosdb_does() -> None:
         (t, 33.99999997019768), (t2, 68.49999997019768)]
     # Points of one time only: no line; KairosDB fails the query, this a 400 when answering.
     assert all(math.isnan(v) for _, v in run({"name": "least_squares"}, points[:3], t, t + HOUR))
+
+
+def test_tag_filters_without_values_are_ignored_and_missing_group_tags_are_empty() -> None:
+    m = kairos.parse_query(body(tags={"host": [], "dc": "east"}), T0).metrics[0]
+    assert m.tags == {"dc": ("east",)}
+    m = kairos.parse_query(body(group_by=[{"name": "tag", "tags": ["host", "nope"]}]), T0).metrics[0]
+    (group,) = tag_groups(m, [Series({"host": "a"})])
+    assert group.group == {"host": "a", "nope": ""}
 
 
 def test_points_of_one_time_merge_in_value_order() -> None:
