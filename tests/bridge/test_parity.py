@@ -47,7 +47,7 @@ async def rollup_total(port: int, start_ms: int, end_ms: int) -> float:
     async with aiohttp.ClientSession() as http, http.post(
             f"http://127.0.0.1:{port}/api/v1/datapoints/query", json=query) as resp:
         body = await resp.json()
-    return sum(v for r in body["queries"][0]["results"] for _, v in r["values"])
+    return float(sum(v for r in body["queries"][0]["results"] for _, v in r["values"]))
 
 
 @pytest.mark.slow
