@@ -9,11 +9,17 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry, write_to_textfile
 
+from services.bridge.errors import CASSANDRA_ERRORS
 from services.bridge.metrics import make_parity_metrics
 from services.bridge.parity import Report, run_parity
 from services.bridge.settings import Settings
 from services.bridge.store import cassandra_store
+from services.common.errors import HeadwaterError
 from services.common.settings import load_settings
+
+
+# What makes a comparison impossible (a server away, a bad answer), as opposed to a bug.
+CANNOT_RUN: tuple[type[Exception], ...] = (OSError, RuntimeError, aiohttp.ClientError, HeadwaterError, *CASSANDRA_ERRORS)
 
 
 def record_gauges(report: Report, registry: CollectorRegistry) -> None:
@@ -37,7 +43,7 @@ async def parity_command(*, source: str, from_ms: int, to_ms: int, as_json: bool
                                       enriched_topic=settings.enriched_topic, threshold=threshold,
                                       scan_limit=settings.parity_scan_limit,
                                       skew_ms=int(settings.max_future_skew_s * 1000), auth=auth)
-    except (OSError, RuntimeError, aiohttp.ClientError) as exc:
+    except CANNOT_RUN as exc:
         print(f"parity could not run: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     if as_json:

@@ -151,3 +151,11 @@ def test_compare_is_exact_per_minute_and_event() -> None:
     assert report.only_headwater == {iso(60_000): ["d"], iso(120_000): ["e"]} and report.only_legacy == {}
     assert report.exceeded and not compare("web", 0, 1, legacy, headwater, None, threshold=1).exceeded
     assert minutes(30_000, 150_000) == [60_000, 120_000]
+
+
+def test_parity_that_cannot_reach_the_metrics_api_exits_2(cassandra_port: int, new_keyspace: Callable[[], str]) -> None:
+    settings = bridge_settings(cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
+                               metrics_url=f"http://127.0.0.1:{free_port()}")
+    done = parity(settings, "--source", "web", "--from", "2026-01-01T00:00", "--to", "2026-01-01T00:05")
+    assert done.returncode == 2, done.stderr
+    assert "parity could not run" in done.stderr and "Traceback" not in done.stderr
