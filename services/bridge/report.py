@@ -17,9 +17,9 @@ from services.bridge.store import cassandra_store
 from services.common.errors import HeadwaterError
 from services.common.settings import load_settings
 
-
 # What makes a comparison impossible (a server away, a bad answer), as opposed to a bug.
-CANNOT_RUN: tuple[type[Exception], ...] = (OSError, RuntimeError, aiohttp.ClientError, HeadwaterError, *CASSANDRA_ERRORS)
+CANNOT_RUN: tuple[type[Exception], ...] = (OSError, RuntimeError, aiohttp.ClientError, HeadwaterError,
+                                           *CASSANDRA_ERRORS)
 
 
 def record_gauges(report: Report, registry: CollectorRegistry) -> None:
