@@ -415,14 +415,18 @@ def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[Exter
             continue
         tag_text = orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode()
         ttl = metric.get("ttl")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL_S):
+        # KairosDB takes a TTL of 0 or below as none (the table's default applies).
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl > MAX_TTL_S):
             errors.append(f"{where}.ttl must be a whole number of seconds, at most {MAX_TTL_S}")
             continue
+        ttl = ttl if ttl and ttl > 0 else None
         points = metric.get("datapoints")
         if points is None and "timestamp" in metric:
             points = [[metric.get("timestamp"), metric.get("value")]]
-        if not isinstance(points, list) or not points:
-            errors.append(f"{where} needs datapoints or a timestamp and value")
+        if points is None:
+            continue  # KairosDB accepts a metric without points, and stores nothing
+        if not isinstance(points, list):
+            errors.append(f"{where}.datapoints must be a list of [timestamp, value]")
             continue
         if len(out) + len(points) > limits.points:
             raise QueryError(f"a write may hold at most {limits.points} data points")
@@ -431,13 +435,15 @@ def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[Exter
                 errors.append(f"{where}.datapoints[{j}] must be [timestamp, value]")
                 continue
             ts, value = point
+            if isinstance(ts, str) and ts.strip().isdecimal():
+                ts = int(ts)  # KairosDB reads a timestamp given as a string of digits
             if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= kairos.MAX_TIME_MS:
                 errors.append(f"{where}.datapoints[{j}].timestamp must be ms since the epoch")
             elif isinstance(value, bool) or not isinstance(value, int | float) or (
                     isinstance(value, float) and not math.isfinite(value)):
                 errors.append(f"{where}.datapoints[{j}].value must be a finite number")
             else:
-                out.append((name, ts, tag_text, float(value), isinstance(value, int), ttl or None))
+                out.append((name, ts, tag_text, float(value), isinstance(value, int), ttl))
             if len(errors) > 100:
                 raise QueryError(*errors, "(more errors not listed)")
     if errors:

@@ -348,6 +348,11 @@ def test_write_format_validation() -> None:
                           {"name": "headwater.events.count", "tags": {"h": "x"}, "datapoints": [[1, 2]]},
                           {"name": "c", "tags": {"h": "x"}, "datapoints": [[1, "v"], [-5, 1]]}])
     assert len(info.value.errors) == 4
+    # As KairosDB: a metric without points stores nothing, a TTL of 0 or below is none, a
+    # timestamp may come as a string of digits.
+    assert parse_datapoints([{"name": "a", "tags": {"h": "x"}},
+                             {"name": "a", "tags": {"h": "x"}, "ttl": -1, "datapoints": [["7", 1]]}]) == [
+        ("a", 7, '{"h":"x"}', 1.0, True, None)]
 
 
 def test_write_format_keeps_to_cassandra_limits_and_the_caps() -> None:
