@@ -372,6 +372,11 @@ class Spool:
             if start < durable:
                 data = await asyncio.to_thread(_read_range, seg, start, durable)
                 scan = scan_frames(data, 0, len(data), base=start)
+                if start + len(data) < durable:
+                    # Shorter than its durable end (cut from outside, a bad disk):
+                    # what is missing is damage too, never a silent loss.
+                    scan.damaged.append((start + len(data), durable))
+                    scan.end = durable
             sent += await self._send_scanned(seg, scan, start, send, batch)
             if scan.damaged:
                 await self._set_aside(seg, scan)
@@ -469,12 +474,10 @@ def _write_and_sync(fd: int, data: bytes) -> None:
 
 
 def _read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of a segment; fewer when the file is shorter."""
     with path.open("rb") as f:
         f.seek(start)
-        data = f.read(end - start)
-    if len(data) != end - start:
-        raise OSError(f"spool segment {path.name} is shorter ({start + len(data)}) than its durable end {end}")
-    return data
+        return f.read(end - start)
 
 
 def _fsync_dir(directory: Path) -> None:

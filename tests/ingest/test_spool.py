@@ -307,3 +307,24 @@ async def test_a_damaged_length_in_front_of_good_frames_is_not_taken_for_a_torn_
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
     assert segment.stat().st_size == size           # nothing cut
+
+
+async def test_a_segment_cut_below_its_durable_end_is_set_aside(tmp_path: Path) -> None:
+    from services.ingest.errors import SpoolDamaged
+
+    spool = Spool(tmp_path, max_bytes=10_000_000)
+    spool.open()
+    await spool.append([rec(i) for i in range(4)])
+    [segment] = tmp_path.glob("seg-*.log")
+    frames, _ = read_frames(segment.read_bytes())
+    with segment.open("r+b") as f:
+        f.truncate(frames[1][0] + 5)              # cut from outside, mid-frame
+    got: list[Record] = []
+
+    async def send(batch: list[Record]) -> None:
+        got.extend(batch)
+
+    with pytest.raises(SpoolDamaged):
+        await spool.drain(send)
+    assert got == [rec(0), rec(1)]
+    assert (tmp_path / "damaged" / segment.name).exists() and spool.is_empty
