@@ -1,4 +1,20 @@
-"""The Segment tracking API over aiohttp."""
+"""The Segment tracking API over aiohttp.
+
+Invariants:
+
+- 200 only once every record of the request is acknowledged by Kafka or
+  fsync'd in the spool (Publisher.publish); bad input is a 4xx JSON answer
+  naming the problem, never a 5xx (503 only for "cannot store now", with
+  Retry-After).
+- No write key leaves in anything built here: events lose their writeKey
+  field (parsing.stamp); bad rows drop it from their original and blank every
+  registered key in it and in their errors; error answers are scrubbed the
+  same way. Metric labels are route templates and fixed reasons.
+- A single event is answered (400/413) and not dead-lettered; a well-formed
+  batch is answered 200 with its rejected events listed and dead-lettered.
+- Pixels always answer the GIF; without a valid write key they are counted
+  only, so anonymous junk can fill neither the DLQ nor the spool.
+"""
 
 from __future__ import annotations
 
