@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from services.bridge.bridge import Bridge
 from services.bridge.kinesis import kinesis_client
-from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
+from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics, make_parity_metrics
 from services.bridge.mirror import Mirror
+from services.bridge.report import ParityWatch
 from services.bridge.settings import Settings
 from services.bridge.store import cassandra_store
 from services.common.errors import ConfigError, DependencyUnavailable
@@ -123,8 +124,17 @@ async def serve_bridge(settings: Settings) -> int:
         health.add_check("cassandra", store.client.ready)
         health.add_check("sources", sources_check)
         health.add_check("bridge", bridge.status)
+        watch = ParityWatch(settings, sources, store, make_parity_metrics(registry))
+
+        async def work(stop: asyncio.Event) -> None:
+            # One fails, both stop (the TaskGroup cancels the other) and the failure is reported.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(bridge.run(stop), name="bridge-run")
+                if settings.parity_interval_s > 0:
+                    group.create_task(watch.run(stop), name="parity-watch")
+
         await _serve_http(stack, settings, settings.http_port, health)
-        return await _until_stopped(bridge.run, "bridge", settings.shutdown_timeout_s)
+        return await _until_stopped(work, "bridge", settings.shutdown_timeout_s)
     return 0
 
 

@@ -70,3 +70,8 @@ class Settings(CommonSettings):
     metrics_password: SecretStr | None = None
     # Records of events.enriched the report scans at most for Headwater's messageIds.
     parity_scan_limit: int = Field(default=2_000_000, ge=1)
+    # The bridge's own comparison for the parity gauges: how often (0 = never), over how
+    # long a span, ending how long ago (events still in the pipeline are not missing).
+    parity_interval_s: float = Field(default=60.0, ge=0)
+    parity_window_s: float = Field(default=900.0, gt=0)
+    parity_lag_s: float = Field(default=300.0, ge=0)

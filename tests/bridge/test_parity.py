@@ -67,7 +67,7 @@ async def test_parity_reports_exactly_the_seeded_gap(
         kafka_bootstrap=kafka_bootstrap, raw_topic=processor.raw_topic, dlq_topic=processor.dlq_topic,
         enriched_topic=processor.enriched_topic, cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
         aws_endpoint_url=kinesis_endpoint, sources_file=sources_file, http_port=free_port(),
-        metrics_url=f"http://127.0.0.1:{metrics_port}")
+        metrics_url=f"http://127.0.0.1:{metrics_port}", parity_interval_s=1, parity_lag_s=0, parity_window_s=600)
     now = int(time.time() * 1000)
     m0 = now - now % 60_000 - 4 * 60_000
     m1, m2 = m0 + 60_000, m0 + 120_000
@@ -117,6 +117,15 @@ async def test_parity_reports_exactly_the_seeded_gap(
         async def counted_extra() -> bool:
             return await rollup_total(metrics_port, m0, m2 + 60_000) == len(docs) + 1
         await eventually(counted_extra, 60, "the rollups to count the Headwater-only event")
+
+        # The bridge's own comparison shows the same on its /metrics.
+        async def bridge_gauges() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{settings.http_port}/metrics") as resp:
+                text = await resp.text()
+            return ('headwater_parity_difference{source="web"} 3.0' in text
+                    and 'headwater_parity_minutes_differing{source="web"} 2.0' in text)
+        await eventually(bridge_gauges, 30, "the bridge's parity gauges to show the gap")
 
         gauge_file = tmp_path / "parity.prom"
         gap = parity(settings, *span, "--json", "--metrics-file", str(gauge_file))
