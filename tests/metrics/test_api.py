@@ -210,3 +210,38 @@ async def test_empty_answer_has_kairosdb_shape(api: TestClient) -> None:
     answer = await query(api, {"start_relative": {"value": 1, "unit": "minutes"},
                                "metrics": [{"name": "nothing.here"}]})
     assert answer == {"queries": [{"sample_size": 0, "results": []}]}
+
+
+async def test_more_aggregators_and_groupers_on_rollup_series(api: TestClient, loaded: tuple[Settings, int]
+                                                              ) -> None:
+    """Signed Up on web counts 1, 2, 3, 4 in minutes 0-3 (one row in minute 0, two in the others)."""
+    _, base = loaded
+    window = {"start_absolute": base, "end_absolute": base + HOUR - 1}
+    series = {"name": "headwater.events.count", "tags": {"source": "web", "event": "Signed Up",
+                                                           "resolution": "1m"}}
+
+    async def values(**extra: Any) -> list[list[Any]]:
+        answer = await query(api, {**window, "metrics": [{**series, **extra}]})
+        return [r["values"] for r in answer["queries"][0]["results"]]
+
+    hour = {"sampling": {"value": 1, "unit": "hours"}}
+    assert await values(aggregators=[{"name": "diff"}]) == [[[base + m * MIN, 1] for m in (1, 2, 3)]]
+    assert await values(aggregators=[{"name": "rate", "unit": "minutes"}]) == [[[base + m * MIN, 1] for m in (1, 2, 3)]]
+    assert await values(aggregators=[{"name": "percentile", "percentile": 0.5, **hour}]) == [[[base, 2.5]]]
+    (dev,) = await values(aggregators=[{"name": "dev", **hour}])
+    assert dev[0][1] == pytest.approx((5 / 3) ** 0.5)
+    assert await values(aggregators=[{"name": "sma", "size": 2}, {"name": "scale", "factor": 2}]) == [
+        [[base + MIN, 3], [base + 2 * MIN, 5], [base + 3 * MIN, 7]]]
+    assert await values(group_by=[{"name": "value", "range_size": 2}]) == [
+        [[base, 1]], [[base + MIN, 2], [base + 2 * MIN, 3]], [[base + 3 * MIN, 4]]]
+    assert await values(group_by=[{"name": "time", "range_size": {"value": 1, "unit": "minutes"},
+                                   "group_count": 2}]) == [
+        [[base, 1], [base + 2 * MIN, 3]], [[base + MIN, 2], [base + 3 * MIN, 4]]]
+    gaps = await query(api, {"start_absolute": base, "end_absolute": base + 5 * MIN, "metrics": [
+        {**series, "aggregators": [{"name": "gaps", "sampling": {"value": 1, "unit": "minutes"}}]}]})
+    assert gaps["queries"][0]["results"][0]["values"] == [[base + m * MIN, m + 1] for m in range(4)] + [
+        [base + 4 * MIN, None], [base + 5 * MIN, None]]
+    # limit: the first two windows; sample_size counts their stored rows (1 + 2).
+    limited = await query(api, {**window, "metrics": [{**series, "limit": 2}]})
+    assert limited["queries"][0]["sample_size"] == 3
+    assert limited["queries"][0]["results"][0]["values"] == [[base, 1], [base + MIN, 2]]
