@@ -555,7 +555,8 @@ async def _write(request: web.Request) -> web.Response:
     settings = service.settings
     limits = _write_limits(settings)
     size = request.content_length
-    if size is not None and size <= settings.write_inline_bytes:
+    # A gzip body of any size may inflate to 16 MiB: it always goes the large way.
+    if size is not None and size <= settings.write_inline_bytes and not _gzipped(request):
         points = parse_datapoints(await _read_json(request), limits)
         await service.external.write(points)
     else:
