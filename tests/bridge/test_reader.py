@@ -22,6 +22,7 @@ from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
 from services.bridge.mirror import Mirror
 from services.bridge.store import Store
 from services.common.cassandra import CassandraClient
+from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import SourceRegistry
 from tests.bridge.helpers import bridge_settings, legacy_record, put_legacy
 from tests.conftest import eventually, read_topic
@@ -114,3 +115,61 @@ async def test_put_records_sends_only_the_refused_records_again(count: int, tmp_
                                        {"stream": "s", "reason": "ProvisionedThroughputExceededException"}) == 3
     assert prometheus.get_sample_value("headwater_mirror_records_total",
                                        {"stream": "s", "outcome": "sent", "reason": ""}) == count
+
+
+async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
+    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str], tmp_path: Path,
+) -> None:
+    stream = await new_stream(2)
+    sources = tmp_path / "sources.json"
+    sources.write_bytes(orjson.dumps({"sources": [
+        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}))
+    raw = await new_topic("raw", partitions=1)
+    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
+                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
+                               aws_endpoint_url=kinesis_endpoint, sources_file=sources, get_records_limit=10)
+    now = int(time.time() * 1000)
+    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"before-{i}", event_ms=now) for i in range(60)])
+    shards = (await kinesis.list_shards(StreamName=stream))["Shards"]
+    await kinesis.merge_shards(StreamName=stream, ShardToMerge=shards[0]["ShardId"],
+                               AdjacentShardToMerge=shards[1]["ShardId"])
+    for _ in range(200):
+        if (await kinesis.describe_stream_summary(StreamName=stream))["StreamDescriptionSummary"][
+                "StreamStatus"] == "ACTIVE":
+            break
+        await asyncio.sleep(0.05)
+    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"after-{i}", event_ms=now) for i in range(40)])
+    [child] = [s["ShardId"] for s in (await kinesis.list_shards(StreamName=stream))["Shards"]
+               if s.get("AdjacentParentShardId")]
+
+    store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
+    await store.migrate(settings.cassandra_replication)
+    await store.prepare()
+    registry = SourceRegistry(sources)
+    registry.load()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    stop = asyncio.Event()
+    records: list[Any] = []
+    try:
+        bridge = Bridge(settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()),
+                        version="test")
+        task = asyncio.create_task(bridge.run(stop))
+
+        async def all_there() -> bool:
+            nonlocal records
+            assert not task.done(), task
+            records = await read_topic(kafka_bootstrap, raw, expected=100, timeout_s=2)
+            return len(records) >= 100
+        await eventually(all_there, 60, "every record of both parents and the child")
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        await producer.stop()
+    envelopes = [Envelope.FromString(r.value) for r in records]
+    assert {e.message_id for e in envelopes} == {f"before-{i}" for i in range(60)} | {f"after-{i}" for i in range(40)}
+    # One partition, so Kafka's order is the bridge's: the child's first record after the parents' last.
+    shard_of = [e.request_id.split(":")[1] for e in envelopes]
+    assert shard_of.index(child) > max(i for i, s in enumerate(shard_of) if s != child)
