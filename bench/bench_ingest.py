@@ -12,6 +12,8 @@ aiokafka producer sending the same records with the same settings.
 With ``--pin`` every server runs pinned to one core (taskset) and wrk to
 another, so the ratios compare handlers on equal CPU rather than how the
 scheduler shared the machine (Kafka is not pinned).
+To see where the time goes, sample the ingest process while wrk runs:
+``py-spy record -p <pid> -d 10 --format raw -o ingest.raw`` (py-spy from PyPI).
 Goals: pinned, ingest /v1/track >= 65% of bare req/s and /v1/batch events/s
 >= 30% of the bare handler's; batched events/s >= 50% of the plain producer's.
 """
