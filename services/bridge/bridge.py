@@ -118,7 +118,9 @@ class Bridge:
         """Until ``stop``: discover, balance, and watch the readers; then release the leases."""
         try:
             while not stop.is_set() and not self._failed.is_set():
-                for stream in bridged_streams(self.registry):
+                streams = bridged_streams(self.registry)
+                await self._let_go(set(streams))
+                for stream in streams:
                     try:
                         await self.balance(stream)
                     except Exception as exc:
@@ -189,6 +191,18 @@ class Bridge:
         log.info("shard lease taken over for balance", stream=stream, shard=row.shard_id, owner_before=victim,
                  checkpoint=lease.checkpoint)
         self._start_reader(lease, next(s for s in ready if s.shard_id == row.shard_id))
+
+    async def _let_go(self, streams: set[str]) -> None:
+        """Stop reading streams no source is bridged from any more (sources.json changed);
+        their leases are released, so a later change back starts from the checkpoints."""
+        for key, reader in list(self.readers.items()):
+            if key[0] not in streams and not reader.lease.lost.is_set():
+                log.info("stream no longer bridged; letting its shard go", stream=key[0], shard=key[1])
+                reader.lease.lost.set()
+                if reader.task is not None:
+                    await asyncio.wait({reader.task}, timeout=self.settings.shutdown_timeout_s)
+                with contextlib.suppress(*CASSANDRA_ERRORS):  # unreleased, it expires by itself
+                    await self.store.release(reader.lease)
 
     async def _renew(self, stream: str) -> None:
         for key, reader in list(self.readers.items()):

@@ -173,3 +173,46 @@ async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
     # One partition, so Kafka's order is the bridge's: the child's first record after the parents' last.
     shard_of = [e.request_id.split(":")[1] for e in envelopes]
     assert shard_of.index(child) > max(i for i, s in enumerate(shard_of) if s != child)
+
+
+async def test_a_stream_no_longer_bridged_is_let_go(
+    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str], tmp_path: Path,
+) -> None:
+    stream = await new_stream(2)
+    sources = tmp_path / "sources.json"
+    bridged = {"sources": [
+        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}
+    sources.write_bytes(orjson.dumps(bridged))
+    raw = await new_topic("raw", partitions=1)
+    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
+                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
+                               aws_endpoint_url=kinesis_endpoint, sources_file=sources)
+    store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
+    await store.migrate(settings.cassandra_replication)
+    await store.prepare()
+    registry = SourceRegistry(sources, reload_interval_s=0.1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    stop = asyncio.Event()
+    try:
+        async with registry.running():
+            bridge = Bridge(settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()),
+                            version="test")
+            task = asyncio.create_task(bridge.run(stop))
+
+            async def held(n: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    assert not task.done(), task
+                    return len(bridge.readers) == n
+                return check
+            await eventually(await held(2), 30, "both shards held")
+            sources.write_bytes(orjson.dumps({"sources": [{"id": "web", "name": "web", "write_key": KEY}]}))
+            await eventually(await held(0), 30, "the shards let go")
+            leases = await store.leases(stream)
+            assert all(row.expires_at_ms == 0 for row in leases.values()) and len(leases) == 2
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    finally:
+        await producer.stop()
