@@ -132,10 +132,10 @@ class QueryService:
         by_key: dict[tuple[str, ...], Series] = {}
         budget = self.settings.query_max_rows
         rows_read = 0
-        events = metric.tags.get("event")
-        one_event = events[0] if events and len(events) == 1 else None
-        for source in sources:
-            rows = await self.store.read_windows(res, source, query.start_ms, query.end_ms, budget, one_event)
+        # Asked events are filtered by the node (a read each); otherwise every row of the source.
+        events: tuple[str | None, ...] = metric.tags.get("event") or (None,)
+        for source, event in [(source, event) for source in sources for event in events]:
+            rows = await self.store.read_windows(res, source, query.start_ms, query.end_ms, budget, event)
             budget -= len(rows)
             for row in rows:
                 base = {"source": source, "type": row.type, "event": row.event, "resolution": res}
