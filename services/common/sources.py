@@ -64,8 +64,10 @@ class Destination(BaseModel):
 class Legacy(BaseModel):
     """How a source runs beside the legacy Kinesis path (services/bridge): ``bridge``
     copies its records from ``stream`` into events.raw, ``mirror`` copies its
-    events.enriched events to ``stream``. One direction per stream, so no record
-    can go round in a loop (SourcesFile refuses a stream named both ways)."""
+    events.enriched events to ``stream``. A source runs one way on a stream (Source
+    refuses both): bridged and mirrored at once, the legacy consumers would get its
+    events twice. Different sources may run different ways on one stream: mirrored
+    records carry a marker the bridge skips, so nothing goes round in a loop."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -92,8 +94,30 @@ class Source(BaseModel):
     # Device clock correction of the event time (proto/topics/events.enriched.md):
     # auto corrects client-side libraries only, correct every event, trust none.
     clock_skew: Literal["auto", "correct", "trust"] = "auto"
-    # Beside the legacy Kinesis path: None = not at all.
-    legacy: Legacy | None = None
+    # Beside the legacy Kinesis path (one object or a list of them): empty = not at all.
+    legacy: tuple[Legacy, ...] = ()
+
+    @field_validator("legacy", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("legacy")
+    @classmethod
+    def _one_way_per_stream(cls, legacy: tuple[Legacy, ...]) -> tuple[Legacy, ...]:
+        streams = [entry.stream for entry in legacy]
+        for stream in set(streams):
+            if streams.count(stream) > 1:
+                raise ValueError(f"the legacy stream {stream!r} is named more than once; a source is "
+                                 "either bridged from a stream or mirrored to it, never both")
+        return legacy
+
+    def legacy_way(self, stream: str) -> str | None:
+        """"bridge", "mirror" or None: how this source runs on that legacy stream."""
+        return next((entry.direction for entry in self.legacy if entry.stream == stream), None)
+
+    def legacy_streams(self, direction: str) -> list[str]:
+        return [entry.stream for entry in self.legacy if entry.direction == direction]
 
 
 class SourcesFile(BaseModel):
@@ -112,14 +136,6 @@ class SourcesFile(BaseModel):
                     raise ValueError(f"two sources share the {attr} {value!r}"
                                      if attr == "id" else "two sources share a write key")
                 seen.add(value)
-        directions: dict[str, set[str]] = {}
-        for s in sources:
-            if s.legacy is not None:
-                directions.setdefault(s.legacy.stream, set()).add(s.legacy.direction)
-        for stream, ways in directions.items():
-            if len(ways) > 1:
-                raise ValueError(f"the legacy stream {stream!r} is both bridged and mirrored; "
-                                 "a record would go round in a loop")
         return sources
 
 
