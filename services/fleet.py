@@ -44,8 +44,8 @@ def legacy_directions(root: Path) -> dict[str, set[str]]:
 
     out: dict[str, set[str]] = {}
     for source in parse_sources((root / "config" / "sources.json").read_bytes()).sources:
-        if source.legacy is not None:
-            out.setdefault(source.legacy.stream, set()).add(source.legacy.direction)
+        for entry in source.legacy:
+            out.setdefault(entry.stream, set()).add(entry.direction)
     return out
 
 

@@ -86,8 +86,7 @@ class Batch:
 
 
 def bridged_streams(registry: SourceRegistry) -> list[str]:
-    return sorted({s.legacy.stream for s in registry.sources() if s.legacy is not None
-                   and s.legacy.direction == "bridge"})
+    return sorted({stream for s in registry.sources() for stream in s.legacy_streams("bridge")})
 
 
 def fair_share(total: int, owners: int) -> int:

@@ -208,7 +208,7 @@ class LegacyDecoder:
         if not source.enabled:
             return self._bad(BadReason.DISABLED_SOURCE, FailureType.SCHEMA_VIOLATION,
                              [f"source {source.id} is disabled"], data, at, doc=doc, source=source)
-        if source.legacy is None or source.legacy.direction != "bridge" or source.legacy.stream != at.stream:
+        if source.legacy_way(at.stream) != "bridge":
             return Skip.NOT_BRIDGED
         return self._bridge(doc, data, at, source)
 
@@ -309,15 +309,16 @@ class NotMirrored(enum.StrEnum):
     UNKNOWN_SOURCE = "unknown_source"
 
 
-def to_legacy(enriched: dict[str, Any], registry: SourceRegistry) -> LegacyRecord | NotMirrored:
-    """An enriched event in the legacy format, for its source's mirror stream.
-    ``appId`` is the source's write key: that is what the legacy consumers read."""
+def to_legacy(enriched: dict[str, Any], registry: SourceRegistry) -> list[LegacyRecord] | NotMirrored:
+    """An enriched event in the legacy format, one record per stream its source is mirrored
+    to. ``appId`` is the source's write key: that is what the legacy consumers read."""
     hw = enriched.get("_hw")
     source_id = hw.get("source_id") if isinstance(hw, dict) else None
     source = registry.by_id(source_id) if isinstance(source_id, str) else None
     if source is None:
         return NotMirrored.UNKNOWN_SOURCE
-    if source.legacy is None or source.legacy.direction != "mirror":
+    streams = source.legacy_streams("mirror")
+    if not streams:
         return NotMirrored.NOT_MIRRORED
     record: dict[str, Any] = {k: enriched[k] for k in LEGACY_FIELDS if k in enriched}
     context = record.get("context")
@@ -328,5 +329,6 @@ def to_legacy(enriched: dict[str, Any], registry: SourceRegistry) -> LegacyRecor
     message_id = str(record.get("messageId") or "")
     partition_key = message_id if 0 < len(message_id) <= MAX_PARTITION_KEY else (
         hashlib.sha256(message_id.encode()).hexdigest() if message_id else source.id)
-    return LegacyRecord(stream=source.legacy.stream, partition_key=partition_key,
-                        data=orjson.dumps(record), source_id=source.id, message_id=message_id)
+    data = orjson.dumps(record)
+    return [LegacyRecord(stream=stream, partition_key=partition_key, data=data, source_id=source.id,
+                         message_id=message_id) for stream in streams]

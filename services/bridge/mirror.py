@@ -123,16 +123,17 @@ class Mirror:
                 batch.bad.append(self._bad_row(record, FailureType.INVALID_JSON,
                                                ["events.enriched value is not a JSON object"], None))
                 continue
-            legacy = to_legacy(doc, self.registry)
-            if isinstance(legacy, NotMirrored):
-                batch.skipped[legacy.value] += 1
+            converted = to_legacy(doc, self.registry)
+            if isinstance(converted, NotMirrored):
+                batch.skipped[converted.value] += 1
                 continue
-            if len(legacy.data) + len(legacy.partition_key.encode()) > MAX_RECORD_BYTES:
-                batch.bad.append(self._bad_row(record, FailureType.SIZE_VIOLATION, [
-                    f"the legacy record is {len(legacy.data)} bytes; Kinesis takes at most {MAX_RECORD_BYTES}"],
-                    legacy))
-                continue
-            batch.by_stream[legacy.stream].append(legacy)
+            for legacy in converted:
+                if len(legacy.data) + len(legacy.partition_key.encode()) > MAX_RECORD_BYTES:
+                    batch.bad.append(self._bad_row(record, FailureType.SIZE_VIOLATION, [
+                        f"the legacy record is {len(legacy.data)} bytes; Kinesis takes at most {MAX_RECORD_BYTES}"],
+                        legacy))
+                else:
+                    batch.by_stream[legacy.stream].append(legacy)
         return batch
 
     def _bad_row(self, record: Any, failure: FailureType, errors: list[str], legacy: LegacyRecord | None) -> BadRow:

@@ -63,7 +63,7 @@ class ParityWatch:
             if stop.is_set():
                 return
             for source in self.registry.sources():
-                if source.legacy is not None and source.legacy.direction == "bridge":
+                if source.legacy_streams("bridge"):
                     await self.compare(source.id)
 
     async def compare(self, source_id: str) -> Report | None:

@@ -167,8 +167,9 @@ def test_the_mirror_writes_the_legacy_format_with_the_marker(registry: SourceReg
                 "timestamp": "2026-01-01T00:00:00.000Z", "context": {"ip": "1.2.3.4", "geo": {"country": "GB"}},
                 "properties": {"revenue": 3},
                 "_hw": {"source_id": "moved", "received_at_ms": 1}}
-    out = to_legacy(enriched, registry)
-    assert isinstance(out, LegacyRecord)
+    converted = to_legacy(enriched, registry)
+    assert isinstance(converted, list) and len(converted) == 1
+    out = converted[0]
     assert (out.stream, out.partition_key) == ("legacy-other", "m-1")
     doc = orjson.loads(out.data)
     assert doc["appId"] == "wk-moved-secret"  # the legacy consumers read the write key here
@@ -179,7 +180,7 @@ def test_the_mirror_writes_the_legacy_format_with_the_marker(registry: SourceReg
     assert to_legacy({**enriched, "_hw": {"source_id": "web"}}, registry) is NotMirrored.NOT_MIRRORED
     assert to_legacy({**enriched, "_hw": {"source_id": "nobody"}}, registry) is NotMirrored.UNKNOWN_SOURCE
     long_id = to_legacy({**enriched, "messageId": "m" * 300}, registry)
-    assert isinstance(long_id, LegacyRecord) and len(long_id.partition_key) == 64
+    assert isinstance(long_id, list) and len(long_id[0].partition_key) == 64
 
 
 def test_put_records_chunks_respect_count_and_size_limits() -> None:
@@ -209,15 +210,35 @@ def test_backoff_grows_to_its_bound_and_resets() -> None:
     assert backoff.next_delay() <= 0.1
 
 
-def test_the_registry_refuses_a_stream_bridged_and_mirrored(tmp_path: Path) -> None:
+def test_the_registry_refuses_a_source_both_bridged_and_mirrored_on_one_stream(tmp_path: Path) -> None:
     path = tmp_path / "sources.json"
     path.write_bytes(orjson.dumps({"sources": [
-        {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "s"}},
-        {"id": "b", "name": "b", "write_key": "kb", "legacy": {"direction": "mirror", "stream": "s"}}]}))
+        {"id": "a", "name": "a", "write_key": "ka", "legacy": [{"direction": "bridge", "stream": "s"},
+                                                               {"direction": "mirror", "stream": "s"}]}]}))
     registry = SourceRegistry(path)
     assert not registry.load()
     ok, detail = registry.status()
-    assert not ok and "both bridged and mirrored" in detail
+    assert not ok and "never both" in detail
+
+
+def test_sources_may_run_different_ways_on_one_stream(tmp_path: Path) -> None:
+    """The marker keeps a mirrored record out of the bridge, so a shared legacy stream can
+    move over source by source."""
+    path = tmp_path / "sources.json"
+    path.write_bytes(orjson.dumps({"sources": [
+        {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "s"}},
+        {"id": "b", "name": "b", "write_key": "kb", "legacy": [{"direction": "mirror", "stream": "s"},
+                                                               {"direction": "bridge", "stream": "old"}]}]}))
+    registry = SourceRegistry(path)
+    assert registry.load()
+    a, b = registry.by_id("a"), registry.by_id("b")
+    assert a is not None and b is not None
+    assert (a.legacy_way("s"), b.legacy_way("s"), b.legacy_way("old"), a.legacy_way("old")) == (
+        "bridge", "mirror", "bridge", None)
+    mirrored = to_legacy({"type": "track", "event": "E", "messageId": "m", "_hw": {"source_id": "b"}}, registry)
+    assert isinstance(mirrored, list) and [r.stream for r in mirrored] == ["s"]
+    decoder = LegacyDecoder(registry, service="t", version="t", max_future_skew_ms=0)
+    assert decoder.decode(mirrored[0].data, Position("s", "x", "1", NOW)) is Skip.MIRRORED
 
 
 @pytest.mark.parametrize("text", ["2026-12-01T07:21:00.123456789Z", "2026-12-01T07:21:00Z", "2026-12-01T07:21:00.1Z",
