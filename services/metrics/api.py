@@ -47,7 +47,6 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TTL_S = 630_720_000
 # Tag names and values accepted by the write API.
 _MAX_TAG_CHARS = 256
-ROLLUP_TAGS = ("source", "type", "event", "resolution", "property")
 
 
 class NeedsWriteAccess(QueryError):
@@ -129,29 +128,36 @@ class QueryService:
         sources = sorted({s for s, t, e, _ in known
                           if (wanted_sources is None or s in wanted_sources)
                           and kairos.matches({"type": t, "event": e}, index_tags)})
-        by_key: dict[tuple[str, ...], Series] = {}
+        by_key: dict[tuple[str, ...], Series | None] = {}
         budget = self.settings.query_max_rows
         rows_read = 0
+        sums = metric.name == kairos.SUM_METRIC
+        counts = metric.name == kairos.COUNT_METRIC
+
+        def series_of(key: tuple[str, ...]) -> Series | None:
+            """The series of a tag set (None when the query's tags exclude it), made once."""
+            if key not in by_key:
+                tags = dict(zip(("source", "type", "event", "resolution", "property"), key, strict=False))
+                by_key[key] = Series(tags) if kairos.matches(tags, metric.tags) else None
+            return by_key[key]
+
         # Asked events are filtered by the node (a read each); otherwise every row of the source.
         events: tuple[str | None, ...] = metric.tags.get("event") or (None,)
         for source, event in [(source, event) for source in sources for event in events]:
             rows = await self.store.read_windows(res, source, query.start_ms, query.end_ms, budget, event)
             budget -= len(rows)
             for row in rows:
-                base = {"source": source, "type": row.type, "event": row.event, "resolution": res}
-                items: list[tuple[dict[str, str], Any]]
-                if metric.name == kairos.SUM_METRIC:
-                    items = [({**base, "property": p}, v) for p, v in row.sums.items()]
+                items: list[tuple[tuple[str, ...], Any]]
+                if sums:
+                    items = [((source, row.type, row.event, res, p), v) for p, v in row.sums.items()]
                 else:
-                    items = [(base, row.count if metric.name == kairos.COUNT_METRIC else row.users)]
-                for tags, value in items:
-                    if not kairos.matches(tags, metric.tags):
-                        continue
-                    key = tuple(tags.get(t, "") for t in ROLLUP_TAGS)
-                    s = by_key.get(key) or by_key.setdefault(key, Series(tags))
-                    s.points.setdefault(row.window_start, []).append(value)
-                    rows_read += 1
-        series = list(by_key.values())
+                    items = [((source, row.type, row.event, res), row.count if counts else row.users)]
+                for key, value in items:
+                    s = series_of(key)
+                    if s is not None:
+                        s.points.setdefault(row.window_start, []).append(value)
+                        rows_read += 1
+        series = [s for s in by_key.values() if s is not None]
         if metric.limit is None:
             return series, rows_read
         # KairosDB reads at most `limit` points of each series; sample_size counts what was read.
