@@ -10,6 +10,11 @@ days ago, or from the last owner of the partition). Two things keep that cheap:
   written, saved in Cassandra before any row beyond it is written. A window
   starting after the horizon was never written, so its row starts empty with
   no read. Live traffic almost always lands there.
+* What this process wrote since it resumed the partition: a window past the horizon
+  it resumed with can only hold rows this process wrote, which are cached or were
+  evicted (and are remembered as evicted, up to a bound). So a row there that is
+  neither was never written, and starts empty with no read: live traffic whose
+  events straddle a few windows costs no read-back.
 * Read-backs are batched: the rows one batch of records needs are read with
   one ``SELECT ... IN`` per Cassandra partition (resolution, source, bucket),
   so an old event costs a share of a round trip, not one of its own.
@@ -28,6 +33,8 @@ from services.metrics.rollup import RESOLUTIONS, RowKey, WindowRow
 # The horizon of a partition whose checkpoint exists but whose horizons do not
 # (written by an older version): read every row.
 ALWAYS_READ = 2**62
+# Evicted rows remembered per partition; past this, every row up to the horizon is read back.
+MAX_EVICTED = 100_000
 
 
 class RowCache:
@@ -35,6 +42,9 @@ class RowCache:
 
     def __init__(self, horizon: dict[str, int], lg_k: int) -> None:
         self.horizon = horizon
+        # Windows past these were written by this process alone (or not at all).
+        self.ours_after = dict(horizon)
+        self.evicted: set[RowKey] = set()
         self.lg_k = lg_k
         self.rows: OrderedDict[RowKey, WindowRow] = OrderedDict()
 
@@ -48,7 +58,8 @@ class RowCache:
         for key in keys:
             if key in self.rows or key in seen:
                 continue
-            if key.window_start > self.horizon[key.resolution]:
+            if key.window_start > self.horizon[key.resolution] or (
+                    key.window_start > self.ours_after[key.resolution] and key not in self.evicted):
                 self.rows[key] = WindowRow(self.lg_k)  # never written: nothing to read
             else:
                 seen.add(key)
@@ -83,7 +94,7 @@ class RowCache:
         closed = [k for k, r in self.rows.items()
                   if not r.dirty and k.window_start + RESOLUTIONS[k.resolution] <= before_ms]
         for key in closed:
-            del self.rows[key]
+            self._drop(key)
 
     def evict_oldest(self, count: int) -> int:
         """Drop up to ``count`` clean rows, least recently used first; returns how many went."""
@@ -92,6 +103,16 @@ class RowCache:
             if dropped >= count:
                 break
             if not self.rows[key].dirty:
-                del self.rows[key]
+                self._drop(key)
                 dropped += 1
         return dropped
+
+    def _drop(self, key: RowKey) -> None:
+        del self.rows[key]
+        if key.window_start > self.ours_after[key.resolution]:
+            if len(self.evicted) >= MAX_EVICTED:
+                # Forget them all: from now on every row up to the horizon is read back.
+                self.ours_after = dict(self.horizon)
+                self.evicted.clear()
+            else:
+                self.evicted.add(key)

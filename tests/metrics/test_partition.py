@@ -98,6 +98,18 @@ def test_the_row_cache_reads_only_windows_at_or_before_the_horizon() -> None:
     assert not cache.rows
 
 
+def test_rows_written_since_the_resume_are_read_back_only_once_evicted() -> None:
+    cache = RowCache({"1m": NOW, "1h": NOW, "1d": NOW}, 12)  # stored rows end at NOW
+    ours = [RowKey("1m", "web", "track", f"E{i}", NOW + 60_000) for i in range(3)]
+    assert cache.missing(ours) == []  # past the horizon: no read
+    cache.horizon["1m"] = NOW + 120_000  # a flush wrote rows up to here
+    cache.evict_oldest(1)  # ours[0] leaves the cache: the store holds it now
+    later = RowKey("1m", "web", "track", "New", NOW + 60_000)
+    # Behind the horizon, but only this process wrote there since it resumed: only the evicted row is read.
+    assert cache.missing([ours[0], ours[1], later]) == [ours[0]]
+    assert later in cache.rows
+
+
 async def test_read_backs_are_batched_per_cassandra_partition() -> None:
     calls: list[tuple[str, tuple[Any, ...]]] = []
 
