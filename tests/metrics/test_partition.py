@@ -164,3 +164,34 @@ def test_fenced_timestamps_order_by_offset_above_every_wall_clock_write(older: i
 def test_a_partition_status_starts_sought() -> None:
     assert state().status is PartitionStatus.SOUGHT
     assert state().moved  # never saved: the first flush writes its checkpoint
+
+
+async def test_a_refused_side_row_is_sent_again() -> None:
+    """Kafka refusing a late row is Kafka's failure: the row is sent again. (The sender has no
+    hold on the consumer's state: its retries cannot ask for a resync of the partitions.)"""
+    import asyncio
+
+    from aiokafka.errors import KafkaTimeoutError
+    from prometheus_client import CollectorRegistry
+
+    from services.metrics.metrics import make_metrics
+    from services.metrics.sidesend import SideSender
+
+    sent: list[tuple[str, bytes]] = []
+
+    class Producer:
+        async def send(self, topic: str, value: bytes, key: bytes | None, headers: object) -> asyncio.Future[None]:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_exception(KafkaTimeoutError())  # the first send is never acknowledged
+            return future
+
+        async def send_and_wait(self, topic: str, value: bytes, key: bytes | None, headers: object) -> None:
+            sent.append((topic, value))
+
+    side = SideSender(Producer(), make_metrics(CollectorRegistry()), late_topic="late", dlq_topic="dlq")  # type: ignore[arg-type]
+    event = parse_event(orjson.dumps(enriched("web", "track", "X", "u1", NOW - 8 * DAY, NOW)))
+    side.late(record(7, b"{}"), event, "max_event_age", "too old", {})
+    assert side.pending == 1
+    await side.settle()
+    assert [topic for topic, _ in sent] == ["late"]
+    assert side.pending == 0
