@@ -61,13 +61,16 @@ class LiveIngest:
                                          stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ingest exited: {self.log_path.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:
                     if resp.status == 200:
                         return self
             except OSError:
                 time.sleep(0.1)
+        self.proc.kill()            # never leave a half-started process behind
+        self.proc.wait()
         raise AssertionError(f"ingest did not start: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> int | None:
