@@ -315,7 +315,7 @@ class Bridge:
 
     async def _finish(self, reader: Reader) -> None:
         lease = reader.lease
-        if await self.store.checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0):
+        if await self._checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0):
             reader.state = ReaderState.FINISHED
             log.info("shard read to its end", stream=lease.stream, shard=lease.shard_id)
         else:
@@ -368,8 +368,10 @@ class Bridge:
                 if self._stop.is_set() or lease.lost.is_set():
                     return False
                 await backoff.wait(self._stop)
-        if not await self.store.checkpoint(lease, batch.last_sequence, finished=False,
+        if not await self._checkpoint(lease, batch.last_sequence, finished=False,
                                            duration_ms=self._duration_ms):
+            if self._stop.is_set() and not lease.lost.is_set():
+                return False  # stopping while Cassandra is away: the next owner reads the batch again
             log.warning("checkpoint refused: the lease is another process's now", stream=lease.stream,
                         shard=lease.shard_id)
             self.metrics.leases_lost.labels(lease.stream).inc()
@@ -378,6 +380,20 @@ class Bridge:
         self.metrics.checkpoints.labels(lease.stream).inc()
         self._count(lease.stream, batch)
         return True
+
+    async def _checkpoint(self, lease: Lease, sequence: str | None, *, finished: bool, duration_ms: int) -> bool:
+        """Step 3.4, tried again while Cassandra is away (the batch is in Kafka already; giving
+        up would only send it once more). False when the lease is gone, or on a stop."""
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        while True:
+            try:
+                return await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
+            except CASSANDRA_ERRORS as exc:
+                log.warning("checkpoint not written; trying again", stream=lease.stream, shard=lease.shard_id,
+                            error=f"{type(exc).__name__}: {exc}")
+                if self._stop.is_set() or lease.lost.is_set():
+                    return False
+                await backoff.wait(self._stop)
 
     async def _send(self, batch: Batch) -> None:
         """Step 3.2: every record sent, then every acknowledgement awaited."""
