@@ -31,9 +31,10 @@ from services.bridge.mirror import Mirror
 from services.bridge.report import ParityWatch
 from services.bridge.settings import Settings
 from services.bridge.store import cassandra_store
+from services.common import topics
 from services.common.errors import ConfigError, DependencyUnavailable
 from services.common.health import Health, add_health_routes
-from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
+from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
 from services.common.runner import exit_on_config_error
 from services.common.settings import load_settings
@@ -45,9 +46,6 @@ try:
     VERSION = metadata.version("headwater")
 except metadata.PackageNotFoundError:  # running from a source tree without an install
     VERSION = "0.0.0"
-
-RAW_RETENTION_MS = str(7 * 86_400_000)
-
 
 @contextlib.asynccontextmanager
 async def kafka_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
@@ -106,9 +104,9 @@ async def serve_bridge(settings: Settings) -> int:
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(sources.running())
-        await ensure_topics(settings.kafka_bootstrap, [
-            TopicSpec(settings.raw_topic, settings.raw_partitions, configs={"retention.ms": RAW_RETENTION_MS}),
-            TopicSpec(settings.dlq_topic, settings.dlq_partitions)])
+        await topics.ensure(settings.kafka_bootstrap, [
+            topics.RAW.spec(settings.raw_topic, settings.raw_partitions),
+            topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)])
         store = await stack.enter_async_context(cassandra_store(settings))
         producer = await stack.enter_async_context(kafka_producer(settings))
         kinesis = await stack.enter_async_context(kinesis_client(settings))
@@ -145,7 +143,7 @@ async def serve_mirror(settings: Settings) -> int:
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(sources.running())
-        await ensure_topics(settings.kafka_bootstrap, [TopicSpec(settings.dlq_topic, settings.dlq_partitions)])
+        await topics.ensure(settings.kafka_bootstrap, [topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)])
         producer = await stack.enter_async_context(kafka_producer(settings))
         kinesis = await stack.enter_async_context(kinesis_client(settings))
         consumer = AIOKafkaConsumer(settings.enriched_topic, bootstrap_servers=settings.kafka_bootstrap,

@@ -16,6 +16,7 @@ import uuid
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.common import topics
 from services.common.settings import CommonSettings
 
 
@@ -30,9 +31,10 @@ class Settings(CommonSettings):
     http_port: int = 8084
     # Kafka side.
     raw_topic: str = "events.raw"
-    raw_partitions: int = Field(default=8, ge=1)
+    # Partitions when the bridge creates a topic (configs: services/common/topics.py).
+    raw_partitions: int = Field(default=topics.RAW.partitions, ge=1)
     dlq_topic: str = "events.dlq"
-    dlq_partitions: int = Field(default=4, ge=1)
+    dlq_partitions: int = Field(default=topics.DLQ.partitions, ge=1)
     enriched_topic: str = "events.enriched"
     # Larger Envelopes are dead-lettered (cut) instead of sent: the broker would refuse them.
     max_raw_bytes: int = Field(default=900 * 1024, ge=1024)

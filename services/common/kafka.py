@@ -84,7 +84,11 @@ async def ensure_topic_configs(bootstrap: str, topic: str, configs: dict[str, st
         current = {entry[0]: entry[1] for entry in entries}
         changed = {k: current.get(k, "") for k, v in configs.items() if current.get(k) != v}
         if changed:
-            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
+            # AlterConfigs replaces the topic's whole set of overrides: send the ones it
+            # has (an operator's, say) with ours, or they would fall back to defaults.
+            overrides = {entry[0]: entry[1] for entry in entries
+                         if _is_topic_override(response.API_VERSION, entry[3])}
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, overrides | configs)])
             log.warning("topic configs changed to what this release needs", **{"kafka.topic": topic},
                         old=changed, new={k: configs[k] for k in changed})
     except KafkaError as exc:
@@ -92,6 +96,18 @@ async def ensure_topic_configs(bootstrap: str, topic: str, configs: dict[str, st
     finally:
         await admin.close()
     return changed
+
+
+# DescribeConfigs v1+: an entry's source; 1 is DYNAMIC_TOPIC_CONFIG, set on this topic.
+_DYNAMIC_TOPIC_CONFIG = 1
+
+
+def _is_topic_override(api_version: int, source_or_default: object) -> bool:
+    """Whether a DescribeConfigs entry is set on the topic itself: v0 answers ``is_default``
+    (a bool), later versions the config's source."""
+    if api_version == 0:
+        return source_or_default is False
+    return source_or_default == _DYNAMIC_TOPIC_CONFIG
 
 
 async def kafka_ready(bootstrap: str) -> tuple[bool, str]:

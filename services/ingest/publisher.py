@@ -12,9 +12,9 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from services.common import topics
 from services.common.badrow import BAD_ROW_SCHEMA
 from services.common.errors import HeadwaterError
-from services.common.kafka import TopicSpec, ensure_topics
 from services.ingest.batcher import KafkaBatcher
 from services.ingest.errors import Overloaded, SpoolDamaged, SpoolFull
 from services.ingest.metrics import IngestMetrics
@@ -84,10 +84,9 @@ class Publisher:
             return True
         s = self.settings
         try:
-            await ensure_topics(s.kafka_bootstrap, [
-                TopicSpec(s.raw_topic, s.raw_partitions,
-                          configs={"retention.ms": str(s.raw_retention_ms)}),
-                TopicSpec(s.dlq_topic, s.dlq_partitions),
+            await topics.ensure(s.kafka_bootstrap, [
+                topics.RAW.spec(s.raw_topic, s.raw_partitions),
+                topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
             ], timeout_ms=int(s.kafka_ack_timeout_s * 5000))
         except (HeadwaterError, KafkaError, OSError) as exc:
             log.warning("kafka not reachable; spooling until it is", error=repr(exc))

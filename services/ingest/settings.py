@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common import topics
 from services.common.settings import CommonSettings
 from services.ingest.parsing import TrustedProxies
 
@@ -22,9 +23,9 @@ class Settings(CommonSettings):
 
     raw_topic: str = "events.raw"
     dlq_topic: str = "events.dlq"
-    raw_partitions: int = Field(default=8, ge=1)
-    dlq_partitions: int = Field(default=2, ge=1)
-    raw_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Partitions when ingest creates a topic (their configs are fixed in services/common/topics.py).
+    raw_partitions: int = Field(default=topics.RAW.partitions, ge=1)
+    dlq_partitions: int = Field(default=topics.DLQ.partitions, ge=1)
 
     # Limits (Segment's own): bytes per event, per request (decoded), events per batch.
     max_event_bytes: int = Field(default=32 * 1024, ge=256)

@@ -13,9 +13,10 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from services.common import topics
 from services.common.cassandra import CassandraClient
 from services.common.health import Health, add_health_routes
-from services.common.kafka import TopicSpec, ensure_topics, kafka_ready
+from services.common.kafka import kafka_ready
 from services.common.sources import SourceRegistry
 from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes
 from services.metrics.consumer import RollupConsumer
@@ -121,10 +122,10 @@ async def build_app(settings: Settings, *, consume: bool = True,
         if consume:
             # One rollup writer per keyspace: a second group or topic would mix its partitions' rows.
             await store.claim(settings.consumer_group, settings.enriched_topic)
-            await ensure_topics(settings.kafka_bootstrap, [
-                TopicSpec(settings.late_topic, settings.late_topic_partitions,
-                          configs={"retention.ms": str(settings.late_topic_retention_ms)}),
-                TopicSpec(settings.dlq_topic, settings.late_topic_partitions),
+            await topics.ensure(settings.kafka_bootstrap, [
+                topics.LATE.spec(settings.late_topic, settings.late_topic_partitions,
+                                 retention_ms=settings.late_topic_retention_ms),
+                topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions),
             ])
             sources = await stack.enter_async_context(
                 SourceRegistry(settings.sources_file, settings.sources_reload_s).running())

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common import topics
 from services.common.settings import CommonSettings
 
 _CQL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -25,8 +26,11 @@ class Settings(CommonSettings):
     enriched_topic: str = "events.enriched"
     dlq_topic: str = "events.dlq"
     late_topic: str = "events.late"
-    late_topic_partitions: int = Field(default=3, ge=1)
-    late_topic_retention_ms: int = Field(default=7 * 86_400_000, ge=60_000)
+    # Partitions when metrics creates a topic, and the retention of events.late (which it
+    # alone writes): defaults from the declarations in services/common/topics.py.
+    late_topic_partitions: int = Field(default=topics.LATE.partitions, ge=1)
+    late_topic_retention_ms: int = Field(default=topics.LATE.retention_ms, ge=60_000)
+    dlq_partitions: int = Field(default=topics.DLQ.partitions, ge=1)
     consumer_group: str = "headwater-metrics"
     max_poll_records: int = Field(default=2000, ge=1)
     poll_timeout_ms: int = Field(default=500, ge=10)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common import topics
 from services.common.settings import CommonSettings
 
 DAY_MS = 24 * 3600 * 1000
@@ -28,13 +29,15 @@ class Settings(CommonSettings):
     dest_topic_prefix: str = "dest."
     # Compacted changelog of the dedupe state; empty: "<group_id>.dedupe-changelog".
     dedupe_topic: str = ""
-    raw_partitions: int = Field(default=8, ge=1)
-    enriched_partitions: int = Field(default=8, ge=1)
-    dlq_partitions: int = Field(default=2, ge=1)
-    dest_partitions: int = Field(default=4, ge=1)
-    enriched_retention_ms: int = 7 * DAY_MS
-    dlq_retention_ms: int = 30 * DAY_MS
-    dest_retention_ms: int = 7 * DAY_MS
+    # Partitions when the processor creates a topic, and the retention of the topics it alone
+    # writes: defaults from the declarations (services/common/topics.py; events.dlq's configs
+    # are fixed there, as several services write it).
+    raw_partitions: int = Field(default=topics.RAW.partitions, ge=1)
+    enriched_partitions: int = Field(default=topics.ENRICHED.partitions, ge=1)
+    dlq_partitions: int = Field(default=topics.DLQ.partitions, ge=1)
+    dest_partitions: int = Field(default=topics.DEST.partitions, ge=1)
+    enriched_retention_ms: int = Field(default=topics.ENRICHED.retention_ms, ge=60_000)
+    dest_retention_ms: int = Field(default=topics.DEST.retention_ms, ge=60_000)
 
     # Consumer group and transactions.
     group_id: str = "headwater-processor"
@@ -57,7 +60,7 @@ class Settings(CommonSettings):
     # Bounded wait for the dedupe changelog to be read back on assignment.
     restore_timeout_s: float = Field(default=60.0, gt=0)
     kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
-    # Producer request ceiling; the DLQ topic is created to take bad rows this large.
+    # Producer request ceiling; events.dlq takes records up to topics.DLQ.max_message_bytes (8 MiB).
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
 
     # Processing.

@@ -1,30 +1,30 @@
-"""The topics the processor reads and writes: events.raw, events.enriched and
-events.dlq ensured at start, the dedupe changelog before it joins the group
-(its partitions must cover events.raw's), dest.<name> the first time a batch
-routes to one (topic creation cannot be part of a transaction)."""
+"""The topics the processor reads and writes, ensured from their declarations
+(services/common/topics.py): events.raw, events.enriched and events.dlq at
+start (events.raw too, which it only reads, so the changelog can be sized from
+it whichever service starts first), the dedupe changelog before it joins the
+group (its partitions must cover events.raw's), dest.<name> the first time a
+batch routes to one (topic creation cannot be part of a transaction)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from services.common import topics
 from services.common.errors import ConfigError, DependencyUnavailable
-from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics
 from services.processor.pipeline import Result
 from services.processor.settings import Settings
 
 
 async def ensure_outputs(settings: Settings) -> None:
-    """events.raw, events.enriched and events.dlq (30-day retention, bad rows up to the request size)."""
+    """events.raw, events.enriched and events.dlq, created or brought up to date."""
     s = settings
-    await ensure_topics(s.kafka_bootstrap, [
-        TopicSpec(s.raw_topic, s.raw_partitions),
-        TopicSpec(s.enriched_topic, s.enriched_partitions, configs={"retention.ms": str(s.enriched_retention_ms)}),
-        TopicSpec(s.dlq_topic, s.dlq_partitions,
-                  configs={"retention.ms": str(s.dlq_retention_ms), "max.message.bytes": str(s.max_request_bytes)}),
+    await topics.ensure(s.kafka_bootstrap, [
+        topics.RAW.spec(s.raw_topic, s.raw_partitions),
+        topics.ENRICHED.spec(s.enriched_topic, s.enriched_partitions, retention_ms=s.enriched_retention_ms),
+        topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
     ])
 
 
@@ -34,11 +34,10 @@ async def ensure_changelog(settings: Settings) -> int:
     s = settings
     partitions = await partition_count(s.kafka_bootstrap, s.raw_topic)
     # Entries older than the window are useless, so retention is the window (plus a margin).
-    configs = {"cleanup.policy": "delete", "retention.ms": str(s.dedupe_window_ms + 3600 * 1000)}
-    await ensure_topics(s.kafka_bootstrap, [TopicSpec(s.dedupe_changelog, partitions, configs=configs)])
     # A changelog made by an older release was compacted, which refuses the keyless
-    # records written now (every transaction would fail): bring it up to date.
-    await _ensure_configs(s.kafka_bootstrap, s.dedupe_changelog, configs)
+    # records written now (every transaction would fail): ensure brings it up to date.
+    await topics.ensure(s.kafka_bootstrap, [topics.DEDUPE_CHANGELOG.spec(
+        s.dedupe_changelog, partitions, retention_ms=s.dedupe_window_ms + 3600 * 1000)])
     changelog_partitions = await partition_count(s.kafka_bootstrap, s.dedupe_changelog)
     if changelog_partitions < partitions:
         raise ConfigError(
@@ -62,8 +61,8 @@ class DestTopics:
                 names.update(r.destinations)
         wanted = {s.dest_topic_prefix + name for name in names} - self._known
         if wanted:
-            await ensure_topics(s.kafka_bootstrap, [
-                TopicSpec(name, s.dest_partitions, configs={"retention.ms": str(s.dest_retention_ms)})
+            await topics.ensure(s.kafka_bootstrap, [
+                topics.DEST.spec(name, s.dest_partitions, retention_ms=s.dest_retention_ms)
                 for name in sorted(wanted)])
             self._known |= wanted
 
@@ -81,16 +80,3 @@ async def partition_count(bootstrap: str, topic: str) -> int:
         raise DependencyUnavailable(f"topic {topic} is not available (error {described['error_code']})")
     return len(described["partitions"])
 
-
-async def _ensure_configs(bootstrap: str, topic: str, configs: dict[str, str], tries: int = 5) -> None:
-    """ensure_topic_configs, given a moment: a topic created a moment ago may not be in
-    the metadata of the broker asked yet (error 3, unknown topic)."""
-    for attempt in range(1, tries + 1):
-        try:
-            await ensure_topic_configs(bootstrap, topic, configs)
-        except DependencyUnavailable:
-            if attempt == tries:
-                raise
-            await asyncio.sleep(0.2 * attempt)
-        else:
-            return
