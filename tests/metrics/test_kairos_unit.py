@@ -23,23 +23,13 @@ from pydantic import SecretStr
 
 from services.metrics import aggregators as aggs
 from services.metrics import groupby, kairos
-from services.metrics.api import (
-    MAX_BODY_BYTES,
-    ROUTES,
-    BodyTooLarge,
-    QueryService,
-    Series,
-    TagGroup,
-    WriteLimits,
-    add_kairos_routes,
-    gunzip,
-    parse_datapoints,
-    tag_groups,
-)
+from services.metrics.api import ROUTES, add_kairos_routes
 from services.metrics.errors import QueryError
 from services.metrics.metrics import make_metrics
 from services.metrics.periods import Unit
+from services.metrics.query import QueryService, Series, TagGroup, tag_groups
 from services.metrics.settings import Settings
+from services.metrics.writes import MAX_BODY_BYTES, BodyTooLarge, WriteLimits, gunzip, parse_datapoints
 
 T0 = 1_795_525_200_000  # 2026-11-24 13:00 UTC
 MIN = 60_000
