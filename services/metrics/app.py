@@ -18,13 +18,15 @@ from services.common.cassandra import CassandraClient
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.sources import SourceRegistry
-from services.metrics.api import MAX_BODY_BYTES, QueryService, add_kairos_routes
+from services.metrics.api import add_kairos_routes
 from services.metrics.consumer import RollupConsumer
 from services.metrics.external import ExternalStore
 from services.metrics.metrics import make_metrics
+from services.metrics.query import QueryService
 from services.metrics.settings import Settings
 from services.metrics.sink import KairosSink
 from services.metrics.store import Store, migrate_schema
+from services.metrics.writes import MAX_BODY_BYTES
 
 log = structlog.get_logger(__name__)
 
