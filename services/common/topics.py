@@ -59,10 +59,14 @@ class Topic:
     def configs(self, retention_ms: int | None = None) -> dict[str, str]:
         """The topic-level configs every writer ensures."""
         if retention_ms is not None and retention_ms != self.retention_ms and self.retention_setting is None:
-            raise ValueError(f"{self.default_name} has several writers: its retention is fixed "
-                             f"at {self.retention_ms} ms in services/common/topics.py")
-        configs = {"cleanup.policy": self.cleanup_policy,
-                   "retention.ms": str(self.retention_ms if retention_ms is None else retention_ms)}
+            raise ValueError(
+                f"{self.default_name} has several writers: its retention is fixed "
+                f"at {self.retention_ms} ms in services/common/topics.py"
+            )
+        configs = {
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": str(self.retention_ms if retention_ms is None else retention_ms),
+        }
         if self.max_message_bytes is not None:
             configs["max.message.bytes"] = str(self.max_message_bytes)
         return configs
@@ -77,41 +81,76 @@ class Topic:
 
 
 RAW = Topic(
-    default_name="events.raw", name_setting="raw_topic", partitions=8, retention_ms=7 * DAY_MS,
-    writers=("ingest", "bridge"), readers=("processor",), doc="events.raw.md")
+    default_name="events.raw",
+    name_setting="raw_topic",
+    partitions=8,
+    retention_ms=7 * DAY_MS,
+    writers=("ingest", "bridge"),
+    readers=("processor",),
+    doc="events.raw.md",
+)
 
 ENRICHED = Topic(
-    default_name="events.enriched", name_setting="enriched_topic", partitions=8, retention_ms=7 * DAY_MS,
+    default_name="events.enriched",
+    name_setting="enriched_topic",
+    partitions=8,
+    retention_ms=7 * DAY_MS,
     retention_setting="HEADWATER_PROCESSOR_ENRICHED_RETENTION_MS",
-    writers=("processor",), readers=("metrics", "mirror", "parity", "sinks"), doc="events.enriched.md")
+    writers=("processor",),
+    readers=("metrics", "mirror", "parity", "sinks"),
+    doc="events.enriched.md",
+)
 
 # Bad rows carry their original: up to 8 MiB (the processor's producer request ceiling,
 # HEADWATER_PROCESSOR_MAX_REQUEST_BYTES) so a large one does not fail a transaction on
 # every retry. 30 days: people read it, and a fix may take a while.
 DLQ = Topic(
-    default_name="events.dlq", name_setting="dlq_topic", partitions=2, retention_ms=30 * DAY_MS,
+    default_name="events.dlq",
+    name_setting="dlq_topic",
+    partitions=2,
+    retention_ms=30 * DAY_MS,
     max_message_bytes=8 * MIB,
-    writers=("ingest", "processor", "metrics", "bridge", "mirror"), readers=("people", "replay tools"),
-    doc="events.dlq.md")
+    writers=("ingest", "processor", "metrics", "bridge", "mirror"),
+    readers=("people", "replay tools"),
+    doc="events.dlq.md",
+)
 
 LATE = Topic(
-    default_name="events.late", name_setting="late_topic", partitions=3, retention_ms=7 * DAY_MS,
+    default_name="events.late",
+    name_setting="late_topic",
+    partitions=3,
+    retention_ms=7 * DAY_MS,
     retention_setting="HEADWATER_METRICS_LATE_TOPIC_RETENTION_MS",
-    writers=("metrics",), readers=("people", "backfills"), doc="events.late.md")
+    writers=("metrics",),
+    readers=("people", "backfills"),
+    doc="events.late.md",
+)
 
 # The name is the prefix setting plus a destination name from sources.json.
 DEST = Topic(
-    default_name="dest.", name_setting="dest_topic_prefix", partitions=4, retention_ms=7 * DAY_MS,
+    default_name="dest.",
+    name_setting="dest_topic_prefix",
+    partitions=4,
+    retention_ms=7 * DAY_MS,
     retention_setting="HEADWATER_PROCESSOR_DEST_RETENTION_MS",
-    writers=("processor",), readers=("destination workers",), doc="dest.md")
+    writers=("processor",),
+    readers=("destination workers",),
+    doc="dest.md",
+)
 
 # "<group id>.dedupe-changelog" unless named; partitions = events.raw's; records have no
 # key, so it must not be compacted; entries older than the dedupe window are useless,
 # so retention is the window plus a margin (the processor passes it).
 DEDUPE_CHANGELOG = Topic(
-    default_name="<group id>.dedupe-changelog", name_setting="dedupe_topic", partitions=RAW.partitions,
-    retention_ms=DAY_MS + 3600 * 1000, retention_setting="HEADWATER_PROCESSOR_DEDUPE_WINDOW_MS (+ 1 h)",
-    writers=("processor",), readers=("processor",), doc="events.enriched.md")
+    default_name="<group id>.dedupe-changelog",
+    name_setting="dedupe_topic",
+    partitions=RAW.partitions,
+    retention_ms=DAY_MS + 3600 * 1000,
+    retention_setting="HEADWATER_PROCESSOR_DEDUPE_WINDOW_MS (+ 1 h)",
+    writers=("processor",),
+    readers=("processor",),
+    doc="events.enriched.md",
+)
 
 ALL: tuple[Topic, ...] = (RAW, ENRICHED, DLQ, LATE, DEST, DEDUPE_CHANGELOG)
 
@@ -125,8 +164,9 @@ async def ensure(bootstrap: str, specs: Iterable[TopicSpec], *, timeout_ms: int 
             await ensure_configs(bootstrap, spec.name, spec.configs, timeout_ms=timeout_ms)
 
 
-async def ensure_configs(bootstrap: str, topic: str, configs: dict[str, str], *, tries: int = 5,
-                         timeout_ms: int = 30_000) -> dict[str, str]:
+async def ensure_configs(
+    bootstrap: str, topic: str, configs: dict[str, str], *, tries: int = 5, timeout_ms: int = 30_000
+) -> dict[str, str]:
     """ensure_topic_configs, given a moment: a topic created a moment ago may not be in
     the metadata of the broker asked yet (error 3, unknown topic). Returns what changed."""
     for attempt in range(1, tries + 1):

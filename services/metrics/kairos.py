@@ -173,7 +173,7 @@ def _choice(value: Any, where: str, options: tuple[str, ...]) -> str:
     return value.lower()
 
 
-def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[str, Any]:
+def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[str, Any]:  # noqa: C901 - a table: one branch per KairosDB aggregator
     """The aggregator's own properties, validated as KairosDB validates them."""
     out: dict[str, Any] = {}
     if name == "dev":

@@ -42,7 +42,7 @@ def _bad_tags(tags: dict[str, Any]) -> str | None:
                  or len(v) > _MAX_TAG_CHARS), None)
 
 
-def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[ExternalRow]:
+def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[ExternalRow]:  # noqa: C901 - one pass over a large body (see docstring)
     """Validate a KairosDB write body into (metric, ts, tags json, value, is_long, ttl) rows.
 
     Long because it is one pass over a body that may hold hundreds of thousands of points, and

@@ -25,16 +25,24 @@ PROTO = Path(__file__).resolve().parents[2] / "proto" / "topics"
 
 # Per service: the topics it ensures -> its (name setting, partitions setting, retention setting).
 WRITERS: dict[type[BaseSettings], dict[topics.Topic, tuple[str, str, str | None]]] = {
-    IngestSettings: {topics.RAW: ("raw_topic", "raw_partitions", None),
-                     topics.DLQ: ("dlq_topic", "dlq_partitions", None)},
-    ProcessorSettings: {topics.RAW: ("raw_topic", "raw_partitions", None),
-                        topics.ENRICHED: ("enriched_topic", "enriched_partitions", "enriched_retention_ms"),
-                        topics.DLQ: ("dlq_topic", "dlq_partitions", None),
-                        topics.DEST: ("dest_topic_prefix", "dest_partitions", "dest_retention_ms")},
-    MetricsSettings: {topics.LATE: ("late_topic", "late_topic_partitions", "late_topic_retention_ms"),
-                      topics.DLQ: ("dlq_topic", "dlq_partitions", None)},
-    BridgeSettings: {topics.RAW: ("raw_topic", "raw_partitions", None),
-                     topics.DLQ: ("dlq_topic", "dlq_partitions", None)},
+    IngestSettings: {
+        topics.RAW: ("raw_topic", "raw_partitions", None),
+        topics.DLQ: ("dlq_topic", "dlq_partitions", None),
+    },
+    ProcessorSettings: {
+        topics.RAW: ("raw_topic", "raw_partitions", None),
+        topics.ENRICHED: ("enriched_topic", "enriched_partitions", "enriched_retention_ms"),
+        topics.DLQ: ("dlq_topic", "dlq_partitions", None),
+        topics.DEST: ("dest_topic_prefix", "dest_partitions", "dest_retention_ms"),
+    },
+    MetricsSettings: {
+        topics.LATE: ("late_topic", "late_topic_partitions", "late_topic_retention_ms"),
+        topics.DLQ: ("dlq_topic", "dlq_partitions", None),
+    },
+    BridgeSettings: {
+        topics.RAW: ("raw_topic", "raw_partitions", None),
+        topics.DLQ: ("dlq_topic", "dlq_partitions", None),
+    },
 }
 
 
@@ -46,8 +54,11 @@ def test_every_topic_is_deleted_by_time_never_compacted() -> None:
 
 
 def test_the_dlq_takes_large_bad_rows_for_30_days() -> None:
-    assert topics.DLQ.configs() == {"cleanup.policy": "delete", "retention.ms": str(30 * topics.DAY_MS),
-                                    "max.message.bytes": str(8 * 1024 * 1024)}
+    assert topics.DLQ.configs() == {
+        "cleanup.policy": "delete",
+        "retention.ms": str(30 * topics.DAY_MS),
+        "max.message.bytes": str(8 * 1024 * 1024),
+    }
     # The processor may send a bad row as large as its producer request: the topic must take it.
     assert ProcessorSettings().max_request_bytes <= (topics.DLQ.max_message_bytes or 0)
 
@@ -79,8 +90,12 @@ def test_every_writer_defaults_to_the_declaration(settings_class: type[BaseSetti
 
 
 def test_every_declared_writer_ensures_the_topic() -> None:
-    services = {IngestSettings: "ingest", ProcessorSettings: "processor", MetricsSettings: "metrics",
-                BridgeSettings: "bridge"}
+    services = {
+        IngestSettings: "ingest",
+        ProcessorSettings: "processor",
+        MetricsSettings: "metrics",
+        BridgeSettings: "bridge",
+    }
     for topic in (topics.RAW, topics.ENRICHED, topics.DLQ, topics.LATE, topics.DEST):
         ensured_by = {services[c] for c, declared in WRITERS.items() if topic in declared}
         # The mirror is the bridge service in its other role; the processor also ensures
@@ -92,8 +107,10 @@ def test_every_declared_writer_ensures_the_topic() -> None:
 
 def _after(marker: str, text: str) -> str:
     """What follows each ``marker`` up to the end of its table row, bullet or paragraph."""
-    spans = [re.split(r"\n\||\n- |\n\n", text[m.end():], maxsplit=1)[0]
-             for m in re.finditer(marker, text, flags=re.IGNORECASE)]
+    spans = [
+        re.split(r"\n\||\n- |\n\n", text[m.end() :], maxsplit=1)[0]
+        for m in re.finditer(marker, text, flags=re.IGNORECASE)
+    ]
     return " ".join(" ".join(spans).split())
 
 
@@ -101,7 +118,7 @@ def _after(marker: str, text: str) -> str:
 def test_the_contract_page_says_what_the_declaration_says(topic: topics.Topic) -> None:
     text = (PROTO / topic.doc).read_text()
     if topic is topics.DEDUPE_CHANGELOG:
-        text = text[text.index("## Dedupe"):]
+        text = text[text.index("## Dedupe") :]
     assert topic.configs_doc() in " ".join(text.split()), topic.doc
     written, read = _after("written by", text), _after("read by", text)
     for writer in topic.writers:
@@ -128,12 +145,20 @@ async def _configs(bootstrap: str, topic: str) -> dict[str, str]:
 
 
 async def test_a_drifted_topic_is_brought_up_to_date(
-        kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]) -> None:
+    kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
+) -> None:
     """A DLQ made as an older ingest made it (compacted by hand, 1 h, 1 MiB), with an
     operator's override beside: ensure sets the declared configs and keeps the override."""
-    drifted = await new_topic("dlq", partitions=1, configs={
-        "cleanup.policy": "compact", "retention.ms": "3600000", "max.message.bytes": "1048588",
-        "segment.ms": "3600000"})
+    drifted = await new_topic(
+        "dlq",
+        partitions=1,
+        configs={
+            "cleanup.policy": "compact",
+            "retention.ms": "3600000",
+            "max.message.bytes": "1048588",
+            "segment.ms": "3600000",
+        },
+    )
     missing = unique_name("test.dlq-new")
     specs = [topics.DLQ.spec(drifted, 2), topics.DLQ.spec(missing, 2)]
 
