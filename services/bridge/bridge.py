@@ -5,21 +5,26 @@ The loop, as the KCL does it:
 1. Every ``discovery_interval_s``: list each bridged stream's shards (new
    shards from a split or merge are found here), read the lease table, renew
    the leases held, and take free or expired leases of shards that are ready
-   (every parent still listed is finished), up to this process's fair share.
+   (every parent still listed is finished), up to this process's fair share;
+   below it with nothing free, take one shard over from the busiest owner.
+   Streams no source is bridged from any more are let go (leases released).
 2. One reader task per held shard: GetRecords from the checkpoint, forward
-   the batch (below), follow NextShardIterator; when Kinesis returns none the
+   the batch (below), follow NextShardIterator, the next GetRecords already
+   in flight while a batch is forwarded; when Kinesis returns no iterator the
    shard is closed and read to its end: it is marked finished, and its
    children become ready at the next discovery.
 3. Forwarding one batch (``_forward``), in this order:
    1. decode every record (legacy.py): an Envelope, a bad row or a skip;
    2. send the Envelopes to events.raw and the bad rows to events.dlq and wait
-      until Kafka acknowledged every one (acks=all, idempotent producer);
-   3. record the parity messageIds (idempotent rows);
+      until Kafka acknowledged every one (acks=all, idempotent producer), and
+   3. meanwhile record the parity messageIds (idempotent rows);
    4. checkpoint the batch's last sequence number, conditional on the lease.
    A crash anywhere before 4 means the batch is read again: at least once
    into events.raw; the processor's messageId dedupe makes it exactly once in
    events.enriched. A checkpoint refused (the lease went to another process)
    stops the reader: the other process goes on from the last checkpoint.
+   Kafka or Cassandra away: the step is tried again with backoff, nothing
+   moves past it.
 
 Throughput errors (five reads or 2 MB per second per shard) and other
 retriable Kinesis errors back off with jitter and try again; an expired
