@@ -523,3 +523,23 @@ def test_compose_turns_auth_on_for_the_api_and_grafana() -> None:
         if s["type"] == "grafana-kairosdb-datasource"]
     assert kairos_source["basicAuth"] is True
     assert kairos_source["secureJsonData"]["basicAuthPassword"] == "${METRICS_API_PASSWORD}"
+
+
+async def test_sketch_reads_get_an_eighth_of_the_row_budget() -> None:
+    limits: list[int] = []
+
+    class Store:
+        async def all_series(self) -> list[tuple[str, str, str, frozenset[str]]]:
+            return [("web", "track", "x", frozenset())]
+
+        async def read_windows(self, res: str, source: str, start: int, end: int, limit: int,
+                               event: str | None = None) -> list[Any]:
+            limits.append(limit)
+            return []
+
+    service = QueryService(Store(), SimpleNamespace(), Settings(query_max_rows=80_000),  # type: ignore[arg-type]
+                           make_metrics(CollectorRegistry()))
+    for name in (kairos.COUNT_METRIC, kairos.USERS_METRIC):
+        await service.run({"start_absolute": T0, "end_absolute": T0 + HOUR, "metrics": [
+            {"name": name, "tags": {"resolution": "1m"}}]}, T0 + HOUR)
+    assert limits == [80_000, 10_000]
