@@ -120,10 +120,15 @@ def compare(source: str, from_ms: int, to_ms: int, legacy: dict[Cell, set[str]],
 
 
 async def legacy_side(store: Store, source: str, from_ms: int, to_ms: int) -> dict[Cell, set[str]]:
+    """One Cassandra partition per minute; read 32 at a time (a day is 1,440 of them)."""
     out: dict[Cell, set[str]] = defaultdict(set)
-    for minute in minutes(from_ms, to_ms):
-        for row in await store.parity_ids(source, minute):
-            out[(minute, row.type, row.event)].add(row.message_id)
+    wanted = minutes(from_ms, to_ms)
+    for start in range(0, len(wanted), 32):
+        chunk = wanted[start:start + 32]
+        for minute, rows in zip(chunk, await asyncio.gather(*(store.parity_ids(source, m) for m in chunk)),
+                                strict=True):
+            for row in rows:
+                out[(minute, row.type, row.event)].add(row.message_id)
     return dict(out)
 
 
