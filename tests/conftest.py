@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from services.common.cassandra import CassandraClient
 from services.common.kafka import TopicSpec, ensure_topics
@@ -67,7 +67,10 @@ def new_topic(kafka_bootstrap: str) -> Callable[..., Awaitable[str]]:
 @pytest.fixture
 def new_group() -> Callable[[str], str]:
     """Factory for consumer group ids no other test uses."""
-    return lambda prefix="g": unique_name(f"test-{prefix}")
+    def make(prefix: str = "g") -> str:
+        return unique_name(f"test-{prefix}")
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -97,14 +100,14 @@ async def new_keyspace(cassandra: CassandraClient) -> AsyncIterator[Callable[[],
 
 
 async def read_topic(bootstrap: str, topic: str, *, expected: int | None = None,
-                     timeout_s: float = 30.0, isolation_level: str = "read_committed") -> list:
+                     timeout_s: float = 30.0, isolation_level: str = "read_committed") -> list[ConsumerRecord]:
     """Read a topic from the start until ``expected`` records arrived or it stays quiet."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
         enable_auto_commit=False, isolation_level=isolation_level,
     )
     await consumer.start()
-    records: list = []
+    records: list[ConsumerRecord] = []
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

@@ -85,7 +85,7 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) ->
 
     dashed = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 "-A..."
     draws = iter([dashed, uuid.UUID(int=7)])
-    monkeypatch.setattr(stack.uuid, "uuid4", lambda: next(draws))
+    monkeypatch.setattr("services.devstack.stack.uuid.uuid4", lambda: next(draws))
     assert stack.kafka_cluster_id() == "AAAAAAAAAAAAAAAAAAAABw"
     monkeypatch.undo()
     assert not any(stack.kafka_cluster_id().startswith("-") for _ in range(2000))

@@ -21,7 +21,7 @@ SERVER_KEY = "server-key"
 DISABLED_KEY = "disabled-key"
 LIMITED_KEY = "limited-key"
 
-SOURCES = {
+SOURCES: dict[str, Any] = {
     "sources": [
         {"id": "web", "name": "Web", "write_key": WEB_KEY,
          "allowed_origins": ["https://shop.example"]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from services.common.badrow import BadRow
 from tests.conftest import read_topic
 from tests.ingest.conftest import DISABLED_KEY, SERVER_KEY, WEB_KEY, IngestClient, basic, decode
 
-SINGLE = [
+SINGLE: list[tuple[str, dict[str, Any]]] = [
     ("track", {"event": "Signed Up"}), ("t", {"event": "Signed Up"}),
     ("identify", {"traits": {"plan": "pro"}}), ("i", {}),
     ("page", {"name": "Home"}), ("p", {}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,8 +19,9 @@ texts = st.text(max_size=300)
 def test_bytes_are_what_protobuf_writes(source_id: str, message_id: str, received_at_ms: int, client_ip: str,
                                         user_agent: str, request_id: str, path: str, schema_version: int,
                                         event: bytes) -> None:
-    fields = {"source_id": source_id, "received_at_ms": received_at_ms, "client_ip": client_ip,
-              "user_agent": user_agent, "request_id": request_id, "path": path, "schema_version": schema_version}
+    fields: dict[str, Any] = {"source_id": source_id, "received_at_ms": received_at_ms, "client_ip": client_ip,
+                              "user_agent": user_agent, "request_id": request_id, "path": path,
+                              "schema_version": schema_version}
     ours = EnvelopeWriter(**fields).encode(message_id, event)
     assert ours == Envelope(**fields, message_id=message_id, event=event).SerializeToString()
     assert Envelope.FromString(ours) == Envelope(**fields, message_id=message_id, event=event)

@@ -6,6 +6,7 @@ import base64
 import gzip
 import json
 import zlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -105,8 +106,8 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
 
 
 def test_stamp_adds_server_fields_and_keeps_client_times() -> None:
-    event = {"type": "track", "event": "E", "userId": "u", "writeKey": "secret",
-             "timestamp": "2026-01-01T00:00:00+00:00", "context": {"ip": "1.2.3.4"}}
+    event: dict[str, Any] = {"type": "track", "event": "E", "userId": "u", "writeKey": "secret",
+                             "timestamp": "2026-01-01T00:00:00+00:00", "context": {"ip": "1.2.3.4"}}
     parsing.stamp(event, received_at="2026-11-24T00:00:00.000Z", client_ip="9.9.9.9",
                   batch_context={"library": {"name": "x"}, "ip": "5.5.5.5"},
                   batch_integrations={"All": False}, batch_sent_at="2026-11-24T00:00:00Z")

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.common.cassandra import CassandraClient
@@ -15,6 +16,8 @@ from services.metrics.app import build_app
 from services.metrics.settings import Settings
 from tests.metrics.conftest import MakeSettings
 from tests.metrics.helpers import checkpoints, end_offsets, enriched, poll, produce
+
+ApiClient = TestClient[web.Request, web.Application]
 
 HOUR = 3_600_000
 MIN = 60_000
@@ -57,13 +60,14 @@ async def api(loaded: tuple[Settings, int]) -> Any:
         yield client
 
 
-async def query(api: TestClient, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+async def query(api: ApiClient, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
     resp = await api.post("/api/v1/datapoints/query", data=orjson.dumps(body))
     assert resp.status == status, await resp.text()
-    return await resp.json()
+    answer: dict[str, Any] = await resp.json()
+    return answer
 
 
-async def test_counts_per_minute_merge_partitions_and_filter_tags(api: TestClient, loaded: tuple[Settings, int]
+async def test_counts_per_minute_merge_partitions_and_filter_tags(api: ApiClient, loaded: tuple[Settings, int]
                                                                  ) -> None:
     _, base = loaded
     answer = await query(api, {"start_absolute": base, "end_absolute": base + HOUR - 1, "metrics": [
@@ -78,7 +82,7 @@ async def test_counts_per_minute_merge_partitions_and_filter_tags(api: TestClien
     assert q["sample_size"] == 7
 
 
-async def test_group_by_and_aggregators(api: TestClient, loaded: tuple[Settings, int]) -> None:
+async def test_group_by_and_aggregators(api: ApiClient, loaded: tuple[Settings, int]) -> None:
     _, base = loaded
     body = {"start_absolute": base, "end_absolute": base + HOUR - 1, "metrics": [{
         "name": "headwater.events.count", "tags": {"resolution": "1m"},
@@ -99,7 +103,7 @@ async def test_group_by_and_aggregators(api: TestClient, loaded: tuple[Settings,
         assert values == [[base, want]], name
 
 
-async def test_distinct_users_union_and_sums(api: TestClient, loaded: tuple[Settings, int]) -> None:
+async def test_distinct_users_union_and_sums(api: ApiClient, loaded: tuple[Settings, int]) -> None:
     _, base = loaded
     window = {"start_absolute": base, "end_absolute": base + HOUR - 1}
     # Per minute: m+1 users; over the hour table: u0..u3 on web plus a9 = 5.
@@ -126,7 +130,7 @@ async def test_distinct_users_union_and_sums(api: TestClient, loaded: tuple[Sett
                    ("srv", "quantity"): [[base, 8.0]]}
 
 
-async def test_relative_times_and_automatic_resolution(api: TestClient, loaded: tuple[Settings, int]) -> None:
+async def test_relative_times_and_automatic_resolution(api: ApiClient, loaded: tuple[Settings, int]) -> None:
     # A start inside a minute: only the 1m windows start in the range, whatever the sampling.
     answer = await query(api, {"start_relative": {"value": 1, "unit": "days"}, "metrics": [{
         "name": "headwater.events.count", "tags": {"source": "srv"},
@@ -145,8 +149,8 @@ async def test_relative_times_and_automatic_resolution(api: TestClient, loaded: 
     assert result["values"] == [[midnight, 4]]
 
 
-async def test_bad_queries_get_kairosdb_errors(api: TestClient) -> None:
-    bad = [
+async def test_bad_queries_get_kairosdb_errors(api: ApiClient) -> None:
+    bad: list[dict[str, Any]] = [
         {"metrics": [{"name": "headwater.events.count"}]},
         {"start_relative": {"value": 1, "unit": "fortnights"}, "metrics": [{"name": "x"}]},
         {"start_absolute": 1, "metrics": {}},
@@ -164,7 +168,7 @@ async def test_bad_queries_get_kairosdb_errors(api: TestClient) -> None:
     assert "errors" in await resp.json()
 
 
-async def test_write_api_metricnames_health_and_version(api: TestClient) -> None:
+async def test_write_api_metricnames_health_and_version(api: ApiClient) -> None:
     now = int(time.time() * 1000)
     body = [{"name": "legacy.cpu", "tags": {"host": "a"}, "datapoints": [[now - 2000, 1], [now - 1000, 3]]},
             {"name": "legacy.cpu", "tags": {"host": "b"}, "timestamp": now - 1500, "value": 2.5}]
@@ -205,14 +209,14 @@ async def test_write_api_metricnames_health_and_version(api: TestClient) -> None
     assert b"headwater_metrics_queries_total" in await (await api.get("/metrics")).read()
 
 
-async def test_empty_answer_has_kairosdb_shape(api: TestClient) -> None:
+async def test_empty_answer_has_kairosdb_shape(api: ApiClient) -> None:
     # KairosDB 1.3.2 leaves groups without points out of a query's results.
     answer = await query(api, {"start_relative": {"value": 1, "unit": "minutes"},
                                "metrics": [{"name": "nothing.here"}]})
     assert answer == {"queries": [{"sample_size": 0, "results": []}]}
 
 
-async def test_more_aggregators_and_groupers_on_rollup_series(api: TestClient, loaded: tuple[Settings, int]
+async def test_more_aggregators_and_groupers_on_rollup_series(api: ApiClient, loaded: tuple[Settings, int]
                                                               ) -> None:
     """Signed Up on web counts 1, 2, 3, 4 in minutes 0-3 (one row in minute 0, two in the others)."""
     _, base = loaded

@@ -68,7 +68,7 @@ async def test_answers_match_kairosdb(api: Any, recording: str) -> None:
     name = "rec.m" + uuid.uuid4().hex[:8]
     resp = await api.post("/api/v1/datapoints", data=orjson.dumps(_substitute(recorded["data"], name)))
     assert resp.status == 204, await resp.text()
-    mismatches = []
+    mismatches: list[tuple[Any, ...]] = []
     for i, case in enumerate(recorded["queries"]):
         resp = await api.post("/api/v1/datapoints/query", data=orjson.dumps(_substitute(case["body"], name)))
         got = _sorted_tags(await resp.json())

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +42,8 @@ from tests.metrics.helpers import (
 )
 from tests.metrics.test_rollups import run_until_caught_up, workload
 
+ApiClient = TestClient[web.Request, web.Application]
+
 MIN = 60_000
 HOUR = 3_600_000
 DAY = 86_400_000
@@ -55,7 +58,7 @@ def sources(path: Path) -> Path:
     return path
 
 
-async def count_query(api: TestClient, start: int, end: int, group: str = "source",
+async def count_query(api: ApiClient, start: int, end: int, group: str = "source",
                       tags: dict[str, list[str]] | None = None) -> dict[str, int]:
     resp = await api.post("/api/v1/datapoints/query", json=count_body(start, end, group, tags))
     assert resp.status == 200, await resp.text()

@@ -121,7 +121,7 @@ async def test_read_backs_are_batched_per_cassandra_partition() -> None:
         return [SimpleNamespace(window_start=ws, type=etype, event=event, count=5, users=None, sums={}, upto=42)]
 
     store = Store(SimpleNamespace(execute=execute), Settings(read_batch_rows=100))  # type: ignore[arg-type]
-    store._ps = {f"get_{r}": f"get {r}" for r in ("1m", "1h", "1d")}  # type: ignore[misc]
+    store._ps = {f"get_{r}": f"get {r}" for r in ("1m", "1h", "1d")}
     # 250 late events' minute rows over two days of one source, and their hour rows.
     keys = [RowKey("1m", "web", "track", f"E{i}", NOW - 2 * DAY + (i % 2) * DAY) for i in range(250)]
     keys += [RowKey("1h", "web", "track", f"E{i}", NOW - 2 * DAY) for i in range(10)]
@@ -188,7 +188,7 @@ async def test_a_refused_side_row_is_sent_again() -> None:
         async def send_and_wait(self, topic: str, value: bytes, key: bytes | None, headers: object) -> None:
             sent.append((topic, value))
 
-    side = SideSender(Producer(), make_metrics(CollectorRegistry()), late_topic="late", dlq_topic="dlq")  # type: ignore[arg-type]
+    side = SideSender(Producer(), make_metrics(CollectorRegistry()), late_topic="late", dlq_topic="dlq")
     event = parse_event(orjson.dumps(enriched("web", "track", "X", "u1", NOW - 8 * DAY, NOW)))
     side.late(record(7, b"{}"), event, "max_event_age", "too old", {})
     assert side.pending == 1

@@ -23,9 +23,9 @@ from tests.metrics.helpers import (
     expected,
     poll,
     produce,
+    start_service,
     stored_windows,
 )
-from tests.metrics.test_kill_replay import start_service
 from tests.metrics.test_rollups import HOUR, workload
 
 

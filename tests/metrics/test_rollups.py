@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 
 import orjson
 import pytest
@@ -19,10 +20,13 @@ from services.common.sources import SourceRegistry
 from services.metrics.app import build_app
 from services.metrics.consumer import RollupConsumer
 from services.metrics.metrics import make_metrics
+from services.metrics.rollup import RowKey, WindowRow
+from services.metrics.settings import Settings
 from services.metrics.store import Store, migrate_schema
 from tests.conftest import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
+    Sent,
     all_rows,
     assert_windows_equal,
     checkpoints,
@@ -56,7 +60,7 @@ def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: f
     return out
 
 
-async def run_until_caught_up(settings, client: CassandraClient, sent, timeout_s: float = 90.0
+async def run_until_caught_up(settings: Settings, client: CassandraClient, sent: list[Sent], timeout_s: float = 90.0
                               ) -> CollectorRegistry:
     registry = CollectorRegistry()
     app = await build_app(settings, registry=registry)
@@ -123,7 +127,7 @@ async def test_a_restart_replays_without_double_counting(
     async def no_commit(self: RollupConsumer, offsets: object) -> None:
         """A process that dies before its checkpoint has not committed to Kafka either."""
 
-    Store.save_checkpoint = save_first_only  # type: ignore[method-assign]
+    Store.save_checkpoint = save_first_only  # type: ignore[method-assign, assignment]
     RollupConsumer._commit = no_commit  # type: ignore[method-assign]
     try:
         # A flush after every poll of at most 100 records: the first checkpoints stay early.
@@ -212,7 +216,7 @@ async def test_a_second_member_takes_partitions_over_without_loss_or_double_coun
         app_b = await build_app(settings, registry=registry_b)
         async with TestClient(TestServer(app_b)):
             # Keep sending until B owns partitions (the group rebalances on A's next heartbeat).
-            second: list = []
+            second: list[Sent] = []
             seed = 6
 
             async def b_consumes() -> bool:
@@ -272,7 +276,7 @@ async def test_a_failure_half_way_through_a_batch_writes_nothing_after_it(
         await store.prepare()
         calls = 0
 
-        async def fail_on_second(self: Store, kpart: int, keys: list) -> list:
+        async def fail_on_second(self: Store, kpart: int, keys: Sequence[RowKey]) -> list[WindowRow]:
             nonlocal calls
             calls += 1
             if calls == 2:

@@ -55,7 +55,7 @@ async def test_rollups_reach_an_external_kairosdb(
                 return out
 
             async def all_counted() -> bool:
-                return sum(latest("headwater.events.count", "1h").values()) == 20
+                return bool(sum(latest("headwater.events.count", "1h").values()) == 20)
 
             await poll(all_counted, 60, "the sink to deliver the hour's counts")
     assert content_types == {"application/gzip"}

@@ -125,7 +125,7 @@ async def test_store_row_writes_leave_no_write_behind_after_a_failure() -> None:
         client = SimpleNamespace(execute=lambda *_: next(pending))
         store = Store(client, Settings(write_concurrency=2, write_batch_rows=1))  # type: ignore[arg-type]
         # A plain statement string: BatchStatement.add binds its values without a server.
-        store._ps = {"put_1m": "INSERT INTO t VALUES (" + ", ".join(["%s"] * 11) + ")"}  # type: ignore[dict-item]
+        store._ps = {"put_1m": "INSERT INTO t VALUES (" + ", ".join(["%s"] * 11) + ")"}
         # One row per batch: each batch is one of the writes above.
         await store.write_rows([(0, RowKey("1m", "s", "t", f"e{i}", T0), WindowRow(12), 1) for i in range(len(aws))])
 
