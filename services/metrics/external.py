@@ -149,9 +149,10 @@ class ExternalStore:
 
     async def read(self, metric: str, start_ms: int, end_ms: int, *, max_rows: int,
                    keep: Callable[[str], bool] = lambda _: True, limit: int | None = None,
-                   descending: bool = False) -> list[ExternalPoint]:
+                   descending: bool = False, done: Callable[[], bool] | None = None) -> list[ExternalPoint]:
         """Points of ``metric`` in [start_ms, end_ms] whose tags ``keep`` accepts, in time order
-        (newest first when ``descending``), at most ``limit`` of them."""
+        (newest first when ``descending``), at most ``limit`` of them; the read also ends as
+        soon as ``done()`` says the caller has all it needs."""
         buckets = await self.buckets(metric, start_ms, end_ms)
         out: list[ExternalPoint] = []
         name = "get_desc" if descending else "get_asc"
@@ -160,7 +161,7 @@ class ExternalStore:
                 for r in rows:
                     if keep(r.tags):
                         out.append(ExternalPoint(int(r.ts), r.tags, float(r.value), bool(r.is_long)))
-                        if limit is not None and len(out) >= limit:
+                        if (limit is not None and len(out) >= limit) or (done is not None and done()):
                             return out
                 if len(out) > max_rows:
                     raise QueryTooLarge(max_rows)
@@ -171,7 +172,11 @@ class ExternalStore:
 
     async def series(self, metric: str) -> list[dict[str, str]]:
         """The tag sets ever written for ``metric`` (until it is deleted)."""
-        return [orjson.loads(r.tags) for r in await self._all("series", (metric,))]
+        return [orjson.loads(text) for text in await self.series_texts(metric)]
+
+    async def series_texts(self, metric: str) -> list[str]:
+        """The same, as the stored tag texts (JSON, sorted keys) the points carry."""
+        return [r.tags for r in await self._all("series", (metric,))]
 
     async def all_series(self, max_rows: int) -> list[tuple[str, dict[str, str]]]:
         """(metric, tags) of every external series, refused past ``max_rows``."""

@@ -158,6 +158,10 @@ class QueryService:
         keep = kairos.tag_matcher(metric.tags, orjson.loads)
         per_series: dict[str, int] = {}
         limit = metric.limit
+        # With a limit the read ends once every matching series (from the series index) has it.
+        matching = ({t for t in await self.external.series_texts(metric.name) if keep(t)}
+                    if limit is not None else set())
+        full: set[str] = set()
 
         def wanted(tags: str) -> bool:
             if not keep(tags):
@@ -166,11 +170,14 @@ class QueryService:
                 return True
             seen = per_series.get(tags, 0)
             per_series[tags] = seen + 1
+            if seen + 1 >= limit:
+                full.add(tags)
             return seen < limit
 
         points = await self.external.read(metric.name, query.start_ms, query.end_ms,
                                           max_rows=self.settings.query_max_rows, keep=wanted,
-                                          descending=metric.order == "desc")
+                                          descending=metric.order == "desc",
+                                          done=(lambda: full >= matching) if matching else None)
         by_tags: dict[str, Series] = {}
         for p in points:
             s = by_tags.get(p.tags) or by_tags.setdefault(p.tags, Series(orjson.loads(p.tags)))

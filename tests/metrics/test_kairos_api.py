@@ -11,6 +11,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from services.metrics import external
+from services.metrics.api import QUERY_SERVICE
 from services.metrics.app import build_app
 from tests.metrics.conftest import MakeSettings
 
@@ -158,3 +160,29 @@ async def test_grafana_request_shapes(api: Any) -> None:
     tags = {"cache_time": 0, "metrics": [{"name": "kx.cpu", "tags": {}}], "start_absolute": 0}
     resp = await api.post("/api/v1/datapoints/query/tags", data=orjson.dumps(tags))
     assert (await resp.json())["queries"][0]["results"][0]["tags"] == {"dc": ["east", "west"], "host": ["a", "b"]}
+
+
+async def test_a_limit_ends_the_read(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read page by page, a limited query stops once each matching series has its points."""
+    monkeypatch.setattr(external, "PAGE_ROWS", 50)
+    store = api.server.app[QUERY_SERVICE].external
+    pages = 0
+    real_pages = store._pages
+
+    async def counted(*args: Any) -> AsyncIterator[list[Any]]:
+        nonlocal pages
+        async for rows in real_pages(*args):
+            pages += 1
+            yield rows
+
+    monkeypatch.setattr(store, "_pages", counted)
+    body = [{"name": "kx.long", "tags": {"host": h}, "datapoints": [[T0 + i, i] for i in range(2000)]} for h in "ab"]
+    assert (await api.post("/api/v1/datapoints", data=orjson.dumps(body))).status == 204
+    q = await query(api, {"name": "kx.long", "limit": 30})
+    assert q["sample_size"] == 60 and len(q["results"][0]["values"]) == 30
+    # The day index, the series index and two pages of 50 points, of the 80 the range holds.
+    assert pages <= 4
+    pages = 0
+    q = await query(api, {"name": "kx.long", "tags": {"host": "b"}, "limit": 30, "order": "desc"})
+    assert [v for _, v in q["results"][0]["values"]][:2] == [1999, 1998]
+    assert pages <= 4
