@@ -268,7 +268,12 @@ class QueryService:
         if not can_write and any(a.name == "save_as" for m in query.metrics for a in m.aggregators):
             raise NeedsWriteAccess("save_as writes a series: send the write credentials")
         saves: list[SaveAs] = []
-        answer = {"queries": [await self._metric(query, m, now, saves) for m in query.metrics]}
+        try:
+            answer = {"queries": [await self._metric(query, m, now, saves) for m in query.metrics]}
+        except OverflowError:
+            # Calendar units on a time near the end of bigint (about 292 million years on).
+            raise QueryError("a time of this query is beyond the calendar (year 9999) for its "
+                             "sampling unit") from None
         rows: list[ExternalRow] = []
         for save in saves:
             tag_text = orjson.dumps(save.tags, option=orjson.OPT_SORT_KEYS).decode()

@@ -25,6 +25,7 @@ from services.metrics import aggregators as aggs
 from services.metrics import groupby, kairos
 from services.metrics.api import ROUTES, add_kairos_routes
 from services.metrics.errors import QueryError
+from services.metrics.external import ExternalPoint
 from services.metrics.metrics import make_metrics
 from services.metrics.periods import Unit
 from services.metrics.query import QueryService, Series, TagGroup, tag_groups
@@ -228,6 +229,21 @@ def test_a_descending_query_puts_later_points_into_the_first_period() -> None:
     # KairosDB's range iterator takes points while they are before the period's end.
     desc = [(T0 + 2 * MIN, 3), (T0 + MIN, 2), (T0, 1)]
     assert run(sampled("sum", 1, "minutes"), desc) == [(T0 + 2 * MIN, 6.0)]
+
+
+async def test_calendar_units_far_in_the_future_are_a_400_not_a_crash() -> None:
+    with pytest.raises(OverflowError):
+        run(sampled("sum", 1, "months"), [(2**62, 1)], 2**62 - 1000, 2**62 + 1000)
+
+    async def read(*_: object, **__: object) -> list[ExternalPoint]:
+        return [ExternalPoint(2**62, '{"h":"a"}', 1.0, True)]
+
+    service = QueryService(SimpleNamespace(), SimpleNamespace(read=read), Settings(),  # type: ignore[arg-type]
+                           make_metrics(CollectorRegistry()))
+    with pytest.raises(QueryError) as info:
+        await service.run({"start_absolute": 2**62 - 1000, "end_absolute": 2**62 + 1000, "metrics": [
+            {"name": "far", "aggregators": [sampled("sum", 1, "months")]}]}, T0)
+    assert "calendar" in info.value.errors[0]
 
 
 def test_calendar_months_and_time_zones() -> None:
