@@ -190,9 +190,8 @@ def end_offsets(sent: list[Sent]) -> dict[int, int]:
     return out
 
 
-async def start_service(settings: Settings, log_path: Path, *, port: int | None = None
-                        ) -> asyncio.subprocess.Process:
-    """The metrics service as its own process, configured from ``settings`` through its environment."""
+def service_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment that configures the metrics service as ``settings`` say, on ``port``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_METRICS_")}
     for name, value in settings.model_dump(exclude={"service_name"}).items():
         if value is None:
@@ -202,9 +201,16 @@ async def start_service(settings: Settings, log_path: Path, *, port: int | None 
         elif hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         env[f"HEADWATER_METRICS_{name.upper()}"] = str(value)
-    env["HEADWATER_METRICS_HTTP_PORT"] = str(port or free_port())
+    env["HEADWATER_METRICS_HTTP_PORT"] = str(port)
+    return env
+
+
+async def start_service(settings: Settings, log_path: Path, *, port: int | None = None
+                        ) -> asyncio.subprocess.Process:
+    """The metrics service as its own process, configured from ``settings`` through its environment."""
     with log_path.open("ab") as log:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics", env=env,
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics",
+                                                    env=service_env(settings, port or free_port()),
                                                     stdout=log, stderr=log, cwd=Path(__file__).parents[2])
 
 

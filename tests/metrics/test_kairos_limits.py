@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,27 +16,13 @@ import aiohttp
 import orjson
 import pytest
 
-from services.metrics.settings import Settings
 from tests.conftest import free_port
 from tests.metrics.conftest import MakeSettings
+from tests.metrics.helpers import service_env
 
 HOUR = 3_600_000
 # Peak resident memory the service may reach over the whole test (measured: 353 MB, 91 MB at start).
 RSS_BOUND_MB = 600
-
-
-def _environment(settings: Settings, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_METRICS_")}
-    for name, value in settings.model_dump(exclude={"service_name"}).items():
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = orjson.dumps(list(value)).decode()
-        elif hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"HEADWATER_METRICS_{name.upper()}"] = str(value)
-    env["HEADWATER_METRICS_HTTP_PORT"] = str(port)
-    return env
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -54,7 +39,7 @@ async def service(metrics_settings: MakeSettings, tmp_path: Path) -> AsyncIterat
     port = free_port()
     log = (tmp_path / "metrics.log").open("ab")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics",
-                                                env=_environment(settings, port), stdout=log, stderr=log,
+                                                env=service_env(settings, port), stdout=log, stderr=log,
                                                 cwd=Path(__file__).parents[2])
     url = f"http://127.0.0.1:{port}"
     try:
