@@ -118,11 +118,18 @@ def _unit(value: Any, where: str) -> str:
     return str(unit)
 
 
+# Durations are counted in 32 bits, as KairosDB's relative times are: periods stay in bigint.
+MAX_DURATION = 2**31 - 1
+
+
 def _duration(value: Any, where: str) -> tuple[int, str]:
     """A KairosDB {value, unit} as (value, unit name)."""
     if not isinstance(value, dict):
         raise QueryError(f"{where} must be an object with value and unit")
-    return _whole(value.get("value"), f"{where}.value"), _unit(value.get("unit"), f"{where}.unit")
+    amount = _whole(value.get("value"), f"{where}.value")
+    if amount > MAX_DURATION:
+        raise QueryError(f"{where}.value must be at most {MAX_DURATION}")
+    return amount, _unit(value.get("unit"), f"{where}.unit")
 
 
 def time_zone(value: Any, where: str = "time_zone") -> ZoneInfo:

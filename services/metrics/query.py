@@ -67,6 +67,8 @@ def tag_groups(metric: kairos.MetricQuery, series: list[Series]) -> list[TagGrou
 
 
 def _json_value(ts: int, value: Any) -> Any:
+    if not -kairos.MAX_TIME_MS <= ts <= kairos.MAX_TIME_MS:
+        raise QueryError(f"a period of this query ends past the last time there is ({kairos.MAX_TIME_MS} ms)")
     if isinstance(value, float):
         if not math.isfinite(value):
             # KairosDB fails such a query too (a 500 there): least_squares over points of one time.
