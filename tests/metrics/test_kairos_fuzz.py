@@ -1,9 +1,11 @@
-"""Generated query bodies, plausible and not, through the parser and the query service over a
-few stored points: every answer is a result or a QueryError (a KairosDB 400), never a crash."""
+"""Generated query and write bodies, plausible and not, through the parser, the query service
+over a few stored points and the write format: every answer is a result or a QueryError (a
+KairosDB 400), never a crash."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +21,7 @@ from services.metrics.metrics import make_metrics
 from services.metrics.periods import UNITS
 from services.metrics.query import QueryService
 from services.metrics.settings import Settings
+from services.metrics.writes import parse_datapoints
 
 T0 = 1_795_525_200_000
 POINTS = [ExternalPoint(T0 + i * 37_000 + (i % 3), orjson.dumps({"h": "ab"[i % 2]}).decode(), float(i % 7) - 2,
@@ -99,3 +102,26 @@ def test_any_query_is_an_answer_or_a_kairosdb_400(query: dict[str, Any]) -> None
         orjson.dumps(answer)  # what the API sends: bigint times, finite numbers
 
     asyncio.run(run())
+
+
+write_metric = mostly(st.fixed_dictionaries(
+    {"name": mostly(st.sampled_from(["w", "headwater.events.count", ""]))},
+    optional={"tags": mostly(st.dictionaries(st.text(max_size=4), mostly(st.text(max_size=4)), max_size=3)),
+              "datapoints": mostly(st.lists(mostly(st.tuples(mostly(st.integers(-1, 2**64)),
+                                                             mostly(st.integers() | st.floats())).map(list)),
+                                            max_size=4)),
+              "timestamp": anything, "value": anything, "ttl": mostly(st.integers(-5, 2**40)),
+              "type": st.sampled_from(["long", "double", "string"])}))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mostly(st.lists(write_metric, max_size=3)))
+def test_any_write_body_is_rows_or_a_kairosdb_400(payload: Any) -> None:
+    try:
+        rows = parse_datapoints(payload)
+    except QueryError as exc:
+        assert exc.errors and all(isinstance(e, str) and e for e in exc.errors)
+        return
+    for name, ts, tags, value, is_long, ttl in rows:
+        assert name and 0 <= ts < 2**63 and orjson.loads(tags) and math.isfinite(value) and isinstance(is_long, bool)
+        assert ttl is None or 0 < ttl <= 630_720_000
