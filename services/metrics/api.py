@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
 
 from services.common.cassandra import CassandraClient
@@ -24,6 +25,8 @@ from services.metrics.errors import QueryError
 from services.metrics.query import NeedsWriteAccess, QueryService
 from services.metrics.settings import Settings
 from services.metrics.writes import MAX_BODY_BYTES, BodyTooLarge, WriteLimits, decode, parse_datapoints
+
+log = structlog.get_logger(__name__)
 
 KAIROS_VERSION = "KairosDB 1.3.2 (headwater 0.1.0)"
 
@@ -245,6 +248,9 @@ async def _guarded(request: web.Request, handler: Handler, settings: Settings) -
         writes = (path, request.method) in request.app[_WRITES]
         ok = _authenticated(request, settings)
         if not ok and (writes or settings.api_auth_reads):
+            # Never the header itself: it may hold a password, right or nearly right.
+            log.warning("request refused", status=401, error="no valid credentials", method=request.method,
+                        path=request.path, remote=request.remote)
             return _unauthorized(["authentication required (HTTP Basic)"])
         request[CAN_WRITE] = ok
     try:

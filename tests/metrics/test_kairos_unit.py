@@ -494,7 +494,8 @@ def _basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pytest.LogCaptureFixture,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     secret = "s3cret-Pa55"
     bad_write = orjson.dumps([{"name": "a", "tags": {}, "datapoints": [[1, 1]]}])
     async with _bare(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret))) as c:
@@ -520,6 +521,10 @@ async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pyte
         assert (await c.get("/api/v1/version", headers=_basic("grafana", secret))).status == 200
         assert (await c.options("/api/v1/version")).status == 200  # preflights carry no credentials
     assert secret not in caplog.text
+    logged = capsys.readouterr()
+    assert "request refused" in logged.out + logged.err + caplog.text
+    assert secret not in logged.out + logged.err
+    assert base64.b64encode(f"grafana:{secret}".encode()).decode() not in logged.out + logged.err + caplog.text
     assert secret not in repr(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret)))
 
 
