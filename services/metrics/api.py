@@ -29,6 +29,8 @@ from services.metrics.writes import MAX_BODY_BYTES, BodyTooLarge, WriteLimits, d
 log = structlog.get_logger(__name__)
 
 KAIROS_VERSION = "KairosDB 1.3.2 (headwater 0.1.0)"
+# How long a large write body may take to arrive, and to wait for its turn.
+LARGE_BODY_READ_S = 60.0
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -101,15 +103,30 @@ async def _write(request: web.Request) -> web.Response:
     # A gzip body of any size may inflate to 16 MiB: it always goes the large way.
     if size is not None and size <= settings.write_inline_bytes and not _gzipped(request):
         points = parse_datapoints(await _read_json(request), limits)
-        await service.external.write(points)
+        if points:
+            await service.external.write(points)
     else:
-        # Large (or unsized) bodies: one at a time, read, decoded and validated in a thread.
-        async with service.large_bodies:
-            raw = await request.read()
+        # Large (or unsized) bodies: one at a time, read, decoded and validated in a thread. A
+        # sender that trickles its body may hold the turn for LARGE_BODY_READ_S at most, and a
+        # request waits at most as long for its turn (503, retry).
+        try:
+            await asyncio.wait_for(service.large_bodies.acquire(), LARGE_BODY_READ_S)
+        except TimeoutError:
+            resp = _errors(["busy with other large writes; retry"], status=503)
+            resp.headers["Retry-After"] = "5"
+            return resp
+        try:
+            try:
+                raw = await asyncio.wait_for(request.read(), LARGE_BODY_READ_S)
+            except TimeoutError:
+                return _errors([f"the body did not arrive within {LARGE_BODY_READ_S:.0f} s"], status=408)
             gzipped = _gzipped(request)
             points = await asyncio.to_thread(lambda: parse_datapoints(decode(raw, gzipped), limits))
             del raw
-            await service.external.write(points)
+            if points:
+                await service.external.write(points)
+        finally:
+            service.large_bodies.release()
     service.metrics.external_points.inc(len(points))
     return web.Response(status=204)
 

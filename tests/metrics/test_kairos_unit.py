@@ -4,6 +4,7 @@ and parser sources (the comments say which rule each one checks)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import gzip
@@ -22,8 +23,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from services.metrics import aggregators as aggs
+from services.metrics import api as api_module
 from services.metrics import groupby, kairos
-from services.metrics.api import ROUTES, add_kairos_routes
+from services.metrics.api import QUERY_SERVICE, ROUTES, add_kairos_routes
 from services.metrics.errors import QueryError
 from services.metrics.external import ExternalPoint
 from services.metrics.metrics import make_metrics
@@ -564,3 +566,23 @@ async def test_sketch_reads_get_an_eighth_of_the_row_budget() -> None:
         await service.run({"start_absolute": T0, "end_absolute": T0 + HOUR, "metrics": [
             {"name": name, "tags": {"resolution": "1m"}}]}, T0 + HOUR)
     assert limits == [80_000, 10_000]
+
+
+async def test_a_trickled_large_body_gives_up_its_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_module, "LARGE_BODY_READ_S", 0.3)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b"[" + b" " * 1000
+        await asyncio.sleep(2)
+        yield b"]"
+
+    async with _bare(Settings()) as c:
+        resp = await c.post("/api/v1/datapoints", data=trickle())
+        assert resp.status == 408 and (await resp.json())["errors"]
+        # While another large body has the turn, the next one is told to come back.
+        service = c.server.app[QUERY_SERVICE]
+        async with service.large_bodies:
+            resp = await c.post("/api/v1/datapoints", data=io.BytesIO(b"[" + b" " * 300_000 + b"]"))
+        assert resp.status == 503 and resp.headers["Retry-After"]
+        resp = await c.post("/api/v1/datapoints", data=io.BytesIO(b"[" + b" " * 300_000 + b"]"))
+        assert resp.status == 204  # an empty list: nothing to store
