@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import importlib.metadata
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +29,16 @@ from services.metrics.writes import MAX_BODY_BYTES, BodyTooLarge, WriteLimits, d
 
 log = structlog.get_logger(__name__)
 
-KAIROS_VERSION = "KairosDB 1.3.2 (headwater 0.1.0)"
+def _kairos_version() -> str:
+    try:
+        ours = importlib.metadata.version("headwater")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "unknown"
+    return f"KairosDB 1.3.2 (headwater {ours})"
+
+
+# What /api/v1/version answers: the KairosDB release whose API this serves, then ours.
+KAIROS_VERSION = _kairos_version()
 # How long a large write body may take to arrive, and to wait for its turn.
 LARGE_BODY_READ_S = 60.0
 
