@@ -580,7 +580,7 @@ async def test_a_trickled_large_body_gives_up_its_turn(monkeypatch: pytest.Monke
         resp = await c.post("/api/v1/datapoints", data=trickle())
         assert resp.status == 408 and (await resp.json())["errors"]
         # While another large body has the turn, the next one is told to come back.
-        service = c.server.app[QUERY_SERVICE]
+        service = c.app[QUERY_SERVICE]
         async with service.large_bodies:
             resp = await c.post("/api/v1/datapoints", data=io.BytesIO(b"[" + b" " * 300_000 + b"]"))
         assert resp.status == 503 and resp.headers["Retry-After"]
