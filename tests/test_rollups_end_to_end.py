@@ -100,8 +100,10 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
                 except aiohttp.ClientError:
                     return False
                 return True
-            await eventually(b_takes_events, 60, "the second ingest process to answer")
-            fleet_helpers.stop([proc_b])
+            try:
+                await eventually(b_takes_events, 60, "the second ingest process to answer")
+            finally:
+                fleet_helpers.stop([proc_b])
 
             # Meanwhile the first process takes live traffic, offline events and an import.
             errors = await asyncio.to_thread(_send_with_sdk, f"http://127.0.0.1:{ports['ingest']}", live, offline)
