@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import eventually, free_port, unique_name
+from tests.helpers import eventually, free_port, unique_name
 
 
 def start(service: str, settings: Mapping[str, object], log: Path) -> subprocess.Popen[bytes]:

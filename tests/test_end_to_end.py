@@ -15,7 +15,7 @@ import pytest
 from segment.analytics.client import Client
 
 from tests import fleet as fleet_helpers
-from tests.conftest import eventually, read_topic, unique_name
+from tests.helpers import eventually, read_topic, unique_name
 
 KEY = "e2e-key"
 

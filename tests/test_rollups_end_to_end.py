@@ -22,7 +22,7 @@ from segment.analytics.client import Client
 
 from services.common.badrow import BadRow
 from tests import fleet as fleet_helpers
-from tests.conftest import eventually, free_port, read_topic
+from tests.helpers import eventually, free_port, read_topic
 from tests.metrics.helpers import count_body, counts
 
 MIN = 60_000

@@ -13,7 +13,7 @@ import pytest
 from services.bridge.kinesis import kinesis_client
 from services.devstack import stack
 from tests.bridge.helpers import AWS_ENV, bridge_settings
-from tests.conftest import unique_name
+from tests.helpers import unique_name
 
 
 @pytest.fixture(scope="session")

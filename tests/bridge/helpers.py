@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from services.bridge.settings import Settings
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 GO_ZERO = "0001-01-01T00:00:00Z"

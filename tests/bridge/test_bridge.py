@@ -21,7 +21,7 @@ from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
 from services.common.proto.envelope_pb2 import Envelope
 from tests.bridge.helpers import bridge_settings, legacy_record, put_legacy, start, stop, wait_ready
-from tests.conftest import eventually, free_port, read_topic
+from tests.helpers import eventually, free_port, read_topic
 from tests.processor.kafka_helpers import make_settings, start_subprocess
 
 WEB_KEY = "legacy-web-write-key"

@@ -16,7 +16,7 @@ from services.common.kafka import TopicSpec, ensure_topics
 from services.common.proto.envelope_pb2 import Envelope
 from services.devstack import stack
 from tests.bridge.helpers import bridge_settings, legacy_record, put_legacy, start, stop, wait_ready
-from tests.conftest import eventually, free_port, read_topic, unique_name
+from tests.helpers import eventually, free_port, read_topic, unique_name
 
 KEY = "outage-web-write-key"
 

@@ -11,7 +11,7 @@ from services.devstack import stack
 from services.devstack.kinesis import kinesis_answers, kinesis_server
 from tests.bridge.conftest import wait_active
 from tests.bridge.helpers import bridge_settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 async def test_up_status_down_up_keeps_streams(stack_settings: stack.StackSettings, kinesis_endpoint: str,

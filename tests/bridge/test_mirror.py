@@ -27,7 +27,7 @@ from services.bridge.mirror import Mirror
 from services.common.badrow import FailureType
 from services.common.sources import SourceRegistry
 from tests.bridge.helpers import bridge_settings, read_stream, start, stop, wait_ready
-from tests.conftest import eventually, free_port
+from tests.helpers import eventually, free_port
 from tests.processor.kafka_helpers import make_settings, start_subprocess
 
 KEY = "mirror-shop-write-key"

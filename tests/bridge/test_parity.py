@@ -22,7 +22,7 @@ from services.bridge.settings import Settings
 from services.bridge.store import ParityEntry, Store
 from services.common.cassandra import CassandraClient
 from tests.bridge.helpers import REPO, bridge_settings, legacy_record, put_legacy, settings_env, start, stop, wait_ready
-from tests.conftest import eventually, free_port
+from tests.helpers import eventually, free_port
 from tests.processor.kafka_helpers import make_settings, start_subprocess
 
 KEY = "parity-web-write-key"

@@ -25,7 +25,7 @@ from services.common.cassandra import CassandraClient
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import SourceRegistry
 from tests.bridge.helpers import bridge_settings, legacy_record, put_legacy
-from tests.conftest import eventually, read_topic
+from tests.helpers import eventually, read_topic
 
 KEY = "reader-web-write-key"
 

@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 
 from services.common.cassandra import CassandraClient, Migration, migrate
 from services.common.kafka import TopicSpec, ensure_topics
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 
 
 async def test_kafka_round_trip(kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]) -> None:

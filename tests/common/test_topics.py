@@ -19,7 +19,7 @@ from services.common.kafka import _is_topic_override
 from services.ingest.settings import Settings as IngestSettings
 from services.metrics.settings import Settings as MetricsSettings
 from services.processor.settings import Settings as ProcessorSettings
-from tests.conftest import unique_name
+from tests.helpers import unique_name
 
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "topics"
 

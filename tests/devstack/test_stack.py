@@ -8,7 +8,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.devstack import stack
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 
 
 def test_status_reports_running_servers(stack_settings: stack.StackSettings) -> None:

@@ -54,7 +54,7 @@ def sources_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def ingest_settings(kafka_bootstrap: str, sources_file: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        from tests.conftest import unique_name
+        from tests.helpers import unique_name
 
         values: dict[str, Any] = {
             "kafka_bootstrap": kafka_bootstrap,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, unique_name
+from tests.helpers import free_port, unique_name
 
 
 @dataclass

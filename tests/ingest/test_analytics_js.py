@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from services.devstack import stack
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.ingest.conftest import IngestClient, decode
 
 BROWSER_DIR = Path(__file__).parent / "browser"

@@ -7,7 +7,7 @@ import gzip
 import json
 
 from services.common.badrow import BadRow
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.ingest.conftest import LIMITED_KEY, SERVER_KEY, WEB_KEY, IngestClient, basic, decode
 
 AUTH = {"Authorization": basic(SERVER_KEY)}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.common.badrow import BadRow
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.ingest.conftest import DISABLED_KEY, SERVER_KEY, WEB_KEY, IngestClient, basic, decode
 
 SINGLE: list[tuple[str, dict[str, Any]]] = [

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from services.devstack import stack
-from tests.conftest import eventually, free_port, read_topic, unique_name
+from tests.helpers import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, IngestClient, basic, decode
 
 AUTH = {"Authorization": basic(SERVER_KEY)}

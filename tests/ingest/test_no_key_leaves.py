@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from services.common.badrow import BadRow
-from tests.conftest import eventually, read_topic
+from tests.helpers import eventually, read_topic
 from tests.ingest.conftest import SERVER_KEY, SOURCES, WEB_KEY, basic, decode
 from tests.ingest.helpers import LiveIngest
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import eventually, free_port, unique_name
+from tests.helpers import eventually, free_port, unique_name
 from tests.ingest.conftest import SERVER_KEY, SOURCES, IngestClient, basic
 from tests.ingest.test_durability import _message_ids, _start_ingest, _wait_healthy
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from segment.analytics.client import Client
 
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.ingest.conftest import SERVER_KEY, IngestClient, decode
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import eventually
+from tests.helpers import eventually
 from tests.ingest.conftest import SERVER_KEY, SOURCES, basic
 from tests.ingest.helpers import LiveIngest
 

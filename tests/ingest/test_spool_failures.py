@@ -28,7 +28,7 @@ import pytest
 from services.devstack import stack
 from services.ingest.envelope import EnvelopeWriter
 from services.ingest.spool import Record, Spool, read_frames
-from tests.conftest import eventually, free_port, read_topic, unique_name
+from tests.helpers import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, IngestClient, basic, decode
 from tests.ingest.test_durability import _message_ids
 

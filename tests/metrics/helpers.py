@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from services.common.cassandra import CassandraClient
 from services.metrics.rollup import union_estimate
 from services.metrics.settings import Settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 RES_MS = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.metrics.conftest import MakeSettings
 from tests.metrics.helpers import service_env
 

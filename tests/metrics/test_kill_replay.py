@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
     assert_windows_equal,

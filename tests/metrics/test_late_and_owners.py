@@ -25,7 +25,7 @@ from services.metrics.app import build_app
 from services.metrics.rollup import RowKey, WindowRow
 from services.metrics.settings import Settings
 from services.metrics.store import Checkpoint, KeyspaceOwned, Store, migrate_schema
-from tests.conftest import free_port, read_topic
+from tests.helpers import free_port, read_topic
 from tests.metrics.conftest import MakeSettings
 from tests.metrics.helpers import (
     assert_windows_equal,

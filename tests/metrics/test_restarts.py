@@ -14,7 +14,7 @@ from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
 from services.common.kafka import TopicSpec, ensure_topics
 from services.devstack import stack
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
     assert_windows_equal,

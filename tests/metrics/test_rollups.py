@@ -23,7 +23,7 @@ from services.metrics.metrics import make_metrics
 from services.metrics.rollup import RowKey, WindowRow
 from services.metrics.settings import Settings
 from services.metrics.store import Store, migrate_schema
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (
     Sent,

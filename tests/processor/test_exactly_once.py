@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from services.processor.settings import Settings
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.processor.conftest import envelope
 from tests.processor.kafka_helpers import (
     free_port,

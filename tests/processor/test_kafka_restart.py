@@ -11,7 +11,7 @@ import orjson
 from services.common.kafka import TopicSpec, ensure_topics
 from services.devstack import stack
 from services.processor.settings import Settings
-from tests.conftest import read_topic, unique_name
+from tests.helpers import read_topic, unique_name
 from tests.processor.kafka_helpers import (
     committed_total,
     free_port,

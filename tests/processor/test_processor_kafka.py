@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from services.common.badrow import BadRow, FailureType
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.processor.conftest import (
     GOOGLEBOT_UA,
     IPHONE_UA,

@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 
 from services.processor import transactions
 from services.processor.worker import Processor
-from tests.conftest import read_topic
+from tests.helpers import read_topic
 from tests.processor.conftest import envelope
 from tests.processor.kafka_helpers import make_settings, produce, running_processor, wait_committed
 from tests.processor.test_dispatch import sample
