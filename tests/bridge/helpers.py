@@ -12,11 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from services.bridge.settings import Settings
-from tests.helpers import eventually
+from tests import fleet
 
 REPO = Path(__file__).resolve().parents[2]
 GO_ZERO = "0001-01-01T00:00:00Z"
@@ -83,15 +82,7 @@ def start(settings: Settings, command: str, log_path: Path) -> subprocess.Popen[
 
 
 async def wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float = 60) -> None:
-    async with aiohttp.ClientSession() as http:
-        async def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-        await eventually(ready, timeout_s, f"{log_path.stem} to be ready")
+    await fleet.wait_ready(log_path.stem, proc, port, log_path, timeout_s)
 
 
 def stop(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
