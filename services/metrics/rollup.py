@@ -146,7 +146,8 @@ def row_keys(event: Event, resolutions: tuple[str, ...] = ALL_RESOLUTIONS) -> li
     return [RowKey(res, source, etype, name, t - t % RESOLUTIONS[res]) for res in resolutions]
 
 
-class AgeRule(NamedTuple):
+@dataclass(frozen=True)
+class AgeRule:
     """Which resolutions an event may still update, decided by its age alone.
 
     The age is ``receivedAt - timestamp``: both travel with the record, so a
@@ -158,6 +159,11 @@ class AgeRule(NamedTuple):
     max_event_age_ms: int
     # Resolution -> its retention in ms: a window older than that is gone from its table.
     retention_ms: dict[str, int]
+    # Worked out once, not per event: an event younger than this is in every resolution.
+    shortest_retention_ms: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shortest_retention_ms", min(self.retention_ms.values()))
 
     def resolutions(self, event: Event) -> tuple[str, ...]:
         """The resolutions the event is rolled into; empty when it is older than the maximum age."""
@@ -167,10 +173,6 @@ class AgeRule(NamedTuple):
         if age <= self.shortest_retention_ms:
             return ALL_RESOLUTIONS  # the common case, without a tuple per event
         return tuple(res for res in RESOLUTIONS if age <= self.retention_ms[res])
-
-    @property
-    def shortest_retention_ms(self) -> int:
-        return min(self.retention_ms.values())
 
 
 def new_sketch(lg_k: int) -> datasketches.hll_sketch:
