@@ -1,13 +1,20 @@
-"""/metrics, /healthz and /readyz for every service."""
+"""/metrics, /healthz and /readyz for every service.
+
+/metrics runs the readiness checks before it answers, so a scrape also
+carries ``headwater_ready`` (1 when /readyz would answer 200) and
+``headwater_ready_check{check}`` (each check's own answer): Prometheus sees a
+service that is up but not ready, which ``up`` alone does not show.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # A readiness check answers (ok, detail); detail explains a "not ready".
@@ -21,6 +28,11 @@ class Health:
     registry: CollectorRegistry
     checks: dict[str, ReadinessCheck] = field(default_factory=dict)
     check_timeout_s: float = 2.0
+    # The checks' last answers (None before the first), exported by _ReadinessCollector.
+    last_checks: dict[str, bool] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry.register(_ReadinessCollector(self))
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
@@ -35,14 +47,36 @@ class Health:
         names = list(self.checks)
         results = await asyncio.gather(*(run(self.checks[n]) for n in names))
         report = {n: {"ok": ok, "detail": detail} for n, (ok, detail) in zip(names, results, strict=True)}
+        self.last_checks = {n: ok for n, (ok, _) in zip(names, results, strict=True)}
         return all(ok for ok, _ in results), report
+
+
+class _ReadinessCollector:
+    """The last readiness answer as gauges; nothing before the first check ran."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[Metric]:
+        last = self._health.last_checks
+        if last is None:
+            return
+        yield GaugeMetricFamily("headwater_ready", "1 when every readiness check passes (/readyz answers 200)",
+                                value=1 if all(last.values()) else 0)
+        checks = GaugeMetricFamily("headwater_ready_check", "Each readiness check: 1 passes, 0 fails",
+                                   labels=["check"])
+        for name, ok in sorted(last.items()):
+            checks.add_metric([name], 1 if ok else 0)
+        yield checks
 
 
 HEALTH_KEY = web.AppKey("health", Health)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[HEALTH_KEY].registry)
+    health = request.app[HEALTH_KEY]
+    await health.readiness()  # the scrape carries a fresh headwater_ready
+    body = generate_latest(health.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -9,7 +9,7 @@ Invariants:
 - No write key leaves in anything built here: events lose their writeKey
   field (parsing.stamp); bad rows drop it from their original and blank every
   registered key in it and in their errors; error answers are scrubbed the
-  same way. Metric labels are route templates and fixed reasons.
+  same way. Metric labels are route templates, fixed reasons and source ids.
 - A single event is answered (400/413) and not dead-lettered; a well-formed
   batch is answered 200 with its rejected events listed and dead-lettered.
 - Pixels always answer the GIF; without a valid write key they are counted
@@ -269,8 +269,8 @@ def _unavailable(ing: Ingest, exc: SpoolFull | Overloaded) -> RequestError:
     return err
 
 
-def _observe(ing: Ingest, path: str, status: int, started: float) -> None:
-    ing.metrics.requests.observe(path, status, time.perf_counter() - started)
+def _observe(ing: Ingest, path: str, status: int, started: float, source: Source | None) -> None:
+    ing.metrics.requests.observe(path, status, time.perf_counter() - started, source.id if source else "")
 
 
 def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:  # noqa: C901 - one request's steps and error answers in order
@@ -359,7 +359,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                 response.force_close()
             if exc.status >= 500:
                 log.warning("request refused", status=exc.status, error=reason, request_id=request_id)
-        _observe(ing, path, response.status, started)
+        _observe(ing, path, response.status, started, source)
         return response
 
     return handle
@@ -428,7 +428,7 @@ async def handle_pixel(request: web.Request) -> web.Response:
         ing.metrics.bad_pixels.labels(reason).inc()
         if source is not None and reason not in PIXEL_COUNT_ONLY:
             await _dead_letter_pixel(ing, source, path, query, exc, reason, request_id)
-    _observe(ing, "/v1/pixel/{type}", 200, started)
+    _observe(ing, "/v1/pixel/{type}", 200, started, source)
     return web.Response(body=PIXEL_GIF, content_type="image/gif",
                         headers={"Cache-Control": "no-cache, no-store, must-revalidate"})
 

@@ -21,29 +21,30 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 
 
 class RequestStats:
-    """Requests by route and status, and their latency by route.
+    """Requests by route, status and source, and their latency by route.
 
     Every request lands here, so the hot path only bumps plain numbers (no
     label lookup, no lock: a worker is one thread); Prometheus reads them at
     scrape time as ``headwater_ingest_requests_total`` and the histogram
-    ``headwater_ingest_request_seconds``.
+    ``headwater_ingest_request_seconds``. ``source`` is the registry's source
+    id (never a write key), empty when the request named no valid source.
     """
 
     def __init__(self, buckets: tuple[float, ...] = REQUEST_BUCKETS) -> None:
-        self._counts: dict[tuple[str, int], int] = {}
+        self._counts: dict[tuple[str, int, str], int] = {}
         self.latency = PlainHistogram("headwater_ingest_request_seconds", "Request handling time by route",
                                       buckets, ["path"])
 
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        key = (path, status)
+    def observe(self, path: str, status: int, seconds: float, source: str = "") -> None:
+        key = (path, status, source)
         self._counts[key] = self._counts.get(key, 0) + 1
         self.latency.observe(seconds, path)
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("headwater_ingest_requests", "HTTP requests by route and status",
-                                       labels=["path", "status"])
-        for (path, status), n in sorted(self._counts.items()):
-            requests.add_metric([path, str(status)], n)
+        requests = CounterMetricFamily("headwater_ingest_requests", "HTTP requests by route, status and source",
+                                       labels=["path", "status", "source"])
+        for (path, status, source), n in sorted(self._counts.items()):
+            requests.add_metric([path, str(status), source], n)
         yield requests
         yield from self.latency.collect()
 
@@ -97,6 +98,7 @@ class IngestMetrics:
     kafka_ack_seconds: Histogram
     spool_events: Gauge
     spool_bytes: Gauge
+    spool_max_bytes: Gauge
     spooling: Gauge
     spool_damaged_segments: Gauge
     spooled_after_timeout: Counter
@@ -121,6 +123,9 @@ def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
                            registry=registry),
         spool_bytes=Gauge("headwater_ingest_spool_bytes", "Bytes in the local spool, not yet in Kafka",
                           registry=registry),
+        spool_max_bytes=Gauge("headwater_ingest_spool_max_bytes",
+                              "The spool's size limit (spool_max_bytes); at it, new events get 503",
+                              registry=registry),
         spooling=Gauge("headwater_ingest_spooling", "1 while new events go to the spool instead of Kafka",
                        registry=registry),
         spool_damaged_segments=Gauge(

@@ -235,4 +235,5 @@ class Publisher:
         self.metrics.spool_damaged_segments.set(len(self.spool.damaged))
         self.metrics.spool_events.set(self.spool.pending_events)
         self.metrics.spool_bytes.set(self.spool.pending_bytes)
+        self.metrics.spool_max_bytes.set(self.spool.max_bytes)
         self.metrics.spooling.set(1 if self.spooling else 0)

@@ -41,8 +41,10 @@ def make_metrics(registry: CollectorRegistry) -> Metrics:
         events_in=Counter("headwater_processor_events_in", "Records read from events.raw.", registry=registry),
         events_out=Counter("headwater_processor_events_out", "Records written, by kind (enriched, dest).",
                            ["kind"], registry=registry),
-        events_dlq=Counter("headwater_processor_events_dlq", "Bad rows written to events.dlq, by failure type.",
-                           ["reason"], registry=registry),
+        # source: the registry's source id, "" when the record named none (an undecodable envelope).
+        events_dlq=Counter("headwater_processor_events_dlq",
+                           "Bad rows written to events.dlq, by failure type and source.",
+                           ["reason", "source"], registry=registry),
         duplicates=Counter("headwater_processor_events_duplicate",
                            "Events dropped as a repeat of (source, messageId) within the window.",
                            registry=registry),
@@ -76,7 +78,7 @@ def account(m: Metrics, part: Partition, batch: Batch, seconds: float, dedupe_en
     m.events_in.inc(len(batch.records))
     now_ms = time.time() * 1000
     enriched = dest = duplicates = 0
-    dlq: dict[str, int] = {}
+    dlq: dict[tuple[str, str], int] = {}
     latency = m.latency_seconds
     for result in batch.results:
         if result.kind is Kind.ENRICHED:
@@ -85,8 +87,8 @@ def account(m: Metrics, part: Partition, batch: Batch, seconds: float, dedupe_en
             if result.received_at_ms:
                 latency.observe(max(0.0, (now_ms - result.received_at_ms) / 1000))
         elif result.kind is Kind.DLQ:
-            reason = result.reason.value if result.reason else "unknown"
-            dlq[reason] = dlq.get(reason, 0) + 1
+            key = (result.reason.value if result.reason else "unknown", result.source_id or "")
+            dlq[key] = dlq.get(key, 0) + 1
         else:
             duplicates += 1
     if enriched:
@@ -95,8 +97,8 @@ def account(m: Metrics, part: Partition, batch: Batch, seconds: float, dedupe_en
         m.events_out.labels("dest").inc(dest)
     if duplicates:
         m.duplicates.inc(duplicates)
-    for reason, count in dlq.items():
-        m.events_dlq.labels(reason).inc(count)
+    for (reason, source), count in dlq.items():
+        m.events_dlq.labels(reason, source).inc(count)
     window = part.window
     if window is not None and window.evicted:
         m.dedupe_evicted.inc(window.evicted)

@@ -15,15 +15,15 @@ def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, st
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_requests_by_path_and_status_with_latency_buckets() -> None:
+def test_requests_by_path_status_and_source_with_latency_buckets() -> None:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
     for seconds in (0.0004, 0.001, 0.003, 7.0):
-        metrics.requests.observe("/v1/track", 200, seconds)
+        metrics.requests.observe("/v1/track", 200, seconds, "shop")
     metrics.requests.observe("/v1/batch", 413, 0.002)
     got = _samples(registry)
-    assert got[("headwater_ingest_requests_total", (("path", "/v1/track"), ("status", "200")))] == 4
-    assert got[("headwater_ingest_requests_total", (("path", "/v1/batch"), ("status", "413")))] == 1
+    assert got[("headwater_ingest_requests_total", (("path", "/v1/track"), ("source", "shop"), ("status", "200")))] == 4
+    assert got[("headwater_ingest_requests_total", (("path", "/v1/batch"), ("source", ""), ("status", "413")))] == 1
 
     def bucket(le: str) -> float:
         return got[("headwater_ingest_request_seconds_bucket", (("le", le), ("path", "/v1/track")))]
