@@ -282,22 +282,30 @@ def start_kafka(settings: StackSettings) -> Server:
     server.resolve()
     if server.pid() is not None:
         return server
+    launch_kafka(server, _kafka_properties(settings, server.base), settings.kafka_heap)
+    return server
+
+
+def launch_kafka(server: Server, properties: str, heap: str, cluster_id: str | None = None) -> None:
+    """Write the broker's config, format its storage once (under ``cluster_id``, or a new
+    one), and start its JVM. The brokers of one cluster share a cluster id
+    (services/devstack/cluster.py)."""
+    settings = server.settings
     base = server.base
     base.mkdir(parents=True, exist_ok=True)
     props = base / "server.properties"
-    props.write_text(_kafka_properties(settings, base))
-    java_base = [f"-Xms{settings.kafka_heap}", f"-Xmx{settings.kafka_heap}",
+    props.write_text(properties)
+    java_base = [f"-Xms{heap}", f"-Xmx{heap}",
                  "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
     log_conf = resources.files("services.devstack").joinpath("conf", "kafka-log4j2.yaml")
     with resources.as_file(log_conf) as log_path:
         log_copy = base / "log4j2.yaml"
         shutil.copyfile(log_path, log_copy)
     if not (base / "logs" / "meta.properties").exists():
-        cluster_id = kafka_cluster_id()
         cmd = [
             settings.java, *java_base[2:], f"-Dlog4j2.configurationFile={log_copy}",
             "-cp", f"{server.lib_dir}/*", "kafka.tools.StorageTool", "format",
-            f"--cluster-id={cluster_id}", "-c", str(props), "--ignore-formatted",
+            f"--cluster-id={cluster_id or kafka_cluster_id()}", "-c", str(props), "--ignore-formatted",
         ]
         # A full test run once saw this step fail and the next run pass; retry once,
         # and say what the tool printed if it fails again.
@@ -313,7 +321,6 @@ def start_kafka(settings: StackSettings) -> Server:
          f"-Dkafka.logs.dir={base}"],
         [str(props)],
     )
-    return server
 
 
 async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
@@ -379,10 +386,16 @@ def start_cassandra(settings: StackSettings) -> Server:
     server.resolve()
     if server.pid() is not None:
         return server
+    launch_cassandra(server, _cassandra_yaml(settings, server.base), settings.cassandra_heap)
+    return server
+
+
+def launch_cassandra(server: Server, config: str, heap: str, gc: str = "-XX:+UseG1GC") -> None:
+    """Write the node's cassandra.yaml and start its JVM (``gc``: the collector's flag)."""
     base = server.base
     base.mkdir(parents=True, exist_ok=True)
     yaml_path = base / "cassandra.yaml"
-    yaml_path.write_text(_cassandra_yaml(settings, base))
+    yaml_path.write_text(config)
     conf = resources.files("services.devstack").joinpath("conf")
     logback = base / "logback.xml"
     with resources.as_file(conf.joinpath("cassandra-logback.xml")) as src:
@@ -390,8 +403,8 @@ def start_cassandra(settings: StackSettings) -> Server:
     options = conf.joinpath("cassandra-jvm17.options").read_text().split()
     server.launch(
         [
-            f"-Xms{settings.cassandra_heap}", f"-Xmx{settings.cassandra_heap}",
-            "-XX:+UseG1GC", "-Xss512k", *options,
+            f"-Xms{heap}", f"-Xmx{heap}",
+            gc, "-Xss512k", *options,
             "-Dcassandra-foreground=yes",
             f"-Dcassandra.config=file://{yaml_path}",
             f"-Dcassandra.storagedir={base}",
@@ -403,14 +416,13 @@ def start_cassandra(settings: StackSettings) -> Server:
         ],
         [],
     )
-    return server
 
 
-def cassandra_answers(port: int, timeout_s: float = 5.0) -> bool:
+def cassandra_answers(port: int, timeout_s: float = 5.0, host: str = "127.0.0.1") -> bool:
     """True when the node answers CQL ``SELECT release_version FROM system.local``."""
     from cassandra.cluster import Cluster
 
-    cluster = Cluster(["127.0.0.1"], port=port, connect_timeout=timeout_s,
+    cluster = Cluster([host], port=port, connect_timeout=timeout_s,
                       protocol_version=5, control_connection_timeout=timeout_s)
     try:
         session = cluster.connect()
