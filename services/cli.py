@@ -10,6 +10,8 @@ from services.devstack import stack
 
 def _stack(args: argparse.Namespace) -> int:
     settings = stack.StackSettings()
+    if args.nodes > 1 or args.action in ("down", "status"):
+        return _cluster(args)
     if args.action == "up":
         try:
             timings = stack.up(settings, kinesis=args.kinesis)
@@ -28,6 +30,33 @@ def _stack(args: argparse.Namespace) -> int:
         from services.devstack.kinesis import kinesis_server
 
         for server in (stack.kafka_server(settings), stack.cassandra_server(settings), kinesis_server(settings)):
+            print(f"==> {server.log_file} <==\n{server.log_tail(args.lines)}\n")
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """``stack up --nodes N``; ``down`` and ``status`` cover the single-node stack and the cluster."""
+    from services.devstack.cluster import default_cluster
+
+    settings = stack.StackSettings()
+    cluster = default_cluster(args.nodes if args.nodes > 1 else None)
+    if args.action == "up":
+        try:
+            timings = cluster.up()
+        except stack.StackError as exc:
+            print(f"stack up --nodes {args.nodes} failed: {exc}", file=sys.stderr)
+            return 1
+        for name, seconds in timings.items():
+            print(f"{name} answers after {seconds:.1f}s")
+        print(f"Kafka bootstrap {cluster.kafka_bootstrap}; Cassandra hosts {','.join(cluster.cassandra_hosts)}")
+        print("\n".join(cluster.status()))
+    elif args.action == "down":
+        stopped = stack.down(settings) + cluster.down()
+        print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    elif args.action == "status":
+        print("\n".join(stack.status(settings) + cluster.status()))
+    elif args.action == "logs":
+        for server in cluster.servers():
             print(f"==> {server.log_file} <==\n{server.log_tail(args.lines)}\n")
     return 0
 
@@ -84,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     stack_cmd.add_argument("--lines", type=int, default=40, help="log lines for 'logs'")
     stack_cmd.add_argument("--kinesis", action="store_true",
                            help="'up' also starts the Kinesis-compatible server (kinesalite) for the bridge")
+    stack_cmd.add_argument("--nodes", type=int, default=1,
+                           help="'up': N Kafka brokers and N Cassandra nodes on 127.0.0.2.. "
+                                "(services/devstack/cluster.py; HEADWATER_CLUSTER_* settings)")
     stack_cmd.set_defaults(func=_stack)
     run_cmd = commands.add_parser("run", help="the local fleet on the dev stack (starts it if needed)")
     run_cmd.add_argument("--demo", action="store_true", help="send demo traffic")
