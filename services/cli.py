@@ -15,6 +15,11 @@ def _stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         try:
             timings = stack.up(settings, kinesis=args.kinesis)
+            if args.prometheus:
+                from services.devstack.prometheus import prometheus_url, start_prometheus
+
+                timings["prometheus"] = start_prometheus(settings)[1]
+                print(f"Prometheus on {prometheus_url(settings)} (alerts: {prometheus_url(settings)}/alerts)")
         except stack.StackError as exc:
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
@@ -28,8 +33,10 @@ def _stack(args: argparse.Namespace) -> int:
         print("\n".join(stack.status(settings)))
     elif args.action == "logs":
         from services.devstack.kinesis import kinesis_server
+        from services.devstack.prometheus import prometheus_server
 
-        for server in (stack.kafka_server(settings), stack.cassandra_server(settings), kinesis_server(settings)):
+        for server in (stack.kafka_server(settings), stack.cassandra_server(settings), kinesis_server(settings),
+                       prometheus_server(settings)):
             print(f"==> {server.log_file} <==\n{server.log_tail(args.lines)}\n")
     return 0
 
@@ -111,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     stack_cmd = commands.add_parser("stack", help="local Kafka and Cassandra, no Docker")
     stack_cmd.add_argument("action", choices=["up", "down", "status", "logs"])
     stack_cmd.add_argument("--lines", type=int, default=40, help="log lines for 'logs'")
+    stack_cmd.add_argument("--prometheus", action="store_true",
+                           help="'up' also starts Prometheus (Debian's package) with Headwater's alert rules; "
+                                "it scrapes what `headwater run` starts")
     stack_cmd.add_argument("--kinesis", action="store_true",
                            help="'up' also starts the Kinesis-compatible server (kinesalite) for the bridge")
     stack_cmd.add_argument("--nodes", type=int, default=1,

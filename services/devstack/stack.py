@@ -64,6 +64,9 @@ class StackSettings(BaseSettings):
     kinesis_port: int = 4567
     node: str = "node"
     npm: str = "npm"
+    # The optional Prometheus (services/devstack/prometheus.py), Debian's package.
+    prometheus: str = "prometheus"
+    prometheus_port: int = 9090
     start_timeout_s: float = 240.0
     stop_timeout_s: float = 90.0
 
@@ -477,19 +480,23 @@ def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
 
 def down(settings: StackSettings) -> list[str]:
     from services.devstack.kinesis import kinesis_server
+    from services.devstack.prometheus import prometheus_server
 
-    servers = (kafka_server(settings), cassandra_server(settings), kinesis_server(settings))
+    servers = (kafka_server(settings), cassandra_server(settings), kinesis_server(settings),
+               prometheus_server(settings))
     return [server.name for server in servers if server.stop()]
 
 
 def status(settings: StackSettings) -> list[str]:
     from services.devstack.kinesis import kinesis_server
+    from services.devstack.prometheus import prometheus_server
 
     lines = []
     servers: tuple[tuple[Server, str], ...] = (
         (kafka_server(settings), settings.kafka_bootstrap),
         (cassandra_server(settings), f"127.0.0.1:{settings.cassandra_port}"),
         (kinesis_server(settings), f"127.0.0.1:{settings.kinesis_port}"),
+        (prometheus_server(settings), f"127.0.0.1:{settings.prometheus_port}"),
     )
     for server, where in servers:
         pid = server.pid()
