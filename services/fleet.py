@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 
 from services.demo import run_demo
-from services.devstack import stack
+from services.devstack import prometheus, stack
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,23 @@ async def _wait_ready(member: Member, proc: subprocess.Popen[bytes], timeout_s: 
     raise RuntimeError(f"{member.name} was not ready within {timeout_s:.0f}s")
 
 
+TARGETS_NAME = "headwater-run"  # the fleet's file-SD file in the local Prometheus's targets folder
+
+
+def _announce_to_prometheus(settings: stack.StackSettings, members: list[Member]) -> str:
+    """Write the fleet's scrape targets for the local Prometheus (one job per service, as in
+    compose/) and say where Prometheus answers, or how to start it."""
+    jobs: dict[str, list[str]] = {}
+    for member in members:
+        jobs.setdefault(member.name, []).append(f"127.0.0.1:{member.port}")
+    prometheus.write_targets(settings, TARGETS_NAME, jobs)
+    url = prometheus.prometheus_url(settings)
+    if prometheus.prometheus_server(settings).pid() is None or not prometheus.prometheus_answers(settings):
+        return ("Prometheus:    not running; `headwater stack up --prometheus` starts it, and it scrapes this "
+                "fleet (each service also serves /metrics)")
+    return f"Prometheus:    {url} scrapes this fleet; alerts at {url}/alerts, rules in compose/prometheus/rules"
+
+
 async def _summary() -> str:
     query = {"start_relative": {"value": 1, "unit": "hours"},
              "metrics": [{"name": "headwater.events.count", "group_by": [{"name": "tag", "tags": ["type"]}],
@@ -150,10 +167,11 @@ async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
         for member, proc in procs:
             await _wait_ready(member, proc)
             print(f"{member.name:<10} ready on http://127.0.0.1:{member.port}  (log: var/log/{member.name}.log)")
+        prometheus_line = await asyncio.to_thread(_announce_to_prometheus, settings, [m for m, _ in procs])
         print("\nSend events:   curl -u demo-server-write-key: -H 'Content-Type: application/json' "
               "-d '{\"userId\":\"u1\",\"event\":\"Hello\"}' http://127.0.0.1:8080/v1/track")
         print("Query series:  POST http://127.0.0.1:8083/api/v1/datapoints/query (KairosDB API)")
-        print("Prometheus:    http://127.0.0.1:{8080,8081,8083}/metrics   Stop: Ctrl-C\n")
+        print(f"{prometheus_line}\nStop:          Ctrl-C\n")
         demo_task = asyncio.create_task(run_demo("http://127.0.0.1:8080")) if demo else None
         deadline = None if duration_s is None else loop.time() + duration_s
         while not stop.is_set() and (deadline is None or loop.time() < deadline):
@@ -171,6 +189,7 @@ async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await demo_task
     finally:
+        prometheus.remove_targets(settings, TARGETS_NAME)
         for _, proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
