@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -11,15 +10,16 @@ from prometheus_client import CollectorRegistry
 
 from services.common.health import Health, add_health_routes
 from services.common.logging import configure_logging
-from services.common.runner import run
+from services.common.runner import Service, run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
-from services.ingest.api import INGEST_KEY, VERSION, Ingest, add_routes
+from services.ingest.api import add_routes
 from services.ingest.cdnsettings import add_settings_route
 from services.ingest.connections import ConnectionGuard, usable_connections
 from services.ingest.metrics import ConnectionStats, make_metrics
 from services.ingest.publisher import Publisher
 from services.ingest.ratelimit import RateLimiter
+from services.ingest.request import INGEST_KEY, VERSION, Ingest
 from services.ingest.settings import Settings
 from services.ingest.spool import Spool
 
@@ -35,7 +35,9 @@ def orphan_spools(settings: Settings, worker: int) -> list[Path]:
     return found
 
 
-def create_app(settings: Settings, worker: int = 0, guard: ConnectionGuard | None = None) -> web.Application:
+def build_service(settings: Settings, worker: int = 0, guard: ConnectionGuard | None = None) -> Service:
+    """The API on one worker's spool and producer; the source registry starts first
+    and the publisher second, so the publisher flushes before the registry stops."""
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
     if guard is not None:
@@ -75,35 +77,28 @@ def create_app(settings: Settings, worker: int = 0, guard: ConnectionGuard | Non
 
     app.router.add_get("/openapi.json", openapi_json)
 
-    async def run_sources(_: web.Application) -> AsyncIterator[None]:
-        async with sources.running():
-            yield
-
-    async def run_publisher(_: web.Application) -> AsyncIterator[None]:
-        async with publisher.running():
-            yield
-
-    # Closed in reverse: the publisher flushes before the registry stops.
-    app.cleanup_ctx.append(run_sources)
-    app.cleanup_ctx.append(run_publisher)
-    return app
+    service = Service("ingest", app)
+    service.resource("sources", sources.running)
+    service.resource("publisher", publisher.running)
+    return service
 
 
-def run_worker(settings: Settings, index: int) -> None:
-    """One worker process: serve on the shared port until SIGTERM."""
+def create_app(settings: Settings, worker: int = 0, guard: ConnectionGuard | None = None) -> web.Application:
+    """The application with its components run by aiohttp (tests' TestServer)."""
+    return build_service(settings, worker, guard).mount()
+
+
+def run_worker(settings: Settings, index: int) -> int:
+    """One worker process: serve on the shared port until SIGTERM; the exit code."""
     configure_logging(settings.service_name, settings.log_level)
-
     guard = ConnectionGuard(usable_connections(settings.max_connections))
-
-    async def make(worker: int) -> web.Application:
-        return create_app(settings, worker, guard)
 
     # auto_decompress off: ingest decodes bodies itself, with the size limit
     # applied to the decoded bytes as they stream in. keepalive_timeout closes
     # connections idle (or without complete headers) for client_idle_timeout_s;
     # lingering_time bounds how long an unread body is drained after an answer
     # that did not need it (a 408, 413 or 415) before the connection closes.
-    run(make, host=settings.http_host, port=settings.http_port, worker=index,
-        shutdown_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold,
-        protocol_wrapper=guard.wrap, auto_decompress=False, keepalive_timeout=settings.client_idle_timeout_s,
-        lingering_time=1.0)
+    return run(lambda: build_service(settings, index, guard), host=settings.http_host, port=settings.http_port,
+               worker=index, drain_timeout_s=settings.shutdown_timeout_s,
+               gc_young_threshold=settings.gc_young_threshold, protocol_wrapper=guard.wrap, auto_decompress=False,
+               keepalive_timeout=settings.client_idle_timeout_s, lingering_time=1.0)

@@ -13,12 +13,10 @@ import argparse
 import asyncio
 import sys
 
-from aiohttp import web
-
 from services.common.logging import configure_logging
 from services.common.runner import exit_on_config_error, run
 from services.common.settings import load_settings
-from services.metrics.app import build_app, cassandra_client
+from services.metrics.app import build_service, cassandra_client
 from services.metrics.settings import Settings
 from services.metrics.store import Store, migrate_schema
 
@@ -65,12 +63,8 @@ def _main() -> int:
               f"{moved} partition checkpoints taken over from {args.from_group}")
         return 0
 
-    async def make_app(_: int) -> web.Application:
-        return await build_app(settings)
-
-    run(make_app, host=settings.http_host, port=settings.http_port,
-        shutdown_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold)
-    return 0
+    return run(lambda: build_service(settings), host=settings.http_host, port=settings.http_port,
+               drain_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold)
 
 
 def main() -> int:

@@ -1,12 +1,8 @@
-"""Wiring: the metrics service's resources, in start order, closed in reverse."""
+"""Wiring: the metrics service's components, in start order (stopped in reverse)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -17,6 +13,7 @@ from services.common import topics
 from services.common.cassandra import CassandraClient
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
+from services.common.runner import Service
 from services.common.sources import SourceRegistry
 from services.metrics.api import add_kairos_routes
 from services.metrics.consumer import RollupConsumer
@@ -36,27 +33,6 @@ def cassandra_client(settings: Settings) -> CassandraClient:
                            request_timeout_s=settings.cassandra_timeout_s)
 
 
-@contextlib.asynccontextmanager
-async def _cassandra(settings: Settings) -> AsyncIterator[CassandraClient]:
-    client = cassandra_client(settings)
-    await client.connect()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def _producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, client_id="headwater-metrics-side")
-    await producer.start()
-    try:
-        yield producer
-    finally:
-        await stop_producer(producer, settings.shutdown_timeout_s)
-
-
 async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
     """Stop the side producer within ``timeout_s``: with Kafka down its flush never ends."""
     try:
@@ -66,61 +42,27 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
                     "(no checkpoint passed them)", timeout_s=timeout_s)
 
 
-@contextlib.asynccontextmanager
-async def _sink(sink: KairosSink) -> AsyncIterator[KairosSink]:
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.stop()
-
-
-@contextlib.asynccontextmanager
-async def _consuming(consumer: RollupConsumer, timeout_s: float) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(consumer.run(), name="rollup-consumer")
-
-    def finished(t: asyncio.Task[None]) -> None:
-        if t.cancelled() or t.exception() is None:
-            return
-        # The loop only ends on its own for a bug or a non-retriable error: say so and
-        # ask the process to stop (as SIGTERM would), so its supervisor starts it again.
-        log.error("rollup consumer failed; stopping the service", error=repr(t.exception()))
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    task.add_done_callback(finished)
-    try:
-        yield task
-    finally:
-        consumer.stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        except TimeoutError:
-            log.warning("rollup consumer did not drain in time; the checkpoint in Cassandra stands")
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        except Exception as exc:  # noqa: BLE001 - already logged by the done callback
-            log.debug("rollup consumer ended with an error", error=repr(exc))
-
-
-async def build_app(settings: Settings, *, consume: bool = True,
-                    registry: CollectorRegistry | None = None) -> web.Application:
-    """The service: Cassandra (schema migrated), side producer, source registry,
-    consumer task, optional KairosDB sink, and the HTTP API."""
+def build_service(settings: Settings, *, consume: bool = True, registry: CollectorRegistry | None = None) -> Service:
+    """The service in start order: Cassandra (schema migrated, the keyspace claimed),
+    the source registry, the side producer, the optional KairosDB sink and the
+    rollup consumer's loop, behind the HTTP API. Without ``consume``: the query API only."""
     registry = registry or CollectorRegistry()
     metrics = make_metrics(registry)
     health = Health(registry)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    stack = contextlib.AsyncExitStack()
-    try:
-        client = await stack.enter_async_context(_cassandra(settings))
+    service = Service("metrics", app)
+    client = cassandra_client(settings)
+    store = Store(client, settings)
+    external = ExternalStore(client, settings)
+    health.add_check("cassandra", client.ready)
+    add_kairos_routes(app, QueryService(store, external, settings, metrics), client)
+    add_health_routes(app, health)
+    service.hooks("cassandra", client.connect, client.close)
+
+    async def prepare() -> None:
         await migrate_schema(client, settings)
-        store = Store(client, settings)
         await store.prepare()
-        external = ExternalStore(client, settings)
         await external.prepare()
-        health.add_check("cassandra", client.ready)
-        add_kairos_routes(app, QueryService(store, external, settings, metrics), client)
         if consume:
             # One rollup writer per keyspace: a second group or topic would mix its partitions' rows.
             await store.claim(settings.consumer_group, settings.enriched_topic)
@@ -129,38 +71,50 @@ async def build_app(settings: Settings, *, consume: bool = True,
                                  retention_ms=settings.late_topic_retention_ms),
                 topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions),
             ])
-            sources = await stack.enter_async_context(
-                SourceRegistry(settings.sources_file, settings.sources_reload_s).running())
-            producer = await stack.enter_async_context(_producer(settings))
-            sink = None
-            if settings.kairosdb_url:
-                sink = await stack.enter_async_context(_sink(KairosSink(settings, metrics)))
-            consumer = RollupConsumer(settings, store, sources, producer, metrics,
-                                      on_flush=sink.enqueue if sink else None)
-            task = await stack.enter_async_context(_consuming(consumer, settings.shutdown_timeout_s))
 
-            async def consumer_alive() -> tuple[bool, str]:
-                if task.done():
-                    return False, "stopped"
-                problems = consumer.problems()
-                return (not problems, "; ".join(problems) or "consuming")
+    service.hooks("schema", prepare)
+    if not consume:
+        return service
+    sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
+    service.resource("sources", sources.running)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, client_id="headwater-metrics-side")
+    service.hooks("side producer", producer.start, lambda: stop_producer(producer, settings.shutdown_timeout_s))
+    sink = KairosSink(settings, metrics) if settings.kairosdb_url else None
+    if sink is not None:
+        service.hooks("kairosdb sink", sink.start, sink.stop)
+    consumer = RollupConsumer(settings, store, sources, producer, metrics,
+                              on_flush=sink.enqueue if sink else None)
+    # The loop only ends on its own for a bug or a non-retriable error: the service
+    # then stops with a failure, so its supervisor starts it again.
+    rollups = service.loop("rollup consumer", consumer.run, consumer.stop, drain_timeout_s=settings.shutdown_timeout_s)
 
-            async def sources_ok() -> tuple[bool, str]:
-                return sources.status()
+    async def consumer_alive() -> tuple[bool, str]:
+        if not rollups.running:
+            return False, "stopped"
+        problems = consumer.problems()
+        return (not problems, "; ".join(problems) or "consuming")
 
-            async def kafka_ok() -> tuple[bool, str]:
-                return await kafka_ready(settings.kafka_bootstrap)
+    async def sources_ok() -> tuple[bool, str]:
+        return sources.status()
 
-            health.add_check("kafka", kafka_ok)
-            health.add_check("sources", sources_ok)
-            health.add_check("consumer", consumer_alive)
-    except BaseException:
-        await stack.aclose()
-        raise
+    async def kafka_ok() -> tuple[bool, str]:
+        return await kafka_ready(settings.kafka_bootstrap)
+
+    health.add_check("kafka", kafka_ok)
+    health.add_check("sources", sources_ok)
+    health.add_check("consumer", consumer_alive)
+    return service
+
+
+async def build_app(settings: Settings, *, consume: bool = True,
+                    registry: CollectorRegistry | None = None) -> web.Application:
+    """The service started, as an application whose cleanup stops it (tests, benchmarks)."""
+    service = build_service(settings, consume=consume, registry=registry)
+    await service.start()
 
     async def close(_: web.Application) -> None:
-        await stack.aclose()
+        await service.stop()
 
-    app.on_cleanup.append(close)
-    add_health_routes(app, health)
-    return app
+    service.app.on_cleanup.append(close)
+    return service.app

@@ -244,28 +244,19 @@ async def test_a_range_over_too_many_buckets_is_refused_before_any_read() -> Non
     assert reads == []
 
 
-async def test_the_side_producer_stops_within_the_shutdown_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_side_producer_stops_within_the_shutdown_timeout() -> None:
     class StuckProducer:
         """Kafka down: stop() flushes for ever."""
 
-        def __init__(self, **_: object) -> None:
+        def __init__(self) -> None:
             self.stopping = asyncio.Event()
-
-        async def start(self) -> None:
-            return None
 
         async def stop(self) -> None:
             self.stopping.set()
             await asyncio.Event().wait()
 
-    monkeypatch.setattr(app_module, "AIOKafkaProducer", StuckProducer)
-    settings = Settings(shutdown_timeout_s=0.2)
+    producer = StuckProducer()
     started = time.monotonic()
-
-    async def serve_and_stop() -> None:
-        async with app_module._producer(settings) as producer:
-            assert isinstance(producer, StuckProducer)
-        assert producer.stopping.is_set()
-
-    await asyncio.wait_for(serve_and_stop(), 5)
+    await asyncio.wait_for(app_module.stop_producer(producer, 0.2), 5)
+    assert producer.stopping.is_set()
     assert time.monotonic() - started < 2
