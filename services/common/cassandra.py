@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
+from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
 from cassandra.policies import DCAwareRoundRobinPolicy
 from cassandra.query import PreparedStatement
@@ -92,6 +94,40 @@ class CassandraClient:
         except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
             return False, f"cassandra: {type(exc).__name__}: {exc}"
         return True, "ok"
+
+
+# -- replication and consistency --------------------------------------------------------------
+
+ConsistencyName = Literal["ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM",
+                          "LOCAL_ONE"]
+
+_REPLICAS = re.compile(r"'([A-Za-z0-9_.-]+)'\s*:\s*'?(\d+)'?")
+
+
+def replication_factor(replication: str) -> int:
+    """The replicas per data centre of a keyspace's CQL replication map: SimpleStrategy's
+    ``replication_factor``, or the largest of NetworkTopologyStrategy's per-DC factors."""
+    factors = {k: int(v) for k, v in _REPLICAS.findall(replication)}
+    if not factors:
+        raise ValueError(f"no replication factor in {replication!r}")
+    return factors.get("replication_factor", max(factors.values()))
+
+
+def consistency_level(name: ConsistencyName | None, replication: str) -> int:
+    """``name``'s level; unset: LOCAL_QUORUM when the keyspace keeps more than one replica
+    (a read then sees every acknowledged write, and one node down stops nothing at RF 3),
+    else LOCAL_ONE (the driver's default, the only level one replica can answer)."""
+    if name is not None:
+        return int(getattr(ConsistencyLevel, name))
+    return int(ConsistencyLevel.LOCAL_QUORUM if replication_factor(replication) > 1 else ConsistencyLevel.LOCAL_ONE)
+
+
+def apply_consistency(statements: Iterable[PreparedStatement], *, read: int, write: int) -> None:
+    """Give each prepared statement the read level (SELECT) or the write level (the rest);
+    the statements bound from them inherit it."""
+    for statement in statements:
+        is_read = statement.query_string.lstrip().upper().startswith("SELECT")
+        statement.consistency_level = read if is_read else write
 
 
 @dataclass(frozen=True)

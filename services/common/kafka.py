@@ -30,12 +30,15 @@ def key_hash(key: bytes) -> int:
 
 @dataclass(frozen=True)
 class TopicSpec:
-    """A topic a service needs, with the configs it must have when created."""
+    """A topic a service needs, with the configs it must have when created.
+    ``min_insync_replicas``: the wanted value, capped by the topic's replication
+    (services/common/topics.py ``ensure``); None: the broker's default."""
 
     name: str
     partitions: int
     replication: int = 1
     configs: dict[str, str] = field(default_factory=dict)
+    min_insync_replicas: int | None = None
 
 
 async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: int = 30_000) -> None:
@@ -108,6 +111,37 @@ def _is_topic_override(api_version: int, source_or_default: object) -> bool:
     if api_version == 0:
         return source_or_default is False
     return source_or_default == _DYNAMIC_TOPIC_CONFIG
+
+
+async def broker_count(bootstrap: str, timeout_ms: int = 30_000) -> int:
+    """The brokers in the cluster's metadata (the live ones)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        try:
+            await admin.start()
+            described = await admin.describe_cluster()
+        except Exception as exc:
+            raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe its cluster: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return len(described["brokers"])
+
+
+async def replication_factors(bootstrap: str, topics: list[str], timeout_ms: int = 30_000) -> dict[str, int]:
+    """Each existing topic's replication factor (its first partition's replica count)."""
+    if not topics:
+        return {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        try:
+            await admin.start()
+            described = await admin.describe_topics(topics)
+        except Exception as exc:
+            raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe {topics}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"][0]["replicas"]) for t in described
+            if t["error_code"] == 0 and t["partitions"]}
 
 
 async def kafka_ready(bootstrap: str) -> tuple[bool, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.errors import ConfigError
@@ -18,6 +18,8 @@ class CommonSettings(BaseSettings):
 
     service_name: str = "headwater"
     log_level: str = "INFO"
+    # One broker or several, comma-separated ("k1:9092,k2:9092,k3:9092"): a client starts
+    # from whichever answers and learns the rest of the cluster from it.
     kafka_bootstrap: str = "127.0.0.1:9092"
     # The address the service's HTTP endpoints (API, /metrics, /healthz, /readyz) bind to.
     http_host: str = "0.0.0.0"
@@ -32,6 +34,18 @@ class CommonSettings(BaseSettings):
     # promoted, and rescanned by full collections. Start-up objects are frozen out of
     # every collection as well (services/common/runner.py: tune_gc).
     gc_young_threshold: int = Field(default=20_000, ge=100)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_list(cls, value: str) -> str:
+        brokers = [b.strip() for b in value.split(",") if b.strip()]
+        if not brokers:
+            raise ValueError("at least one host:port")
+        for broker in brokers:
+            host, _, port = broker.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{broker!r} is not host:port")
+        return ",".join(brokers)
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -25,19 +25,45 @@ Invariants:
   The dedupe changelog's count follows events.raw's (the processor checks it).
 - Only declared configs are changed; other per-topic overrides an operator set
   are kept (services/common/kafka.py ``ensure_topic_configs``).
+- Replication is declared too: the production shape is 3 replicas and
+  ``min.insync.replicas`` 2, so with acks=all a write is on two brokers before
+  it is acknowledged and one broker lost stops nothing (tests/cluster/). A topic
+  is created with the declared factor, or with as many replicas as the cluster
+  has brokers when it has fewer (a one-broker development stack), with a
+  warning. ``min.insync.replicas`` is the declared value capped at the topic's
+  own replication factor minus one (at least 1): a topic made with fewer
+  replicas (or by an older release, with one) stays writable, and it is
+  ensured as a config like the others. The replication of an existing topic is
+  never changed here (that is a partition reassignment, an operator's job).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import structlog
 
 from services.common.errors import DependencyUnavailable
-from services.common.kafka import TopicSpec, ensure_topic_configs, ensure_topics
+from services.common.kafka import (
+    TopicSpec,
+    broker_count,
+    ensure_topic_configs,
+    ensure_topics,
+    replication_factors,
+)
+
+log = structlog.get_logger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
 MIB = 1024 * 1024
+MIN_INSYNC = "min.insync.replicas"
+
+
+def min_insync(declared: int, replication: int) -> int:
+    """The declared ``min.insync.replicas``, at most the replication factor minus one, at least 1."""
+    return max(1, min(declared, replication - 1))
 
 
 @dataclass(frozen=True)
@@ -55,9 +81,12 @@ class Topic:
     max_message_bytes: int | None = None  # None: the broker's default (1 MiB)
     cleanup_policy: str = "delete"
     retention_setting: str | None = None
+    replication: int = 3
+    min_insync_replicas: int = 2
 
     def configs(self, retention_ms: int | None = None) -> dict[str, str]:
-        """The topic-level configs every writer ensures."""
+        """The topic-level configs every writer ensures (and ``min.insync.replicas``, which
+        ``ensure`` works out from the topic's actual replication factor)."""
         if retention_ms is not None and retention_ms != self.retention_ms and self.retention_setting is None:
             raise ValueError(
                 f"{self.default_name} has several writers: its retention is fixed "
@@ -73,7 +102,8 @@ class Topic:
 
     def spec(self, name: str, partitions: int, *, retention_ms: int | None = None) -> TopicSpec:
         """What ``ensure`` creates or brings up to date, under the name a service's settings give."""
-        return TopicSpec(name, partitions, configs=self.configs(retention_ms))
+        return TopicSpec(name, partitions, self.replication, configs=self.configs(retention_ms),
+                         min_insync_replicas=self.min_insync_replicas)
 
     def configs_doc(self) -> str:
         """The configs as proto/topics/*.md write them (one-writer topics: the default)."""
@@ -156,12 +186,37 @@ ALL: tuple[Topic, ...] = (RAW, ENRICHED, DLQ, LATE, DEST, DEDUPE_CHANGELOG)
 
 
 async def ensure(bootstrap: str, specs: Iterable[TopicSpec], *, timeout_ms: int = 30_000) -> None:
-    """Create the topics that are missing, then bring every one's configs up to date."""
-    specs = list(specs)
+    """Create the topics that are missing (with no more replicas than the cluster has
+    brokers), then bring every one's configs up to date (``min.insync.replicas`` from
+    the topic's actual replication factor)."""
+    specs = await fit_to_cluster(bootstrap, list(specs), timeout_ms=timeout_ms)
     await ensure_topics(bootstrap, specs, timeout_ms=timeout_ms)
+    factors = await replication_factors(bootstrap, [s.name for s in specs if s.min_insync_replicas],
+                                        timeout_ms=timeout_ms)
     for spec in specs:
-        if spec.configs:
-            await ensure_configs(bootstrap, spec.name, spec.configs, timeout_ms=timeout_ms)
+        configs = dict(spec.configs)
+        if spec.min_insync_replicas:
+            # A topic made a moment ago may not be in the metadata yet: it has the spec's factor.
+            replication = factors.get(spec.name, spec.replication)
+            configs[MIN_INSYNC] = str(min_insync(spec.min_insync_replicas, replication))
+        if configs:
+            await ensure_configs(bootstrap, spec.name, configs, timeout_ms=timeout_ms)
+
+
+async def fit_to_cluster(bootstrap: str, specs: list[TopicSpec], *, timeout_ms: int = 30_000) -> list[TopicSpec]:
+    """The specs with at most as many replicas as the cluster has brokers (a warning for each cut)."""
+    wanted = max((s.replication for s in specs), default=1)
+    if wanted <= 1:
+        return specs
+    brokers = await broker_count(bootstrap, timeout_ms=timeout_ms)
+    fitted = []
+    for spec in specs:
+        if spec.replication > brokers:
+            log.warning("topic replication cut to the brokers there are", **{"kafka.topic": spec.name},
+                        declared=spec.replication, brokers=brokers)
+            spec = replace(spec, replication=brokers)
+        fitted.append(spec)
+    return fitted
 
 
 async def ensure_configs(

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from cassandra.query import PreparedStatement
 
-from services.common.cassandra import CassandraClient
+from services.common.cassandra import CassandraClient, apply_consistency
 from services.metrics.errors import QueryTooLarge, RangeTooLarge
 from services.metrics.settings import Settings
 from services.metrics.store import bounded_gather
@@ -52,6 +52,8 @@ class ExternalStore:
         self.concurrency = settings.write_concurrency
         self.timeout = settings.cassandra_timeout_s
         self.max_buckets = settings.query_max_buckets
+        self.read_consistency = settings.read_consistency
+        self.write_consistency = settings.write_consistency
         self._ps: dict[str, PreparedStatement] = {}
 
     async def prepare(self) -> None:
@@ -84,6 +86,7 @@ class ExternalStore:
         }
         names = list(cql)
         prepared = await bounded_gather((self.client.prepare(cql[n]) for n in names), 8)
+        apply_consistency(prepared, read=self.read_consistency, write=self.write_consistency)
         self._ps = dict(zip(names, prepared, strict=True))
 
     # --- writes ------------------------------------------------------------------------------

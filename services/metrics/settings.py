@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common import topics
+from services.common.cassandra import ConsistencyName, consistency_level, replication_factor
 from services.common.settings import CommonSettings
 
 _CQL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -39,7 +40,13 @@ class Settings(CommonSettings):
     cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
     cassandra_port: int = 9042
     cassandra_keyspace: str = "headwater_metrics"
+    # The keyspace's replication when metrics creates it (production: RF 3, e.g.
+    # "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"); an existing keyspace keeps its own.
     cassandra_replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    # Consistency of reads and writes; unset: LOCAL_QUORUM when the replication above keeps
+    # more than one replica, else LOCAL_ONE.
+    cassandra_read_consistency: ConsistencyName | None = None
+    cassandra_write_consistency: ConsistencyName | None = None
     cassandra_timeout_s: float = Field(default=10.0, gt=0)
     # Rows written at once during a flush (bounded so a flush does not flood the node).
     write_concurrency: int = Field(default=64, ge=1)
@@ -97,6 +104,21 @@ class Settings(CommonSettings):
     def max_event_age_ms(self) -> int:
         age = self.max_event_age_s if self.max_event_age_s is not None else self.retention_1m_s
         return int(age * 1000)
+
+    @property
+    def read_consistency(self) -> int:
+        return consistency_level(self.cassandra_read_consistency, self.cassandra_replication)
+
+    @property
+    def write_consistency(self) -> int:
+        return consistency_level(self.cassandra_write_consistency, self.cassandra_replication)
+
+    @field_validator("cassandra_replication")
+    @classmethod
+    def _replication(cls, value: str) -> str:
+        if replication_factor(value) < 1:  # raises ValueError when there is no factor at all
+            raise ValueError("a replication factor is at least 1")
+        return value
 
     @field_validator("cassandra_keyspace")
     @classmethod

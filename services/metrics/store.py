@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from services.common.cassandra import CassandraClient, Migration, migrate
+from services.common.cassandra import CassandraClient, Migration, apply_consistency, migrate
 from services.common.errors import ConfigError
 from services.metrics.errors import QueryTooLarge, RangeTooLarge
 from services.metrics.rollup import BUCKET_MS, RESOLUTIONS, RowKey, WindowRow
@@ -197,6 +197,8 @@ class Store:
         self.timeout = settings.cassandra_timeout_s
         self.max_buckets = settings.query_max_buckets
         self.series_ttl = max(retentions(settings).values())
+        self.read_consistency = settings.read_consistency
+        self.write_consistency = settings.write_consistency
         self._ps: dict[str, PreparedStatement] = {}
 
     async def prepare(self) -> None:
@@ -240,6 +242,7 @@ class Store:
             cql[f"range_event_{res}"] = (cql[f"range_{res}"] + " AND event = ? ALLOW FILTERING")
         names = list(cql)
         prepared = await bounded_gather((self.client.prepare(cql[n]) for n in names), 8)
+        apply_consistency(prepared, read=self.read_consistency, write=self.write_consistency)
         self._ps = dict(zip(names, prepared, strict=True))
 
     # --- ownership ---------------------------------------------------------------------------
@@ -334,18 +337,21 @@ class Store:
         batches: list[BatchStatement] = []
         for (res, _, _), group in groups.items():
             statement = self._ps[f"put_{res}"]
-            batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
+            batch, size = self._batch(), 0
             for kpart, key, row, upto in group:
                 users = row.users_blob()
                 cost = len(users) + _ROW_OVERHEAD_BYTES + sum(len(p) + 8 for p in row.sums)
                 if len(batch) and (len(batch) >= self.batch_rows or size + cost > self.batch_bytes):
                     batches.append(batch)
-                    batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
+                    batch, size = self._batch(), 0
                 batch.add(statement, (key.source, key.bucket, key.window_start, key.type, key.event, kpart,
                                       row.count, users, row.sums, upto, write_timestamp(upto)))
                 size += cost
             batches.append(batch)
         await bounded_gather((self.client.execute(b) for b in batches), self.concurrency)
+
+    def _batch(self) -> BatchStatement:
+        return BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.write_consistency)
 
     async def note_series(self, source: str, etype: str, event: str, props: Iterable[str]) -> None:
         await self.client.execute(self._ps["series_put"], (source, etype, event))
