@@ -23,6 +23,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from services.common.badrow import BAD_ROW_SCHEMA, BadRow, FailureType
+from services.common.kafkawriter import OutRecord
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.segment import SHORT_TYPES, TYPES, present, user_key, validate
 from services.common.sources import Enrichment, SourceRegistry
@@ -57,17 +58,9 @@ class Kind(enum.StrEnum):
 
 
 @dataclass(slots=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-@dataclass(slots=True)
 class Result:
     kind: Kind
-    outputs: list[Output] = field(default_factory=list)
+    outputs: list[OutRecord] = field(default_factory=list)
     # (dedupe key, receivedAt ms) to remember once the transaction commits.
     seen: tuple[str, int] | None = None
     reason: FailureType | None = None
@@ -201,9 +194,9 @@ class Pipeline:
                        [f"enriched event is {len(value)} bytes; the limit is {self.settings.max_output_bytes}"],
                        envelope, message_id)
         out_key = record.key or f"{source_id}:{user_key(out)}".encode()
-        outputs = [Output(self.settings.enriched_topic, out_key, value, ENRICHED_HEADERS)]
+        outputs = [OutRecord(self.settings.enriched_topic, out_key, value, ENRICHED_HEADERS)]
         names = destinations(source.destinations, out) if source is not None else []
-        outputs.extend(Output(self.settings.dest_topic_prefix + name, out_key, value, ENRICHED_HEADERS)
+        outputs.extend(OutRecord(self.settings.dest_topic_prefix + name, out_key, value, ENRICHED_HEADERS)
                        for name in names)
         return Result(Kind.ENRICHED, outputs, seen=(key, received_ms), source_id=source_id,
                       received_at_ms=received_ms, destinations=names)
@@ -229,5 +222,5 @@ class Pipeline:
         )
         # Keyed by source like ingest's bad rows, so one source's rows stay together.
         key = (row.source_id or UNKNOWN_SOURCE_KEY).encode()
-        return Result(Kind.DLQ, [Output(self.settings.dlq_topic, key, row.to_json(), BAD_ROW_HEADERS)],
+        return Result(Kind.DLQ, [OutRecord(self.settings.dlq_topic, key, row.to_json(), BAD_ROW_HEADERS)],
                       reason=failure, source_id=row.source_id)

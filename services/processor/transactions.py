@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -51,10 +50,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced, TransactionalIdAuthorizationFailed
 
 from services.common.errors import DependencyUnavailable
-from services.common.kafka import key_hash
+from services.common.kafkawriter import BatchWriter, OutRecord, aiokafka_partitioner
 from services.processor.dedupe import DedupeWindow, restore
 from services.processor.partitions import Partition, PartitionStatus
-from services.processor.pipeline import Output
 from services.processor.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -86,46 +84,10 @@ def kafka_fields(tp: TopicPartition, offset: int | None = None) -> dict[str, Any
     return fields
 
 
-def partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-    """aiokafka's default (Java-compatible murmur2) choice, with the hash cached per key:
-    keys are per user, so they repeat, and hashing in Python is a visible cost."""
-    if key is None:
-        return random.choice(available or all_partitions)
-    return all_partitions[key_hash(key) % len(all_partitions)]
-
-
-async def write_outputs(producer: AIOKafkaProducer, outputs: list[Output]) -> list[asyncio.Future[Any]]:
-    """Queue ``outputs`` as record batches, one builder per topic-partition.
-
-    producer.send() costs tens of microseconds per record in Python; appending
-    to a batch builder is several times cheaper, and the processor writes two
-    or three records per event. Order within a partition is kept.
-    """
-    by_tp: dict[tuple[str, int], list[Output]] = {}
-    counts: dict[str, list[int]] = {}
-    for out in outputs:
-        partitions = counts.get(out.topic)
-        if partitions is None:
-            partitions = counts[out.topic] = sorted(await producer.partitions_for(out.topic))
-        partition = partitioner(out.key, partitions, partitions)
-        group = by_tp.get((out.topic, partition))
-        if group is None:  # not setdefault: that would build a list for every record
-            group = by_tp[out.topic, partition] = []
-        group.append(out)
-    futures: list[asyncio.Future[Any]] = []
-    for (topic, partition), outs in by_tp.items():
-        builder = producer.create_batch()
-        for out in outs:
-            if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-                builder = producer.create_batch()
-                if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
-                    # Larger than a whole batch: send() sizes a batch for it.
-                    futures.append(await producer.send(topic, out.value, key=out.key, partition=partition,
-                                                       headers=out.headers))
-        if builder.record_count():
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
-    return futures
+async def write_outputs(producer: AIOKafkaProducer, outputs: list[OutRecord]) -> list[asyncio.Future[Any]]:
+    """Queue ``outputs`` in the open transaction, a record batch per topic-partition
+    (the one Kafka writer, services/common/kafkawriter.py)."""
+    return await BatchWriter(producer).write(outputs)
 
 
 @contextlib.asynccontextmanager
@@ -157,7 +119,7 @@ def make_producer(settings: Settings, partition: int) -> AIOKafkaProducer:
         transaction_timeout_ms=s.transaction_timeout_ms, acks="all",
         compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
         linger_ms=0, max_batch_size=256 * 1024, max_request_size=s.max_request_bytes,
-        partitioner=partitioner, client_id=f"{s.service_name}-{partition}",
+        partitioner=aiokafka_partitioner, client_id=f"{s.service_name}-{partition}",
     )
 
 
