@@ -45,9 +45,12 @@ class CassandraClient:
     """One driver Cluster/Session, used from asyncio through execute()."""
 
     def __init__(self, hosts: Sequence[str], port: int, *, keyspace: str | None = None,
-                 request_timeout_s: float = 10.0) -> None:
+                 request_timeout_s: float = 10.0, consistency_level: int | None = None) -> None:
+        # consistency_level: of the statements that name none (None: the driver's LOCAL_ONE).
         profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(),
-                                   request_timeout=request_timeout_s)
+                                   request_timeout=request_timeout_s,
+                                   consistency_level=(ConsistencyLevel.LOCAL_ONE if consistency_level is None
+                                                      else consistency_level))
         self._cluster = Cluster(
             list(hosts), port=port, protocol_version=5,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},

@@ -170,3 +170,26 @@ async def test_a_drifted_topic_is_brought_up_to_date(
     assert (await _configs(kafka_bootstrap, drifted))["segment.ms"] == "3600000"  # the operator's stays
     # Up to date now: nothing left to change.
     assert await topics.ensure_configs(kafka_bootstrap, drifted, topics.DLQ.configs()) == {}
+
+
+def test_every_topic_is_declared_with_three_replicas_and_two_in_sync() -> None:
+    for topic in topics.ALL:
+        spec = topic.spec("x", 1)
+        assert (spec.replication, spec.min_insync_replicas) == (3, 2), topic.default_name
+    # min.insync.replicas follows the topic's actual replication: one replica may always be away.
+    assert [topics.min_insync(2, rf) for rf in (1, 2, 3, 5)] == [1, 1, 2, 2]
+
+
+async def test_on_one_broker_a_topic_gets_one_replica_and_stays_writable(kafka_bootstrap: str) -> None:
+    """The declaration asks for 3 replicas; the one-broker stack has one: the topic is made
+    with one, and min.insync.replicas 1, so acks=all writes still succeed."""
+    name = unique_name("test.rf")
+    await topics.ensure(kafka_bootstrap, [topics.RAW.spec(name, 1)])
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([name])
+    finally:
+        await admin.close()
+    assert [len(p["replicas"]) for p in described["partitions"]] == [1]
+    assert (await _configs(kafka_bootstrap, name))["min.insync.replicas"] == "1"
