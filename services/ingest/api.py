@@ -42,7 +42,7 @@ from services.ingest.parsing import RequestError
 from services.ingest.publisher import Publisher
 from services.ingest.ratelimit import RateLimiter, retry_after_seconds
 from services.ingest.settings import Settings
-from services.ingest.spool import Record
+from services.ingest.spoolfile import Record
 
 log = structlog.get_logger(__name__)
 

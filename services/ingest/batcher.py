@@ -29,7 +29,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from services.common.kafka import key_hash
-from services.ingest.spool import Record
+from services.ingest.spoolfile import Record
 
 log = structlog.get_logger(__name__)
 

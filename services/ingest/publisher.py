@@ -19,7 +19,8 @@ from services.ingest.batcher import KafkaBatcher
 from services.ingest.errors import Overloaded, SpoolDamaged, SpoolFull
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import Settings
-from services.ingest.spool import Record, Spool
+from services.ingest.spool import Spool
+from services.ingest.spoolfile import Record
 
 log = structlog.get_logger(__name__)
 

@@ -1,8 +1,8 @@
 """A local, fsync'd, append-only spool for events Kafka has not acknowledged.
 
 Ingest answers 200 only once an event is in Kafka or in this spool. The
-spool is a folder of segment files; each record is framed as
-``length u32 | crc32 u32 | payload``. Appends are group-committed: every
+spool is a folder of segment files (their format, scans and cursor files:
+spoolfile.py). Appends are group-committed: every
 request waiting at the same moment shares one write and one fsync. A cursor
 file per segment remembers how far draining got, so a restart resends at
 most the batch that was in flight (a duplicate, never a loss).
@@ -39,149 +39,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import struct
 import time
-import zlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import orjson
 import structlog
 
 from services.ingest.errors import SpoolDamaged, SpoolFull
+from services.ingest.spoolfile import (
+    DamagedSegment,
+    Record,
+    Scan,
+    cursor_path,
+    fsync_dir,
+    is_torn_tail,
+    move_aside,
+    read_cursor,
+    read_frames,
+    read_range,
+    read_report,
+    scan_frames,
+    write_cursor,
+)
 
 log = structlog.get_logger(__name__)
 
-_FRAME = struct.Struct(">II")        # payload length, crc32(payload)
-_HEADER = struct.Struct(">HI")       # topic length, key length
 DAMAGED_DIR = "damaged"
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One Kafka record waiting to be written."""
-
-    topic: str
-    key: bytes
-    value: bytes
-
-    def frame(self) -> bytes:
-        topic = self.topic.encode()
-        payload = _HEADER.pack(len(topic), len(self.key)) + topic + self.key + self.value
-        return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[Record, int] | None:
-    """The record framed at ``pos`` and where it ends, or None when the bytes
-    there are not a whole frame that passes its CRC."""
-    if pos + _FRAME.size > end:
-        return None
-    length, crc = _FRAME.unpack_from(data, pos)
-    body_start = pos + _FRAME.size
-    body_end = body_start + length
-    if body_end > end or length < _HEADER.size:
-        return None
-    payload = bytes(data[body_start:body_end])
-    if zlib.crc32(payload) != crc:
-        return None
-    topic_len, key_len = _HEADER.unpack_from(payload)
-    topic_end = _HEADER.size + topic_len
-    key_end = topic_end + key_len
-    if key_end > length:
-        return None
-    try:
-        topic = payload[_HEADER.size:topic_end].decode()
-    except UnicodeDecodeError:
-        return None
-    return Record(topic, payload[topic_end:key_end], payload[key_end:]), body_end
-
-
-def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, Record]], int]:
-    """Parse records from ``start``; returns (end offset, record) pairs and the
-    offset where valid data ends (a torn or corrupt frame stops the scan)."""
-    out: list[tuple[int, Record]] = []
-    pos = start
-    while (parsed := parse_frame(data, pos, len(data))) is not None:
-        record, pos = parsed
-        out.append((pos, record))
-    return out, pos
-
-
-@dataclass
-class Scan:
-    """What a segment holds between two offsets."""
-
-    records: list[tuple[int, Record]] = field(default_factory=list)   # (end offset, record)
-    damaged: list[tuple[int, int]] = field(default_factory=list)      # [start, end) byte ranges
-    end: int = 0
-
-
-def scan_frames(data: bytes | memoryview, start: int, end: int, base: int = 0) -> Scan:
-    """Every good frame in ``data[start:end]`` and the damaged ranges between them.
-
-    A frame that fails its CRC is skipped by its declared length only when that
-    length leads exactly to ``end`` or to another good frame (a flipped byte in
-    a payload); otherwise framing is lost and the rest is one damaged range.
-    Never scans byte by byte for a frame: an event could carry bytes that look
-    like one. Offsets in the result are shifted by ``base``.
-    """
-    scan = Scan(end=end + base)
-    pos = start
-    while pos < end:
-        parsed = parse_frame(data, pos, end)
-        if parsed is not None:
-            record, pos = parsed
-            scan.records.append((pos + base, record))
-            continue
-        skip_to = None
-        if pos + _FRAME.size <= end:
-            length, _ = _FRAME.unpack_from(data, pos)
-            nxt = pos + _FRAME.size + length
-            if nxt == end or (nxt < end and parse_frame(data, nxt, end) is not None):
-                skip_to = nxt
-        scan.damaged.append((pos + base, (skip_to or end) + base))
-        pos = skip_to or end
-    return scan
-
-
-def resync_frames(data: bytes, start: int, end: int) -> Iterator[tuple[int, Record]]:
-    """Frames found by trying every offset in ``data[start:end]``: for an operator
-    recovering a damaged range after reading what it holds (``headwater spool
-    inspect``), never for the drainer. Yields (start offset, record)."""
-    pos = start
-    while pos < end:
-        parsed = parse_frame(data, pos, len(data))
-        if parsed is None:
-            pos += 1
-            continue
-        record, nxt = parsed
-        yield pos, record
-        pos = nxt
-
-
-def is_torn_tail(data: bytes, pos: int) -> bool:
-    """Bytes from ``pos`` to the end are an interrupted write, never acknowledged:
-    too short for a frame header, zeros, or a frame shorter than it declares with
-    no whole frame after it. A torn write is a prefix of one group write, so
-    nothing frames after its first incomplete frame; a good frame further on
-    means a damaged length field in front of acknowledged frames instead."""
-    rest = data[pos:]
-    if len(rest) < _FRAME.size or not rest.strip(b"\0"):
-        return True
-    length, _ = _FRAME.unpack_from(rest)
-    if _FRAME.size + int(length) <= len(rest):
-        return False                    # a whole frame that fails its CRC: damage
-    return next(resync_frames(data, pos + 1, len(data)), None) is None
-
-
-@dataclass(frozen=True)
-class DamagedSegment:
-    """A segment set aside; ``path`` is its file in ``damaged/``."""
-
-    path: Path
-    damaged: tuple[tuple[int, int], ...]
-    durable_end: int
 
 
 class Spool:
@@ -231,7 +115,7 @@ class Spool:
     def refresh_damaged(self) -> None:
         """Re-read damaged/ (blocking; call in a thread): an operator's replay
         moves files out of it."""
-        self.damaged = [_read_report(p) for p in sorted(self.damaged_dir.glob("seg-*.log"))]
+        self.damaged = [read_report(p) for p in sorted(self.damaged_dir.glob("seg-*.log"))]
 
     def durable_end(self, segment: Path) -> int:
         """Where the fsync'd frames of ``segment`` end (0 for an unknown one)."""
@@ -247,7 +131,7 @@ class Spool:
             self._seq = max(self._seq, int(seg.stem.split("-")[1]))
         for seg in self._segments:
             data = seg.read_bytes()
-            start = min(_read_cursor(seg), len(data))
+            start = min(read_cursor(seg), len(data))
             _, good_end = read_frames(data, start)
             if good_end < len(data) and is_torn_tail(data, good_end):
                 log.warning("spool segment has a torn tail; it was never acknowledged",
@@ -341,7 +225,7 @@ class Spool:
             self._durable[active] = 0
             self._events[active] = 0
             self._segments.append(active)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return self._active_fd
 
     def _close_active(self) -> None:
@@ -364,13 +248,13 @@ class Spool:
         while self._segments:
             seg = self._segments[0]
             durable = self._durable.get(seg, 0)
-            start = _read_cursor(seg)
+            start = read_cursor(seg)
             if start > durable:
                 await self._set_aside(seg, Scan(damaged=[(durable, start)], end=durable))
                 raise SpoolDamaged(f"spool segment {seg.name}: cursor {start} past its durable end {durable}")
             scan = Scan(end=start)
             if start < durable:
-                data = await asyncio.to_thread(_read_range, seg, start, durable)
+                data = await asyncio.to_thread(read_range, seg, start, durable)
                 scan = scan_frames(data, 0, len(data), base=start)
                 if start + len(data) < durable:
                     # Shorter than its durable end (cut from outside, a bad disk):
@@ -390,7 +274,7 @@ class Spool:
                     self._close_active()
                 self._forget(seg)
                 seg.unlink(missing_ok=True)
-                _cursor_path(seg).unlink(missing_ok=True)
+                cursor_path(seg).unlink(missing_ok=True)
         return sent
 
     async def _send_scanned(self, seg: Path, scan: Scan, start: int,
@@ -400,13 +284,13 @@ class Spool:
             chunk = records[i:i + batch]
             await send([r for _, r in chunk])
             new_cursor = chunk[-1][0]
-            _write_cursor(seg, new_cursor)
+            write_cursor(seg, new_cursor)
             self._pending_bytes -= new_cursor - start
             self._pending_events -= len(chunk)
             self._events[seg] = self._events.get(seg, 0) - len(chunk)
             start = new_cursor
         if scan.end > start:
-            _write_cursor(seg, scan.end)        # past a damaged range at the end
+            write_cursor(seg, scan.end)        # past a damaged range at the end
             self._pending_bytes -= scan.end - start
         return len(records)
 
@@ -418,7 +302,7 @@ class Spool:
             durable = self._durable.get(seg, 0)
             report = {"segment": seg.name, "from": str(seg.parent), "durable_end": durable,
                       "damaged": scan.damaged, "delivered_up_to": scan.end, "set_aside_at": time.time()}
-            target = await asyncio.to_thread(_move_aside, seg, self.damaged_dir, orjson.dumps(report))
+            target = await asyncio.to_thread(move_aside, seg, self.damaged_dir, orjson.dumps(report))
             lost_events = self._events.get(seg, 0)
             self._pending_events -= max(lost_events, 0)
             self._forget(seg)
@@ -442,64 +326,9 @@ class Spool:
             self._close_active()
 
 
-def _move_aside(seg: Path, folder: Path, report: bytes) -> Path:
-    """Move ``seg`` into ``folder`` beside its report (the report first, so a
-    damaged file is never found without one); its cursor goes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / seg.name
-    if target.exists():                 # an adopted folder's segment of the same name
-        target = folder / f"{seg.stem}-{time.time_ns()}.log"
-    target.with_suffix(".damage.json").write_bytes(report)
-    seg.replace(target)
-    _cursor_path(seg).unlink(missing_ok=True)
-    _fsync_dir(folder)
-    return target
-
-
-def _read_report(path: Path) -> DamagedSegment:
-    try:
-        report = orjson.loads(path.with_suffix(".damage.json").read_bytes())
-        ranges = tuple((int(a), int(b)) for a, b in report.get("damaged", ()))
-        return DamagedSegment(path, ranges, int(report.get("durable_end", 0)))
-    except (OSError, ValueError, TypeError):
-        return DamagedSegment(path, (), 0)
-
-
 def _write_and_sync(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
     os.fsync(fd)
-
-
-def _read_range(path: Path, start: int, end: int) -> bytes:
-    """Bytes ``start`` to ``end`` of a segment; fewer when the file is shorter."""
-    with path.open("rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _cursor_path(seg: Path) -> Path:
-    return seg.with_suffix(".cursor")
-
-
-def _read_cursor(seg: Path) -> int:
-    try:
-        return int(_cursor_path(seg).read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
-def _write_cursor(seg: Path, offset: int) -> None:
-    tmp = _cursor_path(seg).with_suffix(".cursor.tmp")
-    tmp.write_text(str(offset))
-    tmp.replace(_cursor_path(seg))

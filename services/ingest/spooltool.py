@@ -25,7 +25,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from services.common.badrow import BAD_ROW_SCHEMA
-from services.ingest.spool import Record, resync_frames, scan_frames
+from services.ingest.spoolfile import Record, resync_frames, scan_frames
 
 REPLAYED_DIR = "replayed"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from services.ingest.errors import SpoolFull
-from services.ingest.spool import Record, Spool, read_frames
+from services.ingest.spool import Spool
+from services.ingest.spoolfile import Record, read_frames
 
 
 def rec(i: int) -> Record:
@@ -249,7 +250,7 @@ async def test_flipped_payload_byte_sets_the_segment_aside_and_the_rest_is_deliv
 
 async def test_flipped_length_byte_loses_framing_and_keeps_the_rest_for_the_operator(tmp_path: Path) -> None:
     from services.ingest.errors import SpoolDamaged
-    from services.ingest.spool import resync_frames
+    from services.ingest.spoolfile import resync_frames
 
     spool = Spool(tmp_path, max_bytes=10_000_000)
     spool.open()

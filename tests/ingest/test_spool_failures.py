@@ -27,7 +27,8 @@ import pytest
 
 from services.devstack import stack
 from services.ingest.envelope import EnvelopeWriter
-from services.ingest.spool import Record, Spool, read_frames
+from services.ingest.spool import Spool
+from services.ingest.spoolfile import Record, read_frames
 from tests.helpers import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, IngestClient, basic, decode
 from tests.ingest.test_durability import _message_ids
