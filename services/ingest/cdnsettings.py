@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from services.common.sources import Source
-from services.ingest.api import INGEST_KEY, Ingest
+from services.ingest.request import INGEST_KEY, Ingest
 
 SETTINGS_ROUTE = "/v1/projects/{writeKey}/settings"
 

@@ -4,8 +4,8 @@ It says exactly what the service accepts and answers, so a schema-driven
 fuzzer (schemathesis, run by tests/ingest/test_openapi.py) finds a request
 the document allows refused, or one it forbids taken, as a failure. The
 event schemas mirror services/common/segment.py ``validate`` rule for rule
-(fields it does not check are left open); the handlers in api.py add the
-limits named in the 413 answer, which a schema cannot express (the event's
+(fields it does not check are left open); the handlers (api.py, records.py) add
+the limits named in the 413 answer, which a schema cannot express (the event's
 size and nesting depth are checked on the decoded event).
 """
 

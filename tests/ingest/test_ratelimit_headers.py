@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.ingest.api import clean_header
 from services.ingest.ratelimit import RateLimiter
+from services.ingest.request import clean_header
 
 
 def test_bucket_allows_burst_then_refuses_with_a_wait() -> None:
