@@ -14,7 +14,7 @@ def _stack(args: argparse.Namespace) -> int:
         return _cluster(args)
     if args.action == "up":
         try:
-            timings = stack.up(settings, kinesis=args.kinesis)
+            timings = stack.up(settings, kinesis=args.kinesis, opensearch=args.opensearch)
             if args.prometheus:
                 from services.devstack.prometheus import prometheus_url, start_prometheus
 
@@ -33,10 +33,11 @@ def _stack(args: argparse.Namespace) -> int:
         print("\n".join(stack.status(settings)))
     elif args.action == "logs":
         from services.devstack.kinesis import kinesis_server
+        from services.devstack.opensearch import opensearch_server
         from services.devstack.prometheus import prometheus_server
 
         for server in (stack.kafka_server(settings), stack.cassandra_server(settings), kinesis_server(settings),
-                       prometheus_server(settings)):
+                       prometheus_server(settings), opensearch_server(settings)):
             print(f"==> {server.log_file} <==\n{server.log_tail(args.lines)}\n")
     return 0
 
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "it scrapes what `headwater run` starts")
     stack_cmd.add_argument("--kinesis", action="store_true",
                            help="'up' also starts the Kinesis-compatible server (kinesalite) for the bridge")
+    stack_cmd.add_argument("--opensearch", action="store_true",
+                           help="'up' also starts a single OpenSearch 2.19 node on 127.0.0.1:9200 "
+                                "(HEADWATER_STACK_OPENSEARCH_*) for the log search tests")
     stack_cmd.add_argument("--nodes", type=int, default=1,
                            help="'up': N Kafka brokers and N Cassandra nodes on 127.0.0.2.. "
                                 "(services/devstack/cluster.py; HEADWATER_CLUSTER_* settings)")

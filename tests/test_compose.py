@@ -7,8 +7,10 @@ below can also feed it a broken copy and prove that it would catch the break.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -20,6 +22,7 @@ import pytest
 import yaml
 
 from services.common.settings import load_settings
+from tests.common.ecs import FIELD_TYPES, load_saved_objects, load_template, template_types
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"
@@ -430,6 +433,81 @@ def test_filebeat_decodes_service_json_into_elasticsearch(compose: Compose) -> N
     assert [next(iter(p)) for p in parsers] == ["container", "ndjson"]
     mounts = {t for _, t, _ in bind_sources(compose["services"]["filebeat"])}
     assert {"/usr/share/filebeat/filebeat.yml", "/var/lib/docker/containers"} <= mounts
+
+
+# Every service's service.name, as its log lines carry it (the mirror is the bridge's second role).
+LOG_SERVICES = {*HEADWATER, "bridge", "bridge-mirror"}
+
+
+def check_log_template(compose: Compose, filebeat: dict[str, Any], template: dict[str, Any]) -> list[str]:
+    """Filebeat loads our index template (mounted where it looks) and writes where the template applies."""
+    problems = []
+    mounts = {t: s for s, t, _ in bind_sources(compose["services"]["filebeat"])}
+    path = filebeat.get("setup.template.json.path")
+    wanted = "./filebeat/headwater-logs.template.json"
+    if not filebeat.get("setup.template.json.enabled") or mounts.get(str(path)) != wanted:
+        problems.append(f"filebeat: the index template is not mounted at setup.template.json.path ({path})")
+    if filebeat.get("setup.template.json.name") != filebeat.get("setup.template.name"):
+        problems.append("filebeat: setup.template.json.name is not setup.template.name")
+    if bool(filebeat.get("setup.template.json.data_stream")) != ("data_stream" in template):
+        problems.append("filebeat: setup.template.json.data_stream does not say what the template is")
+    index = str(filebeat["output.elasticsearch"].get("index", ""))
+    if not any(fnmatch.fnmatch(index, p) for p in template["index_patterns"]):
+        problems.append(f"filebeat: writes to {index!r}, which the template's patterns do not match")
+    mapped = template_types(template)
+    problems += [f"template: {f} is {mapped.get(f)}, ECS says {kind}" for f, kind in FIELD_TYPES.items()
+                 if mapped.get(f) != kind]
+    return problems
+
+
+def check_saved_searches(objects: list[dict[str, Any]], filebeat: dict[str, Any],
+                         template: dict[str, Any]) -> list[str]:
+    """One saved search per service on the data view of Filebeat's index, over mapped fields."""
+    problems = []
+    views = {o["id"]: o for o in objects if o["type"] == "index-pattern"}
+    index = str(filebeat["output.elasticsearch"].get("index", ""))
+    for view in views.values():
+        if not fnmatch.fnmatch(index, view["attributes"]["title"]):
+            problems.append(f"data view {view['attributes']['title']} does not match Filebeat's index {index}")
+    mapped = set(template_types(template)) | set(FIELD_TYPES)
+    services = set()
+    for obj in (o for o in objects if o["type"] == "search"):
+        refs = {r["id"] for r in obj["references"] if r["type"] == "index-pattern"}
+        if not refs or not refs <= set(views):
+            problems.append(f"{obj['id']}: refers to no data view in the file")
+        source = json.loads(obj["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"])
+        services |= set(re.findall(r'service\.name:"([^"]+)"', source["query"]["query"]))
+        problems += [f"{obj['id']}: column {c} is not a mapped field" for c in obj["attributes"]["columns"]
+                     if c not in mapped]
+    problems += [f"no saved search for {name}" for name in sorted(LOG_SERVICES - services)]
+    return problems
+
+
+def test_filebeat_loads_the_ecs_index_template(compose: Compose) -> None:
+    filebeat = yaml.safe_load((COMPOSE_DIR / "filebeat" / "filebeat.yml").read_text())
+    assert filebeat["setup.ilm.enabled"] is False
+    assert check_log_template(compose, filebeat, load_template()) == []
+    broken_template = load_template()
+    broken_template["index_patterns"] = ["logs-*"]
+    broken_template["template"]["mappings"]["properties"]["kafka"]["properties"]["partition"]["type"] = "keyword"
+    assert check_log_template(compose, {**filebeat, "setup.template.json.path": "/elsewhere.json"},
+                              broken_template) == [
+        "filebeat: the index template is not mounted at setup.template.json.path (/elsewhere.json)",
+        "filebeat: writes to 'headwater-logs-default', which the template's patterns do not match",
+        "template: kafka.partition is keyword, ECS says long"]
+
+
+def test_kibana_saved_searches_cover_every_service(compose: Compose) -> None:
+    filebeat = yaml.safe_load((COMPOSE_DIR / "filebeat" / "filebeat.yml").read_text())
+    objects = load_saved_objects()
+    assert check_saved_searches(objects, filebeat, load_template()) == []
+    without_metrics = [copy.deepcopy(o) for o in objects if o["id"] != "headwater-logs-metrics"]
+    without_metrics[1]["attributes"]["columns"].append("no.such.field")
+    without_metrics[1]["references"] = []
+    problems = check_saved_searches(without_metrics, filebeat, load_template())
+    assert problems == [f"{without_metrics[1]['id']}: refers to no data view in the file",
+                        f"{without_metrics[1]['id']}: column no.such.field is not a mapped field",
+                        "no saved search for metrics"]
 
 
 def test_dockerfile_installs_project_and_runs_a_console_script() -> None:

@@ -23,6 +23,10 @@ So, in one place here rather than at every call site:
   the call gave one) and ``error.stack_trace``;
 - ``source`` and ``source_id`` (a Headwater source id; ECS's ``source`` is the
   network peer) become ``labels.source``;
+- an integer ``status`` (an HTTP answer's, as ingest and the metrics API log it)
+  becomes ``http.response.status_code``: the word statuses (a partition's
+  ``"sought"``) keep ``status``, and one field never holds both a number and a word
+  (the engine maps it by the first line it sees and refuses the others);
 - any other plain key that names an ECS object (``service``, ``host``, ``group``,
   ``log``, ...) or the head of a dotted key on the same line becomes
   ``labels.<key>``, ECS's place for custom keyword values.
@@ -96,6 +100,8 @@ def _custom_fields(event: EventDict) -> dict[str, Any]:
     for key, value in event.items():
         if key in SOURCE_KEYS:
             out["labels.source"] = value
+        elif key == "status" and isinstance(value, int) and not isinstance(value, bool):
+            out["http.response.status_code"] = value
         elif "." not in key and (key in ECS_OBJECTS or key in heads) and not isinstance(value, dict):
             out[f"labels.{key}"] = value
         else:

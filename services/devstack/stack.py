@@ -456,9 +456,10 @@ def wait_until(server: Server, probe: Callable[[], bool], timeout_s: float) -> f
 
 
 def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
-       kinesis: bool = False) -> dict[str, float]:
+       kinesis: bool = False, opensearch: bool = False) -> dict[str, float]:
     """Start what is not running and return once every server answers; the
-    Kinesis server only when asked for (the bridge and its tests need it)."""
+    Kinesis server only when asked for (the bridge and its tests need it), and
+    OpenSearch too (services/devstack/opensearch.py; the log search tests)."""
     timings: dict[str, float] = {}
     if kinesis:
         from services.devstack.kinesis import start_kinesis
@@ -466,6 +467,10 @@ def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
         timings["kinesis"] = start_kinesis(settings)[1]
     started: list[tuple[Server, Callable[[], bool]]] = []
     t0 = time.monotonic()
+    if opensearch:  # started first and awaited with the others: it is the slowest to answer
+        from services.devstack.opensearch import launch_opensearch
+
+        started.append(launch_opensearch(settings))
     if kafka:
         server = start_kafka(settings)
         started.append((server, lambda: asyncio.run(kafka_answers(settings.kafka_bootstrap))))
@@ -480,15 +485,17 @@ def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
 
 def down(settings: StackSettings) -> list[str]:
     from services.devstack.kinesis import kinesis_server
+    from services.devstack.opensearch import opensearch_server
     from services.devstack.prometheus import prometheus_server
 
     servers = (kafka_server(settings), cassandra_server(settings), kinesis_server(settings),
-               prometheus_server(settings))
+               prometheus_server(settings), opensearch_server(settings))
     return [server.name for server in servers if server.stop()]
 
 
 def status(settings: StackSettings) -> list[str]:
     from services.devstack.kinesis import kinesis_server
+    from services.devstack.opensearch import OpenSearchSettings, opensearch_server
     from services.devstack.prometheus import prometheus_server
 
     lines = []
@@ -497,6 +504,7 @@ def status(settings: StackSettings) -> list[str]:
         (cassandra_server(settings), f"127.0.0.1:{settings.cassandra_port}"),
         (kinesis_server(settings), f"127.0.0.1:{settings.kinesis_port}"),
         (prometheus_server(settings), f"127.0.0.1:{settings.prometheus_port}"),
+        (opensearch_server(settings), OpenSearchSettings().url.removeprefix("http://")),
     )
     for server, where in servers:
         pid = server.pid()

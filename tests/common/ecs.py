@@ -35,6 +35,7 @@ ECS_TYPES: dict[str, str] = {
     "agent.version": "keyword",
     "input.type": "keyword",
     "process.pid": "long",
+    "http.response.status_code": "long",
 }
 # Headwater's own fields (not ECS): what an operator searches by.
 CUSTOM_TYPES: dict[str, str] = {
@@ -130,12 +131,9 @@ def type_problems(line: dict[str, Any]) -> list[str]:
     problems = []
     for field, value in flatten(nested).items():
         kind = FIELD_TYPES.get(field)
-        if field.startswith("labels.") and kind is None:
-            kind = "keyword-ish"
-            if isinstance(value, dict):
-                problems.append(f"{field}: labels hold values, not objects")
-            continue
-        if kind is not None and not _is_type(value, kind):
+        if field.startswith("labels.") and field.count(".") > 1:
+            problems.append(f"{field}: labels hold values, not objects")
+        elif kind is not None and not _is_type(value, kind):
             problems.append(f"{field}: {value!r} is not a {kind}")
     for field in ("@timestamp", "message", "log.level", "service.name", "ecs.version"):
         if field not in flatten(nested):
@@ -148,7 +146,7 @@ def template_types(template: dict[str, Any]) -> dict[str, str]:
     def walk(props: dict[str, Any], prefix: str) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, spec in props.items():
-            if "properties" in spec:
+            if spec.get("type", "object") == "object" and "properties" in spec:
                 out.update(walk(spec["properties"], f"{prefix}{name}."))
             else:
                 out[f"{prefix}{name}"] = spec["type"]

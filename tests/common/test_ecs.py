@@ -53,7 +53,9 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], bool]] = [
     ("info", "partition opened", {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7},
      {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7}, False),
     ("warning", "request refused", {"status": 503, "error": "unavailable", "request_id": "r-2"},
-     {"status": 503, "error.message": "unavailable", "request_id": "r-2"}, False),
+     {"http.response.status_code": 503, "error.message": "unavailable", "request_id": "r-2"}, False),
+    ("info", "partition resumed", {"status": "sought", "kafka.partition": 0},
+     {"status": "sought", "kafka.partition": 0}, False),
     ("info", "serving", {"service": "ingest", "host": "127.0.0.1", "port": 8080, "worker": 0},
      {"labels.service": "ingest", "labels.host": "127.0.0.1", "port": 8080, "worker": 0}, False),
     ("warning", "parity differs", {"source": "shop", "cells": 2, "largest": 5},
@@ -155,4 +157,5 @@ def test_type_problems_catch_what_an_engine_refuses() -> None:
         "error is a value and error.type needs it as an object"]
     assert type_problems({**good, "kafka.partition": "3"}) == ["kafka.partition: '3' is not a long"]
     assert type_problems({**good, "@timestamp": "yesterday"}) == ["@timestamp: 'yesterday' is not a date"]
+    assert type_problems({**good, "labels.peer": {"id": 1}}) == ["labels.peer.id: labels hold values, not objects"]
     assert "message missing" in type_problems({k: v for k, v in good.items() if k != "message"})
