@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,10 +284,15 @@ auto_snapshot: false
         self.resolve()
         t0 = time.monotonic()
         waiting: list[tuple[NodeServer, Callable[[], bool]]] = []
-        if kafka:
-            waiting += [(self.start_kafka(i), self.kafka_probe(i)) for i in self.indexes]
+        # Cassandra first (the slowest to start, and launching is immediate); the brokers'
+        # storage formats (a short JVM each) then run side by side.
         if cassandra:
             waiting += [(self.start_cassandra(i), self.cassandra_probe(i)) for i in self.indexes]
+        if kafka:
+            self.cluster_id()  # made once here, not by the brokers' threads at the same time
+            with ThreadPoolExecutor(max_workers=self.settings.nodes) as pool:
+                brokers = list(pool.map(self.start_kafka, self.indexes))
+            waiting = [*((b, self.kafka_probe(b.node)) for b in brokers), *waiting]
         timings: dict[str, float] = {}
         deadline = t0 + self.settings.start_timeout_s
         for server, probe in waiting:
