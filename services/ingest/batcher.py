@@ -1,13 +1,8 @@
-"""Cross-request batching onto aiokafka's batch API.
-
-Sending record by record through ``AIOKafkaProducer.send`` costs a future,
-a partitioner call and an accumulator lookup per event; under load that is
-most of ingest's CPU. Here every request hands over its records and one
-task turns whatever has arrived into one BatchBuilder per partition,
-submitted with ``send_batch``. A request returns when every batch of its
-flush is acknowledged (acks=all), so the contract "200 only after Kafka
-acked" holds. Partitions are picked with Kafka's own murmur2 rule, so a Java
-producer writing the same keys puts them on the same partitions.
+"""Cross-request batching: every request hands over its records and one task
+writes whatever has arrived through the one Kafka writer (a record batch per
+partition, Kafka's murmur2 rule: services/common/kafkawriter.py). A request
+returns when every batch of its flush is acknowledged (acks=all), so the
+contract "200 only after Kafka acked" holds.
 
 Batching adapts to the load the way Nagle's algorithm does: at most
 ``max_inflight_flushes`` flushes await their acks at a time, and whatever
@@ -21,24 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from services.common.kafka import key_hash
-from services.ingest.spoolfile import Record
+from services.common.kafkawriter import BatchWriter, Headers, OutRecord
 
 log = structlog.get_logger(__name__)
-
-Headers = Sequence[tuple[str, bytes]]
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    return key_hash(key) % partitions
-
 
 class KafkaBatcher:
     """Groups records from concurrent callers into per-partition batches."""
@@ -54,12 +40,11 @@ class KafkaBatcher:
         self._observe_ack = observe_ack
         self._ack_timeout_s = ack_timeout_s
         self._max_pending_bytes = max_pending_bytes
-        self._headers_for = headers_for
-        self._pending: list[Record] = []
+        self._writer = BatchWriter(producer, headers_for=headers_for)
+        self._pending: list[OutRecord] = []
         self._pending_bytes = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
-        self._partitions: dict[str, int] = {}
         self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -86,13 +71,13 @@ class KafkaBatcher:
         self._fail(self._waiters, ConnectionError("ingest is stopping"))
         self._waiters = []
 
-    async def send(self, records: list[Record], timeout_s: float | None = None) -> None:
+    async def send(self, records: list[OutRecord], timeout_s: float | None = None) -> None:
         """Return once Kafka acknowledged every record; raise otherwise
         (TimeoutError when the acks take longer than ``timeout_s``, by default
         the batcher's ``ack_timeout_s``)."""
         await self.submit(records, timeout_s)
 
-    def submit(self, records: list[Record], timeout_s: float | None = None) -> asyncio.Future[None]:
+    def submit(self, records: list[OutRecord], timeout_s: float | None = None) -> asyncio.Future[None]:
         """Hand ``records`` over; the future completes when Kafka acknowledged
         them all, or fails (TimeoutError after ``timeout_s``, by default the
         batcher's ``ack_timeout_s``). Not a coroutine: the hot path awaits the
@@ -142,25 +127,8 @@ class KafkaBatcher:
             self._inflight.add(flushed)
             flushed.add_done_callback(functools.partial(self._flushed, waiters, deadline, loop.time()))
 
-    async def _submit(self, records: list[Record]) -> list[asyncio.Future[Any]]:
-        by_tp: dict[tuple[str, int], list[Record]] = defaultdict(list)
-        for r in records:
-            count = self._partitions.get(r.topic)
-            if count is None:
-                count = len(await self._producer.partitions_for(r.topic))
-                self._partitions[r.topic] = count
-            by_tp[(r.topic, partition_for(r.key, count))].append(r)
-        acks: list[asyncio.Future[Any]] = []
-        for (topic, partition), group in by_tp.items():
-            headers = self._headers_for(topic)
-            batch = self._producer.create_batch()
-            for r in group:
-                if batch.append(key=r.key, value=r.value, timestamp=None, headers=headers) is None:
-                    acks.append(await self._producer.send_batch(batch, topic, partition=partition))
-                    batch = self._producer.create_batch()
-                    batch.append(key=r.key, value=r.value, timestamp=None, headers=headers)
-            acks.append(await self._producer.send_batch(batch, topic, partition=partition))
-        return acks
+    async def _submit(self, records: list[OutRecord]) -> list[asyncio.Future[Any]]:
+        return await self._writer.write(records)
 
     def _flushed(self, waiters: list[asyncio.Future[None]], deadline: asyncio.TimerHandle | None,
                  started: float, done: asyncio.Future[Any]) -> None:

@@ -19,13 +19,13 @@ from aiohttp import web
 
 from services.common import segment
 from services.common.badrow import BadRow, FailureType
+from services.common.kafkawriter import OutRecord
 from services.common.sources import Source
 from services.ingest import parsing
 from services.ingest.errors import Overloaded, SpoolFull
 from services.ingest.parsing import RequestError
 from services.ingest.records import prepare
 from services.ingest.request import INGEST_KEY, VERSION, Ingest, authorize, observe, rate_limit, scrubbed, unavailable
-from services.ingest.spoolfile import Record
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +106,7 @@ async def _dead_letter_pixel(ing: Ingest, source: Source, path: str, query: dict
                  original=_pixel_original(path, query, keys), service="ingest", version=VERSION,
                  source_id=source.id, request_id=request_id, extra={"path": path, "reason": reason})
     try:
-        await ing.publisher.publish([Record(ing.settings.dlq_topic, source.id.encode(), bad.to_json())])
+        await ing.publisher.publish([OutRecord(ing.settings.dlq_topic, source.id.encode(), bad.to_json())])
     except (SpoolFull, Overloaded):
         log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id,
                     source_id=source.id)

@@ -48,8 +48,10 @@ class Publisher:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Publisher]:
         self.spool.open()
-        self._update_gauges()
         await self._connect()
+        # After _connect: a healthy start reads spooling 0 (before it, _kafka_up is still False,
+        # and an idle drain loop does not refresh the gauges, so 1 stayed until a first spool).
+        self._update_gauges()
         self._drainer = asyncio.create_task(self._drain_loop(), name="spool-drain")
         # A dead drainer would strand the spool: make its failure loud.
         self._drainer.add_done_callback(self._drainer_done)
@@ -183,6 +185,20 @@ class Publisher:
         # a longer deadline than a request's avoids resending (duplicating) them.
         await self._batcher.send(records, timeout_s=max(self.settings.kafka_ack_timeout_s * 5, 10.0))
 
+    async def _reset_producer(self) -> None:
+        """Drop a producer that a non-retriable error broke for good; the next _connect makes a
+        new one. The case seen: OutOfOrderSequenceNumber after Kafka came back, because batches
+        that expired while it was away left a gap in the idempotent producer's sequence numbers,
+        and every later send on that producer id fails the same way (aiokafka, unlike Kafka's
+        Java client, does not reset the producer id). Records stay in the spool until acked."""
+        batcher, producer = self._batcher, self._producer
+        self._batcher, self._producer = None, None
+        if batcher is not None:
+            await batcher.stop()
+        if producer is not None:
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(producer.stop(), self.settings.kafka_ack_timeout_s * 5)
+
     async def _drain_loop(self) -> None:
         backoff = 0.2
         while True:
@@ -214,6 +230,8 @@ class Publisher:
                 self._kafka_up = False
                 log.warning("spool drain interrupted; will retry", error=repr(exc),
                             pending=self.spool.pending_events)
+                if isinstance(exc, KafkaError) and not exc.retriable:
+                    await self._reset_producer()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             else:

@@ -18,11 +18,11 @@ from aiohttp import web
 
 from services.common import segment
 from services.common.badrow import BadRow, FailureType
+from services.common.kafkawriter import OutRecord
 from services.common.sources import Source
 from services.ingest import parsing
 from services.ingest.envelope import EnvelopeWriter
 from services.ingest.request import VERSION, Ingest, clean_header, scrubbed
-from services.ingest.spoolfile import Record
 
 JSON_MAX_DEPTH = parsing.JSON_MAX_DEPTH
 # A bad row's original keeps the event whole up to this depth; deeper containers
@@ -51,7 +51,7 @@ class Prepared:
     """A request's records (good events and bad rows), what the answer lists as rejected,
     and how many events were taken."""
 
-    records: list[Record]
+    records: list[OutRecord]
     rejected: list[dict[str, Any]]
     accepted: int
 
@@ -74,7 +74,7 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
     source_prefix = f"{source.id}:"
     envelopes = EnvelopeWriter(source_id=source.id, received_at_ms=now_ms, client_ip=client_ip,
                                user_agent=user_agent, request_id=request_id, path=path)
-    records: list[Record] = []
+    records: list[OutRecord] = []
     rejected: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         errors = segment.validate(event, expected_type)
@@ -101,7 +101,7 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
             message_id = scrubbed([message_id], keys)[0] if isinstance(message_id, str) else None
             rejected.append({"index": index, "messageId": message_id, "errors": errors})
             ing.metrics.events.rejected(failure.value)
-            records.append(Record(s.dlq_topic, source.id.encode(), BadRow(
+            records.append(OutRecord(s.dlq_topic, source.id.encode(), BadRow(
                 failure_type=failure, errors=errors,
                 original=original_bytes(event, keys),
                 service="ingest", version=VERSION, source_id=source.id,
@@ -110,5 +110,5 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
             ).to_json()))
             continue
         key = f"{source_prefix}{segment.user_key(event)}".encode()
-        records.append(Record(s.raw_topic, key, envelopes.encode(event["messageId"], value)))
+        records.append(OutRecord(s.raw_topic, key, envelopes.encode(event["messageId"], value)))
     return Prepared(records, rejected, len(events) - len(rejected))

@@ -46,12 +46,13 @@ from pathlib import Path
 import orjson
 import structlog
 
+from services.common.kafkawriter import OutRecord
 from services.ingest.errors import SpoolDamaged, SpoolFull
 from services.ingest.spoolfile import (
     DamagedSegment,
-    Record,
     Scan,
     cursor_path,
+    frame,
     fsync_dir,
     is_torn_tail,
     move_aside,
@@ -156,9 +157,9 @@ class Spool:
 
     # -- appending ---------------------------------------------------------------
 
-    async def append(self, records: list[Record]) -> None:
+    async def append(self, records: list[OutRecord]) -> None:
         """Return once ``records`` are on disk (fsync'd)."""
-        frames = [r.frame() for r in records]
+        frames = [frame(r) for r in records]
         size = sum(len(f) for f in frames)
         if self._pending_bytes + size > self.max_bytes:
             raise SpoolFull(f"spool is full ({self._pending_bytes} of {self.max_bytes} bytes)")
@@ -236,7 +237,7 @@ class Spool:
 
     # -- draining ---------------------------------------------------------------
 
-    async def drain(self, send: Callable[[list[Record]], Awaitable[None]], batch: int = 1000) -> int:
+    async def drain(self, send: Callable[[list[OutRecord]], Awaitable[None]], batch: int = 1000) -> int:
         """Send everything durable in order, ``batch`` records at a time.
 
         ``send`` must raise if Kafka did not take the batch; draining then
@@ -278,7 +279,7 @@ class Spool:
         return sent
 
     async def _send_scanned(self, seg: Path, scan: Scan, start: int,
-                            send: Callable[[list[Record]], Awaitable[None]], batch: int) -> int:
+                            send: Callable[[list[OutRecord]], Awaitable[None]], batch: int) -> int:
         records = scan.records
         for i in range(0, len(records), batch):
             chunk = records[i:i + batch]

@@ -20,25 +20,21 @@ from pathlib import Path
 
 import orjson
 
+from services.common.kafkawriter import OutRecord
+
 _FRAME = struct.Struct(">II")        # payload length, crc32(payload)
 _HEADER = struct.Struct(">HI")       # topic length, key length
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One Kafka record waiting to be written."""
-
-    topic: str
-    key: bytes
-    value: bytes
-
-    def frame(self) -> bytes:
-        topic = self.topic.encode()
-        payload = _HEADER.pack(len(topic), len(self.key)) + topic + self.key + self.value
-        return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+def frame(record: OutRecord) -> bytes:
+    """A record as the spool stores it: topic, key and value under a CRC (the headers
+    follow from the topic and are added again when it is sent)."""
+    topic, key = record.topic.encode(), record.key or b""
+    payload = _HEADER.pack(len(topic), len(key)) + topic + key + record.value
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[Record, int] | None:
+def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[OutRecord, int] | None:
     """The record framed at ``pos`` and where it ends, or None when the bytes
     there are not a whole frame that passes its CRC."""
     if pos + _FRAME.size > end:
@@ -60,13 +56,13 @@ def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[Record, i
         topic = payload[_HEADER.size:topic_end].decode()
     except UnicodeDecodeError:
         return None
-    return Record(topic, payload[topic_end:key_end], payload[key_end:]), body_end
+    return OutRecord(topic, payload[topic_end:key_end], payload[key_end:]), body_end
 
 
-def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, Record]], int]:
+def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, OutRecord]], int]:
     """Parse records from ``start``; returns (end offset, record) pairs and the
     offset where valid data ends (a torn or corrupt frame stops the scan)."""
-    out: list[tuple[int, Record]] = []
+    out: list[tuple[int, OutRecord]] = []
     pos = start
     while (parsed := parse_frame(data, pos, len(data))) is not None:
         record, pos = parsed
@@ -78,7 +74,7 @@ def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, Record]], 
 class Scan:
     """What a segment holds between two offsets."""
 
-    records: list[tuple[int, Record]] = field(default_factory=list)   # (end offset, record)
+    records: list[tuple[int, OutRecord]] = field(default_factory=list)   # (end offset, record)
     damaged: list[tuple[int, int]] = field(default_factory=list)      # [start, end) byte ranges
     end: int = 0
 
@@ -111,7 +107,7 @@ def scan_frames(data: bytes | memoryview, start: int, end: int, base: int = 0) -
     return scan
 
 
-def resync_frames(data: bytes, start: int, end: int) -> Iterator[tuple[int, Record]]:
+def resync_frames(data: bytes, start: int, end: int) -> Iterator[tuple[int, OutRecord]]:
     """Frames found by trying every offset in ``data[start:end]``: for an operator
     recovering a damaged range after reading what it holds (``headwater spool
     inspect``), never for the drainer. Yields (start offset, record)."""

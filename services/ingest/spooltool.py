@@ -25,7 +25,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from services.common.badrow import BAD_ROW_SCHEMA
-from services.ingest.spoolfile import Record, resync_frames, scan_frames
+from services.common.kafkawriter import OutRecord
+from services.ingest.spoolfile import resync_frames, scan_frames
 
 REPLAYED_DIR = "replayed"
 
@@ -34,9 +35,9 @@ REPLAYED_DIR = "replayed"
 class Inspection:
     path: Path
     size: int
-    good: list[tuple[int, Record]]
+    good: list[tuple[int, OutRecord]]
     damaged: list[tuple[int, int]]
-    recovered: list[tuple[int, Record]]
+    recovered: list[tuple[int, OutRecord]]
     report: dict[str, Any] | None
 
     def summary(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class Inspection:
             "segment": str(self.path), "bytes": self.size, "report": self.report,
             "good_frames": len(self.good),
             "damaged_ranges": [{"start": a, "end": b, "bytes": b - a} for a, b in self.damaged],
-            "recovered_frames": [{"offset": off, "topic": r.topic, "key": r.key.decode("utf-8", "replace"),
+            "recovered_frames": [{"offset": off, "topic": r.topic, "key": (r.key or b"").decode("utf-8", "replace"),
                                   "value_bytes": len(r.value)} for off, r in self.recovered],
             "topics": dict(Counter(r.topic for _, r in self.good + self.recovered)),
         }

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from services.common.kafkawriter import OutRecord
 from services.ingest.errors import SpoolFull
 from services.ingest.spool import Spool
-from services.ingest.spoolfile import Record, read_frames
+from services.ingest.spoolfile import frame, read_frames
 
 
-def rec(i: int) -> Record:
-    return Record("events.raw", f"k{i}".encode(), f"value-{i}".encode() * 3)
+def rec(i: int) -> OutRecord:
+    return OutRecord("events.raw", f"k{i}".encode(), f"value-{i}".encode() * 3)
 
 
 async def test_append_then_drain_in_order_across_segments(tmp_path: Path) -> None:
@@ -21,9 +22,9 @@ async def test_append_then_drain_in_order_across_segments(tmp_path: Path) -> Non
         await spool.append([rec(j) for j in range(i, i + 10)])
     assert spool.pending_events == 100
     assert len(list(tmp_path.glob("seg-*.log"))) > 1
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     assert await spool.drain(send, batch=7) == 100
@@ -35,9 +36,9 @@ async def test_append_then_drain_in_order_across_segments(tmp_path: Path) -> Non
 async def test_failed_send_keeps_the_cursor_and_reopen_replays_the_rest(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=10_000_000)
     await spool.append([rec(i) for i in range(20)])
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def flaky(batch: list[Record]) -> None:
+    async def flaky(batch: list[OutRecord]) -> None:
         if len(got) >= 10:
             raise OSError("kafka went away")
         got.extend(batch)
@@ -50,9 +51,9 @@ async def test_failed_send_keeps_the_cursor_and_reopen_replays_the_rest(tmp_path
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
     assert reopened.pending_events == 10
-    rest: list[Record] = []
+    rest: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         rest.extend(batch)
 
     await reopened.drain(send)
@@ -65,7 +66,7 @@ async def test_torn_tail_is_dropped_on_open(tmp_path: Path) -> None:
     await spool.close()
     [segment] = tmp_path.glob("seg-*.log")
     with segment.open("ab") as f:
-        f.write(rec(3).frame()[:-4])  # a crash in the middle of a write
+        f.write(frame(rec(3))[:-4])  # a crash in the middle of a write
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
     assert reopened.pending_events == 2
@@ -82,10 +83,10 @@ async def test_full_spool_refuses(tmp_path: Path) -> None:
 
 
 def test_corrupt_crc_stops_the_scan() -> None:
-    good = rec(1).frame()
-    bad = bytearray(rec(2).frame())
+    good = frame(rec(1))
+    bad = bytearray(frame(rec(2)))
     bad[-1] ^= 0xFF
-    records, end = read_frames(good + bytes(bad) + rec(3).frame())
+    records, end = read_frames(good + bytes(bad) + frame(rec(3)))
     assert [r for _, r in records] == [rec(1)] and end == len(good)
 
 
@@ -112,9 +113,9 @@ async def test_failed_write_is_cut_back_and_later_acks_survive(tmp_path: Path, m
 
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     await reopened.drain(send)
@@ -129,9 +130,9 @@ async def test_spools_of_retired_workers_are_adopted_and_replayed_first(tmp_path
     spool = Spool(tmp_path / "worker-1", max_bytes=10_000_000, adopt=[tmp_path / "worker-3"])
     spool.open()
     await spool.append([rec(3)])
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     await spool.drain(send)
@@ -150,10 +151,10 @@ def test_orphan_spool_folders_go_to_one_worker_each(tmp_path: Path) -> None:
     assert [p.name for p in orphan_spools(settings, 1)] == ["worker-3", "worker-5"]
 
 
-async def _drain_all(spool: Spool) -> list[Record]:
-    got: list[Record] = []
+async def _drain_all(spool: Spool) -> list[OutRecord]:
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     await spool.drain(send)
@@ -185,9 +186,9 @@ async def test_drainer_never_reads_past_the_durable_end(tmp_path: Path, monkeypa
     [segment] = tmp_path.glob("seg-*.log")
     assert segment.stat().st_size > spool.durable_end(segment)   # the frames are there, not durable
 
-    sent: list[Record] = []
+    sent: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         sent.extend(batch)
 
     drainer = asyncio.create_task(spool.drain(send))
@@ -226,10 +227,10 @@ async def test_flipped_payload_byte_sets_the_segment_aside_and_the_rest_is_deliv
 
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()                                 # not a torn tail: nothing is cut
-    assert segments[0].stat().st_size == len(b"".join(r.frame() for r in in_first))
-    got: list[Record] = []
+    assert segments[0].stat().st_size == len(b"".join(frame(r) for r in in_first))
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     with pytest.raises(SpoolDamaged):
@@ -258,9 +259,9 @@ async def test_flipped_length_byte_loses_framing_and_keeps_the_rest_for_the_oper
     [segment] = tmp_path.glob("seg-*.log")
     frames, _ = read_frames(segment.read_bytes())
     _flip(segment, frames[1][0] + 1)                # the third frame's length field
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     # The segment is still the active one: a live drain finds the damage too.
@@ -286,9 +287,9 @@ async def test_a_damaged_last_frame_is_not_taken_for_a_torn_tail(tmp_path: Path)
     _flip(segment, segment.stat().st_size - 2)
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     with pytest.raises(SpoolDamaged):
@@ -320,9 +321,9 @@ async def test_a_segment_cut_below_its_durable_end_is_set_aside(tmp_path: Path) 
     frames, _ = read_frames(segment.read_bytes())
     with segment.open("r+b") as f:
         f.truncate(frames[1][0] + 5)              # cut from outside, mid-frame
-    got: list[Record] = []
+    got: list[OutRecord] = []
 
-    async def send(batch: list[Record]) -> None:
+    async def send(batch: list[OutRecord]) -> None:
         got.extend(batch)
 
     with pytest.raises(SpoolDamaged):

@@ -25,10 +25,11 @@ import aiohttp
 import orjson
 import pytest
 
+from services.common.kafkawriter import OutRecord
 from services.devstack import stack
 from services.ingest.envelope import EnvelopeWriter
 from services.ingest.spool import Spool
-from services.ingest.spoolfile import Record, read_frames
+from services.ingest.spoolfile import read_frames
 from tests.helpers import eventually, free_port, read_topic, unique_name
 from tests.ingest.conftest import SERVER_KEY, IngestClient, basic, decode
 from tests.ingest.test_durability import _message_ids
@@ -162,10 +163,10 @@ async def test_disk_fills_while_spooling_then_space_comes_back(
         await _stop(proc)
 
 
-def _records(topic: str, prefix: str, n: int) -> list[Record]:
+def _records(topic: str, prefix: str, n: int) -> list[OutRecord]:
     writer = EnvelopeWriter(source_id="server", received_at_ms=1, client_ip="127.0.0.1", user_agent="t",
                             request_id="r", path="/v1/track")
-    return [Record(topic, f"server:u{i}".encode(),
+    return [OutRecord(topic, f"server:u{i}".encode(),
                    writer.encode(f"{prefix}-{i}", orjson.dumps({"type": "track", "event": "E", "userId": f"u{i}",
                                                                   "messageId": f"{prefix}-{i}"})))
             for i in range(n)]
