@@ -15,12 +15,12 @@ from aiokafka.errors import KafkaError
 from services.common import topics
 from services.common.badrow import BAD_ROW_SCHEMA
 from services.common.errors import HeadwaterError
+from services.common.kafkawriter import OutRecord
 from services.ingest.batcher import KafkaBatcher
 from services.ingest.errors import Overloaded, SpoolDamaged, SpoolFull
 from services.ingest.metrics import IngestMetrics
 from services.ingest.settings import Settings
 from services.ingest.spool import Spool
-from services.ingest.spoolfile import Record
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +136,7 @@ class Publisher:
                           f"{self.spool.pending_events} events in the spool")
         return True, "kafka"
 
-    async def publish(self, records: list[Record]) -> str:
+    async def publish(self, records: list[OutRecord]) -> str:
         """Return "kafka" or "spool" once every record is safe; raise
         SpoolFull or Overloaded when it cannot be taken."""
         n = len(records)
@@ -179,7 +179,7 @@ class Publisher:
             return False
         return True
 
-    async def _send_batch(self, records: list[Record]) -> None:
+    async def _send_batch(self, records: list[OutRecord]) -> None:
         assert self._batcher is not None
         # Draining sends large batches, often to a broker that just came back:
         # a longer deadline than a request's avoids resending (duplicating) them.
