@@ -3,7 +3,8 @@
 Ingest, processor and metrics run on the real Kafka and Cassandra with traffic; the
 bridge and the mirror on the Kinesis server; a second ingest with Kafka away and a
 1 KiB spool answers 503s (the lines an operator looks up by a client's request_id) and
-cannot dead-letter a bad pixel (a line with its source). Each process's stdout lines are
+cannot dead-letter a bad pixel (a line with its source); a second metrics without
+Cassandra fails to start (exceptions, from the driver's stdlib logger and the runner). Each process's stdout lines are
 decoded as compose/filebeat/filebeat.yml says (ndjson, expand_keys) and bulk-indexed with
 ``create`` into a data stream of the index template from compose/, in the dev stack's
 OpenSearch 2.19 node (``headwater stack up --opensearch``; .ci/run starts it). Then:
@@ -113,9 +114,14 @@ async def _traffic(running: dict[str, Any], settings: stack.StackSettings, sourc
     outage = {"KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": outage_port,
               "SOURCES_FILE": sources, "SPOOL_DIR": tmp_path / "outage-spool", "SPOOL_MAX_BYTES": 1024,
               "SPOOL_SEGMENT_BYTES": 1024, "RAW_TOPIC": topics["raw"], "DLQ_TOPIC": topics["dlq"]}
+    # Metrics with no Cassandra cannot start: exceptions from the driver (stdlib logging)
+    # and from the runner (structlog), then it exits.
+    broken = {**running["settings"]["metrics"], "HTTP_PORT": free_port(), "CASSANDRA_PORT": free_port(),
+              "CONSUMER_GROUP": unique_name("test-logs-broken")}
     procs = [start_bridge(bridge, "bridge", tmp_path / "bridge.log"),
              start_bridge(bridge, "mirror", tmp_path / "mirror.log"),
-             fleet.start("ingest", outage, tmp_path / "ingest-outage.log")]
+             fleet.start("ingest", outage, tmp_path / "ingest-outage.log"),
+             fleet.start("metrics", broken, tmp_path / "metrics-no-cassandra.log")]
     try:
         await fleet.wait_ready("bridge", procs[0], bridge.http_port, tmp_path / "bridge.log")
         await fleet.wait_ready("mirror", procs[1], bridge.mirror_http_port, tmp_path / "mirror.log")
@@ -149,6 +155,8 @@ async def _traffic(running: dict[str, Any], settings: stack.StackSettings, sourc
                          "the bad pixel's warning")
         await eventually(lambda: _log_has(tmp_path / "bridge.log", "parity comparison could not run"), 30,
                          "the bridge's parity warning")
+        await eventually(lambda: _log_has(tmp_path / "metrics-no-cassandra.log", "could not start"), 60,
+                         "metrics without Cassandra to give up")
     finally:
         fleet.stop(procs)
     return {"request_id": refused, "raw_topic": topics["raw"]}
@@ -217,6 +225,16 @@ async def _check_searches(search: Callable[..., Awaitable[Any]], stream: str, de
     assert [h["message"] for h in again] == [pixel["message"]]
     parity = next(h for h in by_source if h["service"]["name"] == "bridge")
     assert parity["error"]["message"]   # the bridge's error= text, in ECS's error.message
+    # Exceptions, from structlog and from a library's stdlib logger, by type.
+    failed = await _hits(search, stream, {"bool": {"filter": [{"term": {"service.name": "metrics"}},
+                                                              {"match": {"message": "could not start"}}]}})
+    assert len(failed) == 1 and failed[0]["labels"]["service"] == "metrics"
+    error = failed[0]["error"]
+    assert error["stack_trace"].startswith("Traceback") and error["message"]
+    assert error["stack_trace"].rstrip().splitlines()[-1].startswith(error["type"] + ": ")
+    driver = await _hits(search, stream, {"term": {"error.type": "cassandra.cluster.NoHostAvailable"}})
+    assert driver and {h["log"]["logger"] for h in driver} == {"cassandra.cluster"}
+    assert all(h["error"]["stack_trace"].startswith("Traceback") for h in driver)
     # Kafka coordinates are numbers and keywords.
     on_raw = await _hits(search, stream, {"bool": {"filter": [{"term": {"kafka.topic": facts["raw_topic"]}},
                                                               {"range": {"kafka.partition": {"gte": 0}}}]}})
