@@ -14,7 +14,7 @@ The loop, as the KCL does it:
    returns no iterator the shard is closed and read to its end: it is marked
    finished, and its children become ready at the next discovery.
 3. Forwarding one batch (``ShardWorker._forward``), in this order:
-   1. decode every record (legacy.py): an Envelope, a bad row or a skip;
+   1. decode every record (decoder.py): an Envelope, a bad row or a skip;
    2. send the Envelopes to events.raw and the bad rows to events.dlq and wait
       until Kafka acknowledged every one (acks=all, idempotent producer), and
    3. meanwhile record the parity messageIds (idempotent rows);

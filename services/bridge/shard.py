@@ -1,6 +1,6 @@
 """The shards this process holds: steps 2 and 3 of the bridge loop (bridge.py's docstring
 has the whole loop). One reader task per shard reads GetRecords from the checkpoint, with the
-next call in flight while a batch is forwarded; a batch is decoded (legacy.py), sent to
+next call in flight while a batch is forwarded; a batch is decoded (decoder.py), sent to
 events.raw and events.dlq and acknowledged by Kafka, its parity messageIds recorded, and only
 then checkpointed under the lease: at least once into events.raw, never past a batch Kafka
 did not take.
@@ -19,9 +19,10 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from services.bridge.decoder import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
 from services.bridge.kinesis import Backoff, KinesisClient, arrival_ms
-from services.bridge.legacy import TRUNCATED_ORIGINAL, BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
+from services.bridge.legacy import TRUNCATED_ORIGINAL
 from services.bridge.metrics import BridgeMetrics
 from services.bridge.settings import Settings
 from services.bridge.store import Lease, ParityEntry, Store, now_ms

@@ -9,20 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from services.bridge.decoder import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.kinesis import Backoff, ShardInfo, ready_shards
-from services.bridge.legacy import (
-    BadReason,
-    Bridged,
-    LegacyDecoder,
-    LegacyRecord,
-    NotMirrored,
-    Position,
-    Rejected,
-    Skip,
-    infer_type,
-    parse_time_ms,
-    to_legacy,
-)
+from services.bridge.legacy import LegacyRecord, NotMirrored, infer_type, parse_time_ms, to_legacy
 from services.bridge.mirror import chunks
 from services.common.badrow import BadRow
 from services.common.proto.envelope_pb2 import Envelope

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.bridge.legacy import LegacyDecoder, Position, Skip
+from services.bridge.decoder import LegacyDecoder, Position, Skip
 from services.bridge.metrics import make_mirror_metrics
 from services.bridge.mirror import Mirror
 from services.common.badrow import FailureType
