@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import Any
 
 import structlog
 import uvloop
@@ -36,7 +34,7 @@ from services.common.errors import ConfigError, DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
-from services.common.runner import exit_on_config_error
+from services.common.runner import Service, exit_on_config_error, run
 from services.common.settings import load_settings
 from services.common.sources import SourceRegistry
 
@@ -62,105 +60,99 @@ async def kafka_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
         await producer.stop()
 
 
-async def _serve_http(stack: contextlib.AsyncExitStack, settings: Settings, port: int, health: Health) -> None:
+def _service(name: str, health: Health) -> Service:
     app = web.Application()
     add_health_routes(app, health)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, settings.http_host, port, reuse_port=True).start()
-    log.info("serving", port=port)
+    return Service(name, app)
 
 
-async def _until_stopped(work: Callable[[asyncio.Event], Coroutine[Any, Any, None]], what: str,
-                         shutdown_timeout_s: float) -> int:
-    """Run ``work(stop)`` until SIGTERM/SIGINT (then drain, bounded) or until it fails."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)  # only asks for a stop; the drain is below
-    task = asyncio.create_task(work(stop), name=what)
-    stopped = asyncio.create_task(stop.wait(), name="stop-wait")
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not task.done():
-        log.info("draining", timeout_s=shutdown_timeout_s)
-        try:
-            await asyncio.wait_for(task, shutdown_timeout_s)
-        except TimeoutError:
-            log.warning("drain timed out", what=what)
-            return 0
-    failure = task.exception()
-    if failure is not None:
-        log.error("loop failed", what=what, error=repr(failure), exc_info=failure)
-        return 1
-    return 0
-
-
-async def serve_bridge(settings: Settings) -> int:
+def build_bridge(settings: Settings) -> Service:
+    """Sources, topics, Cassandra, the Kafka producer and the Kinesis client, then the
+    bridge (and the parity watch) as one loop: one fails, both stop."""
     registry = CollectorRegistry()
     metrics = make_bridge_metrics(registry)
     health = Health(registry)
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(sources.running())
-        await topics.ensure(settings.kafka_bootstrap, [
-            topics.RAW.spec(settings.raw_topic, settings.raw_partitions),
-            topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)])
-        store = await stack.enter_async_context(cassandra_store(settings))
-        producer = await stack.enter_async_context(kafka_producer(settings))
-        kinesis = await stack.enter_async_context(kinesis_client(settings))
-        bridge = Bridge(settings, sources, store, kinesis, producer, metrics, version=VERSION)
+    service = _service("bridge", health)
+    service.resource("sources", sources.running)
+    service.hooks("topics", lambda: topics.ensure(settings.kafka_bootstrap, [
+        topics.RAW.spec(settings.raw_topic, settings.raw_partitions),
+        topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)]))
+    store = service.resource("cassandra", lambda: cassandra_store(settings))
+    producer = service.resource("kafka producer", lambda: kafka_producer(settings))
+    kinesis = service.resource("kinesis", lambda: kinesis_client(settings))
+    parity_metrics = make_parity_metrics(registry)
+    made: list[tuple[Bridge, ParityWatch]] = []
 
-        async def kafka_check() -> tuple[bool, str]:
-            return await kafka_ready(settings.kafka_bootstrap)
-
-        async def sources_check() -> tuple[bool, str]:
-            return sources.status()
-
-        health.add_check("kafka", kafka_check)
-        health.add_check("cassandra", store.client.ready)
-        health.add_check("sources", sources_check)
+    async def make_bridge() -> None:
+        bridge = Bridge(settings, sources, store.value, kinesis.value, producer.value, metrics, version=VERSION)
+        health.add_check("cassandra", store.value.client.ready)
         health.add_check("bridge", bridge.status)
-        watch = ParityWatch(settings, sources, store, make_parity_metrics(registry))
+        made.append((bridge, ParityWatch(settings, sources, store.value, parity_metrics)))
 
-        async def work(stop: asyncio.Event) -> None:
-            # One fails, both stop (the TaskGroup cancels the other) and the failure is reported.
-            async with asyncio.TaskGroup() as group:
-                group.create_task(bridge.run(stop), name="bridge-run")
-                if settings.parity_interval_s > 0:
-                    group.create_task(watch.run(stop), name="parity-watch")
+    async def kafka_check() -> tuple[bool, str]:
+        return await kafka_ready(settings.kafka_bootstrap)
 
-        await _serve_http(stack, settings, settings.http_port, health)
-        return await _until_stopped(work, "bridge", settings.shutdown_timeout_s)
-    return 0
+    async def sources_check() -> tuple[bool, str]:
+        return sources.status()
+
+    health.add_check("kafka", kafka_check)
+    health.add_check("sources", sources_check)
+    service.hooks("bridge", make_bridge)
+    stop = asyncio.Event()
+
+    async def work() -> None:
+        # One fails, both stop (the TaskGroup cancels the other) and the failure is reported.
+        bridge, watch = made[0]
+        async with asyncio.TaskGroup() as group:
+            group.create_task(bridge.run(stop), name="bridge-run")
+            if settings.parity_interval_s > 0:
+                group.create_task(watch.run(stop), name="parity-watch")
+
+    service.loop("bridge", work, stop.set, drain_timeout_s=settings.shutdown_timeout_s)
+    return service
 
 
-async def serve_mirror(settings: Settings) -> int:
+def build_mirror(settings: Settings) -> Service:
+    """Sources, topics, the Kafka producer and the Kinesis client, then the mirror's
+    consumer (closed by the mirror) and its loop."""
     registry = CollectorRegistry()
     metrics = make_mirror_metrics(registry)
     health = Health(registry)
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(sources.running())
-        await topics.ensure(settings.kafka_bootstrap, [topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)])
-        producer = await stack.enter_async_context(kafka_producer(settings))
-        kinesis = await stack.enter_async_context(kinesis_client(settings))
+    service = _service("mirror", health)
+    service.resource("sources", sources.running)
+    service.hooks("topics", lambda: topics.ensure(settings.kafka_bootstrap,
+                                                  [topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)]))
+    producer = service.resource("kafka producer", lambda: kafka_producer(settings))
+    kinesis = service.resource("kinesis", lambda: kinesis_client(settings))
+    made: list[Mirror] = []
+
+    async def make_mirror() -> None:
         consumer = AIOKafkaConsumer(settings.enriched_topic, bootstrap_servers=settings.kafka_bootstrap,
                                     group_id=settings.mirror_group_id, isolation_level="read_committed",
                                     enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
-        mirror = Mirror(settings, sources, kinesis, consumer, producer, metrics, version=VERSION)
-        stack.push_async_callback(mirror.close)
-
-        async def sources_check() -> tuple[bool, str]:
-            return sources.status()
-
-        health.add_check("sources", sources_check)
+        mirror = Mirror(settings, sources, kinesis.value, consumer, producer.value, metrics, version=VERSION)
         health.add_check("mirror", mirror.status)
-        await _serve_http(stack, settings, settings.mirror_http_port, health)
-        return await _until_stopped(mirror.run, "mirror", settings.shutdown_timeout_s)
-    return 0
+        made.append(mirror)
+
+    async def close_mirror() -> None:
+        if made:
+            await made.pop().close()
+
+    async def sources_check() -> tuple[bool, str]:
+        return sources.status()
+
+    health.add_check("sources", sources_check)
+    service.hooks("mirror", make_mirror, close_mirror)
+    stop = asyncio.Event()
+
+    async def work() -> None:
+        await made[0].run(stop)
+
+    service.loop("mirror", work, stop.set, drain_timeout_s=settings.shutdown_timeout_s)
+    return service
 
 
 async def run_migrate(settings: Settings) -> int:
@@ -173,13 +165,18 @@ async def run_migrate(settings: Settings) -> int:
 @exit_on_config_error
 def main() -> int:
     command = sys.argv[1] if len(sys.argv) > 1 else "bridge"
-    runners = {"bridge": serve_bridge, "mirror": serve_mirror, "migrate": run_migrate}
-    if command not in runners:
-        raise ConfigError(f"unknown command {command!r}; use one of {', '.join(runners)}")
+    commands = ("bridge", "mirror", "migrate")
+    if command not in commands:
+        raise ConfigError(f"unknown command {command!r}; use one of {', '.join(commands)}")
     settings = load_settings(Settings)
     configure_logging(f"{settings.service_name}-{command}" if command == "mirror" else settings.service_name,
                       settings.log_level)
-    return uvloop.run(runners[command](settings))
+    if command == "migrate":
+        return uvloop.run(run_migrate(settings))
+    build, port = ((build_bridge, settings.http_port) if command == "bridge"
+                   else (build_mirror, settings.mirror_http_port))
+    return run(lambda: build(settings), host=settings.http_host, port=port,
+               drain_timeout_s=settings.shutdown_timeout_s)
 
 
 if __name__ == "__main__":
