@@ -43,6 +43,8 @@ class Health:
                 return await asyncio.wait_for(check(), self.check_timeout_s)
             except TimeoutError:
                 return False, "timed out"
+            except Exception as exc:  # noqa: BLE001 - a check that raises is a failing check, and /metrics runs them too
+                return False, f"check failed: {exc!r}"
 
         names = list(self.checks)
         results = await asyncio.gather(*(run(self.checks[n]) for n in names))
