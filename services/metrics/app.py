@@ -13,12 +13,12 @@ from services.common import topics
 from services.common.cassandra import CassandraClient
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
-from services.common.runner import Service
+from services.common.runner import Component, Service
 from services.common.sources import SourceRegistry
 from services.metrics.api import add_kairos_routes
 from services.metrics.consumer import RollupConsumer
 from services.metrics.external import ExternalStore
-from services.metrics.metrics import make_metrics
+from services.metrics.metrics import MetricsMetrics, make_metrics
 from services.metrics.query import QueryService
 from services.metrics.settings import Settings
 from services.metrics.sink import KairosSink
@@ -40,6 +40,39 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
     except TimeoutError:
         log.warning("side producer did not stop in time; records not yet acknowledged are dropped "
                     "(no checkpoint passed them)", timeout_s=timeout_s)
+
+
+class RollupParts(Component):
+    """The side producer (events.late, events.dlq) and the rollup consumer, made when
+    started, not when the service is built: an aiokafka client made and never started
+    warns when it is collected, as it was when Cassandra refused the start."""
+
+    def __init__(self, settings: Settings, store: Store, sources: SourceRegistry, metrics: MetricsMetrics,
+                 sink: KairosSink | None) -> None:
+        super().__init__("side producer")
+        self.settings, self.store, self.sources, self.metrics, self.sink = settings, store, sources, metrics, sink
+        self._consumer: RollupConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def consumer(self) -> RollupConsumer:
+        if self._consumer is None:
+            raise RuntimeError("the rollup consumer is not made yet")
+        return self._consumer
+
+    async def _start(self) -> None:
+        s = self.settings
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all",
+                                    enable_idempotence=True, client_id="headwater-metrics-side")
+        await producer.start()
+        self._producer = producer
+        self._consumer = RollupConsumer(s, self.store, self.sources, producer, self.metrics,
+                                        on_flush=self.sink.enqueue if self.sink else None)
+
+    async def _stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await stop_producer(producer, self.settings.shutdown_timeout_s)
 
 
 def build_service(settings: Settings, *, consume: bool = True, registry: CollectorRegistry | None = None) -> Service:
@@ -77,22 +110,19 @@ def build_service(settings: Settings, *, consume: bool = True, registry: Collect
         return service
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     service.resource("sources", sources.running)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, client_id="headwater-metrics-side")
-    service.hooks("side producer", producer.start, lambda: stop_producer(producer, settings.shutdown_timeout_s))
     sink = KairosSink(settings, metrics) if settings.kairosdb_url else None
     if sink is not None:
         service.hooks("kairosdb sink", sink.start, sink.stop)
-    consumer = RollupConsumer(settings, store, sources, producer, metrics,
-                              on_flush=sink.enqueue if sink else None)
+    parts = service.add(RollupParts(settings, store, sources, metrics, sink))
     # The loop only ends on its own for a bug or a non-retriable error: the service
     # then stops with a failure, so its supervisor starts it again.
-    rollups = service.loop("rollup consumer", consumer.run, consumer.stop, drain_timeout_s=settings.shutdown_timeout_s)
+    rollups = service.loop("rollup consumer", lambda: parts.consumer.run(), lambda: parts.consumer.stop(),
+                           drain_timeout_s=settings.shutdown_timeout_s)
 
     async def consumer_alive() -> tuple[bool, str]:
         if not rollups.running:
             return False, "stopped"
-        problems = consumer.problems()
+        problems = parts.consumer.problems()
         return (not problems, "; ".join(problems) or "consuming")
 
     async def sources_ok() -> tuple[bool, str]:
