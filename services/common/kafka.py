@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import structlog
@@ -42,7 +42,9 @@ class TopicSpec:
 
 
 async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: int = 30_000) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are."""
+    """Create the topics that do not exist yet, with no more replicas than the cluster has
+    brokers (a one-broker development stack gets one, with a warning); existing ones are
+    left as they are."""
     specs = list(specs)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     try:
@@ -55,6 +57,8 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: 
             missing = [s for s in specs if s.name not in existing]
             if not missing:
                 return
+            if max(s.replication for s in missing) > 1:
+                missing = _fit_replication(missing, len((await admin.describe_cluster())["brokers"]))
             response = await admin.create_topics(
                 [NewTopic(s.name, s.partitions, s.replication, topic_configs=s.configs) for s in missing],
                 timeout_ms=timeout_ms,
@@ -113,18 +117,15 @@ def _is_topic_override(api_version: int, source_or_default: object) -> bool:
     return source_or_default == _DYNAMIC_TOPIC_CONFIG
 
 
-async def broker_count(bootstrap: str, timeout_ms: int = 30_000) -> int:
-    """The brokers in the cluster's metadata (the live ones)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
-    try:
-        try:
-            await admin.start()
-            described = await admin.describe_cluster()
-        except Exception as exc:
-            raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe its cluster: {exc!r}") from exc
-    finally:
-        await admin.close()
-    return len(described["brokers"])
+def _fit_replication(specs: list[TopicSpec], brokers: int) -> list[TopicSpec]:
+    fitted = []
+    for spec in specs:
+        if spec.replication > brokers:
+            log.warning("topic created with fewer replicas than declared: the cluster has fewer brokers",
+                        **{"kafka.topic": spec.name}, declared=spec.replication, brokers=brokers)
+            spec = replace(spec, replication=max(1, brokers))
+        fitted.append(spec)
+    return fitted
 
 
 async def replication_factors(bootstrap: str, topics: list[str], timeout_ms: int = 30_000) -> dict[str, int]:

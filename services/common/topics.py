@@ -41,20 +41,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-
-import structlog
+from dataclasses import dataclass
 
 from services.common.errors import DependencyUnavailable
 from services.common.kafka import (
     TopicSpec,
-    broker_count,
     ensure_topic_configs,
     ensure_topics,
     replication_factors,
 )
-
-log = structlog.get_logger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
 MIB = 1024 * 1024
@@ -189,34 +184,30 @@ async def ensure(bootstrap: str, specs: Iterable[TopicSpec], *, timeout_ms: int 
     """Create the topics that are missing (with no more replicas than the cluster has
     brokers), then bring every one's configs up to date (``min.insync.replicas`` from
     the topic's actual replication factor)."""
-    specs = await fit_to_cluster(bootstrap, list(specs), timeout_ms=timeout_ms)
+    specs = list(specs)
     await ensure_topics(bootstrap, specs, timeout_ms=timeout_ms)
-    factors = await replication_factors(bootstrap, [s.name for s in specs if s.min_insync_replicas],
-                                        timeout_ms=timeout_ms)
+    factors = await _replication_factors(bootstrap, [s.name for s in specs if s.min_insync_replicas],
+                                         timeout_ms=timeout_ms)
     for spec in specs:
         configs = dict(spec.configs)
         if spec.min_insync_replicas:
-            # A topic made a moment ago may not be in the metadata yet: it has the spec's factor.
-            replication = factors.get(spec.name, spec.replication)
-            configs[MIN_INSYNC] = str(min_insync(spec.min_insync_replicas, replication))
+            # Unknown (not in the metadata after several tries): 1, which never makes a topic unwritable.
+            configs[MIN_INSYNC] = str(min_insync(spec.min_insync_replicas, factors.get(spec.name, 1)))
         if configs:
             await ensure_configs(bootstrap, spec.name, configs, timeout_ms=timeout_ms)
 
 
-async def fit_to_cluster(bootstrap: str, specs: list[TopicSpec], *, timeout_ms: int = 30_000) -> list[TopicSpec]:
-    """The specs with at most as many replicas as the cluster has brokers (a warning for each cut)."""
-    wanted = max((s.replication for s in specs), default=1)
-    if wanted <= 1:
-        return specs
-    brokers = await broker_count(bootstrap, timeout_ms=timeout_ms)
-    fitted = []
-    for spec in specs:
-        if spec.replication > brokers:
-            log.warning("topic replication cut to the brokers there are", **{"kafka.topic": spec.name},
-                        declared=spec.replication, brokers=brokers)
-            spec = replace(spec, replication=brokers)
-        fitted.append(spec)
-    return fitted
+async def _replication_factors(bootstrap: str, names: list[str], *, tries: int = 5,
+                               timeout_ms: int = 30_000) -> dict[str, int]:
+    """replication_factors, given a moment: a topic created a moment ago may not be in the
+    metadata of the broker asked yet."""
+    factors: dict[str, int] = {}
+    for attempt in range(1, tries + 1):
+        factors = await replication_factors(bootstrap, names, timeout_ms=timeout_ms)
+        if len(factors) == len(set(names)):
+            break
+        await asyncio.sleep(0.2 * attempt)
+    return factors
 
 
 async def ensure_configs(

@@ -116,6 +116,7 @@ async def test_raw_leader_killed_under_ingest_load(cluster: Cluster, tmp_path: P
                   "KAFKA_ACK_TIMEOUT_S": ACK_DEADLINE_S}
     procs: list[subprocess.Popen[bytes]] = []
     acked: set[str] = set()
+    unanswered = [0]
     timeline = Timeline()
     stop_load, stop_sampling = asyncio.Event(), asyncio.Event()
     try:
@@ -130,13 +131,16 @@ async def test_raw_leader_killed_under_ingest_load(cluster: Cluster, tmp_path: P
                 batch = [{"type": "track", "event": "Clicked", "userId": f"u{(worker * 7 + i) % 50}",
                           "messageId": f"a-{worker}-{n}-{i}"} for i in range(50)]
                 n += 1
-                async with http.post(f"http://127.0.0.1:{ingest_port}/v1/batch", json={"batch": batch},
-                                     headers=AUTH) as resp:
-                    if resp.status == 200:
-                        acked.update(e["messageId"] for e in batch)
-                        timeline.add(len(acked))
+                try:
+                    async with http.post(f"http://127.0.0.1:{ingest_port}/v1/batch", json={"batch": batch},
+                                         headers=AUTH) as resp:
+                        if resp.status == 200:
+                            acked.update(e["messageId"] for e in batch)
+                            timeline.add(len(acked))
+                except (aiohttp.ClientError, TimeoutError):
+                    unanswered[0] += 1  # not acknowledged: these events may or may not arrive
 
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ACK_DEADLINE_S * 3)) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
             senders = [asyncio.create_task(sender(http, w)) for w in range(4)]
             await eventually(lambda: _true(len(acked) >= 5000), 60, "ingest under load")
             victim = await busiest_leader(bootstrap, raw)
@@ -159,6 +163,7 @@ async def test_raw_leader_killed_under_ingest_load(cluster: Cluster, tmp_path: P
         stop_load.set()
         fleet.stop(procs)
     timeline.report(f"events.raw leader (broker {victim}) killed under ingest load", "acked events", "kafka back")
+    print(f"requests without an answer: {unanswered[0]}")
     ids = await enriched_ids(bootstrap, proc_settings.enriched_topic)
     assert_exactly_once(ids, acked)
     # The failover took less than the ack deadline: nothing waited for it in the spool.
