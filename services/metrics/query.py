@@ -3,9 +3,10 @@ Store, write-API points through ExternalStore), groups them as KairosDB does (se
 then time/value/bin), runs the aggregator chain and shapes the answers; also query/tags,
 tag names and values, deletes and save_as writes.
 
-kairos.py parses the query language; aggregators.py and groupby.py hold KairosDB's semantics.
-Reads are bounded: at most ``query_max_rows`` rows (a 400 as soon as the page that crosses it
-arrives), and a write-API series' read stops at the query's ``limit``.
+kairosparse.py parses the query language into kairos.py's model; aggregators.py and
+groupby.py hold KairosDB's semantics. Reads are bounded: at most ``query_max_rows`` rows
+(a 400 as soon as the page that crosses it arrives), and a write-API series' read stops at
+the query's ``limit``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from services.metrics import aggregators as aggs
-from services.metrics import groupby, kairos
+from services.metrics import groupby, kairos, kairosparse
 from services.metrics.errors import QueryError
 from services.metrics.external import ExternalRow, ExternalStore
 from services.metrics.metrics import MetricsMetrics
@@ -266,7 +267,7 @@ class QueryService:
 
     async def run(self, body: Any, now_ms: int | None = None, *, can_write: bool = True) -> dict[str, Any]:
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        query = kairos.parse_query(body, now)
+        query = kairosparse.parse_query(body, now)
         if not can_write and any(a.name == "save_as" for m in query.metrics for a in m.aggregators):
             raise NeedsWriteAccess("save_as writes a series: send the write credentials")
         saves: list[SaveAs] = []
@@ -303,7 +304,7 @@ class QueryService:
         """The tags of the series each metric has (KairosDB's /datapoints/query/tags), from the
         series indexes: no point is read."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        query = kairos.parse_query(body, now)
+        query = kairosparse.parse_query(body, now)
         queries = []
         for metric in query.metrics:
             if metric.name in kairos.ROLLUP_METRICS:
@@ -340,7 +341,7 @@ class QueryService:
     async def delete(self, body: Any, now_ms: int | None = None) -> None:
         """POST /datapoints/delete: the points of each metric in the range that match its tags."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        query = kairos.parse_query(body, now)
+        query = kairosparse.parse_query(body, now)
         for metric in query.metrics:
             _refuse_derived(metric.name)
         for metric in query.metrics:

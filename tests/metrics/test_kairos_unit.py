@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from services.metrics import aggregators as aggs
 from services.metrics import api as api_module
-from services.metrics import groupby, kairos
+from services.metrics import groupby, kairos, kairosparse
 from services.metrics.api import QUERY_SERVICE, ROUTES, add_kairos_routes
 from services.metrics.errors import QueryError
 from services.metrics.external import ExternalPoint
@@ -47,7 +47,7 @@ def body(**metric: object) -> dict[str, object]:
 
 def agg(spec: dict[str, Any], tz: str | None = None) -> aggs.Aggregator:
     query = {**body(aggregators=[spec]), **({"time_zone": tz} if tz else {})}
-    return kairos.parse_query(query, T0).metrics[0].aggregators[0]
+    return kairosparse.parse_query(query, T0).metrics[0].aggregators[0]
 
 
 def run(spec: dict[str, Any], points: list[aggs.Point], start: int = T0, end: int = T0 + HOUR,
@@ -65,20 +65,20 @@ POINTS = [(T0 + 30_000, 1), (T0 + 90_000, 2), (T0 + 150_000, 3), (T0 + 610_000, 
 # --- parsing -----------------------------------------------------------------------------------
 
 def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
-    q = kairos.parse_query({"start_relative": {"value": "2", "unit": "HOURS"},
+    q = kairosparse.parse_query({"start_relative": {"value": "2", "unit": "HOURS"},
                             "end_relative": {"value": 1, "unit": "Minutes"}, "metrics": [{"name": "m"}]},
                            now_ms=T0)
     assert (q.start_ms, q.end_ms) == (T0 - 2 * HOUR, T0 - MIN)
     # Months step on the calendar: 2026-11-24 13:00 minus one month is 2026-10-24 13:00.
-    q = kairos.parse_query({"start_relative": {"value": 1, "unit": "MONTHS"}, "metrics": [{"name": "m"}]}, T0)
+    q = kairosparse.parse_query({"start_relative": {"value": 1, "unit": "MONTHS"}, "metrics": [{"name": "m"}]}, T0)
     assert q.start_ms == T0 - 31 * 86_400_000
-    m = kairos.parse_query(body(tags={"a": "x", "b": ["y", "z"]}, group_by=[{"name": "tag", "tags": ["a"]}],
+    m = kairosparse.parse_query(body(tags={"a": "x", "b": ["y", "z"]}, group_by=[{"name": "tag", "tags": ["a"]}],
                                 aggregators=[sampled("sum", 5, "MINUTES")]), T0).metrics[0]
     assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
     (a,) = m.aggregators
     assert (a.name, a.sampling.value, a.sampling.unit.name, a.align_sampling) == ("sum", 5, "minutes", True)
     # An empty metrics list answers {"queries": []}, as KairosDB does.
-    assert kairos.parse_query({"start_absolute": 1, "metrics": []}, T0).metrics == ()
+    assert kairosparse.parse_query({"start_absolute": 1, "metrics": []}, T0).metrics == ()
     # No sampling: KairosDB's default of 1 millisecond.
     assert (agg({"name": "avg"}).sampling.value, agg({"name": "avg"}).sampling.unit.name) == (1, "milliseconds")
 
@@ -118,7 +118,7 @@ def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
 ])
 def test_parse_query_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(QueryError) as info:
-        kairos.parse_query(bad, T0)
+        kairosparse.parse_query(bad, T0)
     assert info.value.errors and all(info.value.errors)
 
 
@@ -200,9 +200,9 @@ def test_least_squares_rounds_as_kairosdb_does() -> None:
 
 
 def test_tag_filters_without_values_are_ignored_and_missing_group_tags_are_empty() -> None:
-    m = kairos.parse_query(body(tags={"host": [], "dc": "east"}), T0).metrics[0]
+    m = kairosparse.parse_query(body(tags={"host": [], "dc": "east"}), T0).metrics[0]
     assert m.tags == {"dc": ("east",)}
-    m = kairos.parse_query(body(group_by=[{"name": "tag", "tags": ["host", "nope"]}]), T0).metrics[0]
+    m = kairosparse.parse_query(body(group_by=[{"name": "tag", "tags": ["host", "nope"]}]), T0).metrics[0]
     (group,) = tag_groups(m, [Series({"host": "a"})])
     assert group.group == {"host": "a", "nope": ""}
 
@@ -212,8 +212,8 @@ def test_points_of_one_time_merge_in_value_order() -> None:
     service = QueryService(SimpleNamespace(), SimpleNamespace(), Settings(),  # type: ignore[arg-type]
                            make_metrics(CollectorRegistry()))
     group = TagGroup({}, series=[Series({"h": "a"}, {1: [7], 2: [1]}), Series({"h": "b"}, {1: [3.5], 2: [9]})])
-    asc = kairos.parse_query(body(), T0).metrics[0]
-    desc = kairos.parse_query(body(order="desc"), T0).metrics[0]
+    asc = kairosparse.parse_query(body(), T0).metrics[0]
+    desc = kairosparse.parse_query(body(order="desc"), T0).metrics[0]
     assert service._group_points(asc, group, False) == [(1, 3.5), (1, 7), (2, 1), (2, 9)]
     assert service._group_points(desc, group, False) == [(2, 9), (2, 1), (1, 7), (1, 3.5)]
 
@@ -292,7 +292,7 @@ def test_diff_rate_sampler_div_scale_filter_sma_trim() -> None:
 
 
 def test_aggregators_chain_in_order() -> None:
-    query = kairos.parse_query(body(aggregators=[sampled("sum", 1, "minutes"), {"name": "diff"},
+    query = kairosparse.parse_query(body(aggregators=[sampled("sum", 1, "minutes"), {"name": "diff"},
                                                  {"name": "scale", "factor": 10}]), T0)
     points: list[aggs.Point] = [(T0 + 1, 1), (T0 + 2, 1), (T0 + MIN + 5, 5), (T0 + 2 * MIN, 4)]
     for a in query.metrics[0].aggregators:
@@ -307,7 +307,7 @@ KAIROS_POINTS = [(KAIROS_START + 2 * i, i + 1) for i in range(10)]
 
 
 def test_time_value_and_bin_groups_with_their_entries() -> None:
-    m = kairos.parse_query({"start_absolute": KAIROS_START, "end_absolute": KAIROS_START + 18, "metrics": [{
+    m = kairosparse.parse_query({"start_absolute": KAIROS_START, "end_absolute": KAIROS_START + 18, "metrics": [{
         "name": "m", "group_by": [{"name": "time", "group_count": "2",
                                    "range_size": {"value": "2", "unit": "milliseconds"}}]}]}, T0).metrics[0]
     groups = groupby.split(list(m.groupers), KAIROS_START, KAIROS_POINTS)
@@ -332,7 +332,7 @@ def test_resolution_choice_needs_whole_windows() -> None:
     retention = {"1m": 7 * 86_400, "1h": 90 * 86_400, "1d": 730 * 86_400}
 
     def pick(start: int, **metric: object) -> str:
-        return kairos.pick_resolution(kairos.parse_query(body(**metric), T0).metrics[0], start, T0, retention)
+        return kairos.pick_resolution(kairosparse.parse_query(body(**metric), T0).metrics[0], start, T0, retention)
 
     assert pick(T0 - HOUR, aggregators=[sampled("sum", 2, "hours")]) == "1h"
     assert pick(T0 - HOUR, aggregators=[sampled("sum", 90, "seconds")]) == "1m"
