@@ -1,4 +1,5 @@
 """The rollup consumer: events.enriched -> window rows in Cassandra, exactly once in effect.
+The loop, rebalances and resyncs live here; apply.py rolls a batch into rows, flush.py writes them.
 
 How a window stays equal to its input whatever moment the process dies at:
 
@@ -41,7 +42,7 @@ import enum
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -49,10 +50,11 @@ from aiokafka.errors import KafkaError
 from cassandra.policies import HostStateListener
 
 from services.common.sources import SourceRegistry
+from services.metrics.apply import Applier
 from services.metrics.errors import ConsumerBroken
 from services.metrics.flush import FlushedRow, Flusher, InFlight
 from services.metrics.metrics import MetricsMetrics
-from services.metrics.partition import BatchPlan, PartitionState, PartitionStatus, plan, resume_position
+from services.metrics.partition import PartitionState, PartitionStatus, resume_position
 from services.metrics.retry import retry
 from services.metrics.rollup import RESOLUTIONS, AgeRule
 from services.metrics.rowcache import ALWAYS_READ, RowCache
@@ -145,6 +147,8 @@ class RollupConsumer:
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
             max_poll_records=settings.max_poll_records, client_id=f"{SERVICE}-consumer",
         )
+        self.applier = Applier(self.consumer, store, sources, self.side, self.series, metrics, self.rule,
+                               self._storage, self._cached_rows)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -206,7 +210,7 @@ class RollupConsumer:
             for tp, records in batch.items():
                 state = self.states.get(tp.partition)
                 if state is not None and records:
-                    await self._process(tp, state, records)
+                    await self.applier.process(tp, state, records)
             offsets = None
             if self._flush_due():
                 offsets = await self._settle_flush()
@@ -309,60 +313,6 @@ class RollupConsumer:
             for state in states:
                 del self.states[state.kpart]
         await self._commit(offsets)
-        self.metrics.cached_rows.set(self._cached_rows())
-
-    # --- processing --------------------------------------------------------------------------
-
-    async def _process(self, tp: TopicPartition, state: PartitionState, records: list[Any]) -> None:
-        """Roll one partition's batch up: check the position, plan, read back, apply."""
-        if not self._at_position(tp, state, records[0].offset):
-            return
-        batch = plan(state, records, self.rule)
-        for record, failure, error in batch.bad:
-            self.side.bad(record, failure, error)
-        for late in batch.late:
-            self.side.late(late.record, late.event, late.reason, late.error, late.extra)
-        missing = state.cache.missing(batch.keys())
-        if missing:
-            rows = await self._storage(functools.partial(self.store.load_rows, state.kpart, missing),
-                                       "read rows back", None)
-            state.cache.fill(missing, rows)
-        self._apply(state, batch)
-
-    def _at_position(self, tp: TopicPartition, state: PartitionState, first: int) -> bool:
-        """False (and the partition sought again) for a batch fetched before our seek landed."""
-        if state.status is PartitionStatus.HALTED:
-            return False
-        if state.status is PartitionStatus.SOUGHT and first > state.next_offset:
-            self.consumer.seek(tp, state.next_offset)
-            state.status = PartitionStatus.RESOUGHT
-            return False
-        state.status = PartitionStatus.ACTIVE
-        return True
-
-    def _sum_properties(self, source_id: str) -> tuple[str, ...]:
-        source = self.sources.by_id(source_id)
-        return source.sum_properties if source is not None else ()
-
-    def _apply(self, state: PartitionState, batch: BatchPlan) -> None:
-        """Add each event to the rows that do not hold it yet; note new series."""
-        skipped = 0
-        per_type: dict[str, int] = {}
-        self.series.tick()
-        for offset, event, keys in batch.events:
-            props = self._sum_properties(event.source)
-            for key in keys:
-                row = state.cache.touch(key)
-                if offset <= row.upto:
-                    skipped += 1
-                    continue
-                row.add(event, props)
-            per_type[event.type] = per_type.get(event.type, 0) + 1
-            self.series.see(event, props)
-        for etype, n in per_type.items():
-            self.metrics.events.labels(etype).inc(n)
-        if skipped:
-            self.metrics.replay_skipped.inc(skipped)
         self.metrics.cached_rows.set(self._cached_rows())
 
     # --- flushing ----------------------------------------------------------------------------
