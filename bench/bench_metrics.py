@@ -33,8 +33,9 @@ from services.common.kafka import TopicSpec, ensure_topics
 from services.common.sources import SourceRegistry
 from services.metrics.consumer import RollupConsumer
 from services.metrics.metrics import make_metrics
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
-from services.metrics.store import Store, migrate_schema
+from services.metrics.store import Store
 
 
 def events(n: int, partitions: int, users: int, names: int) -> list[tuple[int, bytes]]:

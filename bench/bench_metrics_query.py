@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.common.cassandra import CassandraClient
 from services.metrics.app import build_app
 from services.metrics.rollup import BUCKET_MS, RowKey, WindowRow
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
-from services.metrics.store import Store, migrate_schema
+from services.metrics.store import Store
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 SOURCES = ("web", "srv")

@@ -17,8 +17,9 @@ from services.common.logging import configure_logging
 from services.common.runner import exit_on_config_error, run
 from services.common.settings import load_settings
 from services.metrics.app import build_service, cassandra_client
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
-from services.metrics.store import Store, migrate_schema
+from services.metrics.store import Store
 
 
 async def _migrate(settings: Settings) -> list[int]:

@@ -20,9 +20,10 @@ from services.metrics.consumer import RollupConsumer
 from services.metrics.external import ExternalStore
 from services.metrics.metrics import MetricsMetrics, make_metrics
 from services.metrics.query import QueryService
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
 from services.metrics.sink import KairosSink
-from services.metrics.store import Store, migrate_schema
+from services.metrics.store import Store
 from services.metrics.writes import MAX_BODY_BYTES
 
 log = structlog.get_logger(__name__)

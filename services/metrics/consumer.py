@@ -58,10 +58,11 @@ from services.metrics.partition import PartitionState, PartitionStatus, resume_p
 from services.metrics.retry import retry
 from services.metrics.rollup import RESOLUTIONS, AgeRule
 from services.metrics.rowcache import ALWAYS_READ, RowCache
+from services.metrics.schema import retentions
 from services.metrics.series import SeriesIndex
 from services.metrics.settings import Settings
 from services.metrics.sidesend import SideSender
-from services.metrics.store import Store, retentions
+from services.metrics.store import Store
 
 log = structlog.get_logger(__name__)
 

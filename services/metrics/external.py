@@ -1,6 +1,6 @@
 """Series written by other producers through POST /api/v1/datapoints (the KairosDB write API).
 
-Tables (created by store.migrations()): ``external_datapoints`` holds the points, one
+Tables (created by schema.migrations()): ``external_datapoints`` holds the points, one
 Cassandra partition per metric and UTC day; ``external_metrics`` the metric names;
 ``external_buckets`` the days a metric has points in (reads and deletes touch only those);
 ``external_series`` each metric's tag sets (query/tags, tagnames, tagvalues without
@@ -23,8 +23,8 @@ from cassandra.query import PreparedStatement
 
 from services.common.cassandra import CassandraClient, apply_consistency
 from services.metrics.errors import QueryTooLarge, RangeTooLarge
+from services.metrics.gather import bounded_gather
 from services.metrics.settings import Settings
-from services.metrics.store import bounded_gather
 
 # One Cassandra partition per metric and day.
 EXTERNAL_BUCKET_MS = 86_400_000

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 from aiokafka import TopicPartition
 
+from services.metrics.gather import bounded_gather
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.partition import PartitionState, PartitionStatus
 from services.metrics.rollup import RESOLUTIONS, RowKey, WindowRow
 from services.metrics.series import SeriesIndex
 from services.metrics.settings import Settings
 from services.metrics.sidesend import SideSender
-from services.metrics.store import Checkpoint, Store, bounded_gather
+from services.metrics.store import Checkpoint, Store
 
 T = TypeVar("T")
 FlushedRow = tuple[int, RowKey, WindowRow]

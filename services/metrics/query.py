@@ -26,8 +26,9 @@ from services.metrics.errors import QueryError
 from services.metrics.external import ExternalRow, ExternalStore
 from services.metrics.metrics import MetricsMetrics
 from services.metrics.rollup import union_estimate
+from services.metrics.schema import retentions
 from services.metrics.settings import Settings
-from services.metrics.store import Store, retentions
+from services.metrics.store import Store
 
 
 class NeedsWriteAccess(QueryError):

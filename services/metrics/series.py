@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+from services.metrics.gather import bounded_gather
 from services.metrics.rollup import Event
-from services.metrics.store import bounded_gather
 
 Series = tuple[str, str, str]
 # Noted again after this long; everything forgotten past this many.

@@ -1,4 +1,5 @@
-"""The metrics service's Cassandra schema and every statement of the rollups.
+"""The rollups' statements over the metrics keyspace: checkpoints, horizons, window rows, the
+series index, the keyspace's one owner, and the reads of queries (schema.py makes the tables).
 
 Fencing. Rows, checkpoints and horizons are written ``USING TIMESTAMP`` taken
 from what they include, never from a clock: a row at the timestamp of its
@@ -18,21 +19,20 @@ replaces an unfenced one.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from services.common.cassandra import CassandraClient, Migration, apply_consistency, migrate
+from services.common.cassandra import CassandraClient, apply_consistency
 from services.common.errors import ConfigError
 from services.metrics.errors import QueryTooLarge, RangeTooLarge
+from services.metrics.gather import bounded_gather
 from services.metrics.rollup import BUCKET_MS, RESOLUTIONS, RowKey, WindowRow
+from services.metrics.schema import retentions, table
 from services.metrics.settings import Settings
-
-T = TypeVar("T")
 
 # Every fenced write's timestamp is this plus a logical offset (or a window start, for horizons).
 WRITE_TS_BASE = 1 << 52
@@ -41,111 +41,6 @@ WRITE_TS_BASE = 1 << 52
 INCARNATION_GAP = 1 << 40
 # Bytes a row adds to a batch beside its sketch and sums (keys, count, upto, framing).
 _ROW_OVERHEAD_BYTES = 120
-
-# TWCS window per table: about 20-40 SSTable windows over the default retention.
-_TWCS = {"1m": ("HOURS", 6), "1h": ("DAYS", 3), "1d": ("DAYS", 30), "external": ("DAYS", 3)}
-
-
-def table(resolution: str) -> str:
-    return f"rollup_{resolution}"
-
-
-def _twcs(kind: str) -> str:
-    unit, size = _TWCS[kind]
-    # Doubled braces: migrate() formats statements with the keyspace name.
-    return ("compaction = {{'class': 'TimeWindowCompactionStrategy', "
-            f"'compaction_window_unit': '{unit}', 'compaction_window_size': '{size}'}}}}")
-
-
-def migrations() -> list[Migration]:
-    """The schema steps, in order. Retentions are applied after, from the settings."""
-    rollups = tuple(
-        f"CREATE TABLE IF NOT EXISTS {{keyspace}}.{table(res)} ("
-        "source text, bucket bigint, window_start bigint, type text, event text, kpart int, "
-        "count bigint, users blob, sums map<text, double>, upto bigint, "
-        "PRIMARY KEY ((source, bucket), window_start, type, event, kpart)"
-        f") WITH {_twcs(res)}"
-        for res in RESOLUTIONS
-    )
-    return [
-        Migration(1, "rollup tables, one per resolution", rollups),
-        Migration(2, "partition checkpoints and the series index", (
-            "CREATE TABLE IF NOT EXISTS {keyspace}.checkpoints (consumer_group text, topic text, "
-            "kpart int, next_offset bigint, watermark_ms bigint, updated_at timestamp, "
-            "PRIMARY KEY ((consumer_group, topic), kpart))",
-            "CREATE TABLE IF NOT EXISTS {keyspace}.series (k int, source text, type text, event text, "
-            "props set<text>, PRIMARY KEY (k, source, type, event))",
-        )),
-        Migration(3, "datapoints written by other producers (KairosDB write API)", (
-            "CREATE TABLE IF NOT EXISTS {keyspace}.external_datapoints (metric text, bucket bigint, "
-            "ts bigint, tags text, value double, is_long boolean, "
-            f"PRIMARY KEY ((metric, bucket), ts, tags)) WITH {_twcs('external')}",
-            "CREATE TABLE IF NOT EXISTS {keyspace}.external_metrics (k int, metric text, "
-            "PRIMARY KEY (k, metric))",
-        )),
-        Migration(4, "per-partition window horizons (no read for a window never written)", (
-            "CREATE TABLE IF NOT EXISTS {keyspace}.horizons (consumer_group text, topic text, kpart int, "
-            "resolution text, max_window bigint, PRIMARY KEY ((consumer_group, topic), kpart, resolution))",
-        )),
-        # Rows are rewritten while their window is open and again by late events up to the maximum
-        # age, at offset timestamps (see the module docstring): time windows of SSTables would not
-        # hold one time range each, so the rollups compact by levels, which suits rows updated often.
-        Migration(5, "fenced writes: checkpoint offset base, keyspace owner, leveled compaction", (
-            "ALTER TABLE {keyspace}.checkpoints ADD IF NOT EXISTS base bigint",
-            "CREATE TABLE IF NOT EXISTS {keyspace}.owner (k int PRIMARY KEY, consumer_group text, "
-            "topic text, claimed_at timestamp)",
-            *(f"ALTER TABLE {{keyspace}}.{table(res)} WITH compaction = "
-              "{{'class': 'LeveledCompactionStrategy'}}" for res in RESOLUTIONS),
-        )),
-        # Versions 100 and up belong to the external datapoints (external.py), so steps of the
-        # rollups and of the write API never take the same number.
-        Migration(100, "days and tag sets of each external metric (reads, deletes, tag lists)", (
-            "CREATE TABLE IF NOT EXISTS {keyspace}.external_buckets (metric text, bucket bigint, "
-            "PRIMARY KEY (metric, bucket))",
-            "CREATE TABLE IF NOT EXISTS {keyspace}.external_series (metric text, tags text, "
-            "PRIMARY KEY (metric, tags))",
-        )),
-    ]
-
-
-def retentions(settings: Settings) -> dict[str, int]:
-    return {"1m": settings.retention_1m_s, "1h": settings.retention_1h_s, "1d": settings.retention_1d_s}
-
-
-async def migrate_schema(client: CassandraClient, settings: Settings) -> list[int]:
-    """Create or migrate the schema, then set each table's TTL from the settings (idempotent)."""
-    ks = settings.cassandra_keyspace
-    applied = await migrate(client, ks, migrations(), replication=settings.cassandra_replication)
-    for res, ttl in retentions(settings).items():
-        await client.execute(f"ALTER TABLE {ks}.{table(res)} WITH default_time_to_live = {int(ttl)}")
-    await client.execute(f"ALTER TABLE {ks}.external_datapoints "
-                         f"WITH default_time_to_live = {int(settings.retention_external_s)}")
-    return applied
-
-
-async def bounded_gather(aws: Iterable[Awaitable[T]], limit: int) -> list[T]:
-    """Await all, at most ``limit`` at a time, in order; the first error is raised.
-
-    A TaskGroup, not gather: when one fails the others are cancelled and awaited before the
-    error leaves, so no stale write of a failed attempt can land after a retry's write.
-    """
-    sem = asyncio.Semaphore(limit)
-
-    async def one(aw: Awaitable[T]) -> T:
-        try:
-            async with sem:
-                return await aw
-        finally:
-            # Cancelled while queued: the coroutine never ran; close it (no "never awaited").
-            if inspect.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
-                aw.close()
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(a)) for a in aws]
-    except BaseExceptionGroup as eg:
-        raise eg.exceptions[0] from None
-    return [t.result() for t in tasks]
 
 
 def write_timestamp(logical_offset: int) -> int:

@@ -23,8 +23,9 @@ from services.common.badrow import BadRow
 from services.common.cassandra import CassandraClient
 from services.metrics.app import build_app
 from services.metrics.rollup import RowKey, WindowRow
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
-from services.metrics.store import Checkpoint, KeyspaceOwned, Store, migrate_schema
+from services.metrics.store import Checkpoint, KeyspaceOwned, Store
 from tests.helpers import free_port, read_topic
 from tests.metrics.conftest import MakeSettings
 from tests.metrics.helpers import (

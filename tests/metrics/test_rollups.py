@@ -21,8 +21,9 @@ from services.metrics.app import build_app
 from services.metrics.consumer import RollupConsumer
 from services.metrics.metrics import make_metrics
 from services.metrics.rollup import RowKey, WindowRow
+from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
-from services.metrics.store import Store, migrate_schema
+from services.metrics.store import Store
 from tests.helpers import read_topic
 from tests.metrics.conftest import SUMS, MakeSettings
 from tests.metrics.helpers import (

@@ -17,11 +17,12 @@ from prometheus_client import CollectorRegistry
 from services.metrics import app as app_module
 from services.metrics.consumer import RollupConsumer
 from services.metrics.errors import ConsumerBroken, RangeTooLarge
+from services.metrics.gather import bounded_gather
 from services.metrics.metrics import make_metrics
 from services.metrics.rollup import BadEvent, RowKey, WindowRow, numeric, parse_event, parse_time_ms, row_keys
 from services.metrics.settings import Settings
 from services.metrics.sink import datapoints
-from services.metrics.store import Store, bounded_gather
+from services.metrics.store import Store
 from tests.metrics.helpers import enriched
 
 T0 = 1_795_525_200_000  # a whole hour
