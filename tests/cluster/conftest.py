@@ -1,6 +1,8 @@
 """The three-broker, three-node cluster the failure tests run on (services/devstack/cluster.py).
 
-One cluster per session, on its own loopback network (127.<a>.<b>.2-4, drawn at random, so
+One cluster for the tests of this package (package scope: it is killed as soon as they are
+done, not at the end of the whole session, so the rest of a CI run does not share two
+cores with six idle JVMs), on its own loopback network (127.<a>.<b>.2-4, drawn at random, so
 the shared single-node stack and anyone's ``stack up --nodes 3`` keep their addresses) and
 its own data folder; every node is killed at the end. Locally: ``-m 'not cluster'`` skips
 these tests; HEADWATER_CLUSTER_NETWORK names a network to reuse a running cluster (with
@@ -21,7 +23,7 @@ from services.devstack.stack import StackSettings
 from tests.cluster.helpers import FIGURES
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = ClusterSettings(nodes=3)
     stack_settings = StackSettings()
