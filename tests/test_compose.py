@@ -220,7 +220,7 @@ def check_referenced_files(compose: Compose) -> list[str]:
 
 
 def check_prometheus(compose: Compose, config: dict[str, Any]) -> list[str]:
-    """Each Headwater service is scraped by name, on its HTTP port."""
+    """Each Headwater service is scraped by name, on its HTTP port, or on each worker's metrics port."""
     targets: set[tuple[str, int]] = set()
     problems = []
     for job in config.get("scrape_configs") or []:
@@ -233,9 +233,15 @@ def check_prometheus(compose: Compose, config: dict[str, Any]) -> list[str]:
                 host, _, host_port = str(target).partition(":")
                 targets.add((host, int(host_port or 80)))
     for name in HEADWATER:
-        port = int(env_of(compose["services"].get(name, {})).get(f"HEADWATER_{name.upper()}_HTTP_PORT", "0"))
-        if (name, port) not in targets:
-            problems.append(f"prometheus does not scrape {name}:{port}")
+        env = env_of(compose["services"].get(name, {}))
+        prefix = f"HEADWATER_{name.upper()}_"
+        if prefix + "METRICS_PORT" in env:
+            # Each worker's own metrics port (through the shared port a scrape reaches any one).
+            base = int(env[prefix + "METRICS_PORT"])
+            ports = [base + i for i in range(int(env.get(prefix + "WORKERS", "1")))]
+        else:
+            ports = [int(env.get(prefix + "HTTP_PORT", "0"))]
+        problems.extend(f"prometheus does not scrape {name}:{port}" for port in ports if (name, port) not in targets)
     for name, (port_var, _) in LEGACY_PATH.items():
         if name in compose["services"]:
             port = int(env_of(compose["services"][name]).get(port_var, "0"))
@@ -608,8 +614,11 @@ def test_checks_catch_missing_files_and_scrape_targets(compose: Compose) -> None
     problems = check_referenced_files(broken(compose, change))
     assert any("missing.yml" in p for p in problems)
     assert any("Dockerfile.missing" in p for p in problems)
-    config = {"scrape_configs": [{"job_name": "x", "dns_sd_configs": [{"names": ["ingest"], "port": 8080}]}]}
-    assert check_prometheus(compose, config) == ["prometheus does not scrape processor:8080",
+    # Ingest on its shared port and one worker's metrics port only: the second worker is missed.
+    config = {"scrape_configs": [{"job_name": "x", "dns_sd_configs": [{"names": ["ingest"], "port": 8080},
+                                                                      {"names": ["ingest"], "port": 9400}]}]}
+    assert check_prometheus(compose, config) == ["prometheus does not scrape ingest:9401",
+                                                 "prometheus does not scrape processor:8080",
                                                  "prometheus does not scrape metrics:8080",
                                                  "prometheus does not scrape bridge:8080",
                                                  "prometheus does not scrape mirror:8080"]

@@ -184,6 +184,31 @@ class Loop(Component):
             log.debug("ended with an error", component=self.name, error=repr(exc))
 
 
+class Site(Component):
+    """A second HTTP site of the process, on a port of its own (not shared with the
+    other workers): a worker's own /metrics, /healthz and /readyz."""
+
+    def __init__(self, name: str, app: web.Application, host: str, port: int) -> None:
+        super().__init__(name)
+        self.app, self.host, self.port = app, host, port
+        self._runner: web.AppRunner | None = None
+
+    async def _start(self) -> None:
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port, backlog=128).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    async def _stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
 class Service:
     """A service's HTTP application and its components, in start order."""
 

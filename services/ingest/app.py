@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.health import Health, add_health_routes
 from services.common.logging import configure_logging
-from services.common.runner import Service, run
+from services.common.runner import Service, Site, run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import add_routes
@@ -80,6 +80,10 @@ def build_service(settings: Settings, worker: int = 0, guard: ConnectionGuard | 
     service = Service("ingest", app)
     service.resource("sources", sources.running)
     service.resource("publisher", publisher.running)
+    if settings.metrics_port is not None:
+        own = web.Application()
+        add_health_routes(own, health)
+        service.add(Site("worker metrics", own, settings.http_host, settings.metrics_port + worker))
     return service
 
 

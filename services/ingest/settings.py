@@ -20,6 +20,9 @@ class Settings(CommonSettings):
     http_port: int = 8080
     # Processes sharing the port through SO_REUSEPORT.
     workers: int = Field(default=1, ge=1, le=64)
+    # Set: worker i also serves /metrics, /healthz and /readyz on metrics_port + i, so
+    # Prometheus scrapes every worker (through the shared port a scrape reaches any one).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     raw_topic: str = "events.raw"
     dlq_topic: str = "events.dlq"

@@ -101,3 +101,61 @@ async def test_sigterm_drains_in_flight_requests_and_two_workers_share_the_port(
     missing = set(acked_ids) - set(seen)
     assert not missing, f"{len(missing)} acknowledged events missing after SIGTERM"
     assert "draining" in log.read_text()
+
+
+def _accepted(metrics_text: str) -> float:
+    """headwater_ingest_events_total{outcome="accepted"} of one scrape."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+               if line.startswith("headwater_ingest_events_total{") and 'outcome="accepted"' in line)
+
+
+async def test_each_worker_serves_its_own_metrics_port_and_together_they_count_every_event(
+    kafka_bootstrap: str, sources_file: Path, tmp_path: Path
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    while metrics_port + 1 == port or not _is_free(metrics_port + 1):
+        metrics_port = free_port()
+    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
+           "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "HEADWATER_INGEST_RAW_TOPIC": unique_name("test.events.raw"),
+           "HEADWATER_INGEST_DLQ_TOPIC": unique_name("test.events.dlq"),
+           "HEADWATER_INGEST_SPOOL_DIR": str(tmp_path / "spool"), "HEADWATER_INGEST_SOURCES_FILE": str(sources_file),
+           "HEADWATER_INGEST_WORKERS": "2", "HEADWATER_INGEST_METRICS_PORT": str(metrics_port)}
+    log = tmp_path / "ingest.log"
+    proc = _start_ingest(env, log)
+    try:
+        await _wait_healthy(port, proc, log)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            async def scrape(p: int) -> str:
+                async with http.get(f"http://127.0.0.1:{p}/metrics") as answer:
+                    assert answer.status == 200
+                    return await answer.text()
+
+            async def both_up() -> bool:
+                try:
+                    await asyncio.gather(scrape(metrics_port), scrape(metrics_port + 1))
+                except aiohttp.ClientError:
+                    return False
+                return True
+
+            await eventually(both_up, 30, "both workers' metrics ports to answer")
+            for i in range(60):  # a new connection each: the kernel spreads them over the workers
+                async with http.post(f"http://127.0.0.1:{port}/v1/track", json={**EVENT, "messageId": f"w-{i}"},
+                                     headers=AUTH) as answer:
+                    assert answer.status == 200
+            counts = [_accepted(await scrape(p)) for p in (metrics_port, metrics_port + 1)]
+            assert sum(counts) == 60, counts
+            # Through the shared port a scrape reaches one worker: only its own count.
+            assert _accepted(await scrape(port)) in counts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
