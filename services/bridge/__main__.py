@@ -34,7 +34,8 @@ from services.common.errors import ConfigError, DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
-from services.common.runner import Service, exit_on_config_error, run
+from services.common.process import exit_on_config_error
+from services.common.runner import Service, run
 from services.common.settings import load_settings
 from services.common.sources import SourceRegistry
 

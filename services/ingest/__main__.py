@@ -6,7 +6,7 @@ import sys
 from functools import partial
 
 from services.common.logging import configure_logging
-from services.common.runner import exit_on_config_error, supervise
+from services.common.process import exit_on_config_error, supervise
 from services.common.settings import load_settings
 from services.ingest.app import run_worker
 from services.ingest.settings import Settings

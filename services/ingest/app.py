@@ -8,9 +8,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.common.components import Site
 from services.common.health import Health, add_health_routes
 from services.common.logging import configure_logging
-from services.common.runner import Service, Site, run
+from services.common.runner import Service, run
 from services.common.sources import SourceRegistry
 from services.ingest import openapi, parsing
 from services.ingest.api import add_routes

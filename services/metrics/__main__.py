@@ -14,7 +14,8 @@ import asyncio
 import sys
 
 from services.common.logging import configure_logging
-from services.common.runner import exit_on_config_error, run
+from services.common.process import exit_on_config_error
+from services.common.runner import run
 from services.common.settings import load_settings
 from services.metrics.app import build_service, cassandra_client
 from services.metrics.schema import migrate_schema

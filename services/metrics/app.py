@@ -11,9 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from services.common import topics
 from services.common.cassandra import CassandraClient
+from services.common.components import Component
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
-from services.common.runner import Component, Service
+from services.common.runner import Service
 from services.common.sources import SourceRegistry
 from services.metrics.api import add_kairos_routes
 from services.metrics.consumer import RollupConsumer

@@ -14,7 +14,8 @@ from services.common.errors import DependencyUnavailable
 from services.common.health import Health, add_health_routes
 from services.common.kafka import kafka_ready
 from services.common.logging import configure_logging
-from services.common.runner import Service, exit_on_config_error, run, supervise, tune_gc
+from services.common.process import exit_on_config_error, supervise
+from services.common.runner import Service, run, tune_gc
 from services.common.settings import load_settings
 from services.common.sources import SourceRegistry
 from services.processor.enrich import Enricher

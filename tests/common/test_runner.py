@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from services.common.runner import EXIT_FAILED, EXIT_OK, Component, Service, serve
+from services.common.components import Component
+from services.common.process import EXIT_FAILED, EXIT_OK
+from services.common.runner import Service, serve
 from tests.helpers import free_port
 
 
