@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from services.devstack import stack
+from services.devstack.server import StackError
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def _stack(args: argparse.Namespace) -> int:
 
                 timings["prometheus"] = start_prometheus(settings)[1]
                 print(f"Prometheus on {prometheus_url(settings)} (alerts: {prometheus_url(settings)}/alerts)")
-        except stack.StackError as exc:
+        except StackError as exc:
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
         for name, seconds in timings.items():
@@ -51,7 +52,7 @@ def _cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
         try:
             timings = cluster.up()
-        except stack.StackError as exc:
+        except StackError as exc:
             print(f"stack up --nodes {args.nodes} failed: {exc}", file=sys.stderr)
             return 1
         for name, seconds in timings.items():

@@ -39,7 +39,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.devstack import stack
-from services.devstack.stack import Server, StackError, StackSettings
+from services.devstack.server import Server, StackError, rss_mib, wait_until
+from services.devstack.stack import StackSettings
 
 MURMUR3_MIN = -(2**63)
 
@@ -296,14 +297,14 @@ auto_snapshot: false
         timings: dict[str, float] = {}
         deadline = t0 + self.settings.start_timeout_s
         for server, probe in waiting:
-            stack.wait_until(server, probe, max(1.0, deadline - time.monotonic()))
+            wait_until(server, probe, max(1.0, deadline - time.monotonic()))
             timings[server.label] = time.monotonic() - t0
         return timings
 
     def wait_node(self, server: NodeServer, timeout_s: float | None = None) -> float:
         """Until a (re)started node answers and sees the others; seconds waited."""
         probe = self.kafka_probe(server.node) if server.name == "kafka" else self.cassandra_probe(server.node)
-        return stack.wait_until(server, probe, timeout_s or self.settings.start_timeout_s)
+        return wait_until(server, probe, timeout_s or self.settings.start_timeout_s)
 
     def down(self) -> list[str]:
         """Stop every node that runs (each cleanly, then killed after the stop timeout)."""
@@ -324,19 +325,6 @@ auto_snapshot: false
             lines.append(f"{server.label:<12} {server.version:<8} {state:<20} {where:<18} "
                          f"rss {rss_mib(pid):>5} MiB  data {server.base}  log {server.log_file}")
         return lines
-
-
-def rss_mib(pid: int | None) -> int:
-    """A process's resident memory in MiB (0 when it is not running)."""
-    if pid is None:
-        return 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        return 0
-    return 0
 
 
 async def brokers_seen(bootstrap: str, timeout_s: float = 5.0) -> int:

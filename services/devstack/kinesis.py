@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from services.devstack.stack import Server, StackError, StackSettings, children, wait_until
+from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.stack import StackSettings
 
 KINESALITE_VERSION = "3.3.3"
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.devstack.stack import Server, StackError, StackSettings, children, wait_until
+from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.stack import StackSettings
 
 OPENSEARCH_VERSION = "2.19.6"
 MAIN_CLASS = "org.opensearch.bootstrap.OpenSearch"

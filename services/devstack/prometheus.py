@@ -27,7 +27,8 @@ from pathlib import Path
 import orjson
 import yaml
 
-from services.devstack.stack import Server, StackError, StackSettings, children, wait_until
+from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.stack import StackSettings
 
 # The repo's alert rules (an editable install: the dev stack runs from the repo).
 RULES_DIR = Path(__file__).resolve().parent.parent.parent / "compose" / "prometheus" / "rules"
