@@ -53,11 +53,17 @@ AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFA
 
 def legacy_doc(i: int, now_ms: int) -> dict[str, Any]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now_ms / 1000)) + ".000Z"
-    doc: dict[str, Any] = {"appId": KEY, "messageId": f"bench-{uuid.uuid4()}", "timestamp": stamp,
-                           "sentAt": stamp, "receivedAt": stamp, "originalTimestamp": "0001-01-01T00:00:00Z",
-                           "userId": f"user-{i % 500}", "context": {"ip": "81.2.69.142",
-                                                                     "library": {"name": "analytics.js"}},
-                           "properties": {"plan": "pro", "i": i, "path": f"/page/{i % 50}"}}
+    doc: dict[str, Any] = {
+        "appId": KEY,
+        "messageId": f"bench-{uuid.uuid4()}",
+        "timestamp": stamp,
+        "sentAt": stamp,
+        "receivedAt": stamp,
+        "originalTimestamp": "0001-01-01T00:00:00Z",
+        "userId": f"user-{i % 500}",
+        "context": {"ip": "81.2.69.142", "library": {"name": "analytics.js"}},
+        "properties": {"plan": "pro", "i": i, "path": f"/page/{i % 50}"},
+    }
     if i % 3:
         doc.update(type="track", event=f"Event {i % 20}")
     else:
@@ -68,8 +74,11 @@ def legacy_doc(i: int, now_ms: int) -> dict[str, Any]:
 def enriched_doc(i: int, now_ms: int) -> dict[str, Any]:
     doc = legacy_doc(i, now_ms)
     doc.pop("appId")
-    doc.update(type="track", event=f"Event {i % 20}",
-               _hw={"source_id": "bench", "received_at_ms": now_ms, "processed_at_ms": now_ms, "flags": []})
+    doc.update(
+        type="track",
+        event=f"Event {i % 20}",
+        _hw={"source_id": "bench", "received_at_ms": now_ms, "processed_at_ms": now_ms, "flags": []},
+    )
     doc["context"]["geo"] = {"country": "GB", "city": "London"}
     return doc
 
@@ -87,8 +96,9 @@ async def put_all(client: Any, stream: str, payloads: list[bytes], keys: list[st
     """PutRecords 500 at a time, refused ones again; returns the seconds it took."""
     started = time.perf_counter()
     for at in range(0, len(payloads), 500):
-        pending = [{"Data": d, "PartitionKey": k} for d, k in zip(payloads[at:at + 500], keys[at:at + 500],
-                                                                  strict=True)]
+        pending = [
+            {"Data": d, "PartitionKey": k} for d, k in zip(payloads[at : at + 500], keys[at : at + 500], strict=True)
+        ]
         while pending:
             answer = await client.put_records(StreamName=stream, Records=pending)
             pending = [e for e, r in zip(pending, answer["Records"], strict=True) if r.get("ErrorCode")]
@@ -101,8 +111,9 @@ async def plain_get(client: Any, stream: str, limit: int, expected: int) -> floa
     started = time.perf_counter()
 
     async def drain(shard_id: str) -> None:
-        it = (await client.get_shard_iterator(StreamName=stream, ShardId=shard_id,
-                                              ShardIteratorType="TRIM_HORIZON"))["ShardIterator"]
+        it = (await client.get_shard_iterator(StreamName=stream, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"))[
+            "ShardIterator"
+        ]
         while it and counts[0] < expected:
             answer = await client.get_records(ShardIterator=it, Limit=limit)
             counts[0] += len(answer["Records"])
@@ -127,31 +138,55 @@ async def topic_total(consumer: AIOKafkaConsumer, parts: list[TopicPartition]) -
     return sum((await consumer.end_offsets(parts)).values())
 
 
-async def bridge_round(client: Any, settings: stack.StackSettings, sources: Path, n: int, limit: int,
-                       log: Path) -> tuple[float, float, float]:
+async def bridge_round(
+    client: Any, settings: stack.StackSettings, sources: Path, n: int, limit: int, log: Path
+) -> tuple[float, float, float]:
     stream = f"bench-legacy-{uuid.uuid4().hex[:8]}"
     await client.create_stream(StreamName=stream, ShardCount=2)
     await wait_active(client, stream)
     now = int(time.time() * 1000)
     docs = [legacy_doc(i, now) for i in range(n)]
     await put_all(client, stream, [orjson.dumps(d) for d in docs], [d["messageId"] for d in docs])
-    sources.write_bytes(orjson.dumps({"sources": [{"id": "bench", "name": "bench", "write_key": KEY,
-                                                   "legacy": {"direction": "bridge", "stream": stream}}]}))
+    sources.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {
+                        "id": "bench",
+                        "name": "bench",
+                        "write_key": KEY,
+                        "legacy": {"direction": "bridge", "stream": stream},
+                    }
+                ]
+            }
+        )
+    )
     plain_s = await plain_get(client, stream, limit, n)
 
     raw = f"bench.bridge.raw.{uuid.uuid4().hex[:8]}"
     await ensure_topics(settings.kafka_bootstrap, [TopicSpec(raw, 4), TopicSpec(f"{raw}.dlq", 1)])
-    env = service_env({"kafka_bootstrap": settings.kafka_bootstrap, "raw_topic": raw, "dlq_topic": f"{raw}.dlq",
-                       "cassandra_port": settings.cassandra_port, "cassandra_keyspace": f"bench_{uuid.uuid4().hex[:8]}",
-                       "aws_endpoint_url": settings.kinesis_endpoint, "sources_file": sources,
-                       "http_port": 18084, "http_host": "127.0.0.1", "get_records_limit": limit,
-                       "discovery_interval_s": 0.5})
+    env = service_env(
+        {
+            "kafka_bootstrap": settings.kafka_bootstrap,
+            "raw_topic": raw,
+            "dlq_topic": f"{raw}.dlq",
+            "cassandra_port": settings.cassandra_port,
+            "cassandra_keyspace": f"bench_{uuid.uuid4().hex[:8]}",
+            "aws_endpoint_url": settings.kinesis_endpoint,
+            "sources_file": sources,
+            "http_port": 18084,
+            "http_host": "127.0.0.1",
+            "get_records_limit": limit,
+            "discovery_interval_s": 0.5,
+        }
+    )
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     parts = [TopicPartition(raw, p) for p in range(4)]
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.bridge"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.bridge"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         while (first := await topic_total(consumer, parts)) == 0:
             assert proc.poll() is None, log.read_text()[-2000:]
@@ -175,8 +210,9 @@ async def committed(admin: AIOKafkaAdminClient, group: str) -> int:
     return sum(max(0, meta.offset) for meta in offsets.values())
 
 
-async def mirror_round(client: Any, settings: stack.StackSettings, sources: Path, n: int,
-                       log: Path) -> tuple[float, float, float]:
+async def mirror_round(
+    client: Any, settings: stack.StackSettings, sources: Path, n: int, log: Path
+) -> tuple[float, float, float]:
     stream = f"bench-mirror-{uuid.uuid4().hex[:8]}"
     await client.create_stream(StreamName=stream, ShardCount=2)
     await wait_active(client, stream)
@@ -194,18 +230,39 @@ async def mirror_round(client: Any, settings: stack.StackSettings, sources: Path
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
-    sources.write_bytes(orjson.dumps({"sources": [{"id": "bench", "name": "bench", "write_key": KEY,
-                                                   "legacy": {"direction": "mirror", "stream": stream}}]}))
+    sources.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {
+                        "id": "bench",
+                        "name": "bench",
+                        "write_key": KEY,
+                        "legacy": {"direction": "mirror", "stream": stream},
+                    }
+                ]
+            }
+        )
+    )
     group = f"bench-mirror-{uuid.uuid4().hex[:8]}"
-    env = service_env({"kafka_bootstrap": settings.kafka_bootstrap, "enriched_topic": enriched,
-                       "dlq_topic": f"{enriched}.dlq", "aws_endpoint_url": settings.kinesis_endpoint,
-                       "sources_file": sources, "mirror_http_port": 18085, "http_host": "127.0.0.1",
-                       "mirror_group_id": group})
+    env = service_env(
+        {
+            "kafka_bootstrap": settings.kafka_bootstrap,
+            "enriched_topic": enriched,
+            "dlq_topic": f"{enriched}.dlq",
+            "aws_endpoint_url": settings.kinesis_endpoint,
+            "sources_file": sources,
+            "mirror_http_port": 18085,
+            "http_host": "127.0.0.1",
+            "mirror_group_id": group,
+        }
+    )
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.bridge", "mirror"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.bridge", "mirror"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         while (first := await committed(admin, group)) == 0:
             assert proc.poll() is None, log.read_text()[-2000:]
@@ -234,22 +291,28 @@ async def main() -> None:
     for name, value in AWS.items():
         os.environ.setdefault(name, value)
     n = args.events
-    print(f"{n} events per run, {args.rounds} rounds, {os.cpu_count()} cores, Kinesis: kinesalite at "
-          f"{settings.kinesis_endpoint}")
+    print(
+        f"{n} events per run, {args.rounds} rounds, {os.cpu_count()} cores, Kinesis: kinesalite at "
+        f"{settings.kinesis_endpoint}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         sources, log = Path(tmp) / "sources.json", Path(tmp) / "service.log"
         async with kinesis_client(Settings(aws_endpoint_url=settings.kinesis_endpoint)) as client:
-            for label, run in (("bridge", lambda: bridge_round(client, settings, sources, n, args.limit, log)),
-                               ("mirror", lambda: mirror_round(client, settings, sources, n, log))):
+            for label, run in (
+                ("bridge", lambda: bridge_round(client, settings, sources, n, args.limit, log)),
+                ("mirror", lambda: mirror_round(client, settings, sources, n, log)),
+            ):
                 ratios = []
                 for r in range(args.rounds):
                     plain_s, service_s, cpu = await run()
                     ratio = plain_s / service_s
                     ratios.append(ratio)
                     base = "GetRecords" if label == "bridge" else "PutRecords"
-                    print(f"round {r + 1} {label}: plain {base} {n / plain_s:8.0f} ev/s   {label} "
-                          f"{n / service_s:8.0f} ev/s   {label} CPU {cpu * 1000 / n:.3f} s/1k ev   "
-                          f"ratio {ratio:.2f}")
+                    print(
+                        f"round {r + 1} {label}: plain {base} {n / plain_s:8.0f} ev/s   {label} "
+                        f"{n / service_s:8.0f} ev/s   {label} CPU {cpu * 1000 / n:.3f} s/1k ev   "
+                        f"ratio {ratio:.2f}"
+                    )
                 print(f"{label}: median ratio {label}/plain {statistics.median(ratios):.2f}\n")
 
 

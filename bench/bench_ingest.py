@@ -50,12 +50,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _event(i: int) -> dict[str, Any]:
-    return {"type": "track", "event": "Product Viewed", "userId": f"user-{i}",
-            "properties": {"product_id": "p-123", "price": 19.99, "currency": "EUR", "position": i},
-            "context": {"library": {"name": "analytics.js", "version": "4.1.0"},
-                        "page": {"url": "https://shop.example/p/123?utm_source=news", "path": "/p/123"},
-                        "userAgent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36"},
-            "timestamp": "2026-11-24T12:00:00.000Z", "sentAt": "2026-11-24T12:00:00.100Z"}
+    return {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": f"user-{i}",
+        "properties": {"product_id": "p-123", "price": 19.99, "currency": "EUR", "position": i},
+        "context": {
+            "library": {"name": "analytics.js", "version": "4.1.0"},
+            "page": {"url": "https://shop.example/p/123?utm_source=news", "path": "/p/123"},
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36",
+        },
+        "timestamp": "2026-11-24T12:00:00.000Z",
+        "sentAt": "2026-11-24T12:00:00.100Z",
+    }
 
 
 BODIES = {
@@ -104,13 +111,30 @@ def _pinned(role: str, argv: list[str]) -> list[str]:
 def run_wrk(port: int, path: str, body: str, duration: int, connections: int) -> dict[str, float]:
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     auth = base64.b64encode(f"{KEY}:".encode()).decode()
-    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                 f'wrk.headers["Content-Type"] = "application/json"\n'
-                 f'wrk.headers["Authorization"] = "Basic {auth}"\n')
+    script.write(
+        f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+        f'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Basic {auth}"\n'
+    )
     script.close()
-    out = subprocess.run(_pinned("load", [
-        "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name,
-         f"http://127.0.0.1:{port}{path}"]), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        _pinned(
+            "load",
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{duration}s",
+                "--latency",
+                "-s",
+                script.name,
+                f"http://127.0.0.1:{port}{path}",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     os.unlink(script.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -119,17 +143,23 @@ def run_wrk(port: int, path: str, body: str, duration: int, connections: int) ->
     return {"rps": rps, "p50": p50, "p99": p99, "errors": float(non2xx.group(1)) if non2xx else 0.0}
 
 
-def measure(name: str, proc: subprocess.Popen[bytes], port: int, kind: str, duration: int,
-            connections: int) -> dict[str, Any]:
+def measure(
+    name: str, proc: subprocess.Popen[bytes], port: int, kind: str, duration: int, connections: int
+) -> dict[str, Any]:
     path, body, events = BODIES[kind]
     run_wrk(port, path, body, 1, connections)  # warm-up
     cpu0 = cpu_seconds(proc.pid)
     result = run_wrk(port, path, body, duration, connections)
     cpu = cpu_seconds(proc.pid) - cpu0
     total_events = result["rps"] * duration * events
-    return {"server": name, "kind": kind, **result, "eps": result["rps"] * events,
-            "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
-            "rss": peak_rss_mb(proc.pid)}
+    return {
+        "server": name,
+        "kind": kind,
+        **result,
+        "eps": result["rps"] * events,
+        "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
+        "rss": peak_rss_mb(proc.pid),
+    }
 
 
 async def plain_producer(bootstrap: str, topic: str, n: int) -> dict[str, float]:
@@ -138,12 +168,27 @@ async def plain_producer(bootstrap: str, topic: str, n: int) -> dict[str, float]
     for i in range(1000):
         event = _event(i)
         event["messageId"] = str(uuid.uuid4())
-        values.append(Envelope(schema_version=1, source_id="bench", message_id=event["messageId"],
-                               received_at_ms=int(time.time() * 1000), client_ip="127.0.0.1",
-                               user_agent="wrk", request_id=uuid.uuid4().hex, path="/v1/batch",
-                               event=json.dumps(event).encode()).SerializeToString())
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                compression_type="zstd", linger_ms=5, max_batch_size=512 * 1024)
+        values.append(
+            Envelope(
+                schema_version=1,
+                source_id="bench",
+                message_id=event["messageId"],
+                received_at_ms=int(time.time() * 1000),
+                client_ip="127.0.0.1",
+                user_agent="wrk",
+                request_id=uuid.uuid4().hex,
+                path="/v1/batch",
+                event=json.dumps(event).encode(),
+            ).SerializeToString()
+        )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        compression_type="zstd",
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
     await producer.start()
     try:
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -167,8 +212,7 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--producer-events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pin", action="store_true",
-                        help="run each server on one core and wrk on another (taskset)")
+    parser.add_argument("--pin", action="store_true", help="run each server on one core and wrk on another (taskset)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -183,21 +227,27 @@ async def main() -> None:
     await asyncio.to_thread(stack.up, settings, cassandra=False)
     run_id = uuid.uuid4().hex[:8]
     raw_topic, dlq_topic = f"bench.events.raw.{run_id}", f"bench.events.dlq.{run_id}"
-    await ensure_topics(settings.kafka_bootstrap, [TopicSpec(raw_topic, 8), TopicSpec(dlq_topic, 1),
-                                                   TopicSpec(f"bench.plain.{run_id}", 8)])
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        [TopicSpec(raw_topic, 8), TopicSpec(dlq_topic, 1), TopicSpec(f"bench.plain.{run_id}", 8)],
+    )
     work = Path(tempfile.mkdtemp(prefix="hw-bench-"))
-    (work / "sources.json").write_text(json.dumps(
-        {"sources": [{"id": "bench", "name": "bench", "write_key": KEY}]}))
+    (work / "sources.json").write_text(json.dumps({"sources": [{"id": "bench", "name": "bench", "write_key": KEY}]}))
     rows: list[dict[str, Any]] = []
     plains: list[dict[str, float]] = []
     bare_port, ingest_port = _free_port(), _free_port()
-    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(ingest_port),
-           "HEADWATER_INGEST_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "HEADWATER_INGEST_RAW_TOPIC": raw_topic, "HEADWATER_INGEST_DLQ_TOPIC": dlq_topic,
-           "HEADWATER_INGEST_SOURCES_FILE": str(work / "sources.json"),
-           "HEADWATER_INGEST_SPOOL_DIR": str(work / "spool"), "HEADWATER_INGEST_LOG_LEVEL": "WARNING"}
-    bare = subprocess.Popen(_pinned("server", [sys.executable, str(ROOT / "bench" / "bare_server.py"),
-                                               str(bare_port)]))
+    env = {
+        **os.environ,
+        "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1",
+        "HEADWATER_INGEST_HTTP_PORT": str(ingest_port),
+        "HEADWATER_INGEST_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "HEADWATER_INGEST_RAW_TOPIC": raw_topic,
+        "HEADWATER_INGEST_DLQ_TOPIC": dlq_topic,
+        "HEADWATER_INGEST_SOURCES_FILE": str(work / "sources.json"),
+        "HEADWATER_INGEST_SPOOL_DIR": str(work / "spool"),
+        "HEADWATER_INGEST_LOG_LEVEL": "WARNING",
+    }
+    bare = subprocess.Popen(_pinned("server", [sys.executable, str(ROOT / "bench" / "bare_server.py"), str(bare_port)]))
     ingest = subprocess.Popen(_pinned("server", [sys.executable, "-m", "services.ingest"]), env=env, cwd=ROOT)
     try:
         await _wait_http(bare_port, "/v1/x")
@@ -208,8 +258,7 @@ async def main() -> None:
             for kind in BODIES:
                 rows.append(measure("bare aiohttp", bare, bare_port, kind, args.duration, args.connections))
                 rows.append(measure("ingest", ingest, ingest_port, kind, args.duration, args.connections))
-            plains.append(await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}",
-                                               args.producer_events))
+            plains.append(await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}", args.producer_events))
     finally:
         for proc in (bare, ingest):
             proc.terminate()
@@ -219,37 +268,53 @@ async def main() -> None:
         return statistics.median(values)
 
     # Each round's own ratio too: the spread says how far to trust the medians.
-    per_round = [i["rps"] / b["rps"] for b, i in zip(
-        [r for r in rows if r["server"] == "bare aiohttp" and r["kind"] == "track"],
-        [r for r in rows if r["server"] == "ingest" and r["kind"] == "track"], strict=True)]
+    per_round = [
+        i["rps"] / b["rps"]
+        for b, i in zip(
+            [r for r in rows if r["server"] == "bare aiohttp" and r["kind"] == "track"],
+            [r for r in rows if r["server"] == "ingest" and r["kind"] == "track"],
+            strict=True,
+        )
+    ]
     table = []
     for server in ("bare aiohttp", "ingest"):
         for kind in BODIES:
             mine = [r for r in rows if r["server"] == server and r["kind"] == kind]
-            table.append({"server": server, "kind": kind,
-                          **{k: median([r[k] for r in mine]) for k in ("rps", "eps", "p50", "p99", "cpu_per_1k",
-                                                                        "errors")},
-                          "rss": max(r["rss"] for r in mine)})
+            table.append(
+                {
+                    "server": server,
+                    "kind": kind,
+                    **{k: median([r[k] for r in mine]) for k in ("rps", "eps", "p50", "p99", "cpu_per_1k", "errors")},
+                    "rss": max(r["rss"] for r in mine),
+                }
+            )
     rows = table
     plain = {k: median([p[k] for p in plains]) for k in ("eps", "cpu_per_1k")}
 
-    pinning = (f"servers pinned to core {PIN['server'][-1]}, wrk to core {PIN['load'][-1]}" if args.pin
-               else "not pinned")
-    print(f"\ningest benchmark ({os.cpu_count()} cores, {pinning}, wrk -t1 -c{args.connections}, "
-          f"{args.duration}s a run, median of {args.rounds} alternating rounds; Kafka on the same machine)")
-    print(f"{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}")
+    pinning = f"servers pinned to core {PIN['server'][-1]}, wrk to core {PIN['load'][-1]}" if args.pin else "not pinned"
+    print(
+        f"\ningest benchmark ({os.cpu_count()} cores, {pinning}, wrk -t1 -c{args.connections}, "
+        f"{args.duration}s a run, median of {args.rounds} alternating rounds; Kafka on the same machine)"
+    )
+    print(
+        f"{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}"
+    )
     for r in rows:
-        print(f"{r['server']:<14}{r['kind']:<9}{r['rps']:>10.0f}{r['eps']:>11.0f}{r['p50']:>9.2f}"
-              f"{r['p99']:>9.2f}{r['cpu_per_1k']:>13.4f}{r['rss']:>13.1f}{r['errors']:>9.0f}")
+        print(
+            f"{r['server']:<14}{r['kind']:<9}{r['rps']:>10.0f}{r['eps']:>11.0f}{r['p50']:>9.2f}"
+            f"{r['p99']:>9.2f}{r['cpu_per_1k']:>13.4f}{r['rss']:>13.1f}{r['errors']:>9.0f}"
+        )
     print(f"{'aiokafka':<14}{'plain':<9}{'':>10}{plain['eps']:>11.0f}{'':>9}{'':>9}{plain['cpu_per_1k']:>13.4f}")
     by = {(r["server"], r["kind"]): r for r in rows}
     track_ratio = by[("ingest", "track")]["rps"] / by[("bare aiohttp", "track")]["rps"]
     batch_ratio = by[("ingest", "batch20")]["eps"] / plain["eps"]
     batch_bare_ratio = by[("ingest", "batch20")]["eps"] / by[("bare aiohttp", "batch20")]["eps"]
     goals = "(pinned goals: 0.65 and 0.30)" if args.pin else "(goals are for --pin: 0.65 and 0.30)"
-    print(f"\n/v1/track: ingest at {track_ratio:.2f} of the bare handler's req/s; "
-          f"/v1/batch: {batch_bare_ratio:.2f} of its events/s {goals}")
+    print(
+        f"\n/v1/track: ingest at {track_ratio:.2f} of the bare handler's req/s; "
+        f"/v1/batch: {batch_bare_ratio:.2f} of its events/s {goals}"
+    )
     print(f"/v1/track round by round: {', '.join(f'{r:.2f}' for r in per_round)}")
     print(f"/v1/batch: ingest at {batch_ratio:.0%} of the plain producer's events/s (goal >= 50%)")
     shutil.rmtree(work, ignore_errors=True)

@@ -47,22 +47,30 @@ def events(n: int, partitions: int, users: int, names: int) -> list[tuple[int, b
         t = received - rnd.randint(0, 120_000)
         etype = rnd.choice(["track", "track", "track", "page", "identify"])
         doc = {
-            "type": etype, "messageId": f"m{i}", "userId": f"u{rnd.randrange(users)}",
+            "type": etype,
+            "messageId": f"m{i}",
+            "userId": f"u{rnd.randrange(users)}",
             "event": f"Event {rnd.randrange(names)}",
-            "name": "Home", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t / 1000))
-            + f".{t % 1000:03d}Z", "properties": {"revenue": rnd.randint(1, 500) / 10, "sku": "X-1"},
+            "name": "Home",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t / 1000)) + f".{t % 1000:03d}Z",
+            "properties": {"revenue": rnd.randint(1, 500) / 10, "sku": "X-1"},
             "context": {"ip": "10.0.0.1", "userAgent": "Mozilla/5.0", "bot": False},
-            "_hw": {"source_id": rnd.choice(["web", "srv"]), "received_at_ms": received,
-                    "processed_at_ms": received + 3, "raw": {"topic": "events.raw", "partition": 0,
-                                                             "offset": i}, "flags": []},
+            "_hw": {
+                "source_id": rnd.choice(["web", "srv"]),
+                "received_at_ms": received,
+                "processed_at_ms": received + 3,
+                "raw": {"topic": "events.raw", "partition": 0, "offset": i},
+                "flags": [],
+            },
         }
         out.append((rnd.randrange(partitions), orjson.dumps(doc)))
     return out
 
 
 async def fill(bootstrap: str, topic: str, records: list[tuple[int, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                max_batch_size=512 * 1024, compression_type="zstd")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024, compression_type="zstd"
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, v, partition=p) for p, v in records]
@@ -77,9 +85,15 @@ def cpu_s() -> float:
 
 
 async def plain_loop(bootstrap: str, topic: str, n: int) -> tuple[float, float]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-plain-{uuid.uuid4().hex}",
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                isolation_level="read_committed", max_poll_records=2000)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-plain-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_poll_records=2000,
+    )
     await consumer.start()
     try:
         seen = 0
@@ -137,12 +151,22 @@ async def rollup_loop(settings: Settings, n: int) -> dict[str, float]:
             consumer.stop()
             await task
             elapsed, cpu = time.perf_counter() - start, cpu_s() - cpu0
-        rows = sum(s.value for m in registry.collect() if m.name == "headwater_metrics_rows_written"
-                   for s in m.samples if s.name.endswith("_total"))
+        rows = sum(
+            s.value
+            for m in registry.collect()
+            if m.name == "headwater_metrics_rows_written"
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
         flushes = sorted(flush_s)
-        return {"elapsed": elapsed, "cpu": cpu, "rows": rows, "flushes": len(flushes),
-                "flush_p50": statistics.median(flushes) if flushes else 0.0,
-                "flush_p99": flushes[min(len(flushes) - 1, int(len(flushes) * 0.99))] if flushes else 0.0}
+        return {
+            "elapsed": elapsed,
+            "cpu": cpu,
+            "rows": rows,
+            "flushes": len(flushes),
+            "flush_p50": statistics.median(flushes) if flushes else 0.0,
+            "flush_p99": flushes[min(len(flushes) - 1, int(len(flushes) * 0.99))] if flushes else 0.0,
+        }
     finally:
         await client.execute(f"DROP KEYSPACE IF EXISTS {settings.cassandra_keyspace}")
         await producer.stop()
@@ -163,21 +187,38 @@ async def main() -> int:
     topic = f"bench.enriched.{run_id}"
     with tempfile.TemporaryDirectory() as tmp:
         sources = Path(tmp) / "sources.json"
-        sources.write_text(orjson.dumps({"sources": [
-            {"id": "web", "name": "web", "write_key": "w", "sum_properties": ["revenue"]},
-            {"id": "srv", "name": "srv", "write_key": "s", "sum_properties": ["revenue"]}]}).decode())
-        settings = Settings(kafka_bootstrap=args.bootstrap, enriched_topic=topic,
-                            late_topic=f"bench.late.{run_id}", dlq_topic=f"bench.dlq.{run_id}",
-                            consumer_group=f"bench-metrics-{run_id}", cassandra_port=args.cassandra_port,
-                            cassandra_keyspace=f"bench_{run_id}", sources_file=sources)
-        await ensure_topics(args.bootstrap, [TopicSpec(topic, args.partitions),
-                                             TopicSpec(settings.late_topic, 1), TopicSpec(settings.dlq_topic, 1)])
+        sources.write_text(
+            orjson.dumps(
+                {
+                    "sources": [
+                        {"id": "web", "name": "web", "write_key": "w", "sum_properties": ["revenue"]},
+                        {"id": "srv", "name": "srv", "write_key": "s", "sum_properties": ["revenue"]},
+                    ]
+                }
+            ).decode()
+        )
+        settings = Settings(
+            kafka_bootstrap=args.bootstrap,
+            enriched_topic=topic,
+            late_topic=f"bench.late.{run_id}",
+            dlq_topic=f"bench.dlq.{run_id}",
+            consumer_group=f"bench-metrics-{run_id}",
+            cassandra_port=args.cassandra_port,
+            cassandra_keyspace=f"bench_{run_id}",
+            sources_file=sources,
+        )
+        await ensure_topics(
+            args.bootstrap,
+            [TopicSpec(topic, args.partitions), TopicSpec(settings.late_topic, 1), TopicSpec(settings.dlq_topic, 1)],
+        )
         records = events(args.events, args.partitions, args.users, args.names)
         t0 = time.perf_counter()
         await fill(args.bootstrap, topic, records)
-        print(f"filled {topic}: {args.events} events, {args.partitions} partitions, "
-              f"{args.names} event names, {sum(len(v) for _, v in records) / len(records):.0f} B/event, "
-              f"{time.perf_counter() - t0:.1f}s")
+        print(
+            f"filled {topic}: {args.events} events, {args.partitions} partitions, "
+            f"{args.names} event names, {sum(len(v) for _, v in records) / len(records):.0f} B/event, "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
         try:
             plain_s, plain_cpu = await plain_loop(args.bootstrap, topic, args.events)
             roll = await rollup_loop(settings, args.events)
@@ -193,9 +234,11 @@ async def main() -> int:
     print(f"{'plain consumer (read + JSON)':<34}{n / plain_s:>10.0f}{plain_cpu / n * 1000:>15.3f}")
     print(f"{'metrics rollup consumer':<34}{n / roll['elapsed']:>10.0f}{roll['cpu'] / n * 1000:>15.3f}")
     print(f"rollup/plain throughput: {plain_s / roll['elapsed']:.2f}")
-    print(f"cassandra rows upserted: {roll['rows']:.0f} ({roll['rows'] / roll['elapsed']:.0f} writes/s), "
-          f"{roll['flushes']:.0f} flushes, flush p50 {roll['flush_p50'] * 1000:.1f} ms, "
-          f"p99 {roll['flush_p99'] * 1000:.1f} ms")
+    print(
+        f"cassandra rows upserted: {roll['rows']:.0f} ({roll['rows'] / roll['elapsed']:.0f} writes/s), "
+        f"{roll['flushes']:.0f} flushes, flush p50 {roll['flush_p50'] * 1000:.1f} ms, "
+        f"p99 {roll['flush_p99'] * 1000:.1f} ms"
+    )
     print(f"peak RSS of the bench process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 

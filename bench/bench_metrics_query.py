@@ -59,17 +59,18 @@ async def fill(store: Store, names: int, active: int, now: int) -> int:
     for source in SOURCES:
         for h in range(7 * 24):
             t = day0 - 6 * DAY + h * HOUR
-            writes += [(0, RowKey("1h", source, "track", f"Event {n}", t), row(rnd, 5000), 1)
-                       for n in range(names)]
+            writes += [(0, RowKey("1h", source, "track", f"Event {n}", t), row(rnd, 5000), 1) for n in range(names)]
         for d in range(7):
-            writes += [(0, RowKey("1d", source, "track", f"Event {n}", day0 - (6 - d) * DAY), row(rnd, 5000), 1)
-                       for n in range(names)]
+            writes += [
+                (0, RowKey("1d", source, "track", f"Event {n}", day0 - (6 - d) * DAY), row(rnd, 5000), 1)
+                for n in range(names)
+            ]
         for m in range(24 * 60):
             t = now - now % MIN - m * MIN
             picked = {0, *rnd.sample(range(1, names), active)}
             writes += [(0, RowKey("1m", source, "track", f"Event {n}", t), row(rnd, 500), 1) for n in picked]
     for i in range(0, len(writes), 5000):
-        await store.write_rows(writes[i:i + 5000])
+        await store.write_rows(writes[i : i + 5000])
     for source in SOURCES:
         for n in range(names):
             await store.note_series(source, "track", f"Event {n}", ())
@@ -105,8 +106,10 @@ async def main() -> int:
         now = int(time.time() * 1000)
         t0 = time.perf_counter()
         rows = await fill(store, args.names, args.active, now)
-        print(f"stored {rows} rollup rows ({args.names} events x {len(SOURCES)} sources) in "
-              f"{time.perf_counter() - t0:.1f}s")
+        print(
+            f"stored {rows} rollup rows ({args.names} events x {len(SOURCES)} sources) in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
         app = await build_app(settings, consume=False)
         runner = web.AppRunner(app)
         await runner.setup()
@@ -127,22 +130,43 @@ async def main() -> int:
         m_buckets = range(day_ago // BUCKET_MS["1m"], now // BUCKET_MS["1m"] + 1)
         h_buckets = range(week_ago // BUCKET_MS["1h"], now // BUCKET_MS["1h"] + 1)
         plain = {
-            "a": lambda: cql(f"SELECT window_start, count FROM {ks}.rollup_1m WHERE source = ? AND bucket = ? AND "
-                             "window_start >= ? AND window_start <= ? AND type = 'track' AND event = 'Event 0' "
-                             "ALLOW FILTERING", [(s, b, day_ago, now) for s in SOURCES for b in m_buckets]),
-            "b": lambda: cql(f"SELECT window_start, users FROM {ks}.rollup_1h WHERE source = ? AND bucket = ? AND "
-                             "window_start >= ? AND window_start <= ?",
-                             [("web", b, week_ago, now) for b in h_buckets]),
+            "a": lambda: cql(
+                f"SELECT window_start, count FROM {ks}.rollup_1m WHERE source = ? AND bucket = ? AND "
+                "window_start >= ? AND window_start <= ? AND type = 'track' AND event = 'Event 0' "
+                "ALLOW FILTERING",
+                [(s, b, day_ago, now) for s in SOURCES for b in m_buckets],
+            ),
+            "b": lambda: cql(
+                f"SELECT window_start, users FROM {ks}.rollup_1h WHERE source = ? AND bucket = ? AND "
+                "window_start >= ? AND window_start <= ?",
+                [("web", b, week_ago, now) for b in h_buckets],
+            ),
             "c": lambda: cql(f"SELECT source, type, event FROM {ks}.series WHERE k = 0", [()]),
         }
         bodies = {
-            "a": {"start_absolute": day_ago, "end_absolute": now, "metrics": [{
-                "name": "headwater.events.count", "tags": {"event": ["Event 0"], "resolution": ["1m"]},
-                "group_by": [{"name": "tag", "tags": ["source"]}],
-                "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "minutes"}}]}]},
-            "b": {"start_absolute": week_ago, "end_absolute": now, "metrics": [{
-                "name": "headwater.users.distinct", "tags": {"source": ["web"], "resolution": ["1h"]},
-                "aggregators": [{"name": "distinct", "sampling": {"value": 1, "unit": "hours"}}]}]},
+            "a": {
+                "start_absolute": day_ago,
+                "end_absolute": now,
+                "metrics": [
+                    {
+                        "name": "headwater.events.count",
+                        "tags": {"event": ["Event 0"], "resolution": ["1m"]},
+                        "group_by": [{"name": "tag", "tags": ["source"]}],
+                        "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "minutes"}}],
+                    }
+                ],
+            },
+            "b": {
+                "start_absolute": week_ago,
+                "end_absolute": now,
+                "metrics": [
+                    {
+                        "name": "headwater.users.distinct",
+                        "tags": {"source": ["web"], "resolution": ["1h"]},
+                        "aggregators": [{"name": "distinct", "sampling": {"value": 1, "unit": "hours"}}],
+                    }
+                ],
+            },
         }
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{port}/api/v1"
@@ -155,13 +179,25 @@ async def main() -> int:
             async def metadata() -> None:
                 async with http.get(base + "/metricnames") as resp:
                     assert resp.status == 200, await resp.text()
-                await post("/datapoints/query/tags", {"start_absolute": day_ago, "end_absolute": now, "metrics": [
-                    {"name": "headwater.events.count", "tags": {"resolution": ["1m"]}}]})
+                await post(
+                    "/datapoints/query/tags",
+                    {
+                        "start_absolute": day_ago,
+                        "end_absolute": now,
+                        "metrics": [{"name": "headwater.events.count", "tags": {"resolution": ["1m"]}}],
+                    },
+                )
 
-            api = {"a": lambda: post("/datapoints/query", bodies["a"]),
-                   "b": lambda: post("/datapoints/query", bodies["b"]), "c": metadata}
-            labels = {"a": "(a) event count, 24 h at 1 min, by source", "b": "(b) distinct users, 7 d at 1 h",
-                      "c": "(c) metricnames + query/tags"}
+            api = {
+                "a": lambda: post("/datapoints/query", bodies["a"]),
+                "b": lambda: post("/datapoints/query", bodies["b"]),
+                "c": metadata,
+            }
+            labels = {
+                "a": "(a) event count, 24 h at 1 min, by source",
+                "b": "(b) distinct users, 7 d at 1 h",
+                "c": "(c) metricnames + query/tags",
+            }
             print(f"{'query':<44}{'API p50':>9}{'p99':>9}{'CQL p50':>9}{'p99':>9}{'ratio':>7}  (ms)")
             for name in ("a", "b", "c"):
                 await api[name]()  # warm: prepared statements, caches

@@ -56,8 +56,7 @@ from services.common.kafka import TopicSpec, ensure_topics  # noqa: E402
 from services.common.proto.envelope_pb2 import Envelope  # noqa: E402
 
 UAS = [
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
-    "Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
     "Version/17.0 Mobile/15E148 Safari/604.1",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 "
@@ -67,10 +66,17 @@ UAS = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
     "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
 ]
-SOURCES = {"sources": [{"id": "bench", "name": "bench", "write_key": "bench-key",
-                        "enrichment": {"ip": "anonymize"},
-                        "destinations": [{"name": "all"}, {"name": "orders", "types": ["track"],
-                                                           "events": ["Order Completed"]}]}]}
+SOURCES = {
+    "sources": [
+        {
+            "id": "bench",
+            "name": "bench",
+            "write_key": "bench-key",
+            "enrichment": {"ip": "anonymize"},
+            "destinations": [{"name": "all"}, {"name": "orders", "types": ["track"], "events": ["Order Completed"]}],
+        }
+    ]
+}
 
 
 # processor / plain: events/s, and plain CPU per event / processor CPU per event.
@@ -81,12 +87,20 @@ def make_event(i: int, rng: random.Random) -> tuple[bytes, bytes]:
     user = f"user-{rng.randrange(5000)}"
     kind = rng.choice(["page", "track", "track", "identify"])
     event: dict[str, Any] = {
-        "type": kind, "userId": user, "messageId": str(uuid.uuid4()),
-        "timestamp": "2026-11-24T15:00:00.000Z", "sentAt": "2026-11-24T15:00:01.000Z",
-        "context": {"library": {"name": "analytics.js", "version": "1.84"}, "locale": "en-GB",
-                    "page": {"url": f"https://shop.example.com/p/{i % 300}?utm_source=news&utm_medium=email"
-                                    f"&utm_campaign=c{i % 7}&gclid=g{i}",
-                             "referrer": rng.choice(["https://www.google.com/", "https://t.co/x", ""])}},
+        "type": kind,
+        "userId": user,
+        "messageId": str(uuid.uuid4()),
+        "timestamp": "2026-11-24T15:00:00.000Z",
+        "sentAt": "2026-11-24T15:00:01.000Z",
+        "context": {
+            "library": {"name": "analytics.js", "version": "1.84"},
+            "locale": "en-GB",
+            "page": {
+                "url": f"https://shop.example.com/p/{i % 300}?utm_source=news&utm_medium=email"
+                f"&utm_campaign=c{i % 7}&gclid=g{i}",
+                "referrer": rng.choice(["https://www.google.com/", "https://t.co/x", ""]),
+            },
+        },
     }
     if kind == "track":
         event["event"] = rng.choice(["Order Completed", "Product Viewed", "Added To Cart"])
@@ -97,9 +111,17 @@ def make_event(i: int, rng: random.Random) -> tuple[bytes, bytes]:
     else:
         event["traits"] = {"email": f"{user}@example.com", "plan": "pro"}
     ip = f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
-    env = Envelope(schema_version=1, source_id="bench", message_id=event["messageId"],
-                   received_at_ms=int(time.time() * 1000), client_ip=ip, user_agent=rng.choice(UAS),
-                   request_id="bench", path="/v1/batch", event=orjson.dumps(event))
+    env = Envelope(
+        schema_version=1,
+        source_id="bench",
+        message_id=event["messageId"],
+        received_at_ms=int(time.time() * 1000),
+        client_ip=ip,
+        user_agent=rng.choice(UAS),
+        request_id="bench",
+        path="/v1/batch",
+        event=orjson.dumps(event),
+    )
     return f"bench:{user}".encode(), env.SerializeToString()
 
 
@@ -110,26 +132,34 @@ def build_geoip(path: Path) -> None:
 
     writer = MMDBWriter(ip_version=6, database_type="GeoIP2-City", ipv4_compatible=True)
     for first in range(1, 224, 2):
-        writer.insert_network(IPSet([f"{first}.0.0.0/8"]), {
-            "country": {"iso_code": "GB", "names": {"en": "United Kingdom"}},
-            "subdivisions": [{"iso_code": "ENG", "names": {"en": "England"}}],
-            "city": {"names": {"en": f"City {first}"}},
-            "location": {"latitude": 51.5, "longitude": -0.1, "time_zone": "Europe/London"},
-        })
+        writer.insert_network(
+            IPSet([f"{first}.0.0.0/8"]),
+            {
+                "country": {"iso_code": "GB", "names": {"en": "United Kingdom"}},
+                "subdivisions": [{"iso_code": "ENG", "names": {"en": "England"}}],
+                "city": {"names": {"en": f"City {first}"}},
+                "location": {"latitude": 51.5, "longitude": -0.1, "time_zone": "Europe/London"},
+            },
+        )
     writer.to_db_file(str(path))
 
 
 async def fill(bootstrap: str, topic: str, n: int) -> None:
     rng = random.Random(7)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=20, max_batch_size=256 * 1024, compression_type="zstd")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=20,
+        max_batch_size=256 * 1024,
+        compression_type="zstd",
+    )
     await producer.start()
     try:
         futures = []
         for i in range(n):
             key, value = make_event(i, rng)
-            futures.append(await producer.send(topic, value, key=key,
-                                               headers=[("hw-schema", b"envelope/1")]))
+            futures.append(await producer.send(topic, value, key=key, headers=[("hw-schema", b"envelope/1")]))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -160,8 +190,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def measure(bootstrap: str, group: str, topic: str, n: int, proc: subprocess.Popen[bytes],
-                  timeout_s: float) -> dict[str, float]:
+async def measure(
+    bootstrap: str, group: str, topic: str, n: int, proc: subprocess.Popen[bytes], timeout_s: float
+) -> dict[str, float]:
     """Poll the group's committed offsets from the first commit to the last."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -182,17 +213,34 @@ async def measure(bootstrap: str, group: str, topic: str, n: int, proc: subproce
     elapsed = time.perf_counter() - start_t
     events = n - start_done
     cpu = cpu_seconds(proc.pid) - start_cpu
-    return {"events_per_s": events / elapsed, "cpu_s_per_1000": cpu / events * 1000,
-            "peak_rss_mb": peak_rss_mb(proc.pid), "events_timed": events, "seconds": elapsed}
+    return {
+        "events_per_s": events / elapsed,
+        "cpu_s_per_1000": cpu / events * 1000,
+        "peak_rss_mb": peak_rss_mb(proc.pid),
+        "events_timed": events,
+        "seconds": elapsed,
+    }
 
 
 async def plain_worker(bootstrap: str, raw: str, out: str, group: str, max_records: int) -> None:
     """The baseline loop, run in its own process by ``--plain-worker``."""
-    consumer = AIOKafkaConsumer(raw, bootstrap_servers=bootstrap, group_id=group,
-                                isolation_level="read_committed", enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=5, max_batch_size=256 * 1024, compression_type="zstd")
+    consumer = AIOKafkaConsumer(
+        raw,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        compression_type="zstd",
+    )
     await consumer.start()
     await producer.start()
     times: list[float] = []
@@ -257,8 +305,7 @@ async def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     await fill(bootstrap, raw, args.events)
     print(f"processor settings: {args.set or 'defaults'}")
-    print(f"filled {raw}: {args.events} envelopes, {args.partitions} partitions, "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"filled {raw}: {args.events} envelopes, {args.partitions} partitions, in {time.perf_counter() - t0:.1f} s")
     rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         sources = Path(tmp) / "sources.json"
@@ -273,21 +320,27 @@ async def run(args: argparse.Namespace) -> None:
             rounds.append({"plain": plain, "processor": processor})
 
     print(f"({os.cpu_count()} cores; the Kafka broker runs on the same machine and shares them)")
-    print(f"{'round':<6} {'loop':<10} {'events/s':>10} {'CPU s/1000':>11} {'peak RSS MB':>12} "
-          f"{'batch p50 ms':>13} {'batch p99 ms':>13} {'timed events':>13}")
+    print(
+        f"{'round':<6} {'loop':<10} {'events/s':>10} {'CPU s/1000':>11} {'peak RSS MB':>12} "
+        f"{'batch p50 ms':>13} {'batch p99 ms':>13} {'timed events':>13}"
+    )
     ratios = []
     for index, results in enumerate(rounds, 1):
         for name, r in results.items():
-            print(f"{index:<6} {name:<10} {r['events_per_s']:>10.0f} {r['cpu_s_per_1000']:>11.3f} "
-                  f"{r['peak_rss_mb']:>12.0f} {r['p50_ms']:>13.1f} {r['p99_ms']:>13.1f} "
-                  f"{r['events_timed']:>13.0f}")
+            print(
+                f"{index:<6} {name:<10} {r['events_per_s']:>10.0f} {r['cpu_s_per_1000']:>11.3f} "
+                f"{r['peak_rss_mb']:>12.0f} {r['p50_ms']:>13.1f} {r['p99_ms']:>13.1f} "
+                f"{r['events_timed']:>13.0f}"
+            )
         ratios.append(results["processor"]["events_per_s"] / results["plain"]["events_per_s"])
     cpu_ratio = statistics.median(r["plain"]["cpu_s_per_1000"] / r["processor"]["cpu_s_per_1000"] for r in rounds)
     ratio = statistics.median(ratios)
     print(f"processor / plain events/s per round: {', '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"median ratio {ratio:.2f} (goal >= {GOAL_RATE}): {'met' if ratio >= GOAL_RATE else 'NOT met'}; "
-          f"by CPU per event (plain CPU / processor CPU): {cpu_ratio:.2f} "
-          f"(goal >= {GOAL_CPU}): {'met' if cpu_ratio >= GOAL_CPU else 'NOT met'}")
+    print(
+        f"median ratio {ratio:.2f} (goal >= {GOAL_RATE}): {'met' if ratio >= GOAL_RATE else 'NOT met'}; "
+        f"by CPU per event (plain CPU / processor CPU): {cpu_ratio:.2f} "
+        f"(goal >= {GOAL_CPU}): {'met' if cpu_ratio >= GOAL_CPU else 'NOT met'}"
+    )
     print("processor batch p50/p99 are histogram bucket upper bounds; plain's are exact.")
 
 
@@ -296,8 +349,22 @@ async def run_plain(bootstrap: str, raw: str, tag: str, tmp: Path, args: argpars
     times_file = tmp / f"times-{tag}.json"
     env = {**os.environ, "BENCH_TIMES": str(times_file)}
     await ensure_topics(bootstrap, [TopicSpec(f"{raw}.plain", 4)])
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-worker", "--bootstrap", bootstrap,
-                             "--raw", raw, "--out", f"{raw}.plain", "--group", group], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--plain-worker",
+            "--bootstrap",
+            bootstrap,
+            "--raw",
+            raw,
+            "--out",
+            f"{raw}.plain",
+            "--group",
+            group,
+        ],
+        env=env,
+    )
     try:
         result = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
     finally:
@@ -308,17 +375,26 @@ async def run_plain(bootstrap: str, raw: str, tag: str, tmp: Path, args: argpars
     return result
 
 
-async def run_processor(bootstrap: str, raw: str, tag: str, sources: Path, geoip: Path,
-                        args: argparse.Namespace) -> dict[str, float]:
+async def run_processor(
+    bootstrap: str, raw: str, tag: str, sources: Path, geoip: Path, args: argparse.Namespace
+) -> dict[str, float]:
     port = free_port()
     group = f"bench-proc-{tag}"
     out = f"{raw}.{tag}"
-    env = {**os.environ, "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP": bootstrap,
-           "HEADWATER_PROCESSOR_RAW_TOPIC": raw, "HEADWATER_PROCESSOR_ENRICHED_TOPIC": f"{out}.enriched",
-           "HEADWATER_PROCESSOR_DLQ_TOPIC": f"{out}.dlq", "HEADWATER_PROCESSOR_DEST_TOPIC_PREFIX": f"{out}.dest.",
-           "HEADWATER_PROCESSOR_GROUP_ID": group, "HEADWATER_PROCESSOR_SOURCES_FILE": str(sources),
-           "HEADWATER_PROCESSOR_HTTP_PORT": str(port), "HEADWATER_PROCESSOR_ENRICHED_PARTITIONS": "4",
-           "HEADWATER_PROCESSOR_LOG_LEVEL": "WARNING", "HEADWATER_PROCESSOR_GEOIP_PATH": str(geoip)}
+    env = {
+        **os.environ,
+        "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP": bootstrap,
+        "HEADWATER_PROCESSOR_RAW_TOPIC": raw,
+        "HEADWATER_PROCESSOR_ENRICHED_TOPIC": f"{out}.enriched",
+        "HEADWATER_PROCESSOR_DLQ_TOPIC": f"{out}.dlq",
+        "HEADWATER_PROCESSOR_DEST_TOPIC_PREFIX": f"{out}.dest.",
+        "HEADWATER_PROCESSOR_GROUP_ID": group,
+        "HEADWATER_PROCESSOR_SOURCES_FILE": str(sources),
+        "HEADWATER_PROCESSOR_HTTP_PORT": str(port),
+        "HEADWATER_PROCESSOR_ENRICHED_PARTITIONS": "4",
+        "HEADWATER_PROCESSOR_LOG_LEVEL": "WARNING",
+        "HEADWATER_PROCESSOR_GEOIP_PATH": str(geoip),
+    }
     for setting in args.set:
         name, _, value = setting.partition("=")
         env[f"HEADWATER_PROCESSOR_{name.upper()}"] = value
@@ -329,8 +405,10 @@ async def run_processor(bootstrap: str, raw: str, tag: str, sources: Path, geoip
         # (collapsed) stacks, one file per round, for flamegraph.pl or a quick sort.
         target = Path(args.profile) / f"processor-{tag}.txt"
         target.parent.mkdir(parents=True, exist_ok=True)
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-r", "200", "-f", "raw",
-                                "--nonblocking", "-o", str(target)], stdout=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            ["py-spy", "record", "-p", str(proc.pid), "-r", "200", "-f", "raw", "--nonblocking", "-o", str(target)],
+            stdout=subprocess.DEVNULL,
+        )
     try:
         result = await measure(bootstrap, group, raw, args.events, proc, args.timeout)
         p50, p99 = await quantiles_from_histogram(port, "headwater_processor_batch_seconds")
@@ -351,10 +429,16 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--rounds", type=int, default=3, help="plain/processor pairs run alternately")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a processor setting for this run, e.g. --set batch_max_records=1000")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="sample the processor with py-spy into DIR (one raw stack file per round)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a processor setting for this run, e.g. --set batch_max_records=1000",
+    )
+    parser.add_argument(
+        "--profile", metavar="DIR", help="sample the processor with py-spy into DIR (one raw stack file per round)"
+    )
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

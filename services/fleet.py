@@ -52,17 +52,25 @@ def legacy_directions(root: Path) -> dict[str, set[str]]:
 def legacy_members(settings: stack.StackSettings, root: Path, directions: dict[str, set[str]]) -> list[Member]:
     wanted = set().union(*directions.values()) if directions else set()
     aws = {k: v for k, v in LOCAL_AWS.items() if k not in os.environ}
-    common = {"HEADWATER_BRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "HEADWATER_BRIDGE_HTTP_HOST": "127.0.0.1",
-              "HEADWATER_BRIDGE_SOURCES_FILE": str(root / "config" / "sources.json"),
-              "HEADWATER_BRIDGE_CASSANDRA_PORT": str(settings.cassandra_port),
-              "HEADWATER_BRIDGE_AWS_ENDPOINT_URL": settings.kinesis_endpoint, **aws}
+    common = {
+        "HEADWATER_BRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "HEADWATER_BRIDGE_HTTP_HOST": "127.0.0.1",
+        "HEADWATER_BRIDGE_SOURCES_FILE": str(root / "config" / "sources.json"),
+        "HEADWATER_BRIDGE_CASSANDRA_PORT": str(settings.cassandra_port),
+        "HEADWATER_BRIDGE_AWS_ENDPOINT_URL": settings.kinesis_endpoint,
+        **aws,
+    }
     members = []
     if "bridge" in wanted:
-        members.append(Member("bridge", "services.bridge", 8084, {**common, "HEADWATER_BRIDGE_HTTP_PORT": "8084"},
-                              ("bridge",)))
+        members.append(
+            Member("bridge", "services.bridge", 8084, {**common, "HEADWATER_BRIDGE_HTTP_PORT": "8084"}, ("bridge",))
+        )
     if "mirror" in wanted:
-        members.append(Member("mirror", "services.bridge", 8085,
-                              {**common, "HEADWATER_BRIDGE_MIRROR_HTTP_PORT": "8085"}, ("mirror",)))
+        members.append(
+            Member(
+                "mirror", "services.bridge", 8085, {**common, "HEADWATER_BRIDGE_MIRROR_HTTP_PORT": "8085"}, ("mirror",)
+            )
+        )
     return members
 
 
@@ -85,17 +93,41 @@ def fleet(settings: stack.StackSettings, root: Path) -> list[Member]:
     kafka = settings.kafka_bootstrap
     sources = str(root / "config" / "sources.json")
     return [
-        Member("ingest", "services.ingest", 8080, {
-            "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka, "HEADWATER_INGEST_HTTP_PORT": "8080",
-            "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_SOURCES_FILE": sources,
-            "HEADWATER_INGEST_SPOOL_DIR": str(root / "var" / "spool" / "ingest")}),
-        Member("processor", "services.processor", 8081, {
-            "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP": kafka, "HEADWATER_PROCESSOR_HTTP_PORT": "8081",
-            "HEADWATER_PROCESSOR_HTTP_HOST": "127.0.0.1", "HEADWATER_PROCESSOR_SOURCES_FILE": sources}),
-        Member("metrics", "services.metrics", 8083, {
-            "HEADWATER_METRICS_KAFKA_BOOTSTRAP": kafka, "HEADWATER_METRICS_HTTP_PORT": "8083",
-            "HEADWATER_METRICS_HTTP_HOST": "127.0.0.1", "HEADWATER_METRICS_SOURCES_FILE": sources,
-            "HEADWATER_METRICS_CASSANDRA_PORT": str(settings.cassandra_port)}),
+        Member(
+            "ingest",
+            "services.ingest",
+            8080,
+            {
+                "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka,
+                "HEADWATER_INGEST_HTTP_PORT": "8080",
+                "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1",
+                "HEADWATER_INGEST_SOURCES_FILE": sources,
+                "HEADWATER_INGEST_SPOOL_DIR": str(root / "var" / "spool" / "ingest"),
+            },
+        ),
+        Member(
+            "processor",
+            "services.processor",
+            8081,
+            {
+                "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP": kafka,
+                "HEADWATER_PROCESSOR_HTTP_PORT": "8081",
+                "HEADWATER_PROCESSOR_HTTP_HOST": "127.0.0.1",
+                "HEADWATER_PROCESSOR_SOURCES_FILE": sources,
+            },
+        ),
+        Member(
+            "metrics",
+            "services.metrics",
+            8083,
+            {
+                "HEADWATER_METRICS_KAFKA_BOOTSTRAP": kafka,
+                "HEADWATER_METRICS_HTTP_PORT": "8083",
+                "HEADWATER_METRICS_HTTP_HOST": "127.0.0.1",
+                "HEADWATER_METRICS_SOURCES_FILE": sources,
+                "HEADWATER_METRICS_CASSANDRA_PORT": str(settings.cassandra_port),
+            },
+        ),
     ]
 
 
@@ -125,17 +157,28 @@ def _announce_to_prometheus(settings: stack.StackSettings, members: list[Member]
     prometheus.write_targets(settings, TARGETS_NAME, jobs)
     url = prometheus.prometheus_url(settings)
     if prometheus.prometheus_server(settings).pid() is None or not prometheus.prometheus_answers(settings):
-        return ("Prometheus:    not running; `headwater stack up --prometheus` starts it, and it scrapes this "
-                "fleet (each service also serves /metrics)")
+        return (
+            "Prometheus:    not running; `headwater stack up --prometheus` starts it, and it scrapes this "
+            "fleet (each service also serves /metrics)"
+        )
     return f"Prometheus:    {url} scrapes this fleet; alerts at {url}/alerts, rules in compose/prometheus/rules"
 
 
 async def _summary() -> str:
-    query = {"start_relative": {"value": 1, "unit": "hours"},
-             "metrics": [{"name": "headwater.events.count", "group_by": [{"name": "tag", "tags": ["type"]}],
-                          "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "hours"}}]}]}
-    async with aiohttp.ClientSession() as http, http.post(
-            "http://127.0.0.1:8083/api/v1/datapoints/query", json=query) as resp:
+    query = {
+        "start_relative": {"value": 1, "unit": "hours"},
+        "metrics": [
+            {
+                "name": "headwater.events.count",
+                "group_by": [{"name": "tag", "tags": ["type"]}],
+                "aggregators": [{"name": "sum", "sampling": {"value": 1, "unit": "hours"}}],
+            }
+        ],
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post("http://127.0.0.1:8083/api/v1/datapoints/query", json=query) as resp,
+    ):
         body = await resp.json()
     lines = []
     for result in body.get("queries", [{}])[0].get("results", []):
@@ -145,7 +188,7 @@ async def _summary() -> str:
     return "\n".join(lines) or "  (no rollups yet)"
 
 
-async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
+async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:  # long: the fleet's steps in order
     settings = stack.StackSettings()
     directions = legacy_directions(root)
     await asyncio.to_thread(lambda: stack.up(settings, kinesis=bool(directions)))
@@ -161,15 +204,22 @@ async def run_fleet(root: Path, *, demo: bool, duration_s: float | None) -> int:
     try:
         for member in [*fleet(settings, root), *legacy_members(settings, root, directions)]:
             with (logs / f"{member.name}.log").open("ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", member.module, *member.args], cwd=root,
-                                        env={**os.environ, **member.env}, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", member.module, *member.args],
+                    cwd=root,
+                    env={**os.environ, **member.env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             procs.append((member, proc))
         for member, proc in procs:
             await _wait_ready(member, proc)
             print(f"{member.name:<10} ready on http://127.0.0.1:{member.port}  (log: var/log/{member.name}.log)")
         prometheus_line = await asyncio.to_thread(_announce_to_prometheus, settings, [m for m, _ in procs])
-        print("\nSend events:   curl -u demo-server-write-key: -H 'Content-Type: application/json' "
-              "-d '{\"userId\":\"u1\",\"event\":\"Hello\"}' http://127.0.0.1:8080/v1/track")
+        print(
+            "\nSend events:   curl -u demo-server-write-key: -H 'Content-Type: application/json' "
+            '-d \'{"userId":"u1","event":"Hello"}\' http://127.0.0.1:8080/v1/track'
+        )
         print("Query series:  POST http://127.0.0.1:8083/api/v1/datapoints/query (KairosDB API)")
         print(f"{prometheus_line}\nStop:          Ctrl-C\n")
         demo_task = asyncio.create_task(run_demo("http://127.0.0.1:8080")) if demo else None

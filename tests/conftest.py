@@ -62,6 +62,7 @@ def new_topic(kafka_bootstrap: str) -> Callable[..., Awaitable[str]]:
 @pytest.fixture
 def new_group() -> Callable[[str], str]:
     """Factory for consumer group ids no other test uses."""
+
     def make(prefix: str = "g") -> str:
         return unique_name(f"test-{prefix}")
 
@@ -95,15 +96,21 @@ async def new_keyspace(cassandra: CassandraClient) -> AsyncIterator[Callable[[],
 
 
 @pytest.fixture
-def private_stack(tmp_path_factory: pytest.TempPathFactory, stack_settings: stack.StackSettings
-                  ) -> Iterator[stack.StackSettings]:
+def private_stack(
+    tmp_path_factory: pytest.TempPathFactory, stack_settings: stack.StackSettings
+) -> Iterator[stack.StackSettings]:
     """A second, private stack (own ports and data, nothing started yet) that a
     test may stop, kill and restart without disturbing the shared one."""
     base = tmp_path_factory.mktemp("private-stack")
     port = 19092 + (uuid.uuid4().int % 500) * 2
     settings = stack.StackSettings(
-        home=stack_settings.home, data_dir=base, kafka_port=port, kafka_controller_port=port + 1,
-        cassandra_port=port + 1000, cassandra_storage_port=port + 1001, cassandra_heap="512M",
+        home=stack_settings.home,
+        data_dir=base,
+        kafka_port=port,
+        kafka_controller_port=port + 1,
+        cassandra_port=port + 1000,
+        cassandra_storage_port=port + 1001,
+        cassandra_heap="512M",
     )
     yield settings
     stack.kafka_server(settings).kill()

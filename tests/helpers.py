@@ -15,12 +15,22 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-async def read_topic(bootstrap: str, topic: str, *, expected: int | None = None,
-                     timeout_s: float = 30.0, isolation_level: str = "read_committed") -> list[ConsumerRecord]:
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    expected: int | None = None,
+    timeout_s: float = 30.0,
+    isolation_level: str = "read_committed",
+) -> list[ConsumerRecord]:
     """Read a topic from the start until ``expected`` records arrived or it stays quiet."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-        enable_auto_commit=False, isolation_level=isolation_level,
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     records: list[ConsumerRecord] = []

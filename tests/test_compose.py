@@ -38,8 +38,10 @@ COMMON_SETTINGS = ("KAFKA_BOOTSTRAP", "HTTP_PORT", "LOG_LEVEL", "SHUTDOWN_TIMEOU
 RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
 # Beside the legacy Kinesis path: one console script and one settings prefix, two
 # roles (services/bridge/__main__.py), each with its HTTP port setting.
-LEGACY_PATH = {"bridge": ("HEADWATER_BRIDGE_HTTP_PORT", ["headwater-bridge"]),
-               "mirror": ("HEADWATER_BRIDGE_MIRROR_HTTP_PORT", ["headwater-bridge", "mirror"])}
+LEGACY_PATH = {
+    "bridge": ("HEADWATER_BRIDGE_HTTP_PORT", ["headwater-bridge"]),
+    "mirror": ("HEADWATER_BRIDGE_MIRROR_HTTP_PORT", ["headwater-bridge", "mirror"]),
+}
 
 Compose = dict[str, Any]
 
@@ -112,6 +114,7 @@ def health_port(service: dict[str, Any]) -> int | None:
 
 
 # --- checks -----------------------------------------------------------------
+
 
 def check_every_service(compose: Compose) -> list[str]:
     problems = []
@@ -311,8 +314,11 @@ def check_legacy_path(compose: Compose) -> list[str]:  # noqa: C901 - one check 
         elif command[0] not in console_scripts():
             problems.append(f"{name}: {command[0]} is not a console script in pyproject.toml")
         env = env_of(svc)
-        problems += [f"{name}: {var} lacks the HEADWATER_BRIDGE_ prefix" for var in env
-                     if not var.startswith("HEADWATER_BRIDGE_")]
+        problems += [
+            f"{name}: {var} lacks the HEADWATER_BRIDGE_ prefix"
+            for var in env
+            if not var.startswith("HEADWATER_BRIDGE_")
+        ]
         for var in ("HEADWATER_BRIDGE_KAFKA_BOOTSTRAP", "HEADWATER_BRIDGE_SOURCES_FILE", port_var):
             if var not in env:
                 problems.append(f"{name}: {var} not set")
@@ -336,6 +342,7 @@ def check_legacy_path(compose: Compose) -> list[str]:  # noqa: C901 - one check 
 
 # --- tests ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compose() -> Compose:
     return load_compose()
@@ -357,9 +364,13 @@ def test_infrastructure_services(compose: Compose) -> None:
     kafka = env_of(services["kafka"])
     assert services["kafka"]["image"].startswith("apache/kafka:4.")
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    for var in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
-                "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR"):
+    for var in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR",
+    ):
         assert kafka[var] == "1", var
     assert kafka["KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS"] == "0"
     assert "kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
@@ -367,8 +378,11 @@ def test_infrastructure_services(compose: Compose) -> None:
     assert "cqlsh" in as_list(services["cassandra"]["healthcheck"]["test"])
     assert depends_on(services["metrics"]).get("cassandra") == "service_healthy"
     # Data that must survive a container being recreated lives in named volumes.
-    for name, target in (("kafka", "/var/lib/kafka/data"), ("cassandra", "/var/lib/cassandra"),
-                         ("elasticsearch", "/usr/share/elasticsearch/data")):
+    for name, target in (
+        ("kafka", "/var/lib/kafka/data"),
+        ("cassandra", "/var/lib/cassandra"),
+        ("elasticsearch", "/usr/share/elasticsearch/data"),
+    ):
         named = [s for s, t, _ in bind_sources(services[name]) if t == target and not is_path(s)]
         assert named, f"{name}: {target} is not on a named volume"
     if "KAFKA_LOG_DIRS" in kafka:
@@ -397,10 +411,12 @@ def test_checks_catch_a_misconfigured_legacy_path(compose: Compose) -> None:
         services["bridge"]["depends_on"].pop("cassandra")
 
     problems = check_legacy_path(broken(compose, change))
-    assert set(problems) >= {"mirror: not pointed at the kinesis service",
-                             "mirror: AWS_ACCESS_KEY_ID lacks the HEADWATER_BRIDGE_ prefix",
-                             "bridge: cannot be scaled with --scale",
-                             "bridge: does not wait for cassandra (its leases and checkpoints) to be healthy"}
+    assert set(problems) >= {
+        "mirror: not pointed at the kinesis service",
+        "mirror: AWS_ACCESS_KEY_ID lacks the HEADWATER_BRIDGE_ prefix",
+        "bridge: cannot be scaled with --scale",
+        "bridge: does not wait for cassandra (its leases and checkpoints) to be healthy",
+    }
 
 
 def test_ingest_spool_is_durable_and_not_shared(compose: Compose) -> None:
@@ -420,7 +436,8 @@ def test_grafana_datasources(compose: Compose) -> None:
     provisioning = [t for s, t, _ in bind_sources(compose["services"]["grafana"]) if s.endswith("provisioning")]
     assert provisioning == ["/etc/grafana/provisioning"]
     sources = yaml.safe_load(
-        (COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())["datasources"]
+        (COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text()
+    )["datasources"]
     by_type = {s["type"]: s for s in sources}
     assert by_type["prometheus"]["url"] == "http://prometheus:9090"
     port = env_of(compose["services"]["metrics"])["HEADWATER_METRICS_HTTP_PORT"]
@@ -432,8 +449,11 @@ def test_filebeat_decodes_service_json_into_elasticsearch(compose: Compose) -> N
     config = yaml.safe_load((COMPOSE_DIR / "filebeat" / "filebeat.yml").read_text())
     assert config["output.elasticsearch"]["hosts"] == ["http://elasticsearch:9200"]
     templates = config["filebeat.autodiscover"]["providers"][0]["templates"]
-    wanted = {cond["equals"]["docker.container.labels.com_docker_compose_service"]
-              for t in templates for cond in t["condition"]["or"]}
+    wanted = {
+        cond["equals"]["docker.container.labels.com_docker_compose_service"]
+        for t in templates
+        for cond in t["condition"]["or"]
+    }
     assert wanted == set(HEADWATER) | set(LEGACY_PATH)
     parsers = [p for t in templates for inp in t["config"] for p in inp["parsers"]]
     assert [next(iter(p)) for p in parsers] == ["container", "ndjson"]
@@ -461,13 +481,15 @@ def check_log_template(compose: Compose, filebeat: dict[str, Any], template: dic
     if not any(fnmatch.fnmatch(index, p) for p in template["index_patterns"]):
         problems.append(f"filebeat: writes to {index!r}, which the template's patterns do not match")
     mapped = template_types(template)
-    problems += [f"template: {f} is {mapped.get(f)}, ECS says {kind}" for f, kind in FIELD_TYPES.items()
-                 if mapped.get(f) != kind]
+    problems += [
+        f"template: {f} is {mapped.get(f)}, ECS says {kind}" for f, kind in FIELD_TYPES.items() if mapped.get(f) != kind
+    ]
     return problems
 
 
-def check_saved_searches(objects: list[dict[str, Any]], filebeat: dict[str, Any],
-                         template: dict[str, Any]) -> list[str]:
+def check_saved_searches(
+    objects: list[dict[str, Any]], filebeat: dict[str, Any], template: dict[str, Any]
+) -> list[str]:
     """One saved search per service on the data view of Filebeat's index, over mapped fields."""
     problems = []
     views = {o["id"]: o for o in objects if o["type"] == "index-pattern"}
@@ -483,8 +505,9 @@ def check_saved_searches(objects: list[dict[str, Any]], filebeat: dict[str, Any]
             problems.append(f"{obj['id']}: refers to no data view in the file")
         source = json.loads(obj["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"])
         services |= set(re.findall(r'service\.name:"([^"]+)"', source["query"]["query"]))
-        problems += [f"{obj['id']}: column {c} is not a mapped field" for c in obj["attributes"]["columns"]
-                     if c not in mapped]
+        problems += [
+            f"{obj['id']}: column {c} is not a mapped field" for c in obj["attributes"]["columns"] if c not in mapped
+        ]
     problems += [f"no saved search for {name}" for name in sorted(LOG_SERVICES - services)]
     return problems
 
@@ -496,11 +519,13 @@ def test_filebeat_loads_the_ecs_index_template(compose: Compose) -> None:
     broken_template = load_template()
     broken_template["index_patterns"] = ["logs-*"]
     broken_template["template"]["mappings"]["properties"]["kafka"]["properties"]["partition"]["type"] = "keyword"
-    assert check_log_template(compose, {**filebeat, "setup.template.json.path": "/elsewhere.json"},
-                              broken_template) == [
+    assert check_log_template(
+        compose, {**filebeat, "setup.template.json.path": "/elsewhere.json"}, broken_template
+    ) == [
         "filebeat: the index template is not mounted at setup.template.json.path (/elsewhere.json)",
         "filebeat: writes to 'headwater-logs-default', which the template's patterns do not match",
-        "template: kafka.partition is keyword, ECS says long"]
+        "template: kafka.partition is keyword, ECS says long",
+    ]
 
 
 def test_kibana_saved_searches_cover_every_service(compose: Compose) -> None:
@@ -511,9 +536,11 @@ def test_kibana_saved_searches_cover_every_service(compose: Compose) -> None:
     without_metrics[1]["attributes"]["columns"].append("no.such.field")
     without_metrics[1]["references"] = []
     problems = check_saved_searches(without_metrics, filebeat, load_template())
-    assert problems == [f"{without_metrics[1]['id']}: refers to no data view in the file",
-                        f"{without_metrics[1]['id']}: column no.such.field is not a mapped field",
-                        "no saved search for metrics"]
+    assert problems == [
+        f"{without_metrics[1]['id']}: refers to no data view in the file",
+        f"{without_metrics[1]['id']}: column no.such.field is not a mapped field",
+        "no saved search for metrics",
+    ]
 
 
 def test_dockerfile_installs_project_and_runs_a_console_script() -> None:
@@ -526,7 +553,8 @@ def test_dockerignore_keeps_what_the_image_needs() -> None:
 
 @pytest.mark.parametrize("name", HEADWATER)
 def test_compose_settings_are_fields_of_the_service_settings(
-        compose: Compose, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compose: Compose, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once a service has its Settings class, every variable compose sets names one of its fields."""
     module_name = f"services.{name}.settings"
     if importlib.util.find_spec(module_name) is None:
@@ -535,7 +563,7 @@ def test_compose_settings_are_fields_of_the_service_settings(
     prefix = f"HEADWATER_{name.upper()}_"
     assert str(settings_cls.model_config.get("env_prefix", "")).upper() == prefix
     env = env_of(compose["services"][name])
-    unknown = [v for v in env if v[len(prefix):].lower() not in settings_cls.model_fields]
+    unknown = [v for v in env if v[len(prefix) :].lower() not in settings_cls.model_fields]
     assert unknown == []
     # The values parse too (a list setting wants JSON, a port an int, ...).
     for var in list(os.environ):
@@ -548,6 +576,7 @@ def test_compose_settings_are_fields_of_the_service_settings(
 
 
 # --- the checks catch what they are meant to catch ---------------------------
+
 
 def broken(compose: Compose, change: Any) -> Compose:
     copied = copy.deepcopy(compose)
@@ -600,7 +629,8 @@ def test_checks_catch_unscalable_or_misconfigured_service(compose: Compose) -> N
 def test_checks_catch_a_shared_or_lost_spool(compose: Compose) -> None:
     bad = broken(compose, lambda s: s["ingest"].update(ports=["8080-8089:8080"]))
     assert check_ingest_spool(bad) == [
-        "ingest: replicas could share the spool volume (no fixed host port stops `--scale`)"]
+        "ingest: replicas could share the spool volume (no fixed host port stops `--scale`)"
+    ]
     sources_only = ["../config/sources.json:/etc/headwater/sources.json:ro"]
     bad = broken(compose, lambda s: s["ingest"].update(volumes=sources_only))
     assert check_ingest_spool(bad) == ["ingest: spool dir /var/lib/headwater/spool is not on a named volume"]
@@ -615,19 +645,30 @@ def test_checks_catch_missing_files_and_scrape_targets(compose: Compose) -> None
     assert any("missing.yml" in p for p in problems)
     assert any("Dockerfile.missing" in p for p in problems)
     # Ingest on its shared port and one worker's metrics port only: the second worker is missed.
-    config = {"scrape_configs": [{"job_name": "x", "dns_sd_configs": [{"names": ["ingest"], "port": 8080},
-                                                                      {"names": ["ingest"], "port": 9400}]}]}
-    assert check_prometheus(compose, config) == ["prometheus does not scrape ingest:9401",
-                                                 "prometheus does not scrape processor:8080",
-                                                 "prometheus does not scrape metrics:8080",
-                                                 "prometheus does not scrape bridge:8080",
-                                                 "prometheus does not scrape mirror:8080"]
+    config = {
+        "scrape_configs": [
+            {
+                "job_name": "x",
+                "dns_sd_configs": [{"names": ["ingest"], "port": 8080}, {"names": ["ingest"], "port": 9400}],
+            }
+        ]
+    }
+    assert check_prometheus(compose, config) == [
+        "prometheus does not scrape ingest:9401",
+        "prometheus does not scrape processor:8080",
+        "prometheus does not scrape metrics:8080",
+        "prometheus does not scrape bridge:8080",
+        "prometheus does not scrape mirror:8080",
+    ]
 
 
 def test_checks_catch_a_broken_dockerfile() -> None:
     text = DOCKERFILE.read_text()
-    assert any("not a console script" in p for p in check_dockerfile(
-        re.sub(r'^CMD .*$', 'CMD ["headwater-nope"]', text, flags=re.M)))
+    assert any(
+        "not a console script" in p
+        for p in check_dockerfile(re.sub(r"^CMD .*$", 'CMD ["headwater-nope"]', text, flags=re.M))
+    )
     assert "Dockerfile: does not pip install the project" in check_dockerfile(
-        re.sub(r"pip install (--no-deps )?\.", "true", text))
+        re.sub(r"pip install (--no-deps )?\.", "true", text)
+    )
     assert check_dockerignore(text, "services\n") == [".dockerignore drops services, which the Dockerfile copies"]

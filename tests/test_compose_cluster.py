@@ -29,9 +29,13 @@ from tests.test_compose import (
 CLUSTER_FILE = COMPOSE_DIR / "docker-compose.cluster.yml"
 BROKERS = ("kafka", "kafka-2", "kafka-3")
 NODES = ("cassandra", "cassandra-2", "cassandra-3")
-BOOTSTRAP_VARS = {"ingest": "HEADWATER_INGEST_KAFKA_BOOTSTRAP", "processor": "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP",
-                  "metrics": "HEADWATER_METRICS_KAFKA_BOOTSTRAP", "bridge": "HEADWATER_BRIDGE_KAFKA_BOOTSTRAP",
-                  "mirror": "HEADWATER_BRIDGE_KAFKA_BOOTSTRAP"}
+BOOTSTRAP_VARS = {
+    "ingest": "HEADWATER_INGEST_KAFKA_BOOTSTRAP",
+    "processor": "HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP",
+    "metrics": "HEADWATER_METRICS_KAFKA_BOOTSTRAP",
+    "bridge": "HEADWATER_BRIDGE_KAFKA_BOOTSTRAP",
+    "mirror": "HEADWATER_BRIDGE_KAFKA_BOOTSTRAP",
+}
 
 
 def merge(base: Any, override: Any) -> Any:
@@ -71,8 +75,11 @@ def check_brokers(compose: Compose) -> list[str]:
         ids.add(env.get("KAFKA_NODE_ID"))
         if f"INTERNAL://{broker}:9092" not in env.get("KAFKA_ADVERTISED_LISTENERS", ""):
             problems.append(f"{broker} does not advertise itself")
-        for var in ("KAFKA_DEFAULT_REPLICATION_FACTOR", "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
-                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+        for var in (
+            "KAFKA_DEFAULT_REPLICATION_FACTOR",
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        ):
             if env.get(var) != "3":
                 problems.append(f"{broker}: {var} is {env.get(var)}, not 3")
         for var in ("KAFKA_MIN_INSYNC_REPLICAS", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
@@ -142,9 +149,15 @@ def test_the_check_catches_a_broken_cluster(compose: Compose) -> None:
     bad["services"]["kafka-2"]["environment"]["KAFKA_NODE_ID"] = 1
     bad["services"]["processor"]["environment"]["HEADWATER_PROCESSOR_KAFKA_BOOTSTRAP"] = "kafka:9092"
     bad["services"]["metrics"]["environment"]["HEADWATER_METRICS_CASSANDRA_REPLICATION"] = (
-        "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
     del bad["volumes"]["kafka-2-data"]
     problems = "\n".join(check_cluster(bad))
-    for expected in ("kafka-3: KAFKA_MIN_INSYNC_REPLICAS", "node ids not distinct", "processor: HEADWATER_PROCESSOR",
-                     "RF 3", "kafka-2: volume"):
+    for expected in (
+        "kafka-3: KAFKA_MIN_INSYNC_REPLICAS",
+        "node ids not distinct",
+        "processor: HEADWATER_PROCESSOR",
+        "RF 3",
+        "kafka-2: volume",
+    ):
         assert expected in problems, expected

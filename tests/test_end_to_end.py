@@ -21,24 +21,40 @@ KEY = "e2e-key"
 
 
 @pytest.fixture
-async def fleet(kafka_bootstrap: str, cassandra_port: int, new_keyspace: Callable[[], str],
-                tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+async def fleet(
+    kafka_bootstrap: str, cassandra_port: int, new_keyspace: Callable[[], str], tmp_path: Path
+) -> AsyncIterator[dict[str, Any]]:
     sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [
-        {"id": "shop", "name": "Shop", "write_key": KEY, "sum_properties": ["revenue"],
-         "destinations": [{"name": unique_name("billing"), "types": ["track"], "events": ["Order Completed"]}]},
-    ]}))
+    sources.write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {
+                        "id": "shop",
+                        "name": "Shop",
+                        "write_key": KEY,
+                        "sum_properties": ["revenue"],
+                        "destinations": [
+                            {"name": unique_name("billing"), "types": ["track"], "events": ["Order Completed"]}
+                        ],
+                    },
+                ]
+            }
+        )
+    )
     async with fleet_helpers.running(kafka_bootstrap, cassandra_port, new_keyspace(), sources, tmp_path) as fleet:
         yield fleet
 
 
 def _send(host: str, now: datetime) -> list[Any]:
     errors: list[Any] = []
-    client = Client(KEY, host=host, gzip=True, max_retries=2, upload_size=25,
-                    on_error=lambda exc, batch: errors.append(exc))
+    client = Client(
+        KEY, host=host, gzip=True, max_retries=2, upload_size=25, on_error=lambda exc, batch: errors.append(exc)
+    )
     for i in range(30):
-        client.track(f"user-{i % 5}", "Order Completed", {"revenue": 10.0 + i}, timestamp=now,
-                     message_id=f"e2e-order-{i}")
+        client.track(
+            f"user-{i % 5}", "Order Completed", {"revenue": 10.0 + i}, timestamp=now, message_id=f"e2e-order-{i}"
+        )
     for i in range(20):
         client.page(anonymous_id=f"anon-{i % 4}", name="Home", timestamp=now, message_id=f"e2e-page-{i}")
     # A duplicate delivery (an SDK retry) must be counted once.
@@ -58,20 +74,26 @@ async def test_sdk_to_kairosdb_query(fleet: dict[str, Any], kafka_bootstrap: str
         "start_absolute": int(now.timestamp() * 1000) - 3_600_000,
         "end_absolute": int(now.timestamp() * 1000) + 3_600_000,
         "metrics": [
-            {"name": "headwater.events.count", "tags": {"source": ["shop"], "resolution": ["1m"]},
-             "group_by": [{"name": "tag", "tags": ["type"]}], "aggregators": [{"name": "sum"}]},
-            {"name": "headwater.property.sum", "tags": {"source": ["shop"], "property": ["revenue"],
-                                                        "resolution": ["1m"]},
-             "aggregators": [{"name": "sum"}]},
+            {
+                "name": "headwater.events.count",
+                "tags": {"source": ["shop"], "resolution": ["1m"]},
+                "group_by": [{"name": "tag", "tags": ["type"]}],
+                "aggregators": [{"name": "sum"}],
+            },
+            {
+                "name": "headwater.property.sum",
+                "tags": {"source": ["shop"], "property": ["revenue"], "resolution": ["1m"]},
+                "aggregators": [{"name": "sum"}],
+            },
         ],
     }
     totals: dict[str, float] = {}
     revenue = 0.0
     async with aiohttp.ClientSession() as http:
+
         async def counted() -> bool:
             nonlocal revenue
-            async with http.post(f"http://127.0.0.1:{ports['metrics']}/api/v1/datapoints/query",
-                                 json=query) as resp:
+            async with http.post(f"http://127.0.0.1:{ports['metrics']}/api/v1/datapoints/query", json=query) as resp:
                 assert resp.status == 200, await resp.text()
                 body = await resp.json()
             totals.clear()
@@ -80,6 +102,7 @@ async def test_sdk_to_kairosdb_query(fleet: dict[str, Any], kafka_bootstrap: str
                 totals[kind] = sum(v for _, v in result["values"])
             revenue = sum(v for r in body["queries"][1]["results"] for _, v in r["values"])
             return totals == {"track": 30, "page": 20}
+
         try:
             await eventually(counted, 90, "the rollups to count every event once")
         except AssertionError:
@@ -89,6 +112,7 @@ async def test_sdk_to_kairosdb_query(fleet: dict[str, Any], kafka_bootstrap: str
     enriched = await read_topic(kafka_bootstrap, fleet["topics"]["enriched"], expected=50)
     events = [json.loads(r.value) for r in enriched]
     assert sorted(e["messageId"] for e in events) == sorted(
-        [f"e2e-order-{i}" for i in range(30)] + [f"e2e-page-{i}" for i in range(20)])
+        [f"e2e-order-{i}" for i in range(30)] + [f"e2e-page-{i}" for i in range(20)]
+    )
     assert all(e["_hw"]["source_id"] == "shop" for e in events)
     assert all(e["timestamp"].endswith("Z") for e in events)

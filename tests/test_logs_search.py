@@ -55,6 +55,7 @@ def opensearch_url() -> str:
 async def search(opensearch_url: str) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """``await search(method, path, body)``: the node's JSON answer (ndjson when body is a str)."""
     async with aiohttp.ClientSession(base_url=opensearch_url) as http:
+
         async def call(method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
             kwargs: dict[str, Any] = {}
             if isinstance(body, str):
@@ -65,22 +66,31 @@ async def search(opensearch_url: str) -> AsyncIterator[Callable[..., Awaitable[A
                 answer = await resp.json()
                 assert resp.status in ok, (method, path, resp.status, answer)
                 return answer
+
         yield call
 
 
 def _sources(shop_stream: str, app_stream: str) -> dict[str, Any]:
-    return {"sources": [
-        {"id": "shop", "name": "Shop", "write_key": SHOP_KEY, "legacy": {"direction": "bridge", "stream": shop_stream}},
-        {"id": "app", "name": "App", "write_key": APP_KEY, "legacy": {"direction": "mirror", "stream": app_stream}},
-    ]}
+    return {
+        "sources": [
+            {
+                "id": "shop",
+                "name": "Shop",
+                "write_key": SHOP_KEY,
+                "legacy": {"direction": "bridge", "stream": shop_stream},
+            },
+            {"id": "app", "name": "App", "write_key": APP_KEY, "legacy": {"direction": "mirror", "stream": app_stream}},
+        ]
+    }
 
 
 async def _log_has(path: Path, text: str) -> bool:
     return path.exists() and text in path.read_text(errors="replace")
 
 
-async def _run_the_fleet(kafka_bootstrap: str, cassandra_port: int, keyspace: str, bridge_keyspace: str,
-                         tmp_path: Path) -> dict[str, Any]:
+async def _run_the_fleet(
+    kafka_bootstrap: str, cassandra_port: int, keyspace: str, bridge_keyspace: str, tmp_path: Path
+) -> dict[str, Any]:
     """Run every service briefly with traffic; return the 503's request_id and the topics."""
     settings = stack.StackSettings()
     stack.up(settings, kafka=False, cassandra=False, kinesis=True)
@@ -100,63 +110,104 @@ async def _run_the_fleet(kafka_bootstrap: str, cassandra_port: int, keyspace: st
                 await kinesis.delete_stream(StreamName=stream)
 
 
-async def _traffic(running: dict[str, Any], settings: stack.StackSettings, sources: Path, bridge_keyspace: str,
-                   tmp_path: Path) -> dict[str, Any]:
+async def _traffic(
+    running: dict[str, Any], settings: stack.StackSettings, sources: Path, bridge_keyspace: str, tmp_path: Path
+) -> dict[str, Any]:
     topics = running["topics"]
     bridge = bridge_settings(
-        kafka_bootstrap=settings.kafka_bootstrap, raw_topic=topics["raw"], dlq_topic=topics["dlq"],
-        enriched_topic=topics["enriched"], cassandra_port=settings.cassandra_port,
-        cassandra_keyspace=bridge_keyspace, aws_endpoint_url=settings.kinesis_endpoint, sources_file=sources,
-        http_port=free_port(), mirror_http_port=free_port(), mirror_group_id=unique_name("test-logs-mirror"),
+        kafka_bootstrap=settings.kafka_bootstrap,
+        raw_topic=topics["raw"],
+        dlq_topic=topics["dlq"],
+        enriched_topic=topics["enriched"],
+        cassandra_port=settings.cassandra_port,
+        cassandra_keyspace=bridge_keyspace,
+        aws_endpoint_url=settings.kinesis_endpoint,
+        sources_file=sources,
+        http_port=free_port(),
+        mirror_http_port=free_port(),
+        mirror_group_id=unique_name("test-logs-mirror"),
         # Parity every half second against a metrics API that is not there: a warning per source.
-        parity_interval_s=0.5, metrics_url=f"http://127.0.0.1:{free_port()}")
+        parity_interval_s=0.5,
+        metrics_url=f"http://127.0.0.1:{free_port()}",
+    )
     outage_port = free_port()
-    outage = {"KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": outage_port,
-              "SOURCES_FILE": sources, "SPOOL_DIR": tmp_path / "outage-spool", "SPOOL_MAX_BYTES": 1024,
-              "SPOOL_SEGMENT_BYTES": 1024, "RAW_TOPIC": topics["raw"], "DLQ_TOPIC": topics["dlq"]}
+    outage = {
+        "KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": outage_port,
+        "SOURCES_FILE": sources,
+        "SPOOL_DIR": tmp_path / "outage-spool",
+        "SPOOL_MAX_BYTES": 1024,
+        "SPOOL_SEGMENT_BYTES": 1024,
+        "RAW_TOPIC": topics["raw"],
+        "DLQ_TOPIC": topics["dlq"],
+    }
     # Metrics with no Cassandra cannot start: exceptions from the driver (stdlib logging)
     # and from the runner (structlog), then it exits.
-    broken = {**running["settings"]["metrics"], "HTTP_PORT": free_port(), "CASSANDRA_PORT": free_port(),
-              "CONSUMER_GROUP": unique_name("test-logs-broken")}
-    procs = [start_bridge(bridge, "bridge", tmp_path / "bridge.log"),
-             start_bridge(bridge, "mirror", tmp_path / "mirror.log"),
-             fleet.start("ingest", outage, tmp_path / "ingest-outage.log"),
-             fleet.start("metrics", broken, tmp_path / "metrics-no-cassandra.log")]
+    broken = {
+        **running["settings"]["metrics"],
+        "HTTP_PORT": free_port(),
+        "CASSANDRA_PORT": free_port(),
+        "CONSUMER_GROUP": unique_name("test-logs-broken"),
+    }
+    procs = [
+        start_bridge(bridge, "bridge", tmp_path / "bridge.log"),
+        start_bridge(bridge, "mirror", tmp_path / "mirror.log"),
+        fleet.start("ingest", outage, tmp_path / "ingest-outage.log"),
+        fleet.start("metrics", broken, tmp_path / "metrics-no-cassandra.log"),
+    ]
     try:
         await fleet.wait_ready("bridge", procs[0], bridge.http_port, tmp_path / "bridge.log")
         await fleet.wait_ready("mirror", procs[1], bridge.mirror_http_port, tmp_path / "mirror.log")
         async with aiohttp.ClientSession() as http:
+
             async def alive() -> bool:
                 try:
                     async with http.get(f"http://127.0.0.1:{outage_port}/healthz") as resp:
                         return resp.status == 200
                 except aiohttp.ClientError:
                     return False
+
             await eventually(alive, 60, "the ingest without Kafka to answer /healthz")
             good = f"http://127.0.0.1:{running['ports']['ingest']}"
             for i in range(5):
-                async with http.post(f"{good}/v1/track", json={"userId": f"u{i}", "event": "Logged"},
-                                     headers={"Authorization": SHOP_AUTH}) as resp:
+                async with http.post(
+                    f"{good}/v1/track",
+                    json={"userId": f"u{i}", "event": "Logged"},
+                    headers={"Authorization": SHOP_AUTH},
+                ) as resp:
                     assert resp.status == 200, await resp.text()
             refused = None
-            for i in range(40):   # the 1 KiB spool takes an event or two, then 503
+            for i in range(40):  # the 1 KiB spool takes an event or two, then 503
                 request_id = unique_name(f"logs-req-{i}")
-                async with http.post(f"http://127.0.0.1:{outage_port}/v1/track",
-                                     json={"userId": "u", "event": "Spooled"},
-                                     headers={"X-Request-Id": request_id, "Authorization": SHOP_AUTH}) as resp:
+                async with http.post(
+                    f"http://127.0.0.1:{outage_port}/v1/track",
+                    json={"userId": "u", "event": "Spooled"},
+                    headers={"X-Request-Id": request_id, "Authorization": SHOP_AUTH},
+                ) as resp:
                     if resp.status == 503:
                         refused = request_id
                         break
             assert refused is not None, "the ingest without Kafka never answered 503"
-            async with http.get(f"http://127.0.0.1:{outage_port}/v1/pixel/track",
-                                params={"writeKey": SHOP_KEY, "data": "%%%not-base64"}) as resp:
+            async with http.get(
+                f"http://127.0.0.1:{outage_port}/v1/pixel/track", params={"writeKey": SHOP_KEY, "data": "%%%not-base64"}
+            ) as resp:
                 assert resp.status == 200
-        await eventually(lambda: _log_has(tmp_path / "ingest-outage.log", "could not be dead-lettered"), 30,
-                         "the bad pixel's warning")
-        await eventually(lambda: _log_has(tmp_path / "bridge.log", "parity comparison could not run"), 30,
-                         "the bridge's parity warning")
-        await eventually(lambda: _log_has(tmp_path / "metrics-no-cassandra.log", "could not start"), 60,
-                         "metrics without Cassandra to give up")
+        await eventually(
+            lambda: _log_has(tmp_path / "ingest-outage.log", "could not be dead-lettered"),
+            30,
+            "the bad pixel's warning",
+        )
+        await eventually(
+            lambda: _log_has(tmp_path / "bridge.log", "parity comparison could not run"),
+            30,
+            "the bridge's parity warning",
+        )
+        await eventually(
+            lambda: _log_has(tmp_path / "metrics-no-cassandra.log", "could not start"),
+            60,
+            "metrics without Cassandra to give up",
+        )
     finally:
         fleet.stop(procs)
     return {"request_id": refused, "raw_topic": topics["raw"]}
@@ -178,8 +229,12 @@ def _lines(tmp_path: Path) -> list[tuple[Path, int, str]]:
 
 
 async def test_every_services_lines_are_found_with_ecs_types(
-        kafka_bootstrap: str, cassandra_port: int, new_keyspace: Callable[[], str], tmp_path: Path,
-        search: Callable[..., Awaitable[Any]]) -> None:
+    kafka_bootstrap: str,
+    cassandra_port: int,
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
+    search: Callable[..., Awaitable[Any]],
+) -> None:
     facts = await _run_the_fleet(kafka_bootstrap, cassandra_port, new_keyspace(), new_keyspace(), tmp_path)
     lines = _lines(tmp_path)
     decoded = [json.loads(line) for _, _, line in lines]
@@ -191,12 +246,19 @@ async def test_every_services_lines_are_found_with_ecs_types(
     template["index_patterns"] = [stream]
     await search("PUT", f"/_index_template/{stream}", template)
     try:
-        body = "".join(json.dumps({"create": {"_index": stream}}) + "\n"
-                       + json.dumps(filebeat_event(line, path=str(path), offset=offset)) + "\n"
-                       for path, offset, line in lines)
+        body = "".join(
+            json.dumps({"create": {"_index": stream}})
+            + "\n"
+            + json.dumps(filebeat_event(line, path=str(path), offset=offset))
+            + "\n"
+            for path, offset, line in lines
+        )
         answer = await search("POST", "/_bulk?refresh=true", body)
-        refused = [(item["create"].get("error"), line[:300])
-                   for item, (_, _, line) in zip(answer["items"], lines, strict=True) if "error" in item["create"]]
+        refused = [
+            (item["create"].get("error"), line[:300])
+            for item, (_, _, line) in zip(answer["items"], lines, strict=True)
+            if "error" in item["create"]
+        ]
         assert refused == [] and not answer["errors"]
         await _check_searches(search, stream, decoded, facts)
         await _check_mapping(search, stream)
@@ -210,8 +272,9 @@ async def _hits(search: Callable[..., Awaitable[Any]], stream: str, query: dict[
     return [hit["_source"] for hit in answer["hits"]["hits"]]
 
 
-async def _check_searches(search: Callable[..., Awaitable[Any]], stream: str, decoded: list[dict[str, Any]],
-                          facts: dict[str, Any]) -> None:
+async def _check_searches(
+    search: Callable[..., Awaitable[Any]], stream: str, decoded: list[dict[str, Any]], facts: dict[str, Any]
+) -> None:
     # A client's request_id (from a 503 answer) finds ingest's line about it.
     found = await _hits(search, stream, {"term": {"request_id": facts["request_id"]}})
     assert [(h["service"]["name"], h["message"]) for h in found] == [("ingest", "request refused")]
@@ -224,10 +287,13 @@ async def _check_searches(search: Callable[..., Awaitable[Any]], stream: str, de
     again = await _hits(search, stream, {"term": {"request_id": pixel["request_id"]}})
     assert [h["message"] for h in again] == [pixel["message"]]
     parity = next(h for h in by_source if h["service"]["name"] == "bridge")
-    assert parity["error"]["message"]   # the bridge's error= text, in ECS's error.message
+    assert parity["error"]["message"]  # the bridge's error= text, in ECS's error.message
     # Exceptions, from structlog and from a library's stdlib logger, by type.
-    failed = await _hits(search, stream, {"bool": {"filter": [{"term": {"service.name": "metrics"}},
-                                                              {"match": {"message": "could not start"}}]}})
+    failed = await _hits(
+        search,
+        stream,
+        {"bool": {"filter": [{"term": {"service.name": "metrics"}}, {"match": {"message": "could not start"}}]}},
+    )
     assert len(failed) == 1 and failed[0]["labels"]["service"] == "metrics"
     error = failed[0]["error"]
     assert error["stack_trace"].startswith("Traceback") and error["message"]
@@ -236,8 +302,15 @@ async def _check_searches(search: Callable[..., Awaitable[Any]], stream: str, de
     assert driver and {h["log"]["logger"] for h in driver} == {"cassandra.cluster"}
     assert all(h["error"]["stack_trace"].startswith("Traceback") for h in driver)
     # Kafka coordinates are numbers and keywords.
-    on_raw = await _hits(search, stream, {"bool": {"filter": [{"term": {"kafka.topic": facts["raw_topic"]}},
-                                                              {"range": {"kafka.partition": {"gte": 0}}}]}})
+    on_raw = await _hits(
+        search,
+        stream,
+        {
+            "bool": {
+                "filter": [{"term": {"kafka.topic": facts["raw_topic"]}}, {"range": {"kafka.partition": {"gte": 0}}}]
+            }
+        },
+    )
     assert {h["service"]["name"] for h in on_raw} >= {"processor"}
     # Each saved search (compose/kibana) finds exactly its service's lines.
     for obj in load_saved_objects():
@@ -260,8 +333,11 @@ async def _check_mapping(search: Callable[..., Awaitable[Any]], stream: str) -> 
     mapped = _field_types(index["mappings"]["properties"])
     wrong = {f: (mapped.get(f), kind) for f, kind in FIELD_TYPES.items() if mapped.get(f) != kind}
     assert wrong == {}
-    guessed = {f: kind for f, kind in mapped.items()
-               if f not in FIELD_TYPES and kind not in ("keyword", "long", "boolean", "float", "object")}
+    guessed = {
+        f: kind
+        for f, kind in mapped.items()
+        if f not in FIELD_TYPES and kind not in ("keyword", "long", "boolean", "float", "object")
+    }
     assert guessed == {}, "fields the engine typed by guessing"
 
 
@@ -273,4 +349,3 @@ def _field_types(props: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{name}"] = str(spec.get("type", "object"))
     return out
-

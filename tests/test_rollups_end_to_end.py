@@ -38,8 +38,9 @@ def iso(ms: int) -> str:
 def _send_with_sdk(host: str, live: int, offline: dict[str, int]) -> list[Any]:
     """analytics-python as a user calls it: every event type, and offline events sent now."""
     errors: list[Any] = []
-    node = Client(NODE, host=host, gzip=True, max_retries=2, upload_size=20,
-                  on_error=lambda exc, batch: errors.append(exc))
+    node = Client(
+        NODE, host=host, gzip=True, max_retries=2, upload_size=20, on_error=lambda exc, batch: errors.append(exc)
+    )
     at = datetime.fromtimestamp(live / 1000, tz=UTC)
     node.track(user_id="u1", event="Signed Up", timestamp=at)
     node.page(user_id="u1", name="Home", timestamp=at)
@@ -49,8 +50,9 @@ def _send_with_sdk(host: str, live: int, offline: dict[str, int]) -> list[Any]:
     node.alias(previous_id="a1", user_id="u1", timestamp=at)
     for label, t in offline.items():
         for i in range(5):
-            node.track(user_id=f"u{i}", event=f"Offline {label}",
-                       timestamp=datetime.fromtimestamp((t + i) / 1000, tz=UTC))
+            node.track(
+                user_id=f"u{i}", event=f"Offline {label}", timestamp=datetime.fromtimestamp((t + i) / 1000, tz=UTC)
+            )
     shop = Client(SHOP, host=host, gzip=True, max_retries=2, on_error=lambda exc, batch: errors.append(exc))
     for i in range(4):
         shop.track(user_id=f"u{i}", event="Order Completed", properties={"revenue": 10}, timestamp=at)
@@ -71,11 +73,19 @@ async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> 
 
 
 async def test_every_accepted_event_is_counted_in_its_own_window(
-        kafka_bootstrap: str, cassandra_port: int, new_keyspace: Any, tmp_path: Path) -> None:
+    kafka_bootstrap: str, cassandra_port: int, new_keyspace: Any, tmp_path: Path
+) -> None:
     sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [
-        {"id": "shop", "name": "Shop", "write_key": SHOP, "sum_properties": ["revenue"]},
-        {"id": "node", "name": "Node service", "write_key": NODE}]}))  # no sum_properties
+    sources.write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {"id": "shop", "name": "Shop", "write_key": SHOP, "sum_properties": ["revenue"]},
+                    {"id": "node", "name": "Node service", "write_key": NODE},
+                ]
+            }
+        )
+    )  # no sum_properties
     now = int(datetime.now(UTC).timestamp() * 1000)
     live = now - now % MIN - 2 * MIN
     offline = {"2h": now - 2 * HOUR, "3d": now - 3 * DAY}
@@ -84,8 +94,13 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
     async with fleet_helpers.running(kafka_bootstrap, cassandra_port, new_keyspace(), sources, tmp_path) as fleet:
         ports, topics = fleet["ports"], fleet["topics"]
         # A second ingest process whose Kafka is away: it spools what it answers 200 for.
-        second = dict(fleet["settings"]["ingest"], HTTP_PORT=free_port(), SPOOL_DIR=tmp_path / "spool-b",
-                      KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", KAFKA_ACK_TIMEOUT_S=1)
+        second = dict(
+            fleet["settings"]["ingest"],
+            HTTP_PORT=free_port(),
+            SPOOL_DIR=tmp_path / "spool-b",
+            KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
+            KAFKA_ACK_TIMEOUT_S=1,
+        )
         log_b = tmp_path / "ingest-b.log"
         proc_b = fleet_helpers.start("ingest", second, log_b)
         async with aiohttp.ClientSession() as http:
@@ -94,12 +109,27 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
             async def b_takes_events() -> bool:
                 assert proc_b.poll() is None, log_b.read_text()[-3000:]
                 try:
-                    await _post(http, url_b, _batch([
-                        {"type": "track", "userId": f"u{i}", "event": "Spooled 2h", "messageId": f"spooled-{i}",
-                         "timestamp": iso(spooled_at + i)} for i in range(6)], now))
+                    await _post(
+                        http,
+                        url_b,
+                        _batch(
+                            [
+                                {
+                                    "type": "track",
+                                    "userId": f"u{i}",
+                                    "event": "Spooled 2h",
+                                    "messageId": f"spooled-{i}",
+                                    "timestamp": iso(spooled_at + i),
+                                }
+                                for i in range(6)
+                            ],
+                            now,
+                        ),
+                    )
                 except aiohttp.ClientError:
                     return False
                 return True
+
             try:
                 await eventually(b_takes_events, 60, "the second ingest process to answer")
             finally:
@@ -109,9 +139,23 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
             errors = await asyncio.to_thread(_send_with_sdk, f"http://127.0.0.1:{ports['ingest']}", live, offline)
             assert errors == []
             for label, t in imported.items():
-                await _post(http, f"http://127.0.0.1:{ports['ingest']}/v1/import", _batch([
-                    {"type": "track", "userId": f"u{i}", "event": f"Imported {label}",
-                     "messageId": f"imported-{label}-{i}", "timestamp": iso(t + i)} for i in range(3)], now))
+                await _post(
+                    http,
+                    f"http://127.0.0.1:{ports['ingest']}/v1/import",
+                    _batch(
+                        [
+                            {
+                                "type": "track",
+                                "userId": f"u{i}",
+                                "event": f"Imported {label}",
+                                "messageId": f"imported-{label}-{i}",
+                                "timestamp": iso(t + i),
+                            }
+                            for i in range(3)
+                        ],
+                        now,
+                    ),
+                )
 
             # The second process comes back with Kafka reachable and drains its spool.
             second["KAFKA_BOOTSTRAP"] = kafka_bootstrap
@@ -119,8 +163,7 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
             try:
                 windows = {
                     (live, "source", None): {"node": 6, "shop": 4},
-                    (live, "type", "node"): dict.fromkeys(["track", "page", "screen", "identify", "group",
-                                                           "alias"], 1),
+                    (live, "type", "node"): dict.fromkeys(["track", "page", "screen", "identify", "group", "alias"], 1),
                     (offline["2h"], "event", None): {"Offline 2h": 5},
                     (offline["3d"], "event", None): {"Offline 3d": 5},
                     (imported["5d"], "event", None): {"Imported 5d": 3},
@@ -133,11 +176,14 @@ async def test_every_accepted_event_is_counted_in_its_own_window(
                     for (t, group, source), _ in windows.items():
                         start = t - t % MIN
                         tags = {"source": [source]} if source else None
-                        async with http.post(f"http://127.0.0.1:{ports['metrics']}/api/v1/datapoints/query",
-                                             json=count_body(start, start + MIN - 1, group, tags)) as resp:
+                        async with http.post(
+                            f"http://127.0.0.1:{ports['metrics']}/api/v1/datapoints/query",
+                            json=count_body(start, start + MIN - 1, group, tags),
+                        ) as resp:
                             assert resp.status == 200, await resp.text()
                             got[(t, group, source)] = counts(await resp.json(), group)
                     return got == windows
+
                 try:
                     await eventually(all_counted, 120, "every window to hold its events")
                 except AssertionError:

@@ -46,11 +46,18 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree without an install
     VERSION = "0.0.0"
 
+
 @contextlib.asynccontextmanager
 async def kafka_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True,
-                                compression_type="zstd", linger_ms=5, max_batch_size=256 * 1024,
-                                max_request_size=1024 * 1024 + 64 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        compression_type="zstd",
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        max_request_size=1024 * 1024 + 64 * 1024,
+    )
     try:
         await producer.start()
     except Exception as exc:
@@ -76,9 +83,16 @@ def build_bridge(settings: Settings) -> Service:
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     service = _service("bridge", health)
     service.resource("sources", sources.running)
-    service.hooks("topics", lambda: topics.ensure(settings.kafka_bootstrap, [
-        topics.RAW.spec(settings.raw_topic, settings.raw_partitions),
-        topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)]))
+    service.hooks(
+        "topics",
+        lambda: topics.ensure(
+            settings.kafka_bootstrap,
+            [
+                topics.RAW.spec(settings.raw_topic, settings.raw_partitions),
+                topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions),
+            ],
+        ),
+    )
     store = service.resource("cassandra", lambda: cassandra_store(settings))
     producer = service.resource("kafka producer", lambda: kafka_producer(settings))
     kinesis = service.resource("kinesis", lambda: kinesis_client(settings))
@@ -123,16 +137,23 @@ def build_mirror(settings: Settings) -> Service:
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     service = _service("mirror", health)
     service.resource("sources", sources.running)
-    service.hooks("topics", lambda: topics.ensure(settings.kafka_bootstrap,
-                                                  [topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)]))
+    service.hooks(
+        "topics",
+        lambda: topics.ensure(settings.kafka_bootstrap, [topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions)]),
+    )
     producer = service.resource("kafka producer", lambda: kafka_producer(settings))
     kinesis = service.resource("kinesis", lambda: kinesis_client(settings))
     made: list[Mirror] = []
 
     async def make_mirror() -> None:
-        consumer = AIOKafkaConsumer(settings.enriched_topic, bootstrap_servers=settings.kafka_bootstrap,
-                                    group_id=settings.mirror_group_id, isolation_level="read_committed",
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            settings.enriched_topic,
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.mirror_group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         mirror = Mirror(settings, sources, kinesis.value, consumer, producer.value, metrics, version=VERSION)
         health.add_check("mirror", mirror.status)
@@ -170,14 +191,15 @@ def main() -> int:
     if command not in commands:
         raise ConfigError(f"unknown command {command!r}; use one of {', '.join(commands)}")
     settings = load_settings(Settings)
-    configure_logging(f"{settings.service_name}-{command}" if command == "mirror" else settings.service_name,
-                      settings.log_level)
+    configure_logging(
+        f"{settings.service_name}-{command}" if command == "mirror" else settings.service_name, settings.log_level
+    )
     if command == "migrate":
         return uvloop.run(run_migrate(settings))
-    build, port = ((build_bridge, settings.http_port) if command == "bridge"
-                   else (build_mirror, settings.mirror_http_port))
-    return run(lambda: build(settings), host=settings.http_host, port=port,
-               drain_timeout_s=settings.shutdown_timeout_s)
+    build, port = (
+        (build_bridge, settings.http_port) if command == "bridge" else (build_mirror, settings.mirror_http_port)
+    )
+    return run(lambda: build(settings), host=settings.http_host, port=port, drain_timeout_s=settings.shutdown_timeout_s)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,17 @@ def fair_share(total: int, owners: int) -> int:
 
 
 class Bridge:
-    def __init__(self, settings: Settings, registry: SourceRegistry, store: Store, kinesis: KinesisClient,
-                 producer: AIOKafkaProducer, metrics: BridgeMetrics, *, version: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SourceRegistry,
+        store: Store,
+        kinesis: KinesisClient,
+        producer: AIOKafkaProducer,
+        metrics: BridgeMetrics,
+        *,
+        version: str,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
@@ -90,11 +99,15 @@ class Bridge:
                         await self.balance(stream)
                     except Exception as exc:
                         # Kinesis, Cassandra or Kafka away, or a stream not made yet: next round.
-                        if not (retriable(exc) or isinstance(exc, (KafkaError, OSError, *CASSANDRA_ERRORS))
-                                or error_code(exc) == "ResourceNotFoundException"):
+                        if not (
+                            retriable(exc)
+                            or isinstance(exc, (KafkaError, OSError, *CASSANDRA_ERRORS))
+                            or error_code(exc) == "ResourceNotFoundException"
+                        ):
                             raise
-                        log.warning("shard discovery failed; trying again", stream=stream,
-                                    error=f"{type(exc).__name__}: {exc}")
+                        log.warning(
+                            "shard discovery failed; trying again", stream=stream, error=f"{type(exc).__name__}: {exc}"
+                        )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(either(stop, self._failed), self.settings.discovery_interval_s)
         finally:
@@ -126,8 +139,13 @@ class Bridge:
             lease = await self.store.take(stream, shard.shard_id, row, self.settings.owner_id, self._duration_ms)
             if lease is None:
                 continue
-            log.info("shard lease taken", stream=stream, shard=shard.shard_id, checkpoint=lease.checkpoint,
-                     counter=lease.counter)
+            log.info(
+                "shard lease taken",
+                stream=stream,
+                shard=shard.shard_id,
+                checkpoint=lease.checkpoint,
+                counter=lease.counter,
+            )
             self._start_reader(lease, shard)
             held.append(key)
         if len(held) < share:
@@ -153,8 +171,13 @@ class Bridge:
         lease = await self.store.take(stream, row.shard_id, row, self.settings.owner_id, self._duration_ms)
         if lease is None:
             return
-        log.info("shard lease taken over for balance", stream=stream, shard=row.shard_id, owner_before=victim,
-                 checkpoint=lease.checkpoint)
+        log.info(
+            "shard lease taken over for balance",
+            stream=stream,
+            shard=row.shard_id,
+            owner_before=victim,
+            checkpoint=lease.checkpoint,
+        )
         self._start_reader(lease, next(s for s in ready if s.shard_id == row.shard_id))
 
     async def _let_go(self, streams: set[str]) -> None:

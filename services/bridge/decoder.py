@@ -57,8 +57,8 @@ PARSED_TIMES = ("timestamp", "originalTimestamp", "receivedAt")
 class Skip(enum.StrEnum):
     """A record the bridge deliberately does not forward (counted, never silent)."""
 
-    MIRRORED = "mirrored"          # written by Headwater's mirror: it came from Headwater
-    NOT_BRIDGED = "not_bridged"    # its source is not bridged from this stream
+    MIRRORED = "mirrored"  # written by Headwater's mirror: it came from Headwater
+    NOT_BRIDGED = "not_bridged"  # its source is not bridged from this stream
 
 
 class BadReason(enum.StrEnum):
@@ -123,42 +123,69 @@ class LegacyDecoder:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            return self._bad(BadReason.INVALID_JSON, FailureType.INVALID_JSON, [f"record is not JSON: {exc}"],
-                             data, at)
+            return self._bad(BadReason.INVALID_JSON, FailureType.INVALID_JSON, [f"record is not JSON: {exc}"], data, at)
         if not isinstance(doc, dict):
-            return self._bad(BadReason.INVALID_JSON, FailureType.INVALID_JSON,
-                             [f"record must be a JSON object, got {type(doc).__name__}"], data, at)
+            return self._bad(
+                BadReason.INVALID_JSON,
+                FailureType.INVALID_JSON,
+                [f"record must be a JSON object, got {type(doc).__name__}"],
+                data,
+                at,
+            )
         if is_mirrored(doc):
             return Skip.MIRRORED
         key = doc.get("appId") or doc.get("writeKey")
         if not isinstance(key, str) or not key:
-            return self._bad(BadReason.NO_WRITE_KEY, FailureType.SCHEMA_VIOLATION, ["appId is missing"], data, at,
-                             doc=doc)
+            return self._bad(
+                BadReason.NO_WRITE_KEY, FailureType.SCHEMA_VIOLATION, ["appId is missing"], data, at, doc=doc
+            )
         source = self.registry.by_write_key(key)
         if source is None:
-            return self._bad(BadReason.UNKNOWN_WRITE_KEY, FailureType.SCHEMA_VIOLATION,
-                             ["appId is not a known write key"], data, at, doc=doc,
-                             extra={"write_key_sha256": fingerprint(key)})
+            return self._bad(
+                BadReason.UNKNOWN_WRITE_KEY,
+                FailureType.SCHEMA_VIOLATION,
+                ["appId is not a known write key"],
+                data,
+                at,
+                doc=doc,
+                extra={"write_key_sha256": fingerprint(key)},
+            )
         if not source.enabled:
-            return self._bad(BadReason.DISABLED_SOURCE, FailureType.SCHEMA_VIOLATION,
-                             [f"source {source.id} is disabled"], data, at, doc=doc, source=source)
+            return self._bad(
+                BadReason.DISABLED_SOURCE,
+                FailureType.SCHEMA_VIOLATION,
+                [f"source {source.id} is disabled"],
+                data,
+                at,
+                doc=doc,
+                source=source,
+            )
         if source.legacy_way(at.stream) != "bridge":
             return Skip.NOT_BRIDGED
         return self._bridge(doc, data, at, source)
 
-    def _bridge(self, doc: dict[str, Any], data: bytes, at: Position, source: Source) -> Outcome:
+    def _bridge(
+        self, doc: dict[str, Any], data: bytes, at: Position, source: Source
+    ) -> Outcome:  # long: every legacy field's rule in the order the Go service applied them
         kind = infer_type(doc)
         if kind is None:
-            return self._bad(BadReason.TYPE_NOT_INFERABLE, FailureType.SCHEMA_VIOLATION,
-                             ["the record has no type and none of previousId, groupId, event, traits, name"],
-                             data, at, doc=doc, source=source)
+            return self._bad(
+                BadReason.TYPE_NOT_INFERABLE,
+                FailureType.SCHEMA_VIOLATION,
+                ["the record has no type and none of previousId, groupId, event, traits, name"],
+                data,
+                at,
+                doc=doc,
+                source=source,
+            )
         event = {k: v for k, v in doc.items() if k not in KEY_FIELDS}
         event["type"] = kind
         try:
             times = {name: parse_time_ms(event.get(name)) for name in PARSED_TIMES}
         except ValueError as exc:
-            return self._bad(BadReason.BAD_TIMESTAMP, FailureType.SCHEMA_VIOLATION, [str(exc)], data, at,
-                             doc=doc, source=source)
+            return self._bad(
+                BadReason.BAD_TIMESTAMP, FailureType.SCHEMA_VIOLATION, [str(exc)], data, at, doc=doc, source=source
+            )
         for name, ms in times.items():
             if ms is None:
                 event.pop(name, None)  # Go's zero time: the old API did not have it
@@ -174,8 +201,11 @@ class LegacyDecoder:
         event["context"] = context
         received_ms = times["receivedAt"] or at.arrival_ms
         if "receivedAt" not in event:
-            event["receivedAt"] = datetime.fromtimestamp(received_ms / 1000, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z")
+            event["receivedAt"] = (
+                datetime.fromtimestamp(received_ms / 1000, UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
         message_id = event.get("messageId")
         if not isinstance(message_id, str) or not message_id:
             # Stable across re-reads, so the processor's dedupe still sees one event.
@@ -186,14 +216,23 @@ class LegacyDecoder:
             moment = received_ms
         ip = context.get("ip")
         ua = context.get("userAgent")
-        writer = EnvelopeWriter(source_id=source.id, received_at_ms=received_ms,
-                                client_ip=ip if isinstance(ip, str) else "",
-                                user_agent=ua if isinstance(ua, str) else BRIDGE_USER_AGENT,
-                                request_id=f"kinesis:{at.shard_id}:{at.sequence}", path=BRIDGE_PATH)
-        return Bridged(source_id=source.id, message_id=message_id,
-                       key=f"{source.id}:{user_key(event)}".encode(),
-                       value=writer.encode(message_id, orjson.dumps(event)),
-                       minute_ms=moment - moment % 60_000, type=kind, name=event_name(kind, event))
+        writer = EnvelopeWriter(
+            source_id=source.id,
+            received_at_ms=received_ms,
+            client_ip=ip if isinstance(ip, str) else "",
+            user_agent=ua if isinstance(ua, str) else BRIDGE_USER_AGENT,
+            request_id=f"kinesis:{at.shard_id}:{at.sequence}",
+            path=BRIDGE_PATH,
+        )
+        return Bridged(
+            source_id=source.id,
+            message_id=message_id,
+            key=f"{source.id}:{user_key(event)}".encode(),
+            value=writer.encode(message_id, orjson.dumps(event)),
+            minute_ms=moment - moment % 60_000,
+            type=kind,
+            name=event_name(kind, event),
+        )
 
     def redact(self, data: bytes, doc: dict[str, Any] | None) -> bytes:
         """The original without any write key: the parsed record without its key
@@ -205,20 +244,42 @@ class LegacyDecoder:
                 data = data.replace(key.encode(), b"<redacted>")
         return data
 
-    def _bad(self, reason: BadReason, failure: FailureType, errors: list[str], data: bytes, at: Position, *,
-             doc: dict[str, Any] | None = None, source: Source | None = None,
-             extra: dict[str, Any] | None = None) -> Rejected:
+    def _bad(
+        self,
+        reason: BadReason,
+        failure: FailureType,
+        errors: list[str],
+        data: bytes,
+        at: Position,
+        *,
+        doc: dict[str, Any] | None = None,
+        source: Source | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Rejected:
         mid = doc.get("messageId") if doc is not None else None
         original = self.redact(data, doc)
         if len(original) > MAX_BAD_ROW_ORIGINAL:
             # Base64 in a bad row grows it by a third: a whole 1 MiB record would not fit a Kafka record.
             extra = {**(extra or {}), "original_bytes": len(original), "original_truncated_to": TRUNCATED_ORIGINAL}
             original = original[:TRUNCATED_ORIGINAL]
-        row = BadRow(failure_type=failure, errors=errors, original=original, service=self.service,
-                     version=self.version, source_id=source.id if source is not None else None,
-                     message_id=mid if isinstance(mid, str) and mid else None,
-                     extra={"reason": reason.value, "original_format": "legacy_kinesis_record",
-                            "kinesis": {"stream": at.stream, "shard_id": at.shard_id, "sequence": at.sequence,
-                                        "arrival_ms": at.arrival_ms},
-                            **(extra or {})})
+        row = BadRow(
+            failure_type=failure,
+            errors=errors,
+            original=original,
+            service=self.service,
+            version=self.version,
+            source_id=source.id if source is not None else None,
+            message_id=mid if isinstance(mid, str) and mid else None,
+            extra={
+                "reason": reason.value,
+                "original_format": "legacy_kinesis_record",
+                "kinesis": {
+                    "stream": at.stream,
+                    "shard_id": at.shard_id,
+                    "sequence": at.sequence,
+                    "arrival_ms": at.arrival_ms,
+                },
+                **(extra or {}),
+            },
+        )
         return Rejected(reason, row)

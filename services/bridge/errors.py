@@ -9,12 +9,25 @@ from cassandra.cluster import NoHostAvailable
 from services.common.errors import HeadwaterError
 
 # Kinesis error codes that mean "later": throughput, throttling, the service itself.
-RETRIABLE_CODES = frozenset({
-    "ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException",
-    "ThrottlingException", "InternalFailure", "ServiceUnavailable", "InternalServerError",
-})
-THROUGHPUT_CODES = frozenset({"ProvisionedThroughputExceededException", "LimitExceededException",
-                              "KMSThrottlingException", "ThrottlingException"})
+RETRIABLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "KMSThrottlingException",
+        "ThrottlingException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "InternalServerError",
+    }
+)
+THROUGHPUT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "KMSThrottlingException",
+        "ThrottlingException",
+    }
+)
 
 # Cassandra answers that mean "it is away or slow", not "the request is wrong".
 CASSANDRA_ERRORS: tuple[type[Exception], ...] = (DriverException, RequestExecutionException, NoHostAvailable)

@@ -30,14 +30,16 @@ __all__ = ["Backoff", "KinesisClient", "ShardInfo", "arrival_ms", "kinesis_clien
 
 @contextlib.asynccontextmanager
 async def kinesis_client(settings: Settings) -> AsyncIterator[KinesisClient]:
-    config = AioConfig(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=5, read_timeout=30,
-                       max_pool_connections=64)
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 1}, connect_timeout=5, read_timeout=30, max_pool_connections=64
+    )
     session = get_session()
     # Timestamps (ApproximateArrivalTimestamp of every record) stay as Kinesis sent them,
     # epoch seconds: botocore's own parsing into datetimes was a fifth of the bridge's CPU.
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_epoch_seconds)
-    async with session.create_client("kinesis", region_name=settings.aws_region,
-                                     endpoint_url=settings.aws_endpoint_url, config=config) as client:
+    async with session.create_client(
+        "kinesis", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url, config=config
+    ) as client:
         yield client
 
 
@@ -82,8 +84,9 @@ def ready_shards(shards: list[ShardInfo], finished: set[str]) -> list[ShardInfo]
     every parent Kinesis still lists is read to its end. A parent that is no
     longer listed (past the retention period) does not hold its children back."""
     listed = {s.shard_id for s in shards}
-    return [s for s in shards if s.shard_id not in finished
-            and all(p in finished or p not in listed for p in s.parents)]
+    return [
+        s for s in shards if s.shard_id not in finished and all(p in finished or p not in listed for p in s.parents)
+    ]
 
 
 class Backoff:
@@ -95,7 +98,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        delay = min(self.max_s, self.initial_s * 2 ** self.attempt)
+        delay = min(self.max_s, self.initial_s * 2**self.attempt)
         self.attempt += 1
         return random.uniform(delay / 2, delay)
 

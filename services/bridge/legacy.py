@@ -28,9 +28,28 @@ from services.common.sources import SourceRegistry
 
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
 # The fields of the old API's Message struct (pkg/types/v1/message.go) other than the key.
-LEGACY_FIELDS = ("type", "messageId", "context", "timestamp", "originalTimestamp", "sentAt", "receivedAt",
-                 "integrations", "traits", "properties", "anonymousId", "userId", "groupId", "previousId",
-                 "category", "name", "action", "channel", "event", "version")
+LEGACY_FIELDS = (
+    "type",
+    "messageId",
+    "context",
+    "timestamp",
+    "originalTimestamp",
+    "sentAt",
+    "receivedAt",
+    "integrations",
+    "traits",
+    "properties",
+    "anonymousId",
+    "userId",
+    "groupId",
+    "previousId",
+    "category",
+    "name",
+    "action",
+    "channel",
+    "event",
+    "version",
+)
 KEY_FIELDS = ("appId", "writeKey")
 # Where the mirror marks its records: context.headwater.mirrored = true.
 MARKER_CONTEXT = "headwater"
@@ -80,8 +99,13 @@ def infer_type(event: dict[str, Any]) -> str | None:
     if isinstance(given, str) and given:
         full = SHORT_TYPES.get(given, given)
         return full if full in TYPES else None
-    for field, kind in (("previousId", "alias"), ("groupId", "group"), ("event", "track"),
-                        ("traits", "identify"), ("name", "page")):
+    for field, kind in (
+        ("previousId", "alias"),
+        ("groupId", "group"),
+        ("event", "track"),
+        ("traits", "identify"),
+        ("name", "page"),
+    ):
         if present(event.get(field)):
             return kind
     return None
@@ -114,7 +138,7 @@ class LegacyRecord:
 class NotMirrored(enum.StrEnum):
     """An events.enriched record the mirror does not send (counted)."""
 
-    NOT_MIRRORED = "not_mirrored"    # its source has no mirror direction
+    NOT_MIRRORED = "not_mirrored"  # its source has no mirror direction
     UNKNOWN_SOURCE = "unknown_source"
 
 
@@ -136,8 +160,13 @@ def to_legacy(enriched: dict[str, Any], registry: SourceRegistry) -> list[Legacy
     record["context"] = context
     record["appId"] = source.write_key
     message_id = str(record.get("messageId") or "")
-    partition_key = message_id if 0 < len(message_id) <= MAX_PARTITION_KEY else (
-        hashlib.sha256(message_id.encode()).hexdigest() if message_id else source.id)
+    partition_key = (
+        message_id
+        if 0 < len(message_id) <= MAX_PARTITION_KEY
+        else (hashlib.sha256(message_id.encode()).hexdigest() if message_id else source.id)
+    )
     data = orjson.dumps(record)
-    return [LegacyRecord(stream=stream, partition_key=partition_key, data=data, source_id=source.id,
-                         message_id=message_id) for stream in streams]
+    return [
+        LegacyRecord(stream=stream, partition_key=partition_key, data=data, source_id=source.id, message_id=message_id)
+        for stream in streams
+    ]

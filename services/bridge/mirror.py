@@ -83,9 +83,17 @@ def chunks(records: Sequence[LegacyRecord], max_records: int, max_bytes: int) ->
 
 
 class Mirror:
-    def __init__(self, settings: Settings, registry: SourceRegistry, kinesis: KinesisClient,
-                 consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, metrics: MirrorMetrics, *,
-                 version: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SourceRegistry,
+        kinesis: KinesisClient,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        metrics: MirrorMetrics,
+        *,
+        version: str,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.kinesis = kinesis
@@ -99,8 +107,9 @@ class Mirror:
         """Poll, send, commit, until ``stop`` (the batch in flight is finished or left uncommitted)."""
         self._stop = stop
         while not stop.is_set():
-            polled = await self.consumer.getmany(timeout_ms=self.settings.mirror_poll_ms,
-                                                 max_records=self.settings.mirror_batch_max_records * 4)
+            polled = await self.consumer.getmany(
+                timeout_ms=self.settings.mirror_poll_ms, max_records=self.settings.mirror_batch_max_records * 4
+            )
             records = [r for rs in polled.values() for r in rs]
             if not records:
                 continue
@@ -120,8 +129,11 @@ class Mirror:
             except orjson.JSONDecodeError:
                 doc = None
             if not isinstance(doc, dict):
-                batch.bad.append(self._bad_row(record, FailureType.INVALID_JSON,
-                                               ["events.enriched value is not a JSON object"], None))
+                batch.bad.append(
+                    self._bad_row(
+                        record, FailureType.INVALID_JSON, ["events.enriched value is not a JSON object"], None
+                    )
+                )
                 continue
             converted = to_legacy(doc, self.registry)
             if isinstance(converted, NotMirrored):
@@ -129,9 +141,17 @@ class Mirror:
                 continue
             for legacy in converted:
                 if len(legacy.data) + len(legacy.partition_key.encode()) > MAX_RECORD_BYTES:
-                    batch.bad.append(self._bad_row(record, FailureType.SIZE_VIOLATION, [
-                        f"the legacy record is {len(legacy.data)} bytes; Kinesis takes at most {MAX_RECORD_BYTES}"],
-                        legacy))
+                    batch.bad.append(
+                        self._bad_row(
+                            record,
+                            FailureType.SIZE_VIOLATION,
+                            [
+                                f"the legacy record is {len(legacy.data)} bytes; "
+                                f"Kinesis takes at most {MAX_RECORD_BYTES}"
+                            ],
+                            legacy,
+                        )
+                    )
                 else:
                     batch.by_stream[legacy.stream].append(legacy)
         return batch
@@ -143,13 +163,24 @@ class Mirror:
             # Base64 grows it by a third: a whole ~1 MB event would not fit a Kafka record.
             cut = {"original_bytes": len(original), "original_truncated_to": TRUNCATED_ORIGINAL}
             original = original[:TRUNCATED_ORIGINAL]
-        return BadRow(failure_type=failure, errors=errors, original=original, service="mirror",
-                      version=self.version, source_id=legacy.source_id if legacy else None,
-                      message_id=legacy.message_id if legacy else None, topic=record.topic,
-                      partition=record.partition, offset=record.offset,
-                      extra={"reason": "too_large" if failure is FailureType.SIZE_VIOLATION else failure.value,
-                             "original_format": "enriched_event",
-                             **({"stream": legacy.stream} if legacy else {}), **cut})
+        return BadRow(
+            failure_type=failure,
+            errors=errors,
+            original=original,
+            service="mirror",
+            version=self.version,
+            source_id=legacy.source_id if legacy else None,
+            message_id=legacy.message_id if legacy else None,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            extra={
+                "reason": "too_large" if failure is FailureType.SIZE_VIOLATION else failure.value,
+                "original_format": "enriched_event",
+                **({"stream": legacy.stream} if legacy else {}),
+                **cut,
+            },
+        )
 
     async def send(self, batch: MirrorBatch) -> bool:
         """Steps 2 and 3. False when asked to stop before every record was accepted."""
@@ -160,9 +191,15 @@ class Mirror:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         while batch.bad:
             try:
-                futures = [await self.producer.send(self.settings.dlq_topic, row.to_json(),
-                                                    key=(row.source_id or "mirror").encode(), headers=BAD_ROW_HEADERS)
-                           for row in batch.bad]
+                futures = [
+                    await self.producer.send(
+                        self.settings.dlq_topic,
+                        row.to_json(),
+                        key=(row.source_id or "mirror").encode(),
+                        headers=BAD_ROW_HEADERS,
+                    )
+                    for row in batch.bad
+                ]
                 await asyncio.gather(*futures)
                 break
             except KafkaError as exc:
@@ -178,15 +215,20 @@ class Mirror:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         while pending:
             try:
-                answer = await self.kinesis.put_records(StreamName=stream, Records=[
-                    {"Data": r.data, "PartitionKey": r.partition_key} for r in pending])
+                answer = await self.kinesis.put_records(
+                    StreamName=stream, Records=[{"Data": r.data, "PartitionKey": r.partition_key} for r in pending]
+                )
             except Exception as exc:
                 if not retriable(exc) and error_code(exc) != "ResourceNotFoundException":
                     raise
                 # A missing stream may be being created; throughput errors pass.
                 self.metrics.put_retries.labels(stream, error_code(exc) or type(exc).__name__).inc(len(pending))
-                log.warning("PutRecords failed; trying again", stream=stream, records=len(pending),
-                            error=error_code(exc) or repr(exc))
+                log.warning(
+                    "PutRecords failed; trying again",
+                    stream=stream,
+                    records=len(pending),
+                    error=error_code(exc) or repr(exc),
+                )
                 if self._stop.is_set():
                     return False
                 await backoff.wait(self._stop)

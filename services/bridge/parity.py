@@ -75,19 +75,32 @@ class Report:
         return self.max_difference > self.threshold
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "from": iso(self.from_ms), "to": iso(self.to_ms), "threshold": self.threshold,
-                "max_difference": self.max_difference, "exceeded": self.exceeded, "differences": self.cells,
-                "only_legacy": self.only_legacy, "only_headwater": self.only_headwater,
-                "ids_complete": self.ids_complete}
+        return {
+            "source": self.source,
+            "from": iso(self.from_ms),
+            "to": iso(self.to_ms),
+            "threshold": self.threshold,
+            "max_difference": self.max_difference,
+            "exceeded": self.exceeded,
+            "differences": self.cells,
+            "only_legacy": self.only_legacy,
+            "only_headwater": self.only_headwater,
+            "ids_complete": self.ids_complete,
+        }
 
     def to_text(self) -> str:
         if not self.cells:
             return f"parity {self.source} {iso(self.from_ms)} .. {iso(self.to_ms)}: both sides agree"
-        lines = [f"parity {self.source} {iso(self.from_ms)} .. {iso(self.to_ms)}: {len(self.cells)} differences "
-                 f"(largest {self.max_difference}, threshold {self.threshold})",
-                 f"{'minute':<21} {'type':<9} {'event':<24} {'legacy':>7} {'headwater':>9} {'diff':>6}"]
-        lines.extend(f"{c['minute']:<21} {c['type']:<9} {c['event'][:24]:<24} {c['legacy']:>7} "
-                     f"{c['headwater']:>9} {c['difference']:>+6}" for c in self.cells)
+        lines = [
+            f"parity {self.source} {iso(self.from_ms)} .. {iso(self.to_ms)}: {len(self.cells)} differences "
+            f"(largest {self.max_difference}, threshold {self.threshold})",
+            f"{'minute':<21} {'type':<9} {'event':<24} {'legacy':>7} {'headwater':>9} {'diff':>6}",
+        ]
+        lines.extend(
+            f"{c['minute']:<21} {c['type']:<9} {c['event'][:24]:<24} {c['legacy']:>7} "
+            f"{c['headwater']:>9} {c['difference']:>+6}"
+            for c in self.cells
+        )
         for title, ids in (("only in the legacy stream", self.only_legacy), ("only in Headwater", self.only_headwater)):
             for minute, values in ids.items():
                 lines.append(f"{title}, {minute}: {', '.join(values)}")
@@ -96,8 +109,16 @@ class Report:
         return "\n".join(lines)
 
 
-def compare(source: str, from_ms: int, to_ms: int, legacy: dict[Cell, set[str]], headwater: dict[Cell, int],
-            headwater_ids: dict[int, set[str]] | None, *, threshold: int) -> Report:
+def compare(
+    source: str,
+    from_ms: int,
+    to_ms: int,
+    legacy: dict[Cell, set[str]],
+    headwater: dict[Cell, int],
+    headwater_ids: dict[int, set[str]] | None,
+    *,
+    threshold: int,
+) -> Report:
     """Cells whose counts differ, and per differing minute the messageIds on one side only."""
     report = Report(source, from_ms, to_ms, threshold)
     differing: set[int] = set()
@@ -106,8 +127,16 @@ def compare(source: str, from_ms: int, to_ms: int, legacy: dict[Cell, set[str]],
         if ours != theirs:
             minute, kind, name = cell
             differing.add(minute)
-            report.cells.append({"minute": iso(minute), "type": kind, "event": name, "legacy": ours,
-                                 "headwater": theirs, "difference": ours - theirs})
+            report.cells.append(
+                {
+                    "minute": iso(minute),
+                    "type": kind,
+                    "event": name,
+                    "legacy": ours,
+                    "headwater": theirs,
+                    "difference": ours - theirs,
+                }
+            )
     if headwater_ids is not None:
         for minute in sorted(differing):
             ours_ids = set().union(*(ids for cell, ids in legacy.items() if cell[0] == minute))
@@ -124,22 +153,34 @@ async def legacy_side(store: Store, source: str, from_ms: int, to_ms: int) -> di
     out: dict[Cell, set[str]] = defaultdict(set)
     wanted = minutes(from_ms, to_ms)
     for start in range(0, len(wanted), 32):
-        chunk = wanted[start:start + 32]
-        for minute, rows in zip(chunk, await asyncio.gather(*(store.parity_ids(source, m) for m in chunk)),
-                                strict=True):
+        chunk = wanted[start : start + 32]
+        for minute, rows in zip(
+            chunk, await asyncio.gather(*(store.parity_ids(source, m) for m in chunk)), strict=True
+        ):
             for row in rows:
                 out[(minute, row.type, row.event)].add(row.message_id)
     return dict(out)
 
 
-async def headwater_side(metrics_url: str, source: str, from_ms: int, to_ms: int,
-                         auth: aiohttp.BasicAuth | None = None) -> dict[Cell, int]:
+async def headwater_side(
+    metrics_url: str, source: str, from_ms: int, to_ms: int, auth: aiohttp.BasicAuth | None = None
+) -> dict[Cell, int]:
     """1m rollup counts per type and event from the KairosDB API."""
-    query = {"start_absolute": from_ms, "end_absolute": to_ms - 1, "metrics": [{
-        "name": "headwater.events.count", "tags": {"source": [source], "resolution": ["1m"]},
-        "group_by": [{"name": "tag", "tags": ["type", "event"]}]}]}
-    async with aiohttp.ClientSession(auth=auth) as http, http.post(
-            f"{metrics_url.rstrip('/')}/api/v1/datapoints/query", json=query) as resp:
+    query = {
+        "start_absolute": from_ms,
+        "end_absolute": to_ms - 1,
+        "metrics": [
+            {
+                "name": "headwater.events.count",
+                "tags": {"source": [source], "resolution": ["1m"]},
+                "group_by": [{"name": "tag", "tags": ["type", "event"]}],
+            }
+        ],
+    }
+    async with (
+        aiohttp.ClientSession(auth=auth) as http,
+        http.post(f"{metrics_url.rstrip('/')}/api/v1/datapoints/query", json=query) as resp,
+    ):
         if resp.status != 200:
             raise RuntimeError(f"the metrics API answered {resp.status}: {(await resp.text())[:500]}")
         body = await resp.json()
@@ -155,8 +196,9 @@ async def headwater_side(metrics_url: str, source: str, from_ms: int, to_ms: int
     return dict(out)
 
 
-async def headwater_ids(bootstrap: str, topic: str, source: str, wanted: set[int], from_ms: int, *,
-                        scan_limit: int, skew_ms: int) -> tuple[dict[int, set[str]], bool]:
+async def headwater_ids(
+    bootstrap: str, topic: str, source: str, wanted: set[int], from_ms: int, *, scan_limit: int, skew_ms: int
+) -> tuple[dict[int, set[str]], bool]:
     """messageIds of the source's events.enriched events whose event minute is wanted.
     Returns them and whether the scan reached the end of the topic within ``scan_limit``."""
     out: dict[int, set[str]] = defaultdict(set)
@@ -171,8 +213,13 @@ async def headwater_ids(bootstrap: str, topic: str, source: str, wanted: set[int
     if described["error_code"] != 0:
         raise RuntimeError(f"topic {topic} could not be described: error {described['error_code']}")
     parts = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         consumer.assign(parts)
@@ -228,18 +275,32 @@ def _collect(value: bytes | None, source: str, wanted: set[int], out: dict[int, 
         out[minute].add(mid)
 
 
-async def run_parity(store: Store, *, source: str, from_ms: int, to_ms: int, metrics_url: str, bootstrap: str,
-                     enriched_topic: str, threshold: int, scan_limit: int, skew_ms: int,
-                     auth: aiohttp.BasicAuth | None = None, with_ids: bool = True) -> Report:
+async def run_parity(
+    store: Store,
+    *,
+    source: str,
+    from_ms: int,
+    to_ms: int,
+    metrics_url: str,
+    bootstrap: str,
+    enriched_topic: str,
+    threshold: int,
+    scan_limit: int,
+    skew_ms: int,
+    auth: aiohttp.BasicAuth | None = None,
+    with_ids: bool = True,
+) -> Report:
     """Counts from both sides; with ``with_ids``, the one-side messageIds of differing minutes too."""
-    legacy, headwater = await asyncio.gather(legacy_side(store, source, from_ms, to_ms),
-                                             headwater_side(metrics_url, source, from_ms, to_ms, auth))
+    legacy, headwater = await asyncio.gather(
+        legacy_side(store, source, from_ms, to_ms), headwater_side(metrics_url, source, from_ms, to_ms, auth)
+    )
     first = compare(source, from_ms, to_ms, legacy, headwater, None, threshold=threshold)
     if not with_ids:
         return first
     wanted = {parse_time(c["minute"]) for c in first.cells}
-    ids, complete = await headwater_ids(bootstrap, enriched_topic, source, wanted, from_ms,
-                                        scan_limit=scan_limit, skew_ms=skew_ms)
+    ids, complete = await headwater_ids(
+        bootstrap, enriched_topic, source, wanted, from_ms, scan_limit=scan_limit, skew_ms=skew_ms
+    )
     report = compare(source, from_ms, to_ms, legacy, headwater, ids, threshold=threshold)
     report.ids_complete = complete
     return report

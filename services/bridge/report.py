@@ -24,8 +24,13 @@ from services.common.sources import SourceRegistry
 log = structlog.get_logger(__name__)
 
 # What makes a comparison impossible (a server away, a bad answer), as opposed to a bug.
-CANNOT_RUN: tuple[type[Exception], ...] = (OSError, RuntimeError, aiohttp.ClientError, HeadwaterError,
-                                           *CASSANDRA_ERRORS)
+CANNOT_RUN: tuple[type[Exception], ...] = (
+    OSError,
+    RuntimeError,
+    aiohttp.ClientError,
+    HeadwaterError,
+    *CASSANDRA_ERRORS,
+)
 
 
 def set_gauges(report: Report, metrics: ParityMetrics) -> None:
@@ -70,32 +75,50 @@ class ParityWatch:
         s = self.settings
         to_ms = int((time.time() - s.parity_lag_s) * 1000) // MINUTE_MS * MINUTE_MS
         try:
-            report = await run_parity(self.store, source=source_id, from_ms=to_ms - int(s.parity_window_s * 1000),
-                                      to_ms=to_ms, metrics_url=s.metrics_url, bootstrap=s.kafka_bootstrap,
-                                      enriched_topic=s.enriched_topic, threshold=0, scan_limit=0, skew_ms=0,
-                                      auth=metrics_auth(s), with_ids=False)
+            report = await run_parity(
+                self.store,
+                source=source_id,
+                from_ms=to_ms - int(s.parity_window_s * 1000),
+                to_ms=to_ms,
+                metrics_url=s.metrics_url,
+                bootstrap=s.kafka_bootstrap,
+                enriched_topic=s.enriched_topic,
+                threshold=0,
+                scan_limit=0,
+                skew_ms=0,
+                auth=metrics_auth(s),
+                with_ids=False,
+            )
         except CANNOT_RUN as exc:
             log.warning("parity comparison could not run", source=source_id, error=f"{type(exc).__name__}: {exc}")
             return None
         set_gauges(report, self.metrics)
         if report.cells:
-            log.warning("parity differs", source=source_id, cells=len(report.cells),
-                        largest=report.max_difference)
+            log.warning("parity differs", source=source_id, cells=len(report.cells), largest=report.max_difference)
         return report
 
 
-async def parity_command(*, source: str, from_ms: int, to_ms: int, as_json: bool, threshold: int,
-                         metrics_file: str | None) -> int:
+async def parity_command(
+    *, source: str, from_ms: int, to_ms: int, as_json: bool, threshold: int, metrics_file: str | None
+) -> int:
     """Print the report; 0 when every difference is within the threshold, 1 beyond, 2 when it could not run."""
     settings = load_settings(Settings)
     auth = metrics_auth(settings)
     try:
         async with cassandra_store(settings) as store:
-            report = await run_parity(store, source=source, from_ms=from_ms, to_ms=to_ms,
-                                      metrics_url=settings.metrics_url, bootstrap=settings.kafka_bootstrap,
-                                      enriched_topic=settings.enriched_topic, threshold=threshold,
-                                      scan_limit=settings.parity_scan_limit,
-                                      skew_ms=int(settings.max_future_skew_s * 1000), auth=auth)
+            report = await run_parity(
+                store,
+                source=source,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                metrics_url=settings.metrics_url,
+                bootstrap=settings.kafka_bootstrap,
+                enriched_topic=settings.enriched_topic,
+                threshold=threshold,
+                scan_limit=settings.parity_scan_limit,
+                skew_ms=int(settings.max_future_skew_s * 1000),
+                auth=auth,
+            )
     except CANNOT_RUN as exc:
         print(f"parity could not run: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
         return 2

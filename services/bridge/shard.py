@@ -39,11 +39,11 @@ BAD_ROW_HEADERS = [("hw-schema", BAD_ROW_SCHEMA.encode())]
 class ReaderState(enum.Enum):
     """A shard reader's life: STARTING -> READING -> (FINISHED | LOST | STOPPED)."""
 
-    STARTING = "starting"   # getting an iterator from the checkpoint
-    READING = "reading"     # GetRecords / forward / checkpoint
-    FINISHED = "finished"   # a closed shard read to its end; children may start
-    LOST = "lost"           # another process took the lease
-    STOPPED = "stopped"     # this process is stopping; lease released
+    STARTING = "starting"  # getting an iterator from the checkpoint
+    READING = "reading"  # GetRecords / forward / checkpoint
+    FINISHED = "finished"  # a closed shard read to its end; children may start
+    LOST = "lost"  # another process took the lease
+    STOPPED = "stopped"  # this process is stopping; lease released
 
 
 @dataclass
@@ -69,15 +69,26 @@ class ShardWorker:
     """Reads, forwards and checkpoints each shard a Reader holds; one per Bridge, which
     takes the leases and starts a task on ``read`` for each."""
 
-    def __init__(self, settings: Settings, registry: SourceRegistry, store: Store, kinesis: KinesisClient,
-                 producer: AIOKafkaProducer, metrics: BridgeMetrics, stop: asyncio.Event, *, version: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SourceRegistry,
+        store: Store,
+        kinesis: KinesisClient,
+        producer: AIOKafkaProducer,
+        metrics: BridgeMetrics,
+        stop: asyncio.Event,
+        *,
+        version: str,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.kinesis = kinesis
         self.producer = producer
         self.metrics = metrics
-        self.decoder = LegacyDecoder(registry, service="bridge", version=version,
-                                     max_future_skew_ms=int(settings.max_future_skew_s * 1000))
+        self.decoder = LegacyDecoder(
+            registry, service="bridge", version=version, max_future_skew_ms=int(settings.max_future_skew_s * 1000)
+        )
         self._partitions: dict[str, int] = {}
         self._stop = stop
         self._duration_ms = int(settings.lease_duration_s * 1000)
@@ -91,17 +102,27 @@ class ShardWorker:
         if lease.checkpoint:
             try:
                 answer = await self.kinesis.get_shard_iterator(
-                    StreamName=lease.stream, ShardId=lease.shard_id, ShardIteratorType="AFTER_SEQUENCE_NUMBER",
-                    StartingSequenceNumber=lease.checkpoint)
+                    StreamName=lease.stream,
+                    ShardId=lease.shard_id,
+                    ShardIteratorType="AFTER_SEQUENCE_NUMBER",
+                    StartingSequenceNumber=lease.checkpoint,
+                )
                 return str(answer["ShardIterator"])
             except Exception as exc:
                 if error_code(exc) != "InvalidArgumentException":
                     raise
-                log.error("checkpoint refused by Kinesis (past the retention?); reading from the oldest record",  # noqa: TRY400 - an expected answer, not a bug: no trace
-                          stream=lease.stream, shard=lease.shard_id, checkpoint=lease.checkpoint, error=str(exc))
+                # An expected answer, not a bug: logged without a trace.
+                log.error(  # noqa: TRY400
+                    "checkpoint refused by Kinesis (past the retention?); reading from the oldest record",
+                    stream=lease.stream,
+                    shard=lease.shard_id,
+                    checkpoint=lease.checkpoint,
+                    error=str(exc),
+                )
                 self.metrics.checkpoints_refused.labels(lease.stream).inc()
-        answer = await self.kinesis.get_shard_iterator(StreamName=lease.stream, ShardId=lease.shard_id,
-                                                       ShardIteratorType="TRIM_HORIZON")
+        answer = await self.kinesis.get_shard_iterator(
+            StreamName=lease.stream, ShardId=lease.shard_id, ShardIteratorType="TRIM_HORIZON"
+        )
         return str(answer["ShardIterator"])
 
     async def read(self, reader: Reader) -> None:
@@ -135,8 +156,9 @@ class ShardWorker:
                         raise
                     if code in THROUGHPUT_CODES:
                         self.metrics.throttled.labels(lease.stream, code).inc()
-                    log.info("kinesis read backs off", stream=lease.stream, shard=lease.shard_id,
-                             error=code or str(exc))
+                    log.info(
+                        "kinesis read backs off", stream=lease.stream, shard=lease.shard_id, error=code or str(exc)
+                    )
                     await backoff.wait(self._stop)
                     continue
                 backoff.reset()
@@ -163,8 +185,9 @@ class ShardWorker:
                     await prefetch  # its answer, or its error, is of no use any more
 
     def _get_records(self, iterator: str) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(self.kinesis.get_records(ShardIterator=iterator,
-                                                              Limit=self.settings.get_records_limit))
+        return asyncio.ensure_future(
+            self.kinesis.get_records(ShardIterator=iterator, Limit=self.settings.get_records_limit)
+        )
 
     async def _finish(self, reader: Reader) -> None:
         lease = reader.lease
@@ -180,8 +203,12 @@ class ShardWorker:
         """Step 3.1."""
         batch = Batch()
         for record in records:
-            at = Position(lease.stream, lease.shard_id, record["SequenceNumber"],
-                          arrival_ms(record.get("ApproximateArrivalTimestamp")) or now_ms())
+            at = Position(
+                lease.stream,
+                lease.shard_id,
+                record["SequenceNumber"],
+                arrival_ms(record.get("ApproximateArrivalTimestamp")) or now_ms(),
+            )
             data: bytes = record["Data"]
             outcome = self.decoder.decode(data, at)
             if isinstance(outcome, Bridged):
@@ -198,11 +225,20 @@ class ShardWorker:
 
     def _too_large(self, data: bytes, at: Position, bridged: Bridged) -> Rejected:
         original = self.decoder.redact(data, None)[:TRUNCATED_ORIGINAL]
-        row = BadRow(FailureType.SIZE_VIOLATION, [f"the Envelope would be {len(bridged.value)} bytes; the limit "
-                                                  f"is {self.settings.max_raw_bytes}"], original, "bridge",
-                     self.decoder.version, source_id=bridged.source_id, message_id=bridged.message_id,
-                     extra={"reason": "too_large", "original_truncated_to": TRUNCATED_ORIGINAL,
-                            "kinesis": {"stream": at.stream, "shard_id": at.shard_id, "sequence": at.sequence}})
+        row = BadRow(
+            FailureType.SIZE_VIOLATION,
+            [f"the Envelope would be {len(bridged.value)} bytes; the limit is {self.settings.max_raw_bytes}"],
+            original,
+            "bridge",
+            self.decoder.version,
+            source_id=bridged.source_id,
+            message_id=bridged.message_id,
+            extra={
+                "reason": "too_large",
+                "original_truncated_to": TRUNCATED_ORIGINAL,
+                "kinesis": {"stream": at.stream, "shard_id": at.shard_id, "sequence": at.sequence},
+            },
+        )
         return Rejected(BadReason.TOO_LARGE, row)
 
     async def _forward(self, lease: Lease, records: Sequence[Any]) -> bool:
@@ -213,22 +249,30 @@ class ShardWorker:
             try:
                 # 3.2 and 3.3 together: both must be done before 3.4, in either order (parity rows
                 # are idempotent, and a failed send means the whole batch again).
-                await asyncio.gather(self._send(batch), self.store.record_parity(
-                    ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw))
+                await asyncio.gather(
+                    self._send(batch),
+                    self.store.record_parity(
+                        ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw
+                    ),
+                )
                 break
             except (KafkaError, OSError, *CASSANDRA_ERRORS) as exc:
                 # Kafka or Cassandra is away: the same batch again (at least once), until they answer.
-                log.warning("forwarding a batch failed; trying again", stream=lease.stream, shard=lease.shard_id,
-                            error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "forwarding a batch failed; trying again",
+                    stream=lease.stream,
+                    shard=lease.shard_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 if self._stop.is_set() or lease.lost.is_set():
                     return False
                 await backoff.wait(self._stop)
-        if not await self._checkpoint(lease, batch.last_sequence, finished=False,
-                                           duration_ms=self._duration_ms):
+        if not await self._checkpoint(lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms):
             if self._stop.is_set() and not lease.lost.is_set():
                 return False  # stopping while Cassandra is away: the next owner reads the batch again
-            log.warning("checkpoint refused: the lease is another process's now", stream=lease.stream,
-                        shard=lease.shard_id)
+            log.warning(
+                "checkpoint refused: the lease is another process's now", stream=lease.stream, shard=lease.shard_id
+            )
             self.metrics.leases_lost.labels(lease.stream).inc()
             lease.lost.set()
             return False
@@ -244,8 +288,12 @@ class ShardWorker:
             try:
                 return await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
             except CASSANDRA_ERRORS as exc:
-                log.warning("checkpoint not written; trying again", stream=lease.stream, shard=lease.shard_id,
-                            error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "checkpoint not written; trying again",
+                    stream=lease.stream,
+                    shard=lease.shard_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 if self._stop.is_set() or lease.lost.is_set():
                     return False
                 await backoff.wait(self._stop)
@@ -253,12 +301,16 @@ class ShardWorker:
     async def _send(self, batch: Batch) -> None:
         """Step 3.2: every record sent, then every acknowledgement awaited."""
         acks = await self._send_many(self.settings.raw_topic, [(b.key, b.value) for b in batch.raw], RAW_HEADERS)
-        acks += await self._send_many(self.settings.dlq_topic, [
-            ((r.row.source_id or "legacy").encode(), r.row.to_json()) for r in batch.bad], BAD_ROW_HEADERS)
+        acks += await self._send_many(
+            self.settings.dlq_topic,
+            [((r.row.source_id or "legacy").encode(), r.row.to_json()) for r in batch.bad],
+            BAD_ROW_HEADERS,
+        )
         await asyncio.gather(*acks)
 
-    async def _send_many(self, topic: str, records: list[tuple[bytes, bytes]],
-                         headers: list[tuple[str, bytes]]) -> list[asyncio.Future[Any]]:
+    async def _send_many(
+        self, topic: str, records: list[tuple[bytes, bytes]], headers: list[tuple[str, bytes]]
+    ) -> list[asyncio.Future[Any]]:
         """One record batch per partition (send record by record costs a future and a
         partitioner call each, most of the bridge's Kafka CPU). Partitions by Kafka's
         murmur2 rule on the key, as ingest and any Java producer pick them."""
@@ -280,8 +332,9 @@ class ShardWorker:
                         builder = self.producer.create_batch()
                     if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                         # Larger than a whole batch: on its own.
-                        acks.append(await self.producer.send(topic, value, key=key, partition=partition,
-                                                             headers=headers))
+                        acks.append(
+                            await self.producer.send(topic, value, key=key, partition=partition, headers=headers)
+                        )
             if builder.record_count():
                 acks.append(await self.producer.send_batch(builder, topic, partition=partition))
         return acks

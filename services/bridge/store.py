@@ -38,16 +38,24 @@ from services.bridge.settings import Settings
 from services.common.cassandra import CassandraClient, Migration, migrate
 
 MIGRATIONS = (
-    Migration(1, "shard leases and checkpoints", (
-        "CREATE TABLE IF NOT EXISTS {keyspace}.shard_leases ("
-        " stream text, shard_id text, owner text, expires_at_ms bigint, lease_counter bigint,"
-        " checkpoint text, finished boolean, PRIMARY KEY ((stream), shard_id))",
-    )),
-    Migration(2, "legacy messageIds per source and minute, for the parity report", (
-        "CREATE TABLE IF NOT EXISTS {keyspace}.parity_ids ("
-        " source_id text, minute_ms bigint, type text, event text, message_id text,"
-        " PRIMARY KEY ((source_id, minute_ms), type, event, message_id))",
-    )),
+    Migration(
+        1,
+        "shard leases and checkpoints",
+        (
+            "CREATE TABLE IF NOT EXISTS {keyspace}.shard_leases ("
+            " stream text, shard_id text, owner text, expires_at_ms bigint, lease_counter bigint,"
+            " checkpoint text, finished boolean, PRIMARY KEY ((stream), shard_id))",
+        ),
+    ),
+    Migration(
+        2,
+        "legacy messageIds per source and minute, for the parity report",
+        (
+            "CREATE TABLE IF NOT EXISTS {keyspace}.parity_ids ("
+            " source_id text, minute_ms bigint, type text, event text, message_id text,"
+            " PRIMARY KEY ((source_id, minute_ms), type, event, message_id))",
+        ),
+    ),
 )
 
 
@@ -111,19 +119,18 @@ class Store:
         ks = self.keyspace
         cql = {
             "list": f"SELECT shard_id, owner, expires_at_ms, lease_counter, checkpoint, finished "
-                    f"FROM {ks}.shard_leases WHERE stream = ?",
+            f"FROM {ks}.shard_leases WHERE stream = ?",
             "create": f"INSERT INTO {ks}.shard_leases (stream, shard_id, owner, expires_at_ms, lease_counter, "
-                      f"finished) VALUES (?, ?, ?, ?, 1, false) IF NOT EXISTS",
+            f"finished) VALUES (?, ?, ?, ?, 1, false) IF NOT EXISTS",
             "take": f"UPDATE {ks}.shard_leases SET owner = ?, expires_at_ms = ?, lease_counter = ? "
-                    f"WHERE stream = ? AND shard_id = ? IF lease_counter = ?",
+            f"WHERE stream = ? AND shard_id = ? IF lease_counter = ?",
             "renew": f"UPDATE {ks}.shard_leases SET expires_at_ms = ? WHERE stream = ? AND shard_id = ? "
-                     f"IF lease_counter = ? AND owner = ?",
+            f"IF lease_counter = ? AND owner = ?",
             "checkpoint": f"UPDATE {ks}.shard_leases SET checkpoint = ?, finished = ?, expires_at_ms = ? "
-                          f"WHERE stream = ? AND shard_id = ? IF lease_counter = ? AND owner = ?",
+            f"WHERE stream = ? AND shard_id = ? IF lease_counter = ? AND owner = ?",
             "parity": f"INSERT INTO {ks}.parity_ids (source_id, minute_ms, type, event, message_id) "
-                      f"VALUES (?, ?, ?, ?, ?) USING TTL {int(self.parity_ttl_s)}",
-            "parity_read": f"SELECT type, event, message_id FROM {ks}.parity_ids "
-                           f"WHERE source_id = ? AND minute_ms = ?",
+            f"VALUES (?, ?, ?, ?, ?) USING TTL {int(self.parity_ttl_s)}",
+            "parity_read": f"SELECT type, event, message_id FROM {ks}.parity_ids WHERE source_id = ? AND minute_ms = ?",
         }
         for name, text in cql.items():
             stmt = await self.client.prepare(text)
@@ -135,11 +142,16 @@ class Store:
 
     async def leases(self, stream: str) -> dict[str, LeaseRow]:
         rows = await asyncio.to_thread(lambda: list(self.client.session.execute(self._stmts["list"], (stream,))))
-        return {r.shard_id: LeaseRow(stream, r.shard_id, r.owner, r.expires_at_ms or 0, r.lease_counter or 0,
-                                     r.checkpoint, bool(r.finished)) for r in rows}
+        return {
+            r.shard_id: LeaseRow(
+                stream, r.shard_id, r.owner, r.expires_at_ms or 0, r.lease_counter or 0, r.checkpoint, bool(r.finished)
+            )
+            for r in rows
+        }
 
-    async def take(self, stream: str, shard_id: str, seen: LeaseRow | None, owner: str,
-                   duration_ms: int) -> Lease | None:
+    async def take(
+        self, stream: str, shard_id: str, seen: LeaseRow | None, owner: str, duration_ms: int
+    ) -> Lease | None:
         """Take a shard nobody holds (no row, or an expired lease whose counter is
         still what we saw). None when another process was quicker."""
         expires = now_ms() + duration_ms
@@ -149,29 +161,34 @@ class Store:
                 return None
             return Lease(stream, shard_id, owner, 1, None, asyncio.Event())
         counter = seen.counter + 1
-        result = await self.client.execute(self._stmts["take"],
-                                           (owner, expires, counter, stream, shard_id, seen.counter))
+        result = await self.client.execute(
+            self._stmts["take"], (owner, expires, counter, stream, shard_id, seen.counter)
+        )
         if not _applied(result):
             return None
         return Lease(stream, shard_id, owner, counter, seen.checkpoint, asyncio.Event())
 
     async def renew(self, lease: Lease, duration_ms: int) -> bool:
-        result = await self.client.execute(self._stmts["renew"], (now_ms() + duration_ms, lease.stream,
-                                                                  lease.shard_id, lease.counter, lease.owner))
+        result = await self.client.execute(
+            self._stmts["renew"], (now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner)
+        )
         return _applied(result)
 
     async def checkpoint(self, lease: Lease, sequence: str | None, *, finished: bool, duration_ms: int) -> bool:
         """Move the checkpoint (and renew) while the lease is ours; False when it is not."""
-        result = await self.client.execute(self._stmts["checkpoint"], (
-            sequence, finished, now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner))
+        result = await self.client.execute(
+            self._stmts["checkpoint"],
+            (sequence, finished, now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner),
+        )
         if _applied(result):
             lease.checkpoint = sequence
         return _applied(result)
 
     async def release(self, lease: Lease) -> bool:
         """Let another process take the shard at once (a clean stop)."""
-        result = await self.client.execute(self._stmts["renew"], (0, lease.stream, lease.shard_id, lease.counter,
-                                                                  lease.owner))
+        result = await self.client.execute(
+            self._stmts["renew"], (0, lease.stream, lease.shard_id, lease.counter, lease.owner)
+        )
         return _applied(result)
 
     # -- parity -------------------------------------------------------------------
@@ -185,7 +202,7 @@ class Store:
         for group in by_partition.values():
             for start in range(0, len(group), 200):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for e in group[start:start + 200]:
+                for e in group[start : start + 200]:
                     batch.add(self._stmts["parity"], (e.source_id, e.minute_ms, e.type, e.event, e.message_id))
                 statements.append(batch)
         await asyncio.gather(*(self.client.execute(b) for b in statements))

@@ -44,17 +44,28 @@ def _bridge(future: ResponseFuture) -> asyncio.Future[Any]:
 class CassandraClient:
     """One driver Cluster/Session, used from asyncio through execute()."""
 
-    def __init__(self, hosts: Sequence[str], port: int, *, keyspace: str | None = None,
-                 request_timeout_s: float = 10.0, consistency_level: int | None = None) -> None:
+    def __init__(
+        self,
+        hosts: Sequence[str],
+        port: int,
+        *,
+        keyspace: str | None = None,
+        request_timeout_s: float = 10.0,
+        consistency_level: int | None = None,
+    ) -> None:
         # consistency_level: of the statements that name none (None: the driver's LOCAL_ONE).
-        profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(),
-                                   request_timeout=request_timeout_s,
-                                   consistency_level=(ConsistencyLevel.LOCAL_ONE if consistency_level is None
-                                                      else consistency_level))
+        profile = ExecutionProfile(
+            load_balancing_policy=DCAwareRoundRobinPolicy(),
+            request_timeout=request_timeout_s,
+            consistency_level=(ConsistencyLevel.LOCAL_ONE if consistency_level is None else consistency_level),
+        )
         self._cluster = Cluster(
-            list(hosts), port=port, protocol_version=5,
+            list(hosts),
+            port=port,
+            protocol_version=5,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-            connect_timeout=request_timeout_s, control_connection_timeout=request_timeout_s,
+            connect_timeout=request_timeout_s,
+            control_connection_timeout=request_timeout_s,
         )
         self._keyspace = keyspace
         self._timeout = request_timeout_s
@@ -80,8 +91,9 @@ class CassandraClient:
     async def prepare(self, cql: str) -> PreparedStatement:
         return await asyncio.to_thread(self.session.prepare, cql)
 
-    async def execute(self, statement: str | PreparedStatement | Any,
-                      params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+    async def execute(
+        self, statement: str | PreparedStatement | Any, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> Any:
         """Run one statement. The result holds the first page only (the driver's
         fetch_size, 5,000 rows by default): page explicitly for larger reads."""
         return await _bridge(self.session.execute_async(statement, params, timeout=self._timeout))
@@ -101,8 +113,7 @@ class CassandraClient:
 
 # -- replication and consistency --------------------------------------------------------------
 
-ConsistencyName = Literal["ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM",
-                          "LOCAL_ONE"]
+ConsistencyName = Literal["ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"]
 
 _REPLICAS = re.compile(r"'([A-Za-z0-9_.-]+)'\s*:\s*'?(\d+)'?")
 
@@ -142,8 +153,13 @@ class Migration:
     statements: tuple[str, ...]
 
 
-async def migrate(client: CassandraClient, keyspace: str, migrations: Sequence[Migration],
-                  *, replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}") -> list[int]:
+async def migrate(
+    client: CassandraClient,
+    keyspace: str,
+    migrations: Sequence[Migration],
+    *,
+    replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+) -> list[int]:
     """Create the keyspace and apply the migrations it has not seen, in order.
 
     Each statement must be idempotent (IF NOT EXISTS), so a migration that
@@ -167,7 +183,6 @@ async def migrate(client: CassandraClient, keyspace: str, migrations: Sequence[M
             "VALUES (%s, %s, toTimestamp(now()))",
             (step.version, step.description),
         )
-        log.info("schema migrated", keyspace=keyspace, version=step.version,
-                 description=step.description)
+        log.info("schema migrated", keyspace=keyspace, version=step.version, description=step.description)
         applied.append(step.version)
     return applied

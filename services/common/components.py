@@ -56,8 +56,9 @@ class Component:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
 
@@ -65,8 +66,12 @@ class Hooks(Component):
     """A component made of two coroutine functions (either may be left out):
     a client's ``connect``/``close``, a one-off step such as a schema migration."""
 
-    def __init__(self, name: str, start: Callable[[], Awaitable[Any]] | None = None,
-                 stop: Callable[[], Awaitable[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], Awaitable[Any]] | None = None,
+        stop: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         super().__init__(name)
         self._on_start, self._on_stop = start, stop
 
@@ -114,9 +119,15 @@ class Loop(Component):
     on its own tells ``on_end`` (the service: a failure when it raised, a stop
     when it returned)."""
 
-    def __init__(self, name: str, work: Callable[[], Awaitable[None]], ask_stop: Callable[[], None], *,
-                 drain_timeout_s: float,
-                 on_end: Callable[[str, BaseException | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[None]],
+        ask_stop: Callable[[], None],
+        *,
+        drain_timeout_s: float,
+        on_end: Callable[[str, BaseException | None], None] | None = None,
+    ) -> None:
         super().__init__(name)
         self._work, self._ask_stop, self._on_end = work, ask_stop, on_end
         self.drain_timeout_s = drain_timeout_s

@@ -63,10 +63,12 @@ class _ReadinessCollector:
         last = self._health.last_checks
         if last is None:
             return
-        yield GaugeMetricFamily("headwater_ready", "1 when every readiness check passes (/readyz answers 200)",
-                                value=1 if all(last.values()) else 0)
-        checks = GaugeMetricFamily("headwater_ready_check", "Each readiness check: 1 passes, 0 fails",
-                                   labels=["check"])
+        yield GaugeMetricFamily(
+            "headwater_ready",
+            "1 when every readiness check passes (/readyz answers 200)",
+            value=1 if all(last.values()) else 0,
+        )
+        checks = GaugeMetricFamily("headwater_ready_check", "Each readiness check: 1 passes, 0 fails", labels=["check"])
         for name, ok in sorted(last.items()):
             checks.add_metric([name], 1 if ok else 0)
         yield checks

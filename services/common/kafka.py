@@ -75,8 +75,9 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_ms: 
         await admin.close()
 
 
-async def ensure_topic_configs(bootstrap: str, topic: str, configs: dict[str, str],
-                               timeout_ms: int = 30_000) -> dict[str, str]:
+async def ensure_topic_configs(
+    bootstrap: str, topic: str, configs: dict[str, str], timeout_ms: int = 30_000
+) -> dict[str, str]:
     """Make an existing topic's configs match ``configs`` (a topic created by an
     older release may differ, e.g. compacted where records now have no key).
     Returns the settings that were changed, with their old values."""
@@ -93,11 +94,14 @@ async def ensure_topic_configs(bootstrap: str, topic: str, configs: dict[str, st
         if changed:
             # AlterConfigs replaces the topic's whole set of overrides: send the ones it
             # has (an operator's, say) with ours, or they would fall back to defaults.
-            overrides = {entry[0]: entry[1] for entry in entries
-                         if _is_topic_override(response.API_VERSION, entry[3])}
+            overrides = {entry[0]: entry[1] for entry in entries if _is_topic_override(response.API_VERSION, entry[3])}
             await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, overrides | configs)])
-            log.warning("topic configs changed to what this release needs", **{"kafka.topic": topic},
-                        old=changed, new={k: configs[k] for k in changed})
+            log.warning(
+                "topic configs changed to what this release needs",
+                **{"kafka.topic": topic},
+                old=changed,
+                new={k: configs[k] for k in changed},
+            )
     except KafkaError as exc:
         raise DependencyUnavailable(f"Kafka at {bootstrap} could not read or change {topic}: {exc!r}") from exc
     finally:
@@ -121,8 +125,12 @@ def _fit_replication(specs: list[TopicSpec], brokers: int) -> list[TopicSpec]:
     fitted = []
     for spec in specs:
         if spec.replication > brokers:
-            log.warning("topic created with fewer replicas than declared: the cluster has fewer brokers",
-                        **{"kafka.topic": spec.name}, declared=spec.replication, brokers=brokers)
+            log.warning(
+                "topic created with fewer replicas than declared: the cluster has fewer brokers",
+                **{"kafka.topic": spec.name},
+                declared=spec.replication,
+                brokers=brokers,
+            )
             spec = replace(spec, replication=max(1, brokers))
         fitted.append(spec)
     return fitted
@@ -141,8 +149,9 @@ async def replication_factors(bootstrap: str, topics: list[str], timeout_ms: int
             raise DependencyUnavailable(f"Kafka at {bootstrap} did not describe {topics}: {exc!r}") from exc
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"][0]["replicas"]) for t in described
-            if t["error_code"] == 0 and t["partitions"]}
+    return {
+        t["topic"]: len(t["partitions"][0]["replicas"]) for t in described if t["error_code"] == 0 and t["partitions"]
+    }
 
 
 async def kafka_ready(bootstrap: str) -> tuple[bool, str]:

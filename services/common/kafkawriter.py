@@ -57,8 +57,7 @@ def aiokafka_partitioner(key: bytes | None, all_partitions: list[int], available
 class BatchWriter:
     """Writes lists of :class:`OutRecord` through one producer, a batch per topic-partition."""
 
-    def __init__(self, producer: AIOKafkaProducer, *,
-                 headers_for: Callable[[str], Headers] | None = None) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, headers_for: Callable[[str], Headers] | None = None) -> None:
         self._producer = producer
         self._headers_for = headers_for
 
@@ -81,8 +80,9 @@ class BatchWriter:
             await self._write_partition(topic, partition, group, acks)
         return acks
 
-    async def _write_partition(self, topic: str, partition: int, records: list[OutRecord],
-                               acks: list[asyncio.Future[Any]]) -> None:
+    async def _write_partition(
+        self, topic: str, partition: int, records: list[OutRecord], acks: list[asyncio.Future[Any]]
+    ) -> None:
         producer = self._producer
         default = self._headers_for(topic) if self._headers_for is not None else NO_HEADERS
         batch = producer.create_batch()

@@ -50,14 +50,63 @@ ECS_VERSION = "8.11.0"
 
 # ECS field sets whose top-level name is an object: a plain value under one of
 # these names would clash with the ECS fields below it.
-ECS_OBJECTS = frozenset({
-    "agent", "as", "client", "cloud", "code_signature", "container", "data_stream", "destination",
-    "device", "dll", "dns", "ecs", "elf", "email", "error", "event", "faas", "file", "geo", "group",
-    "hash", "host", "http", "interface", "log", "macho", "network", "observer", "orchestrator",
-    "organization", "os", "package", "pe", "process", "registry", "related", "risk", "rule",
-    "server", "service", "source", "span", "threat", "tls", "trace", "transaction", "url", "user",
-    "user_agent", "vlan", "vulnerability", "x509", "labels",
-})
+ECS_OBJECTS = frozenset(
+    {
+        "agent",
+        "as",
+        "client",
+        "cloud",
+        "code_signature",
+        "container",
+        "data_stream",
+        "destination",
+        "device",
+        "dll",
+        "dns",
+        "ecs",
+        "elf",
+        "email",
+        "error",
+        "event",
+        "faas",
+        "file",
+        "geo",
+        "group",
+        "hash",
+        "host",
+        "http",
+        "interface",
+        "log",
+        "macho",
+        "network",
+        "observer",
+        "orchestrator",
+        "organization",
+        "os",
+        "package",
+        "pe",
+        "process",
+        "registry",
+        "related",
+        "risk",
+        "rule",
+        "server",
+        "service",
+        "source",
+        "span",
+        "threat",
+        "tls",
+        "trace",
+        "transaction",
+        "url",
+        "user",
+        "user_agent",
+        "vlan",
+        "vulnerability",
+        "x509",
+        "labels",
+    }
+)
 # Keys that name a Headwater source id, whatever a call site called it.
 SOURCE_KEYS = ("source", "source_id")
 
@@ -158,11 +207,12 @@ def configure_logging(service_name: str, level: str = "INFO") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    _ecs_shape(service_name), _render],
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _ecs_shape(service_name), _render],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)

@@ -21,8 +21,7 @@ from prometheus_client.utils import floatToGoString
 class PlainHistogram:
     """A histogram with optional labels; ``observe(seconds, *label_values)``."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
-                 labelnames: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
         self._bounds = tuple(sorted(float(b) for b in buckets))

@@ -49,7 +49,6 @@ T = TypeVar("T")
 C = TypeVar("C", bound=Component)
 
 
-
 class Service:
     """A service's HTTP application and its components, in start order."""
 
@@ -64,15 +63,20 @@ class Service:
         self.components.append(component)
         return component
 
-    def hooks(self, name: str, start: Callable[[], Awaitable[Any]] | None = None,
-              stop: Callable[[], Awaitable[Any]] | None = None) -> Hooks:
+    def hooks(
+        self,
+        name: str,
+        start: Callable[[], Awaitable[Any]] | None = None,
+        stop: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Hooks:
         return self.add(Hooks(name, start, stop))
 
     def resource(self, name: str, factory: Callable[[], AbstractAsyncContextManager[T]]) -> Resource[T]:
         return self.add(Resource(name, factory))
 
-    def loop(self, name: str, work: Callable[[], Awaitable[None]], ask_stop: Callable[[], None], *,
-             drain_timeout_s: float) -> Loop:
+    def loop(
+        self, name: str, work: Callable[[], Awaitable[None]], ask_stop: Callable[[], None], *, drain_timeout_s: float
+    ) -> Loop:
         return self.add(Loop(name, work, ask_stop, drain_timeout_s=drain_timeout_s, on_end=self._loop_ended))
 
     def request_stop(self) -> None:
@@ -140,58 +144,85 @@ def tune_gc(young_threshold: int) -> None:
     gc.set_threshold(young_threshold, *gc.get_threshold()[1:])
 
 
-async def serve(service: Service, *, host: str, port: int, worker: int = 0, drain_timeout_s: float = 15.0,
-                gc_young_threshold: int | None = None, protocol_wrapper: ProtocolWrapper | None = None,
-                **runner_kwargs: Any) -> int:
+async def serve(
+    service: Service,
+    *,
+    host: str,
+    port: int,
+    worker: int = 0,
+    drain_timeout_s: float = 15.0,
+    gc_young_threshold: int | None = None,
+    protocol_wrapper: ProtocolWrapper | None = None,
+    **runner_kwargs: Any,
+) -> int:
     """Run ``service`` through the steps in this module's docstring; returns the exit code.
     ``protocol_wrapper`` accepts connections through the protocol factory it returns."""
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
-        loop.add_signal_handler(sig, service.request_stop)          # 1
+        loop.add_signal_handler(sig, service.request_stop)  # 1
     try:
-        return await _serve(service, loop, host=host, port=port, worker=worker, drain_timeout_s=drain_timeout_s,
-                            gc_young_threshold=gc_young_threshold, protocol_wrapper=protocol_wrapper,
-                            **runner_kwargs)
+        return await _serve(
+            service,
+            loop,
+            host=host,
+            port=port,
+            worker=worker,
+            drain_timeout_s=drain_timeout_s,
+            gc_young_threshold=gc_young_threshold,
+            protocol_wrapper=protocol_wrapper,
+            **runner_kwargs,
+        )
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
 
 
-async def _serve(service: Service, loop: asyncio.AbstractEventLoop, *, host: str, port: int, worker: int,
-                 drain_timeout_s: float, gc_young_threshold: int | None, protocol_wrapper: ProtocolWrapper | None,
-                 **runner_kwargs: Any) -> int:
+async def _serve(
+    service: Service,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    host: str,
+    port: int,
+    worker: int,
+    drain_timeout_s: float,
+    gc_young_threshold: int | None,
+    protocol_wrapper: ProtocolWrapper | None,
+    **runner_kwargs: Any,
+) -> int:
     try:
-        await service.start()                                       # 2
+        await service.start()  # 2
     except Exception as exc:
         # Any start failure is reported and ends the process (its supervisor tries again).
         log.exception("could not start", service=service.name, error=repr(exc))
         return EXIT_FAILED
-    runner = web.AppRunner(service.app, handle_signals=False, access_log=None,
-                           shutdown_timeout=drain_timeout_s, **runner_kwargs)
+    runner = web.AppRunner(
+        service.app, handle_signals=False, access_log=None, shutdown_timeout=drain_timeout_s, **runner_kwargs
+    )
     await runner.setup()
     listener: asyncio.Server | None = None
     started = time.monotonic()
     try:
-        if protocol_wrapper is None:                                # 3
+        if protocol_wrapper is None:  # 3
             await web.TCPSite(runner, host, port, reuse_port=True, backlog=1024).start()
         else:
             assert runner.server is not None  # made by setup()
-            listener = await loop.create_server(protocol_wrapper(runner.server), host, port,
-                                                reuse_port=True, backlog=1024)
+            listener = await loop.create_server(
+                protocol_wrapper(runner.server), host, port, reuse_port=True, backlog=1024
+            )
         log.info("serving", service=service.name, host=host, port=port, worker=worker, pid=os.getpid())
         if gc_young_threshold is not None:
             tune_gc(gc_young_threshold)
-        await service.wait()                                        # 4
+        await service.wait()  # 4
         log.info("draining", service=service.name, worker=worker, timeout_s=drain_timeout_s)
         started = time.monotonic()
     finally:
         if listener is not None:
-            listener.close()                                        # 5
+            listener.close()  # 5
         await runner.cleanup()
         await service.stop(max(drain_timeout_s - (time.monotonic() - started), 1.0))  # 6
     log.info("stopped", service=service.name, worker=worker, failure=service.failure)
-    return EXIT_OK if service.failure is None else EXIT_FAILED     # 7
+    return EXIT_OK if service.failure is None else EXIT_FAILED  # 7
 
 
 def run(build: Callable[[], Service], **serve_kwargs: Any) -> int:

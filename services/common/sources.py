@@ -108,12 +108,14 @@ class Source(BaseModel):
         streams = [entry.stream for entry in legacy]
         for stream in set(streams):
             if streams.count(stream) > 1:
-                raise ValueError(f"the legacy stream {stream!r} is named more than once; a source is "
-                                 "either bridged from a stream or mirrored to it, never both")
+                raise ValueError(
+                    f"the legacy stream {stream!r} is named more than once; a source is "
+                    "either bridged from a stream or mirrored to it, never both"
+                )
         return legacy
 
     def legacy_way(self, stream: str) -> str | None:
-        """"bridge", "mirror" or None: how this source runs on that legacy stream."""
+        """ "bridge", "mirror" or None: how this source runs on that legacy stream."""
         return next((entry.direction for entry in self.legacy if entry.stream == stream), None)
 
     def legacy_streams(self, direction: str) -> list[str]:
@@ -133,8 +135,9 @@ class SourcesFile(BaseModel):
             for s in sources:
                 value = getattr(s, attr)
                 if value in seen:
-                    raise ValueError(f"two sources share the {attr} {value!r}"
-                                     if attr == "id" else "two sources share a write key")
+                    raise ValueError(
+                        f"two sources share the {attr} {value!r}" if attr == "id" else "two sources share a write key"
+                    )
                 seen.add(value)
         return sources
 
@@ -149,8 +152,10 @@ def describe_load_error(exc: OSError | ValueError) -> str:
     input (a whole entry, write key included), so it is rebuilt from the
     error list without inputs."""
     if isinstance(exc, ValidationError):
-        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
-                    for err in exc.errors(include_url=False, include_input=False, include_context=False)]
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         message = f"invalid sources file: {shown}"
     elif isinstance(exc, OSError):
@@ -184,8 +189,12 @@ class SourceRegistry:
         except (OSError, ValueError, ValidationError) as exc:
             message = describe_load_error(exc)
             if message != self._error:
-                log.warning("source registry unreadable; keeping the last good copy",
-                          path=str(self.path), error=message, sources=len(self._by_id))
+                log.warning(
+                    "source registry unreadable; keeping the last good copy",
+                    path=str(self.path),
+                    error=message,
+                    sources=len(self._by_id),
+                )
             self._error = message
             return False
         self._mtime_ns = stat.st_mtime_ns
@@ -216,8 +225,9 @@ class SourceRegistry:
     def origin_allowed_anywhere(self, origin: str) -> bool:
         """For CORS preflights, which carry no write key: does any enabled
         source accept this origin? The real request is checked per source."""
-        return any(s.enabled and ("*" in s.allowed_origins or origin in s.allowed_origins)
-                   for s in self._by_id.values())
+        return any(
+            s.enabled and ("*" in s.allowed_origins or origin in s.allowed_origins) for s in self._by_id.values()
+        )
 
     def __len__(self) -> int:
         return len(self._by_id)

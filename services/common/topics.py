@@ -97,8 +97,13 @@ class Topic:
 
     def spec(self, name: str, partitions: int, *, retention_ms: int | None = None) -> TopicSpec:
         """What ``ensure`` creates or brings up to date, under the name a service's settings give."""
-        return TopicSpec(name, partitions, self.replication, configs=self.configs(retention_ms),
-                         min_insync_replicas=self.min_insync_replicas)
+        return TopicSpec(
+            name,
+            partitions,
+            self.replication,
+            configs=self.configs(retention_ms),
+            min_insync_replicas=self.min_insync_replicas,
+        )
 
     def configs_doc(self) -> str:
         """The configs as proto/topics/*.md write them (one-writer topics: the default)."""
@@ -186,8 +191,9 @@ async def ensure(bootstrap: str, specs: Iterable[TopicSpec], *, timeout_ms: int 
     the topic's actual replication factor)."""
     specs = list(specs)
     await ensure_topics(bootstrap, specs, timeout_ms=timeout_ms)
-    factors = await _replication_factors(bootstrap, [s.name for s in specs if s.min_insync_replicas],
-                                         timeout_ms=timeout_ms)
+    factors = await _replication_factors(
+        bootstrap, [s.name for s in specs if s.min_insync_replicas], timeout_ms=timeout_ms
+    )
     for spec in specs:
         configs = dict(spec.configs)
         if spec.min_insync_replicas:
@@ -197,8 +203,9 @@ async def ensure(bootstrap: str, specs: Iterable[TopicSpec], *, timeout_ms: int 
             await ensure_configs(bootstrap, spec.name, configs, timeout_ms=timeout_ms)
 
 
-async def _replication_factors(bootstrap: str, names: list[str], *, tries: int = 5,
-                               timeout_ms: int = 30_000) -> dict[str, int]:
+async def _replication_factors(
+    bootstrap: str, names: list[str], *, tries: int = 5, timeout_ms: int = 30_000
+) -> dict[str, int]:
     """replication_factors, given a moment: a topic created a moment ago may not be in the
     metadata of the broker asked yet."""
     factors: dict[str, int] = {}

@@ -131,8 +131,9 @@ class Cluster:
         return NodeServer("kafka", stack.KAFKA_VERSION, "kafka.Kafka", self.stack, node=node)
 
     def cassandra(self, node: int) -> NodeServer:
-        return NodeServer("cassandra", stack.CASSANDRA_VERSION, "org.apache.cassandra.service.CassandraDaemon",
-                          self.stack, node=node)
+        return NodeServer(
+            "cassandra", stack.CASSANDRA_VERSION, "org.apache.cassandra.service.CassandraDaemon", self.stack, node=node
+        )
 
     def servers(self) -> list[NodeServer]:
         return [*(self.kafka(i) for i in self.indexes), *(self.cassandra(i) for i in self.indexes)]
@@ -163,39 +164,41 @@ class Cluster:
         host = self.address(node)
         voters = ",".join(f"{i}@{self.address(i)}:{s.kafka_controller_port}" for i in self.indexes)
         rf, isr = self.replication, self.min_insync
-        return "\n".join([
-            "process.roles=broker,controller",
-            f"node.id={node}",
-            f"controller.quorum.voters={voters}",
-            f"listeners=PLAINTEXT://{host}:{s.kafka_port},CONTROLLER://{host}:{s.kafka_controller_port}",
-            f"advertised.listeners=PLAINTEXT://{host}:{s.kafka_port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            f"log.dirs={self.kafka(node).base / 'logs'}",
-            f"num.partitions={s.kafka_partitions}",
-            f"default.replication.factor={rf}",
-            f"min.insync.replicas={isr}",
-            "unclean.leader.election.enable=false",
-            "auto.create.topics.enable=false",
-            f"offsets.topic.replication.factor={rf}",
-            "offsets.topic.num.partitions=8",
-            f"transaction.state.log.replication.factor={rf}",
-            f"transaction.state.log.min.isr={isr}",
-            "transaction.state.log.num.partitions=8",
-            f"share.coordinator.state.topic.replication.factor={rf}",
-            f"share.coordinator.state.topic.min.isr={isr}",
-            f"broker.session.timeout.ms={s.kafka_session_timeout_ms}",
-            f"broker.heartbeat.interval.ms={s.kafka_heartbeat_interval_ms}",
-            "group.initial.rebalance.delay.ms=0",
-            "transaction.abort.timed.out.transaction.cleanup.interval.ms=10000",
-            # Two cores for the whole machine: fewer threads than Kafka's defaults.
-            "num.network.threads=2",
-            "num.io.threads=4",
-            "num.replica.fetchers=1",
-            "background.threads=4",
-            "",
-        ])
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                f"node.id={node}",
+                f"controller.quorum.voters={voters}",
+                f"listeners=PLAINTEXT://{host}:{s.kafka_port},CONTROLLER://{host}:{s.kafka_controller_port}",
+                f"advertised.listeners=PLAINTEXT://{host}:{s.kafka_port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={self.kafka(node).base / 'logs'}",
+                f"num.partitions={s.kafka_partitions}",
+                f"default.replication.factor={rf}",
+                f"min.insync.replicas={isr}",
+                "unclean.leader.election.enable=false",
+                "auto.create.topics.enable=false",
+                f"offsets.topic.replication.factor={rf}",
+                "offsets.topic.num.partitions=8",
+                f"transaction.state.log.replication.factor={rf}",
+                f"transaction.state.log.min.isr={isr}",
+                "transaction.state.log.num.partitions=8",
+                f"share.coordinator.state.topic.replication.factor={rf}",
+                f"share.coordinator.state.topic.min.isr={isr}",
+                f"broker.session.timeout.ms={s.kafka_session_timeout_ms}",
+                f"broker.heartbeat.interval.ms={s.kafka_heartbeat_interval_ms}",
+                "group.initial.rebalance.delay.ms=0",
+                "transaction.abort.timed.out.transaction.cleanup.interval.ms=10000",
+                # Two cores for the whole machine: fewer threads than Kafka's defaults.
+                "num.network.threads=2",
+                "num.io.threads=4",
+                "num.replica.fetchers=1",
+                "background.threads=4",
+                "",
+            ]
+        )
 
     def initial_token(self, node: int) -> int:
         """Node i's token: the Murmur3 ring cut in ``nodes`` equal ranges."""
@@ -214,11 +217,11 @@ auto_bootstrap: false
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
 endpoint_snitch: SimpleSnitch
 data_file_directories:
-  - {base / 'data'}
-commitlog_directory: {base / 'commitlog'}
-saved_caches_directory: {base / 'saved_caches'}
-hints_directory: {base / 'hints'}
-cdc_raw_directory: {base / 'cdc_raw'}
+  - {base / "data"}
+commitlog_directory: {base / "commitlog"}
+saved_caches_directory: {base / "saved_caches"}
+hints_directory: {base / "hints"}
+cdc_raw_directory: {base / "cdc_raw"}
 commitlog_sync: periodic
 commitlog_sync_period: 10000ms
 seed_provider:
@@ -256,27 +259,33 @@ auto_snapshot: false
     def start_kafka(self, node: int) -> NodeServer:
         server = self.kafka(node)
         if server.pid() is None:
-            stack.launch_kafka(server, self.kafka_properties(node), self.settings.kafka_heap,
-                               cluster_id=self.cluster_id())
+            stack.launch_kafka(
+                server, self.kafka_properties(node), self.settings.kafka_heap, cluster_id=self.cluster_id()
+            )
         return server
 
     def start_cassandra(self, node: int) -> NodeServer:
         server = self.cassandra(node)
         if server.pid() is None:
-            stack.launch_cassandra(server, self.cassandra_yaml(node), self.settings.cassandra_heap,
-                                   gc="-XX:+UseSerialGC")
+            stack.launch_cassandra(
+                server, self.cassandra_yaml(node), self.settings.cassandra_heap, gc="-XX:+UseSerialGC"
+            )
         return server
 
     def kafka_probe(self, node: int) -> Callable[[], bool]:
         """Node ``node`` answers metadata and sees every broker of the cluster."""
+
         def probe() -> bool:
             return asyncio.run(brokers_seen(self.kafka_address(node))) >= self.settings.nodes
+
         return probe
 
     def cassandra_probe(self, node: int) -> Callable[[], bool]:
         """Node ``node`` answers CQL and knows every other node as a peer."""
+
         def probe() -> bool:
             return cassandra_peers(self.address(node), self.settings.cassandra_port) >= self.settings.nodes - 1
+
         return probe
 
     def up(self, *, kafka: bool = True, cassandra: bool = True) -> dict[str, float]:
@@ -322,8 +331,10 @@ auto_snapshot: false
             state = f"running pid {pid}" if pid else "stopped"
             port = self.settings.kafka_port if server.name == "kafka" else self.settings.cassandra_port
             where = f"{self.address(server.node)}:{port}"
-            lines.append(f"{server.label:<12} {server.version:<8} {state:<20} {where:<18} "
-                         f"rss {rss_mib(pid):>5} MiB  data {server.base}  log {server.log_file}")
+            lines.append(
+                f"{server.label:<12} {server.version:<8} {state:<20} {where:<18} "
+                f"rss {rss_mib(pid):>5} MiB  data {server.base}  log {server.log_file}"
+            )
         return lines
 
 
@@ -352,8 +363,14 @@ def cassandra_peers(host: str, port: int, timeout_s: float = 5.0) -> int:
     from cassandra.policies import WhiteListRoundRobinPolicy
 
     only_this = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([host]), request_timeout=timeout_s)
-    cql = CqlCluster([host], port=port, connect_timeout=timeout_s, protocol_version=5,
-                     control_connection_timeout=timeout_s, execution_profiles={EXEC_PROFILE_DEFAULT: only_this})
+    cql = CqlCluster(
+        [host],
+        port=port,
+        connect_timeout=timeout_s,
+        protocol_version=5,
+        control_connection_timeout=timeout_s,
+        execution_profiles={EXEC_PROFILE_DEFAULT: only_this},
+    )
     try:
         session = cql.connect()
         rows = list(session.execute("SELECT peer FROM system.peers_v2", timeout=timeout_s))

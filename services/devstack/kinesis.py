@@ -61,11 +61,17 @@ class KinesaliteServer(Server):
         with resources.as_file(spec) as spec_path:
             shutil.copyfile(spec_path, staging / "package.json")
         print(f"installing kinesalite {self.version} with npm ...", file=sys.stderr)
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--omit=dev"], cwd=staging,
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--omit=dev"],
+            cwd=staging,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
-            raise StackError(f"npm could not install kinesalite {self.version}:\n"
-                             f"{done.stdout[-4000:]}{done.stderr[-4000:]}")
+            raise StackError(
+                f"npm could not install kinesalite {self.version}:\n{done.stdout[-4000:]}{done.stderr[-4000:]}"
+            )
         shutil.rmtree(self.lib_dir, ignore_errors=True)
         staging.rename(self.lib_dir)
         marker.touch()
@@ -74,16 +80,36 @@ class KinesaliteServer(Server):
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "data").mkdir(exist_ok=True)
         s = self.settings
-        cmd = [s.node, str(self.cli), "--host", "127.0.0.1", "--port", str(s.kinesis_port),
-               "--path", str(self.base / "data"),
-               # Stream state changes take 500 ms by default; tests reshard and create streams often.
-               "--createStreamMs", "50", "--deleteStreamMs", "50", "--updateStreamMs", "50",
-               # The limit counts open shards over every stream; tests make many small streams.
-               "--shardLimit", "100000"]
+        cmd = [
+            s.node,
+            str(self.cli),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.kinesis_port),
+            "--path",
+            str(self.base / "data"),
+            # Stream state changes take 500 ms by default; tests reshard and create streams often.
+            "--createStreamMs",
+            "50",
+            "--deleteStreamMs",
+            "50",
+            "--updateStreamMs",
+            "50",
+            # The limit counts open shards over every stream; tests make many small streams.
+            "--shardLimit",
+            "100000",
+        ]
         log = self.log_file.open("ab")
         try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.base)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.base,
+            )
         finally:
             log.close()
         children[proc.pid] = proc
@@ -102,8 +128,11 @@ def kinesis_answers(settings: StackSettings, timeout_s: float = 3.0) -> bool:
     import urllib.request
 
     request = urllib.request.Request(  # noqa: S310 - a loopback URL built from settings
-        settings.kinesis_endpoint, data=b"{}", method="POST",
-        headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Kinesis_20131202.ListStreams"})
+        settings.kinesis_endpoint,
+        data=b"{}",
+        method="POST",
+        headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Kinesis_20131202.ListStreams"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310
             return True

@@ -82,9 +82,16 @@ class OpenSearchServer(Server):
 
     @property
     def home(self) -> Path:
-        digest = hashlib.sha256(b"".join([
-            _packaged("pom.xml"), _packaged(MODULE, "pom.xml"), _packaged("plugin-security.policy"),
-            NETTY4_DESCRIPTOR.encode()])).hexdigest()[:10]
+        digest = hashlib.sha256(
+            b"".join(
+                [
+                    _packaged("pom.xml"),
+                    _packaged(MODULE, "pom.xml"),
+                    _packaged("plugin-security.policy"),
+                    NETTY4_DESCRIPTOR.encode(),
+                ]
+            )
+        ).hexdigest()[:10]
         return self.settings.home / f"opensearch-{self.version}-{digest}"
 
     @property
@@ -105,12 +112,25 @@ class OpenSearchServer(Server):
         for pom, target in (("pom.xml", staging / "lib"), (f"{MODULE}/pom.xml", module_dir)):
             with resources.as_file(resources.files("services.devstack").joinpath("opensearch", pom)) as pom_path:
                 done = subprocess.run(
-                    [self.settings.mvn, "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
-                     "-DincludeScope=runtime", f"-DoutputDirectory={target}"],
-                    capture_output=True, text=True, check=False)
+                    [
+                        self.settings.mvn,
+                        "-q",
+                        "-B",
+                        "-f",
+                        str(pom_path),
+                        "dependency:copy-dependencies",
+                        "-DincludeScope=runtime",
+                        f"-DoutputDirectory={target}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
             if done.returncode != 0:
-                raise StackError(f"Maven could not resolve opensearch {self.version} ({pom}):\n"
-                                 f"{done.stdout[-4000:]}{done.stderr[-4000:]}")
+                raise StackError(
+                    f"Maven could not resolve opensearch {self.version} ({pom}):\n"
+                    f"{done.stdout[-4000:]}{done.stderr[-4000:]}"
+                )
         (module_dir / "plugin-descriptor.properties").write_text(NETTY4_DESCRIPTOR)
         (module_dir / "plugin-security.policy").write_bytes(_packaged("plugin-security.policy"))
         shutil.rmtree(self.home, ignore_errors=True)
@@ -120,19 +140,23 @@ class OpenSearchServer(Server):
     def _config(self, os_settings: OpenSearchSettings) -> Path:
         conf = self.base / "config"
         conf.mkdir(parents=True, exist_ok=True)
-        (conf / "opensearch.yml").write_text("\n".join([
-            "cluster.name: headwater-dev",
-            "node.name: headwater-dev",
-            "discovery.type: single-node",
-            "network.host: 127.0.0.1",
-            f"http.port: {os_settings.port}",
-            f"transport.port: {os_settings.transport_port}",
-            f"path.data: {self.base / 'data'}",
-            f"path.logs: {self.base / 'logs'}",
-            # A developer's nearly full disk must not turn the indices read-only.
-            "cluster.routing.allocation.disk.threshold_enabled: false",
-            "",
-        ]))
+        (conf / "opensearch.yml").write_text(
+            "\n".join(
+                [
+                    "cluster.name: headwater-dev",
+                    "node.name: headwater-dev",
+                    "discovery.type: single-node",
+                    "network.host: 127.0.0.1",
+                    f"http.port: {os_settings.port}",
+                    f"transport.port: {os_settings.transport_port}",
+                    f"path.data: {self.base / 'data'}",
+                    f"path.logs: {self.base / 'logs'}",
+                    # A developer's nearly full disk must not turn the indices read-only.
+                    "cluster.routing.allocation.disk.threshold_enabled: false",
+                    "",
+                ]
+            )
+        )
         (conf / "log4j2.properties").write_bytes(_packaged("log4j2.properties"))
         return conf
 
@@ -141,23 +165,45 @@ class OpenSearchServer(Server):
         tmp = self.base / "tmp"
         tmp.mkdir(exist_ok=True)
         jvm = [
-            self.settings.java, f"-Xms{os_settings.heap}", f"-Xmx{os_settings.heap}", "-XX:+UseG1GC",
+            self.settings.java,
+            f"-Xms{os_settings.heap}",
+            f"-Xmx{os_settings.heap}",
+            "-XX:+UseG1GC",
             # From the distribution's jvm.options: date parsing as OpenSearch expects it on Java 17,
             # no JNDI lookups in log messages, Netty without its own direct-memory pools.
-            "-Djava.locale.providers=SPI,COMPAT", "-Dlog4j2.formatMsgNoLookups=true",
-            "-Dlog4j.shutdownHookEnabled=false", "-Dlog4j2.disable.jmx=true", "-Dfile.encoding=UTF-8",
-            "-Djna.nosys=true", "-Dio.netty.noUnsafe=true", "-Dio.netty.noKeySetOptimization=true",
-            "-Dio.netty.recycler.maxCapacityPerThread=0", "-Dio.netty.allocator.numDirectArenas=0",
-            "-XX:-OmitStackTraceInFastThrow", "-Xss1m", f"-Djava.io.tmpdir={tmp}",
-            f"-Dopensearch.path.home={self.home}", f"-Dopensearch.path.conf={conf}",
-            "-Dopensearch.distribution.type=tar", "-Dopensearch.bundled_jdk=false",
-            "-cp", f"{self.lib_dir}/*", f"-Dheadwater.stack.base={self.base}", self.main_class,
+            "-Djava.locale.providers=SPI,COMPAT",
+            "-Dlog4j2.formatMsgNoLookups=true",
+            "-Dlog4j.shutdownHookEnabled=false",
+            "-Dlog4j2.disable.jmx=true",
+            "-Dfile.encoding=UTF-8",
+            "-Djna.nosys=true",
+            "-Dio.netty.noUnsafe=true",
+            "-Dio.netty.noKeySetOptimization=true",
+            "-Dio.netty.recycler.maxCapacityPerThread=0",
+            "-Dio.netty.allocator.numDirectArenas=0",
+            "-XX:-OmitStackTraceInFastThrow",
+            "-Xss1m",
+            f"-Djava.io.tmpdir={tmp}",
+            f"-Dopensearch.path.home={self.home}",
+            f"-Dopensearch.path.conf={conf}",
+            "-Dopensearch.distribution.type=tar",
+            "-Dopensearch.bundled_jdk=false",
+            "-cp",
+            f"{self.lib_dir}/*",
+            f"-Dheadwater.stack.base={self.base}",
+            self.main_class,
         ]
         cmd = [*_unprivileged(), *jvm]
         log = self.log_file.open("ab")
         try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.base)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.base,
+            )
         finally:
             log.close()
         children[proc.pid] = proc

@@ -49,36 +49,56 @@ class PrometheusServer(Server):
     def resolve(self) -> None:
         """Nothing to download: the binary comes from Debian's package."""
         if shutil.which(self.settings.prometheus) is None:
-            raise StackError(f"Prometheus needs Debian's prometheus package ({self.settings.prometheus!r} not "
-                             "found): apt-get install prometheus")
+            raise StackError(
+                f"Prometheus needs Debian's prometheus package ({self.settings.prometheus!r} not "
+                "found): apt-get install prometheus"
+            )
 
     def config(self, rules: Sequence[Path], scrape_interval_s: float, evaluation_interval_s: float) -> str:
         port = self.settings.prometheus_port
-        return yaml.safe_dump({
-            "global": {"scrape_interval": f"{scrape_interval_s:g}s",
-                       "evaluation_interval": f"{evaluation_interval_s:g}s",
-                       "scrape_timeout": f"{min(scrape_interval_s, 10):g}s"},
-            "rule_files": [str(path) for path in rules],
-            "scrape_configs": [
-                {"job_name": "headwater",
-                 "file_sd_configs": [{"files": [str(self.targets_dir / "*.json")], "refresh_interval": "2s"}]},
-                {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
-            ],
-        }, sort_keys=False)
+        return yaml.safe_dump(
+            {
+                "global": {
+                    "scrape_interval": f"{scrape_interval_s:g}s",
+                    "evaluation_interval": f"{evaluation_interval_s:g}s",
+                    "scrape_timeout": f"{min(scrape_interval_s, 10):g}s",
+                },
+                "rule_files": [str(path) for path in rules],
+                "scrape_configs": [
+                    {
+                        "job_name": "headwater",
+                        "file_sd_configs": [{"files": [str(self.targets_dir / "*.json")], "refresh_interval": "2s"}],
+                    },
+                    {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
+                ],
+            },
+            sort_keys=False,
+        )
 
     def start_with(self, rules: Sequence[Path], scrape_interval_s: float, evaluation_interval_s: float) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(exist_ok=True)
         self.config_file.write_text(self.config(rules, scrape_interval_s, evaluation_interval_s))
-        cmd = [self.settings.prometheus, f"--config.file={self.config_file}",
-               f"--storage.tsdb.path={self.base / 'data'}", "--storage.tsdb.retention.time=3d",
-               f"--web.listen-address=127.0.0.1:{self.settings.prometheus_port}",
-               # Debian's defaults point at its own console folders; ours has none.
-               f"--web.console.templates={self.base}", f"--web.console.libraries={self.base}"]
+        cmd = [
+            self.settings.prometheus,
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.base / 'data'}",
+            "--storage.tsdb.retention.time=3d",
+            f"--web.listen-address=127.0.0.1:{self.settings.prometheus_port}",
+            # Debian's defaults point at its own console folders; ours has none.
+            f"--web.console.templates={self.base}",
+            f"--web.console.libraries={self.base}",
+        ]
         log = self.log_file.open("ab")
         try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.base)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.base,
+            )
         finally:
             log.close()
         children[proc.pid] = proc
@@ -113,9 +133,13 @@ def prometheus_answers(settings: StackSettings, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def start_prometheus(settings: StackSettings, *, rules: Sequence[Path] | None = None,
-                     scrape_interval_s: float = 5.0, evaluation_interval_s: float = 5.0
-                     ) -> tuple[PrometheusServer, float]:
+def start_prometheus(
+    settings: StackSettings,
+    *,
+    rules: Sequence[Path] | None = None,
+    scrape_interval_s: float = 5.0,
+    evaluation_interval_s: float = 5.0,
+) -> tuple[PrometheusServer, float]:
     """Start Prometheus unless it runs; return it and how long it took to answer.
     ``rules`` defaults to every file of the repo's compose/prometheus/rules."""
     server = prometheus_server(settings)

@@ -66,16 +66,20 @@ class Server:
         staging.mkdir(parents=True)
         with resources.as_file(pom) as pom_path:
             cmd = [
-                self.settings.mvn, "-q", "-B", "-f", str(pom_path),
-                "dependency:copy-dependencies", "-DincludeScope=runtime",
+                self.settings.mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom_path),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
                 f"-DoutputDirectory={staging}",
             ]
             print(f"resolving {self.name} {self.version} with Maven ...", file=sys.stderr)
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise StackError(
-                f"Maven could not resolve {self.name} {self.version}:\n"
-                f"{done.stdout[-4000:]}{done.stderr[-4000:]}"
+                f"Maven could not resolve {self.name} {self.version}:\n{done.stdout[-4000:]}{done.stderr[-4000:]}"
             )
         shutil.rmtree(self.lib_dir, ignore_errors=True)
         staging.rename(self.lib_dir)
@@ -118,16 +122,23 @@ class Server:
     def launch(self, jvm_args: Sequence[str], program_args: Sequence[str]) -> int:
         self.base.mkdir(parents=True, exist_ok=True)
         cmd = [
-            self.settings.java, *jvm_args,
-            "-cp", f"{self.lib_dir}/*",
+            self.settings.java,
+            *jvm_args,
+            "-cp",
+            f"{self.lib_dir}/*",
             f"-Dheadwater.stack.base={self.base}",
-            self.main_class, *program_args,
+            self.main_class,
+            *program_args,
         ]
         log = self.log_file.open("ab")
         try:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.base,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.base,
             )
         finally:
             log.close()
@@ -186,9 +197,7 @@ def wait_until(server: Server, probe: Callable[[], bool], timeout_s: float) -> f
         if probe():
             return time.monotonic() - started
         time.sleep(0.5)
-    raise StackError(
-        f"{server.name} did not answer within {timeout_s:.0f}s:\n{server.log_tail()}"
-    )
+    raise StackError(f"{server.name} did not answer within {timeout_s:.0f}s:\n{server.log_tail()}")
 
 
 def rss_mib(pid: int | None) -> int:

@@ -84,31 +84,33 @@ def kafka_server(settings: StackSettings) -> Server:
 
 
 def _kafka_properties(settings: StackSettings, base: Path) -> str:
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{settings.kafka_controller_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port},"
-        f"CONTROLLER://127.0.0.1:{settings.kafka_controller_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        f"log.dirs={base / 'logs'}",
-        f"num.partitions={settings.kafka_partitions}",
-        "auto.create.topics.enable=false",
-        "offsets.topic.replication.factor=1",
-        "offsets.topic.num.partitions=8",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "transaction.state.log.num.partitions=8",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "transaction.abort.timed.out.transaction.cleanup.interval.ms=10000",
-        "log.flush.interval.messages=9223372036854775807",
-        "",
-    ])
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{settings.kafka_controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port},"
+            f"CONTROLLER://127.0.0.1:{settings.kafka_controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{settings.kafka_port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={base / 'logs'}",
+            f"num.partitions={settings.kafka_partitions}",
+            "auto.create.topics.enable=false",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=8",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms=10000",
+            "log.flush.interval.messages=9223372036854775807",
+            "",
+        ]
+    )
 
 
 def kafka_cluster_id() -> str:
@@ -139,17 +141,24 @@ def launch_kafka(server: Server, properties: str, heap: str, cluster_id: str | N
     base.mkdir(parents=True, exist_ok=True)
     props = base / "server.properties"
     props.write_text(properties)
-    java_base = [f"-Xms{heap}", f"-Xmx{heap}",
-                 "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+    java_base = [f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
     log_conf = resources.files("services.devstack").joinpath("conf", "kafka-log4j2.yaml")
     with resources.as_file(log_conf) as log_path:
         log_copy = base / "log4j2.yaml"
         shutil.copyfile(log_path, log_copy)
     if not (base / "logs" / "meta.properties").exists():
         cmd = [
-            settings.java, *java_base[2:], f"-Dlog4j2.configurationFile={log_copy}",
-            "-cp", f"{server.lib_dir}/*", "kafka.tools.StorageTool", "format",
-            f"--cluster-id={cluster_id or kafka_cluster_id()}", "-c", str(props), "--ignore-formatted",
+            settings.java,
+            *java_base[2:],
+            f"-Dlog4j2.configurationFile={log_copy}",
+            "-cp",
+            f"{server.lib_dir}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id or kafka_cluster_id()}",
+            "-c",
+            str(props),
+            "--ignore-formatted",
         ]
         # A full test run once saw this step fail and the next run pass; retry once,
         # and say what the tool printed if it fails again.
@@ -161,8 +170,7 @@ def launch_kafka(server: Server, properties: str, heap: str, cluster_id: str | N
                 raise StackError(f"kafka storage format failed:\n{done.stdout}{done.stderr}")
             time.sleep(1.0)
     server.launch(
-        [*java_base, f"-Dlog4j2.configurationFile={log_copy}",
-         f"-Dkafka.logs.dir={base}"],
+        [*java_base, f"-Dlog4j2.configurationFile={log_copy}", f"-Dkafka.logs.dir={base}"],
         [str(props)],
     )
 
@@ -188,8 +196,7 @@ async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
 
 
 def cassandra_server(settings: StackSettings) -> Server:
-    return Server("cassandra", CASSANDRA_VERSION,
-                  "org.apache.cassandra.service.CassandraDaemon", settings)
+    return Server("cassandra", CASSANDRA_VERSION, "org.apache.cassandra.service.CassandraDaemon", settings)
 
 
 def _cassandra_yaml(settings: StackSettings, base: Path) -> str:
@@ -200,11 +207,11 @@ allocate_tokens_for_local_replication_factor: 1
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
 endpoint_snitch: SimpleSnitch
 data_file_directories:
-  - {base / 'data'}
-commitlog_directory: {base / 'commitlog'}
-saved_caches_directory: {base / 'saved_caches'}
-hints_directory: {base / 'hints'}
-cdc_raw_directory: {base / 'cdc_raw'}
+  - {base / "data"}
+commitlog_directory: {base / "commitlog"}
+saved_caches_directory: {base / "saved_caches"}
+hints_directory: {base / "hints"}
+cdc_raw_directory: {base / "cdc_raw"}
 commitlog_sync: periodic
 commitlog_sync_period: 10000ms
 seed_provider:
@@ -247,8 +254,11 @@ def launch_cassandra(server: Server, config: str, heap: str, gc: str = "-XX:+Use
     options = conf.joinpath("cassandra-jvm17.options").read_text().split()
     server.launch(
         [
-            f"-Xms{heap}", f"-Xmx{heap}",
-            gc, "-Xss512k", *options,
+            f"-Xms{heap}",
+            f"-Xmx{heap}",
+            gc,
+            "-Xss512k",
+            *options,
             "-Dcassandra-foreground=yes",
             f"-Dcassandra.config=file://{yaml_path}",
             f"-Dcassandra.storagedir={base}",
@@ -266,8 +276,9 @@ def cassandra_answers(port: int, timeout_s: float = 5.0, host: str = "127.0.0.1"
     """True when the node answers CQL ``SELECT release_version FROM system.local``."""
     from cassandra.cluster import Cluster
 
-    cluster = Cluster([host], port=port, connect_timeout=timeout_s,
-                      protocol_version=5, control_connection_timeout=timeout_s)
+    cluster = Cluster(
+        [host], port=port, connect_timeout=timeout_s, protocol_version=5, control_connection_timeout=timeout_s
+    )
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local", timeout=timeout_s).one()
@@ -281,8 +292,14 @@ def cassandra_answers(port: int, timeout_s: float = 5.0, host: str = "127.0.0.1"
 # -- the stack -----------------------------------------------------------------
 
 
-def up(settings: StackSettings, *, kafka: bool = True, cassandra: bool = True,
-       kinesis: bool = False, opensearch: bool = False) -> dict[str, float]:
+def up(
+    settings: StackSettings,
+    *,
+    kafka: bool = True,
+    cassandra: bool = True,
+    kinesis: bool = False,
+    opensearch: bool = False,
+) -> dict[str, float]:
     """Start what is not running and return once every server answers; the
     Kinesis server only when asked for (the bridge and its tests need it), and
     OpenSearch too (services/devstack/opensearch.py; the log search tests)."""
@@ -314,8 +331,13 @@ def down(settings: StackSettings) -> list[str]:
     from services.devstack.opensearch import opensearch_server
     from services.devstack.prometheus import prometheus_server
 
-    servers = (kafka_server(settings), cassandra_server(settings), kinesis_server(settings),
-               prometheus_server(settings), opensearch_server(settings))
+    servers = (
+        kafka_server(settings),
+        cassandra_server(settings),
+        kinesis_server(settings),
+        prometheus_server(settings),
+        opensearch_server(settings),
+    )
     return [server.name for server in servers if server.stop()]
 
 
@@ -335,6 +357,7 @@ def status(settings: StackSettings) -> list[str]:
     for server, where in servers:
         pid = server.pid()
         state = f"running pid {pid}" if pid else "stopped"
-        lines.append(f"{server.name:<10} {server.version:<8} {state:<20} {where:<18} "
-                     f"data {server.base}  log {server.log_file}")
+        lines.append(
+            f"{server.name:<10} {server.version:<8} {state:<20} {where:<18} data {server.base}  log {server.log_file}"
+        )
     return lines

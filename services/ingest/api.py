@@ -61,7 +61,9 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
     is_batch = name in BATCH_PATHS
     expected_type = None if is_batch else SINGLE_PATHS[name]
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(
+        request: web.Request,
+    ) -> web.Response:  # long: one request's steps and error answers in order (the hot path: one frame)
         started = time.perf_counter()
         ing = request.app[INGEST_KEY]
         origin = request.headers.get("Origin")
@@ -70,22 +72,27 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         try:
             body = await read_body(request, ing.settings.max_request_bytes, ing.settings.client_body_timeout_s)
             data = parsing.parse_json_body(body)
-            key = parsing.find_write_key(request.headers.get("Authorization"),
-                                         # The query is parsed only when there is one.
-                                         request.query.get("writeKey") if request.query_string else None, data)
+            key = parsing.find_write_key(
+                request.headers.get("Authorization"),
+                # The query is parsed only when there is one.
+                request.query.get("writeKey") if request.query_string else None,
+                data,
+            )
             source = authorize(ing, key)
             if origin and "*" not in source.allowed_origins and origin not in source.allowed_origins:
-                raise RequestError(403, "origin_not_allowed",
-                                   f"origin {origin!r} may not send to source {source.id!r}")
+                raise RequestError(403, "origin_not_allowed", f"origin {origin!r} may not send to source {source.id!r}")
             if is_batch:
                 events = data.get("batch")
                 if not isinstance(events, list):
                     raise RequestError(400, "invalid_batch", "a batch needs a 'batch' array of events")
                 if len(events) > ing.settings.max_batch_events:
-                    raise RequestError(413, "payload_too_large",
-                                       f"the batch has {len(events)} events; max_batch_events is "
-                                       f"{ing.settings.max_batch_events}",
-                                       limit="max_batch_events", limit_events=ing.settings.max_batch_events)
+                    raise RequestError(
+                        413,
+                        "payload_too_large",
+                        f"the batch has {len(events)} events; max_batch_events is {ing.settings.max_batch_events}",
+                        limit="max_batch_events",
+                        limit_events=ing.settings.max_batch_events,
+                    )
                 if not events:
                     raise RequestError(400, "invalid_batch", "the batch is empty")
                 if data.get("sentAt") is not None and not isinstance(data["sentAt"], str):
@@ -93,16 +100,26 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             else:
                 events = [data]
             rate_limit(ing, source, len(events))
-            prepared = prepare(ing, source, events, expected_type=expected_type,
-                               batch=data if is_batch else None, request=request,
-                               request_id=request_id, path=path)
+            prepared = prepare(
+                ing,
+                source,
+                events,
+                expected_type=expected_type,
+                batch=data if is_batch else None,
+                request=request,
+                request_id=request_id,
+                path=path,
+            )
             if not is_batch and prepared.rejected:
                 errors = prepared.rejected[0]["errors"]
                 too_big = any("max_event_bytes" in e for e in errors)
-                raise RequestError(413 if too_big else 400,
-                                   "payload_too_large" if too_big else "invalid_event",
-                                   "; ".join(errors), errors=errors,
-                                   **({"limit": "max_event_bytes"} if too_big else {}))
+                raise RequestError(
+                    413 if too_big else 400,
+                    "payload_too_large" if too_big else "invalid_event",
+                    "; ".join(errors),
+                    errors=errors,
+                    **({"limit": "max_event_bytes"} if too_big else {}),
+                )
             # A rejected single event was answered above (the client knows);
             # a batch's rejected events travel as bad rows with the good ones.
             try:
@@ -117,11 +134,17 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                 # resend the good ones. success says whether any was taken.
                 status = 200
                 body_out: dict[str, Any] | bytes = {
-                    "success": prepared.accepted > 0, "accepted": prepared.accepted,
+                    "success": prepared.accepted > 0,
+                    "accepted": prepared.accepted,
                     "rejected": prepared.rejected,
-                    **({} if prepared.accepted else {"error": "invalid_batch",
-                                                     "message": "no event in the batch is valid; each is listed "
-                                                                "in rejected and dead-lettered"}),
+                    **(
+                        {}
+                        if prepared.accepted
+                        else {
+                            "error": "invalid_batch",
+                            "message": "no event in the batch is valid; each is listed in rejected and dead-lettered",
+                        }
+                    ),
                 }
             else:
                 status, body_out = 200, SUCCESS
@@ -135,8 +158,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             headers.update(exc.headers)
             # An error answer may quote client input (an origin, a type); no write key
             # goes back in one, whoever sent it.
-            answer = parsing.scrub_keys(orjson.dumps({**exc.body, "request_id": request_id}),
-                                        ing.sources.write_keys())
+            answer = parsing.scrub_keys(orjson.dumps({**exc.body, "request_id": request_id}), ing.sources.write_keys())
             response = json_response(exc.status, answer, headers)
             if exc.close_connection:
                 response.force_close()
@@ -152,8 +174,14 @@ async def handle_preflight(request: web.Request) -> web.Response:
     ing = request.app[INGEST_KEY]
     origin = request.headers.get("Origin")
     if not origin or not ing.sources.origin_allowed_anywhere(origin):
-        return json_response(403, {"success": False, "error": "origin_not_allowed",
-                                   "message": f"origin {origin!r} is not allowed by any source"})
+        return json_response(
+            403,
+            {
+                "success": False,
+                "error": "origin_not_allowed",
+                "message": f"origin {origin!r} is not allowed by any source",
+            },
+        )
     requested = request.headers.get("Access-Control-Request-Headers")
     headers = cors_headers(origin, None)
     headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"

@@ -44,12 +44,21 @@ def build_service(settings: Settings, worker: int = 0, guard: ConnectionGuard | 
     if guard is not None:
         registry.register(ConnectionStats(guard))
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
-    spool = Spool(settings.spool_dir / f"worker-{worker}", settings.spool_max_bytes,
-                  settings.spool_segment_bytes, adopt=orphan_spools(settings, worker))
+    spool = Spool(
+        settings.spool_dir / f"worker-{worker}",
+        settings.spool_max_bytes,
+        settings.spool_segment_bytes,
+        adopt=orphan_spools(settings, worker),
+    )
     publisher = Publisher(settings, spool, metrics)
-    ingest = Ingest(settings=settings, sources=sources, publisher=publisher, metrics=metrics,
-                    limiter=RateLimiter(share=1.0 / settings.workers),
-                    proxies=parsing.TrustedProxies.parse(settings.trusted_proxies))
+    ingest = Ingest(
+        settings=settings,
+        sources=sources,
+        publisher=publisher,
+        metrics=metrics,
+        limiter=RateLimiter(share=1.0 / settings.workers),
+        proxies=parsing.TrustedProxies.parse(settings.trusted_proxies),
+    )
 
     app = web.Application(client_max_size=settings.max_request_bytes)
     app[INGEST_KEY] = ingest
@@ -63,6 +72,7 @@ def build_service(settings: Settings, worker: int = 0, guard: ConnectionGuard | 
         return publisher.status()
 
     health.add_check("sources", sources_ready)
+
     async def spool_ready() -> tuple[bool, str]:
         return publisher.spool_status()
 
@@ -103,7 +113,15 @@ def run_worker(settings: Settings, index: int) -> int:
     # connections idle (or without complete headers) for client_idle_timeout_s;
     # lingering_time bounds how long an unread body is drained after an answer
     # that did not need it (a 408, 413 or 415) before the connection closes.
-    return run(lambda: build_service(settings, index, guard), host=settings.http_host, port=settings.http_port,
-               worker=index, drain_timeout_s=settings.shutdown_timeout_s,
-               gc_young_threshold=settings.gc_young_threshold, protocol_wrapper=guard.wrap, auto_decompress=False,
-               keepalive_timeout=settings.client_idle_timeout_s, lingering_time=1.0)
+    return run(
+        lambda: build_service(settings, index, guard),
+        host=settings.http_host,
+        port=settings.http_port,
+        worker=index,
+        drain_timeout_s=settings.shutdown_timeout_s,
+        gc_young_threshold=settings.gc_young_threshold,
+        protocol_wrapper=guard.wrap,
+        auto_decompress=False,
+        keepalive_timeout=settings.client_idle_timeout_s,
+        lingering_time=1.0,
+    )

@@ -26,13 +26,21 @@ from services.common.kafkawriter import BatchWriter, Headers, OutRecord
 
 log = structlog.get_logger(__name__)
 
+
 class KafkaBatcher:
     """Groups records from concurrent callers into per-partition batches."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, linger_s: float, ack_timeout_s: float,
-                 max_pending_bytes: int, headers_for: Callable[[str], Headers],
-                 max_inflight_flushes: int = 1,
-                 observe_ack: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        *,
+        linger_s: float,
+        ack_timeout_s: float,
+        max_pending_bytes: int,
+        headers_for: Callable[[str], Headers],
+        max_inflight_flushes: int = 1,
+        observe_ack: Callable[[float], None] | None = None,
+    ) -> None:
         self._producer = producer
         self._linger_s = linger_s
         self._max_inflight_flushes = max_inflight_flushes
@@ -95,8 +103,9 @@ class KafkaBatcher:
             if self._deadline is None or not self._waiters or when > self._deadline.when():
                 if self._deadline is not None and self._waiters:
                     self._deadline.cancel()
-                self._deadline = loop.call_at(when, self._fail, self._waiters,
-                                              TimeoutError("kafka did not acknowledge in time"))
+                self._deadline = loop.call_at(
+                    when, self._fail, self._waiters, TimeoutError("kafka did not acknowledge in time")
+                )
         self._pending.extend(records)
         for r in records:
             self._pending_bytes += len(r.value)
@@ -130,8 +139,13 @@ class KafkaBatcher:
     async def _submit(self, records: list[OutRecord]) -> list[asyncio.Future[Any]]:
         return await self._writer.write(records)
 
-    def _flushed(self, waiters: list[asyncio.Future[None]], deadline: asyncio.TimerHandle | None,
-                 started: float, done: asyncio.Future[Any]) -> None:
+    def _flushed(
+        self,
+        waiters: list[asyncio.Future[None]],
+        deadline: asyncio.TimerHandle | None,
+        started: float,
+        done: asyncio.Future[Any],
+    ) -> None:
         self._inflight.discard(done)
         if deadline is not None:
             deadline.cancel()

@@ -33,18 +33,22 @@ SETTINGS_ROUTE = "/v1/projects/{writeKey}/settings"
 def settings_document(source: Source, api_host: str, protocol: str) -> dict[str, object]:
     """What analytics-next reads from its CDN settings, for one source."""
     return {
-        "integrations": {"Segment.io": {
-            "apiKey": source.write_key,
-            "apiHost": api_host,
-            "protocol": protocol,
-            "unbundledIntegrations": [],
-            "addBundledMetadata": True,
-            "maybeBundledConfigIds": {},
-            "versionSettings": {"componentTypes": []},
-        }},
-        "plan": {"track": {"__default": {"enabled": True, "integrations": {}}},
-                 "identify": {"__default": {"enabled": True}},
-                 "group": {"__default": {"enabled": True}}},
+        "integrations": {
+            "Segment.io": {
+                "apiKey": source.write_key,
+                "apiHost": api_host,
+                "protocol": protocol,
+                "unbundledIntegrations": [],
+                "addBundledMetadata": True,
+                "maybeBundledConfigIds": {},
+                "versionSettings": {"componentTypes": []},
+            }
+        },
+        "plan": {
+            "track": {"__default": {"enabled": True, "integrations": {}}},
+            "identify": {"__default": {"enabled": True}},
+            "group": {"__default": {"enabled": True}},
+        },
         "metrics": {"sampleRate": 0, "host": api_host},
         "edgeFunction": {},
         "analyticsNextEnabled": True,
@@ -67,9 +71,10 @@ def _cors(origin: str | None, source: Source | None) -> CIMultiDict[str]:
 def _not_found(origin: str | None) -> web.Response:
     headers: CIMultiDict[str] = CIMultiDict({"Cache-Control": "no-store"})
     if origin:
-        headers["Access-Control-Allow-Origin"] = origin   # the page may read why
-    body = orjson.dumps({"success": False, "error": "unknown_write_key",
-                         "message": "no enabled source has this write key"})
+        headers["Access-Control-Allow-Origin"] = origin  # the page may read why
+    body = orjson.dumps(
+        {"success": False, "error": "unknown_write_key", "message": "no enabled source has this write key"}
+    )
     return web.Response(status=404, body=body, content_type="application/json", headers=headers)
 
 

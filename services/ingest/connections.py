@@ -43,11 +43,17 @@ REFUSED_LINGER_S = 1.0
 
 
 def refusal(retry_after_s: int) -> bytes:
-    body = orjson.dumps({"success": False, "error": "too_many_connections",
-                         "message": "this ingest process has as many open connections as it takes; retry"})
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (retry_after_s, len(body), body))
+    body = orjson.dumps(
+        {
+            "success": False,
+            "error": "too_many_connections",
+            "message": "this ingest process has as many open connections as it takes; retry",
+        }
+    )
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (retry_after_s, len(body), body)
+    )
 
 
 # File descriptors kept free of client connections: Kafka, the spool, the
@@ -62,8 +68,12 @@ def usable_connections(wanted: int) -> int:
     if soft == resource.RLIM_INFINITY or wanted <= soft - RESERVED_FDS:
         return wanted
     usable = max(1, soft - RESERVED_FDS)
-    log.warning("max_connections is above what the file descriptor limit allows; lowered",
-                max_connections=wanted, nofile_limit=soft, used=usable)
+    log.warning(
+        "max_connections is above what the file descriptor limit allows; lowered",
+        max_connections=wanted,
+        nofile_limit=soft,
+        used=usable,
+    )
     return usable
 
 
@@ -72,8 +82,8 @@ class ConnectionGuard:
 
     def __init__(self, max_connections: int, retry_after_s: int = 1) -> None:
         self.max_connections = max_connections
-        self.open = 0              # connections handed to aiohttp
-        self.refusing = 0          # refused connections still lingering
+        self.open = 0  # connections handed to aiohttp
+        self.refusing = 0  # refused connections still lingering
         self.refused_total = 0
         self.answer = refusal(retry_after_s)
 
@@ -94,7 +104,7 @@ class _Guarded(asyncio.Protocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         guard = self._guard
-        transport = cast(asyncio.Transport, base)   # uvloop's transports are not asyncio's classes
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are not asyncio's classes
         if guard.open < guard.max_connections:
             guard.open += 1
             inner = cast(asyncio.Protocol, self._factory())
@@ -103,7 +113,7 @@ class _Guarded(asyncio.Protocol):
             return
         guard.refused_total += 1
         if guard.refusing >= guard.max_connections:
-            transport.abort()          # a flood of refusals: no answer, no linger
+            transport.abort()  # a flood of refusals: no answer, no linger
             return
         guard.refusing += 1
         self._transport = transport
@@ -120,7 +130,7 @@ class _Guarded(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._inner is not None:
             return self._inner.eof_received()
-        return False                   # refused: the client is done; close
+        return False  # refused: the client is done; close
 
     def pause_writing(self) -> None:
         if self._inner is not None:

@@ -52,8 +52,9 @@ _EVENT_KEY = _key(9, _LEN)
 
 
 @functools.lru_cache(maxsize=4096)
-def _shared(schema_version: int, source_id: str, client_ip: str, user_agent: str,
-            path: str) -> tuple[bytes, bytes, bytes]:
+def _shared(
+    schema_version: int, source_id: str, client_ip: str, user_agent: str, path: str
+) -> tuple[bytes, bytes, bytes]:
     """Fields 1-2, 5-6 and 8: sources, client addresses, user agents and paths
     repeat from request to request."""
     return (_int(1, schema_version) + _str(2, source_id), _str(5, client_ip) + _str(6, user_agent), _str(8, path))
@@ -69,16 +70,28 @@ class EnvelopeWriter:
 
     __slots__ = ("_head", "_middle")
 
-    def __init__(self, *, source_id: str, received_at_ms: int, client_ip: str, user_agent: str,
-                 request_id: str, path: str, schema_version: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        source_id: str,
+        received_at_ms: int,
+        client_ip: str,
+        user_agent: str,
+        request_id: str,
+        path: str,
+        schema_version: int = 1,
+    ) -> None:
         head, peer, tail = _shared(schema_version, source_id, client_ip, user_agent, path)
         rid = request_id.encode("utf-8")
         self._head = head
-        self._middle = b"".join((_received_at(received_at_ms), peer,
-                                 _REQUEST_ID_KEY + _varint(len(rid)) + rid if rid else b"", tail))
+        self._middle = b"".join(
+            (_received_at(received_at_ms), peer, _REQUEST_ID_KEY + _varint(len(rid)) + rid if rid else b"", tail)
+        )
 
     def encode(self, message_id: str, event: bytes) -> bytes:
         mid = message_id.encode("utf-8")
-        return b"".join((self._head, _MESSAGE_ID_KEY, _varint(len(mid)), mid, self._middle,
-                         _EVENT_KEY, _varint(len(event)), event) if mid and event else
-                        (self._head, _str(3, message_id), self._middle, _bytes(9, event)))
+        return b"".join(
+            (self._head, _MESSAGE_ID_KEY, _varint(len(mid)), mid, self._middle, _EVENT_KEY, _varint(len(event)), event)
+            if mid and event
+            else (self._head, _str(3, message_id), self._middle, _bytes(9, event))
+        )

@@ -32,8 +32,9 @@ class RequestStats:
 
     def __init__(self, buckets: tuple[float, ...] = REQUEST_BUCKETS) -> None:
         self._counts: dict[tuple[str, int, str], int] = {}
-        self.latency = PlainHistogram("headwater_ingest_request_seconds", "Request handling time by route",
-                                      buckets, ["path"])
+        self.latency = PlainHistogram(
+            "headwater_ingest_request_seconds", "Request handling time by route", buckets, ["path"]
+        )
 
     def observe(self, path: str, status: int, seconds: float, source: str = "") -> None:
         key = (path, status, source)
@@ -41,8 +42,11 @@ class RequestStats:
         self.latency.observe(seconds, path)
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("headwater_ingest_requests", "HTTP requests by route, status and source",
-                                       labels=["path", "status", "source"])
+        requests = CounterMetricFamily(
+            "headwater_ingest_requests",
+            "HTTP requests by route, status and source",
+            labels=["path", "status", "source"],
+        )
         for (path, status, source), n in sorted(self._counts.items()):
             requests.add_metric([path, str(status), source], n)
         yield requests
@@ -67,8 +71,9 @@ class EventCounts:
         return self.accepted_total if outcome == "accepted" else self._rejected.get(reason, 0)
 
     def collect(self) -> Iterator[Metric]:
-        events = CounterMetricFamily("headwater_ingest_events",
-                                     "Events by outcome (accepted, rejected) and reason", labels=["outcome", "reason"])
+        events = CounterMetricFamily(
+            "headwater_ingest_events", "Events by outcome (accepted, rejected) and reason", labels=["outcome", "reason"]
+        )
         events.add_metric(["accepted", ""], self.accepted_total)
         for reason, n in sorted(self._rejected.items()):
             events.add_metric(["rejected", reason], n)
@@ -84,11 +89,12 @@ class ConnectionStats:
         self._guard = guard
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("headwater_ingest_connections_open", "Open client connections",
-                                value=self._guard.open)
-        yield CounterMetricFamily("headwater_ingest_connections_refused",
-                                  "Client connections answered 503 because max_connections were open",
-                                  value=self._guard.refused_total)
+        yield GaugeMetricFamily("headwater_ingest_connections_open", "Open client connections", value=self._guard.open)
+        yield CounterMetricFamily(
+            "headwater_ingest_connections_refused",
+            "Client connections answered 503 because max_connections were open",
+            value=self._guard.refused_total,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,25 +124,37 @@ def make_metrics(registry: CollectorRegistry) -> IngestMetrics:
             "headwater_ingest_kafka_ack_seconds",
             "Time from a flush of batched events to Kafka's acknowledgement of all of them",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=registry),
-        spool_events=Gauge("headwater_ingest_spool_events", "Events in the local spool, not yet in Kafka",
-                           registry=registry),
-        spool_bytes=Gauge("headwater_ingest_spool_bytes", "Bytes in the local spool, not yet in Kafka",
-                          registry=registry),
-        spool_max_bytes=Gauge("headwater_ingest_spool_max_bytes",
-                              "The spool's size limit (spool_max_bytes); at it, new events get 503",
-                              registry=registry),
-        spooling=Gauge("headwater_ingest_spooling", "1 while new events go to the spool instead of Kafka",
-                       registry=registry),
+            registry=registry,
+        ),
+        spool_events=Gauge(
+            "headwater_ingest_spool_events", "Events in the local spool, not yet in Kafka", registry=registry
+        ),
+        spool_bytes=Gauge(
+            "headwater_ingest_spool_bytes", "Bytes in the local spool, not yet in Kafka", registry=registry
+        ),
+        spool_max_bytes=Gauge(
+            "headwater_ingest_spool_max_bytes",
+            "The spool's size limit (spool_max_bytes); at it, new events get 503",
+            registry=registry,
+        ),
+        spooling=Gauge(
+            "headwater_ingest_spooling", "1 while new events go to the spool instead of Kafka", registry=registry
+        ),
         spool_damaged_segments=Gauge(
             "headwater_ingest_spool_damaged_segments",
             "Spool segments set aside because a frame failed its CRC; an operator must inspect them",
-            registry=registry),
+            registry=registry,
+        ),
         spooled_after_timeout=Counter(
             "headwater_ingest_spooled_after_timeout",
             "Events spooled after a Kafka send timed out; Kafka may also get them (a duplicate)",
-            registry=registry),
-        bad_pixels=Counter("headwater_ingest_bad_pixels", "Tracking pixel requests that could not be read",
-                           ["reason"], registry=registry),
+            registry=registry,
+        ),
+        bad_pixels=Counter(
+            "headwater_ingest_bad_pixels",
+            "Tracking pixel requests that could not be read",
+            ["reason"],
+            registry=registry,
+        ),
         sources_loaded=Gauge("headwater_ingest_sources_loaded", "Sources in the registry", registry=registry),
     )

@@ -32,12 +32,17 @@ class RequestError(Exception):
         self.status = status
         self.body = {"success": False, "error": error, "message": message, **extra}
         self.headers: dict[str, str] = {}
-        self.close_connection = False      # answer, then close (a client too slow to finish)
+        self.close_connection = False  # answer, then close (a client too slow to finish)
 
 
 def too_large(limit_name: str, limit: int, what: str) -> RequestError:
-    return RequestError(413, "payload_too_large", f"{what} is larger than {limit_name} ({limit} bytes)",
-                        limit=limit_name, limit_bytes=limit)
+    return RequestError(
+        413,
+        "payload_too_large",
+        f"{what} is larger than {limit_name} ({limit} bytes)",
+        limit=limit_name,
+        limit_bytes=limit,
+    )
 
 
 class BoundedDecoder:
@@ -61,8 +66,9 @@ class BoundedDecoder:
             self._decomp = zlib.decompressobj(zlib.MAX_WBITS)
             self._raw_deflate_fallback = True
         else:
-            raise RequestError(415, "unsupported_encoding",
-                               f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)")
+            raise RequestError(
+                415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)"
+            )
         self._first = True
 
     def _take(self, data: bytes) -> None:
@@ -117,9 +123,12 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if str(exc).startswith("depth limit exceeded"):
-            raise RequestError(400, "invalid_json",
-                               f"the body is nested deeper than {JSON_READ_MAX_DEPTH} levels; events may nest "
-                               f"at most {JSON_MAX_DEPTH}") from None
+            raise RequestError(
+                400,
+                "invalid_json",
+                f"the body is nested deeper than {JSON_READ_MAX_DEPTH} levels; events may nest "
+                f"at most {JSON_MAX_DEPTH}",
+            ) from None
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError(400, "invalid_json", f"the body must be a JSON object, got {type(data).__name__}")
@@ -130,7 +139,7 @@ def cut_deep(value: Any, max_depth: int, marker: str) -> Any:
     """A copy of a JSON value with every container deeper than ``max_depth``
     replaced by ``marker``. Iterative, so no depth can exhaust the stack."""
     root: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]   # (value, parent, slot, depth)
+    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 0)]  # (value, parent, slot, depth)
     while stack:
         item, parent, slot, depth = stack.pop()
         if isinstance(item, dict):
@@ -183,8 +192,7 @@ def _basic_user(header: str) -> str | None:
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
-        raise RequestError(401, "bad_authorization",
-                           "the Authorization header is not valid Basic base64") from None
+        raise RequestError(401, "bad_authorization", "the Authorization header is not valid Basic base64") from None
     user, _, _password = decoded.partition(":")
     return user or None
 
@@ -195,9 +203,12 @@ def find_write_key(auth_header: str | None, query_key: str | None, body: dict[st
         body_key = body.get("writeKey")
         key = body_key if isinstance(body_key, str) else None
     if not key:
-        raise RequestError(401, "missing_write_key",
-                           "no write key: send HTTP Basic auth with the write key as user name, "
-                           "a writeKey field in the body, or ?writeKey=")
+        raise RequestError(
+            401,
+            "missing_write_key",
+            "no write key: send HTTP Basic auth with the write key as user name, "
+            "a writeKey field in the body, or ?writeKey=",
+        )
     return key
 
 
@@ -251,7 +262,7 @@ class UniqueIds:
 new_message_id = UniqueIds("hw-")
 new_request_id = UniqueIds("")
 
-_second: list[Any] = [-1, ""]     # the last Unix second formatted, and its text
+_second: list[Any] = [-1, ""]  # the last Unix second formatted, and its text
 
 
 def iso_ms(ms: int) -> str:
@@ -271,9 +282,15 @@ def iso_now_ms(now: datetime | None = None) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def stamp(event: dict[str, Any], *, received_at: str, client_ip: str,
-          batch_context: dict[str, Any] | None, batch_integrations: dict[str, Any] | None,
-          batch_sent_at: Any) -> dict[str, Any]:
+def stamp(
+    event: dict[str, Any],
+    *,
+    received_at: str,
+    client_ip: str,
+    batch_context: dict[str, Any] | None,
+    batch_integrations: dict[str, Any] | None,
+    batch_sent_at: Any,
+) -> dict[str, Any]:
     """Add the server's stamps in place. Client times stay as sent: the
     processor corrects them."""
     event.pop("writeKey", None)  # a credential never travels downstream
@@ -302,8 +319,7 @@ def decode_pixel_data(data: str) -> bytes | None:
     """A pixel's ``data=``: base64, standard or URL-safe, padding optional; None if not."""
     padded = data.strip() + "=" * (-len(data.strip()) % 4)
     try:
-        return base64.b64decode(padded, altchars=b"-_" if ("-" in padded or "_" in padded) else None,
-                                validate=True)
+        return base64.b64decode(padded, altchars=b"-_" if ("-" in padded or "_" in padded) else None, validate=True)
     except (binascii.Error, ValueError):
         return None
 
@@ -323,7 +339,7 @@ def decode_pixel(query: dict[str, str], pixel_type: str) -> dict[str, Any]:
             raise RequestError(400, "bad_pixel", "data= must decode to a JSON object")
     else:
         event = {k: v for k, v in query.items() if k not in ("writeKey",)}
-        props = {k[len("properties."):]: v for k, v in event.items() if k.startswith("properties.")}
+        props = {k[len("properties.") :]: v for k, v in event.items() if k.startswith("properties.")}
         event = {k: v for k, v in event.items() if not k.startswith("properties.")}
         if props:
             event["properties"] = props

@@ -34,8 +34,9 @@ PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAA
 # Pixel failures that are counted only: without a valid write key (or for a
 # source that takes nothing now) a pixel is anonymous junk that must not fill
 # the DLQ or the spool.
-PIXEL_COUNT_ONLY = frozenset({"missing_write_key", "unknown_write_key", "source_disabled", "rate_limited",
-                              "unavailable", "overloaded"})
+PIXEL_COUNT_ONLY = frozenset(
+    {"missing_write_key", "unknown_write_key", "source_disabled", "rate_limited", "unavailable", "overloaded"}
+)
 
 
 def _pixel_original(path: str, query: dict[str, str], write_keys: Sequence[str]) -> bytes:
@@ -80,8 +81,16 @@ async def handle_pixel(request: web.Request) -> web.Response:
             raise decode_error
         assert event is not None
         rate_limit(ing, source, 1)
-        prepared = prepare(ing, source, [event], expected_type=pixel_type, batch=None,
-                           request=request, request_id=request_id, path=path)
+        prepared = prepare(
+            ing,
+            source,
+            [event],
+            expected_type=pixel_type,
+            batch=None,
+            request=request,
+            request_id=request_id,
+            path=path,
+        )
         if prepared.rejected:
             raise RequestError(400, "bad_pixel", "; ".join(prepared.rejected[0]["errors"]))
         try:
@@ -95,18 +104,26 @@ async def handle_pixel(request: web.Request) -> web.Response:
         if source is not None and reason not in PIXEL_COUNT_ONLY:
             await _dead_letter_pixel(ing, source, path, query, exc, reason, request_id)
     observe(ing, "/v1/pixel/{type}", 200, started, source)
-    return web.Response(body=PIXEL_GIF, content_type="image/gif",
-                        headers={"Cache-Control": "no-cache, no-store, must-revalidate"})
+    return web.Response(
+        body=PIXEL_GIF, content_type="image/gif", headers={"Cache-Control": "no-cache, no-store, must-revalidate"}
+    )
 
 
-async def _dead_letter_pixel(ing: Ingest, source: Source, path: str, query: dict[str, str],
-                             exc: RequestError, reason: str, request_id: str) -> None:
+async def _dead_letter_pixel(
+    ing: Ingest, source: Source, path: str, query: dict[str, str], exc: RequestError, reason: str, request_id: str
+) -> None:
     keys = ing.sources.write_keys()
-    bad = BadRow(failure_type=FailureType.PIXEL_DECODE, errors=scrubbed([str(exc)], keys),
-                 original=_pixel_original(path, query, keys), service="ingest", version=VERSION,
-                 source_id=source.id, request_id=request_id, extra={"path": path, "reason": reason})
+    bad = BadRow(
+        failure_type=FailureType.PIXEL_DECODE,
+        errors=scrubbed([str(exc)], keys),
+        original=_pixel_original(path, query, keys),
+        service="ingest",
+        version=VERSION,
+        source_id=source.id,
+        request_id=request_id,
+        extra={"path": path, "reason": reason},
+    )
     try:
         await ing.publisher.publish([OutRecord(ing.settings.dlq_topic, source.id.encode(), bad.to_json())])
     except (SpoolFull, Overloaded):
-        log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id,
-                    source_id=source.id)
+        log.warning("bad pixel could not be dead-lettered: spool full", request_id=request_id, source_id=source.id)

@@ -87,10 +87,14 @@ class Publisher:
             return True
         s = self.settings
         try:
-            await topics.ensure(s.kafka_bootstrap, [
-                topics.RAW.spec(s.raw_topic, s.raw_partitions),
-                topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
-            ], timeout_ms=int(s.kafka_ack_timeout_s * 5000))
+            await topics.ensure(
+                s.kafka_bootstrap,
+                [
+                    topics.RAW.spec(s.raw_topic, s.raw_partitions),
+                    topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
+                ],
+                timeout_ms=int(s.kafka_ack_timeout_s * 5000),
+            )
         except (HeadwaterError, KafkaError, OSError) as exc:
             log.warning("kafka not reachable; spooling until it is", error=repr(exc))
             return False
@@ -112,11 +116,15 @@ class Publisher:
                 await producer.stop()
             return False
         self._producer = producer
-        self._batcher = KafkaBatcher(producer, linger_s=s.kafka_linger_ms / 1000, ack_timeout_s=s.kafka_ack_timeout_s,
-                                     max_pending_bytes=s.kafka_max_batch_bytes,
-                                     max_inflight_flushes=s.kafka_max_inflight_flushes,
-                                     headers_for=lambda t: _BADROW_HEADERS if t == s.dlq_topic else _ENVELOPE_HEADERS,
-                                     observe_ack=self.metrics.kafka_ack_seconds.observe)
+        self._batcher = KafkaBatcher(
+            producer,
+            linger_s=s.kafka_linger_ms / 1000,
+            ack_timeout_s=s.kafka_ack_timeout_s,
+            max_pending_bytes=s.kafka_max_batch_bytes,
+            max_inflight_flushes=s.kafka_max_inflight_flushes,
+            headers_for=lambda t: _BADROW_HEADERS if t == s.dlq_topic else _ENVELOPE_HEADERS,
+            observe_ack=self.metrics.kafka_ack_seconds.observe,
+        )
         self._batcher.start()
         self._kafka_up = True
         return True
@@ -132,8 +140,9 @@ class Publisher:
             return False, "the spool drainer stopped; spooled events are not being sent"
         if self.spooling:
             # Still ready: events are safe in the spool; /readyz tells ops why.
-            return True, (f"spooling: kafka {'up' if self._kafka_up else 'down'}, "
-                          f"{self.spool.pending_events} events in the spool")
+            return True, (
+                f"spooling: kafka {'up' if self._kafka_up else 'down'}, {self.spool.pending_events} events in the spool"
+            )
         return True, "kafka"
 
     async def publish(self, records: list[OutRecord]) -> str:
@@ -173,8 +182,7 @@ class Publisher:
     async def _kafka_answers(self) -> bool:
         assert self._producer is not None
         try:
-            await asyncio.wait_for(self._producer.client.fetch_all_metadata(),
-                                   self.settings.kafka_ack_timeout_s)
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.settings.kafka_ack_timeout_s)
         except (TimeoutError, KafkaError, OSError):
             return False
         return True
@@ -220,16 +228,18 @@ class Publisher:
                 # Already set aside and logged by the spool; back off so a disk that
                 # keeps failing cannot turn the drainer into a busy loop.
                 self.metrics.spool_damaged_segments.set(len(self.spool.damaged))
-                log.warning("spool drain set a damaged segment aside; backing off", error=str(exc),
-                          pending=self.spool.pending_events)
+                log.warning(
+                    "spool drain set a damaged segment aside; backing off",
+                    error=str(exc),
+                    pending=self.spool.pending_events,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception as exc:  # noqa: BLE001 - the drainer must outlive any one failure
                 # Kafka errors, timeouts, disk errors, and anything unexpected: the spool
                 # stays on disk and draining is tried again after a backoff.
                 self._kafka_up = False
-                log.warning("spool drain interrupted; will retry", error=repr(exc),
-                            pending=self.spool.pending_events)
+                log.warning("spool drain interrupted; will retry", error=repr(exc), pending=self.spool.pending_events)
                 if isinstance(exc, KafkaError) and not exc.retriable:
                     await self._reset_producer()
                 await asyncio.sleep(backoff)
@@ -247,8 +257,10 @@ class Publisher:
         damaged = self.spool.damaged
         if not damaged:
             return True, f"{self.spool.pending_events} events pending"
-        return True, (f"{len(damaged)} damaged spool segment(s) set aside in {self.spool.damaged_dir}; "
-                      f"inspect with 'headwater spool inspect {damaged[-1].path}'")
+        return True, (
+            f"{len(damaged)} damaged spool segment(s) set aside in {self.spool.damaged_dir}; "
+            f"inspect with 'headwater spool inspect {damaged[-1].path}'"
+        )
 
     def _update_gauges(self) -> None:
         self.metrics.spool_damaged_segments.set(len(self.spool.damaged))

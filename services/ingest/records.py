@@ -56,14 +56,22 @@ class Prepared:
     accepted: int
 
 
-def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: str | None,
-            batch: dict[str, Any] | None, request: web.Request, request_id: str,
-            path: str) -> Prepared:
+def prepare(
+    ing: Ingest,
+    source: Source,
+    events: list[Any],
+    *,
+    expected_type: str | None,
+    batch: dict[str, Any] | None,
+    request: web.Request,
+    request_id: str,
+    path: str,
+) -> Prepared:  # long: one pass over a request's events, the hot path in one frame
     """Validate and stamp events; build Kafka records for the good ones and
     bad rows for the rest."""
     s = ing.settings
     now_ms = time.time_ns() // 1_000_000
-    received_at = parsing.iso_ms(now_ms)      # the same instant as the Envelope's received_at_ms
+    received_at = parsing.iso_ms(now_ms)  # the same instant as the Envelope's received_at_ms
     client_ip = ing.proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
     user_agent = clean_header(request.headers.get("User-Agent", ""))
     batch_context = batch.get("context") if batch else None
@@ -72,8 +80,14 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
     batch_integrations = batch_integrations if isinstance(batch_integrations, dict) else None
     batch_sent_at = batch.get("sentAt") if batch else None
     source_prefix = f"{source.id}:"
-    envelopes = EnvelopeWriter(source_id=source.id, received_at_ms=now_ms, client_ip=client_ip,
-                               user_agent=user_agent, request_id=request_id, path=path)
+    envelopes = EnvelopeWriter(
+        source_id=source.id,
+        received_at_ms=now_ms,
+        client_ip=client_ip,
+        user_agent=user_agent,
+        request_id=request_id,
+        path=path,
+    )
     records: list[OutRecord] = []
     rejected: list[dict[str, Any]] = []
     for index, event in enumerate(events):
@@ -82,8 +96,14 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
         value = b""
         if not errors:
             event.setdefault("type", expected_type)
-            parsing.stamp(event, received_at=received_at, client_ip=client_ip, batch_context=batch_context,
-                          batch_integrations=batch_integrations, batch_sent_at=batch_sent_at)
+            parsing.stamp(
+                event,
+                received_at=received_at,
+                client_ip=client_ip,
+                batch_context=batch_context,
+                batch_integrations=batch_integrations,
+                batch_sent_at=batch_sent_at,
+            )
             try:
                 value = orjson.dumps(event)
             except orjson.JSONEncodeError:
@@ -101,13 +121,23 @@ def prepare(ing: Ingest, source: Source, events: list[Any], *, expected_type: st
             message_id = scrubbed([message_id], keys)[0] if isinstance(message_id, str) else None
             rejected.append({"index": index, "messageId": message_id, "errors": errors})
             ing.metrics.events.rejected(failure.value)
-            records.append(OutRecord(s.dlq_topic, source.id.encode(), BadRow(
-                failure_type=failure, errors=errors,
-                original=original_bytes(event, keys),
-                service="ingest", version=VERSION, source_id=source.id,
-                message_id=message_id, request_id=request_id,
-                extra={"path": path, "index": index},
-            ).to_json()))
+            records.append(
+                OutRecord(
+                    s.dlq_topic,
+                    source.id.encode(),
+                    BadRow(
+                        failure_type=failure,
+                        errors=errors,
+                        original=original_bytes(event, keys),
+                        service="ingest",
+                        version=VERSION,
+                        source_id=source.id,
+                        message_id=message_id,
+                        request_id=request_id,
+                        extra={"path": path, "index": index},
+                    ).to_json(),
+                )
+            )
             continue
         key = f"{source_prefix}{segment.user_key(event)}".encode()
         records.append(OutRecord(s.raw_topic, key, envelopes.encode(event["messageId"], value)))

@@ -34,8 +34,13 @@ VERSION = "0.1.0"
 
 # JSON under every label real clients put on it: analytics.js sends text/plain
 # to skip the preflight, curl -d sends form-urlencoded, some send octet-stream.
-ALLOWED_CONTENT_TYPES = ("", "application/json", "text/plain", "application/octet-stream",
-                         "application/x-www-form-urlencoded")
+ALLOWED_CONTENT_TYPES = (
+    "",
+    "application/json",
+    "text/plain",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+)
 
 
 @dataclass
@@ -97,8 +102,11 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     header = request.headers.get("Content-Type", "")
     if not _accepted_content_type(header):
         content_type = _media_type(header)
-        raise RequestError(415, "unsupported_media_type",
-                           f"Content-Type {content_type!r} is not accepted; send application/json or text/plain")
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type!r} is not accepted; send application/json or text/plain",
+        )
     if request.content_length is not None and request.content_length > limit:
         raise parsing.too_large("max_request_bytes", limit, "the request body")
     encoding = request.headers.get("Content-Encoding", "")
@@ -111,8 +119,9 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
         async with asyncio.timeout(timeout_s):
             return await _read_rest(request, limit, encoding)
     except TimeoutError:
-        err = RequestError(408, "request_timeout",
-                           f"the request body did not arrive within client_body_timeout_s ({timeout_s:g} s)")
+        err = RequestError(
+            408, "request_timeout", f"the request body did not arrive within client_body_timeout_s ({timeout_s:g} s)"
+        )
         err.close_connection = True
         raise err from None
 
@@ -145,9 +154,12 @@ def rate_limit(ing: Ingest, source: Source, n: int) -> None:
     wait = ing.limiter.check(source.id, source.rate_limit_per_s, source.rate_limit_burst, n)
     if wait > 0:
         retry = retry_after_seconds(wait, ing.settings.rate_limit_retry_after_s)
-        err = RequestError(429, "rate_limited",
-                           f"source {source.id!r} is over its rate limit of {source.rate_limit_per_s} events/s",
-                           retry_after_s=retry)
+        err = RequestError(
+            429,
+            "rate_limited",
+            f"source {source.id!r} is over its rate limit of {source.rate_limit_per_s} events/s",
+            retry_after_s=retry,
+        )
         err.headers = {"Retry-After": str(retry), "X-RateLimit-Reset": str(int(time.time()) + retry)}
         raise err
 

@@ -72,20 +72,21 @@ DAMAGED_DIR = "damaged"
 class Spool:
     """Durable FIFO of records. One Spool per process; its folder is its own."""
 
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024,
-                 adopt: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, directory: Path, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024, adopt: Sequence[Path] = ()
+    ) -> None:
         self.directory = directory
         # Folders of workers that no longer exist (the worker count went down):
         # their segments are replayed first, then deleted.
         self.adopt = tuple(adopt)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        self._segments: list[Path] = []          # oldest first; the last may be active
-        self._durable: dict[Path, int] = {}      # segment -> end of its fsync'd frames
-        self._events: dict[Path, int] = {}       # segment -> events not yet drained
+        self._segments: list[Path] = []  # oldest first; the last may be active
+        self._durable: dict[Path, int] = {}  # segment -> end of its fsync'd frames
+        self._events: dict[Path, int] = {}  # segment -> events not yet drained
         self._active: Path | None = None
         self._active_fd: int | None = None
-        self._pending_bytes = 0                  # bytes not yet drained (incl. buffered)
+        self._pending_bytes = 0  # bytes not yet drained (incl. buffered)
         self._pending_events = 0
         self._buffer: list[bytes] = []
         self._buffer_events = 0
@@ -135,8 +136,11 @@ class Spool:
             start = min(read_cursor(seg), len(data))
             _, good_end = read_frames(data, start)
             if good_end < len(data) and is_torn_tail(data, good_end):
-                log.warning("spool segment has a torn tail; it was never acknowledged",
-                            segment=seg.name, dropped_bytes=len(data) - good_end)
+                log.warning(
+                    "spool segment has a torn tail; it was never acknowledged",
+                    segment=seg.name,
+                    dropped_bytes=len(data) - good_end,
+                )
                 with seg.open("r+b") as f:
                     f.truncate(good_end)
                 data = data[:good_end]
@@ -149,11 +153,16 @@ class Spool:
             self._pending_bytes += len(data) - start
         self.refresh_damaged()
         if self._pending_events:
-            log.warning("spool holds events from an earlier run; replaying them first",
-                        events=self._pending_events, bytes=self._pending_bytes)
+            log.warning(
+                "spool holds events from an earlier run; replaying them first",
+                events=self._pending_events,
+                bytes=self._pending_bytes,
+            )
         if self.damaged:
-            log.error("spool holds damaged segments set aside earlier; inspect them with "
-                      "'headwater spool inspect'", segments=[str(d.path) for d in self.damaged])
+            log.error(
+                "spool holds damaged segments set aside earlier; inspect them with 'headwater spool inspect'",
+                segments=[str(d.path) for d in self.damaged],
+            )
 
     # -- appending ---------------------------------------------------------------
 
@@ -270,7 +279,7 @@ class Spool:
                 # Under the lock no write is in flight: a durable end equal to the
                 # cursor means this segment holds nothing more to send.
                 if self._durable.get(seg, 0) > scan.end:
-                    continue            # appended while we sent: read the new part
+                    continue  # appended while we sent: read the new part
                 if seg == self._active:
                     self._close_active()
                 self._forget(seg)
@@ -278,11 +287,12 @@ class Spool:
                 cursor_path(seg).unlink(missing_ok=True)
         return sent
 
-    async def _send_scanned(self, seg: Path, scan: Scan, start: int,
-                            send: Callable[[list[OutRecord]], Awaitable[None]], batch: int) -> int:
+    async def _send_scanned(
+        self, seg: Path, scan: Scan, start: int, send: Callable[[list[OutRecord]], Awaitable[None]], batch: int
+    ) -> int:
         records = scan.records
         for i in range(0, len(records), batch):
-            chunk = records[i:i + batch]
+            chunk = records[i : i + batch]
             await send([r for _, r in chunk])
             new_cursor = chunk[-1][0]
             write_cursor(seg, new_cursor)
@@ -291,7 +301,7 @@ class Spool:
             self._events[seg] = self._events.get(seg, 0) - len(chunk)
             start = new_cursor
         if scan.end > start:
-            write_cursor(seg, scan.end)        # past a damaged range at the end
+            write_cursor(seg, scan.end)  # past a damaged range at the end
             self._pending_bytes -= scan.end - start
         return len(records)
 
@@ -301,17 +311,27 @@ class Spool:
             if seg == self._active:
                 self._close_active()
             durable = self._durable.get(seg, 0)
-            report = {"segment": seg.name, "from": str(seg.parent), "durable_end": durable,
-                      "damaged": scan.damaged, "delivered_up_to": scan.end, "set_aside_at": time.time()}
+            report = {
+                "segment": seg.name,
+                "from": str(seg.parent),
+                "durable_end": durable,
+                "damaged": scan.damaged,
+                "delivered_up_to": scan.end,
+                "set_aside_at": time.time(),
+            }
             target = await asyncio.to_thread(move_aside, seg, self.damaged_dir, orjson.dumps(report))
             lost_events = self._events.get(seg, 0)
             self._pending_events -= max(lost_events, 0)
             self._forget(seg)
             self.damaged.append(DamagedSegment(target, tuple(scan.damaged), durable))
-        log.error("spool segment damaged: frames failing their CRC before the durable end; "
-                  "the good frames were sent and the file set aside for an operator",
-                  segment=seg.name, damaged_ranges=scan.damaged, set_aside=str(target),
-                  hint="headwater spool inspect " + str(target))
+        log.error(
+            "spool segment damaged: frames failing their CRC before the durable end; "
+            "the good frames were sent and the file set aside for an operator",
+            segment=seg.name,
+            damaged_ranges=scan.damaged,
+            set_aside=str(target),
+            hint="headwater spool inspect " + str(target),
+        )
 
     def _forget(self, seg: Path) -> None:
         self._segments.remove(seg)

@@ -22,8 +22,8 @@ import orjson
 
 from services.common.kafkawriter import OutRecord
 
-_FRAME = struct.Struct(">II")        # payload length, crc32(payload)
-_HEADER = struct.Struct(">HI")       # topic length, key length
+_FRAME = struct.Struct(">II")  # payload length, crc32(payload)
+_HEADER = struct.Struct(">HI")  # topic length, key length
 
 
 def frame(record: OutRecord) -> bytes:
@@ -53,7 +53,7 @@ def parse_frame(data: bytes | memoryview, pos: int, end: int) -> tuple[OutRecord
     if key_end > length:
         return None
     try:
-        topic = payload[_HEADER.size:topic_end].decode()
+        topic = payload[_HEADER.size : topic_end].decode()
     except UnicodeDecodeError:
         return None
     return OutRecord(topic, payload[topic_end:key_end], payload[key_end:]), body_end
@@ -74,8 +74,8 @@ def read_frames(data: bytes, start: int = 0) -> tuple[list[tuple[int, OutRecord]
 class Scan:
     """What a segment holds between two offsets."""
 
-    records: list[tuple[int, OutRecord]] = field(default_factory=list)   # (end offset, record)
-    damaged: list[tuple[int, int]] = field(default_factory=list)      # [start, end) byte ranges
+    records: list[tuple[int, OutRecord]] = field(default_factory=list)  # (end offset, record)
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # [start, end) byte ranges
     end: int = 0
 
 
@@ -133,7 +133,7 @@ def is_torn_tail(data: bytes, pos: int) -> bool:
         return True
     length, _ = _FRAME.unpack_from(rest)
     if _FRAME.size + int(length) <= len(rest):
-        return False                    # a whole frame that fails its CRC: damage
+        return False  # a whole frame that fails its CRC: damage
     return next(resync_frames(data, pos + 1, len(data)), None) is None
 
 
@@ -151,7 +151,7 @@ def move_aside(seg: Path, folder: Path, report: bytes) -> Path:
     damaged file is never found without one); its cursor goes."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / seg.name
-    if target.exists():                 # an adopted folder's segment of the same name
+    if target.exists():  # an adopted folder's segment of the same name
         target = folder / f"{seg.stem}-{time.time_ns()}.log"
     target.with_suffix(".damage.json").write_bytes(report)
     seg.replace(target)

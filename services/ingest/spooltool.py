@@ -42,11 +42,20 @@ class Inspection:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "segment": str(self.path), "bytes": self.size, "report": self.report,
+            "segment": str(self.path),
+            "bytes": self.size,
+            "report": self.report,
             "good_frames": len(self.good),
             "damaged_ranges": [{"start": a, "end": b, "bytes": b - a} for a, b in self.damaged],
-            "recovered_frames": [{"offset": off, "topic": r.topic, "key": (r.key or b"").decode("utf-8", "replace"),
-                                  "value_bytes": len(r.value)} for off, r in self.recovered],
+            "recovered_frames": [
+                {
+                    "offset": off,
+                    "topic": r.topic,
+                    "key": (r.key or b"").decode("utf-8", "replace"),
+                    "value_bytes": len(r.value),
+                }
+                for off, r in self.recovered
+            ],
             "topics": dict(Counter(r.topic for _, r in self.good + self.recovered)),
         }
 
@@ -63,8 +72,9 @@ def inspect_segment(path: Path) -> Inspection:
 async def replay_segment(path: Path, *, bootstrap: str, dlq_topic: str, everything: bool = False) -> int:
     """Send the recovered frames (all good ones with ``everything``); returns how many."""
     found = inspect_segment(path)
-    records = [r for _, r in (sorted(found.good + found.recovered, key=lambda f: f[0]) if everything
-                              else found.recovered)]
+    records = [
+        r for _, r in (sorted(found.good + found.recovered, key=lambda f: f[0]) if everything else found.recovered)
+    ]
     if records:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
         await producer.start()

@@ -1,10 +1,10 @@
 """headwater-metrics: rollups from events.enriched and the KairosDB-compatible API.
 
-    headwater-metrics                          serve (consume + HTTP API)
-    headwater-metrics migrate                  create or migrate the Cassandra schema, then exit
-    headwater-metrics claim --from-group OLD   hand the keyspace's rollups over from consumer group
-                                               OLD (a renamed deployment) to the configured group,
-                                               with OLD's checkpoints; stop OLD's members first
+headwater-metrics                          serve (consume + HTTP API)
+headwater-metrics migrate                  create or migrate the Cassandra schema, then exit
+headwater-metrics claim --from-group OLD   hand the keyspace's rollups over from consumer group
+                                           OLD (a renamed deployment) to the configured group,
+                                           with OLD's checkpoints; stop OLD's members first
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ async def _claim(settings: Settings, old_group: str) -> int:
 
 @exit_on_config_error
 def _main() -> int:
-    parser = argparse.ArgumentParser(prog="headwater-metrics", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="headwater-metrics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "claim"])
     parser.add_argument("--from-group", help="with claim: the consumer group that owned the keyspace")
     args = parser.parse_args()
@@ -61,12 +62,19 @@ def _main() -> int:
         if not args.from_group:
             parser.error("claim needs --from-group")
         moved = asyncio.run(_claim(settings, args.from_group))
-        print(f"keyspace {settings.cassandra_keyspace}: {settings.consumer_group} owns the rollups now; "  # noqa: T201
-              f"{moved} partition checkpoints taken over from {args.from_group}")
+        print(  # noqa: T201
+            f"keyspace {settings.cassandra_keyspace}: {settings.consumer_group} owns the rollups now; "
+            f"{moved} partition checkpoints taken over from {args.from_group}"
+        )
         return 0
 
-    return run(lambda: build_service(settings), host=settings.http_host, port=settings.http_port,
-               drain_timeout_s=settings.shutdown_timeout_s, gc_young_threshold=settings.gc_young_threshold)
+    return run(
+        lambda: build_service(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        drain_timeout_s=settings.shutdown_timeout_s,
+        gc_young_threshold=settings.gc_young_threshold,
+    )
 
 
 def main() -> int:

@@ -31,8 +31,7 @@ from services.metrics.periods import UTC, Unit
 
 Point = tuple[int, Any]
 
-RANGE_AGGREGATORS = ("avg", "count", "dev", "first", "gaps", "last", "least_squares", "max", "min",
-                     "percentile", "sum")
+RANGE_AGGREGATORS = ("avg", "count", "dev", "first", "gaps", "last", "least_squares", "max", "min", "percentile", "sum")
 # Headwater extension for headwater.users.distinct: union the sketches of each sampling period.
 DISTINCT = "distinct"
 OTHER_AGGREGATORS = ("diff", "div", "filter", "rate", "sampler", "save_as", "scale", "sma", "trim")
@@ -86,6 +85,7 @@ def _numbers(points: Sequence[Point]) -> list[Point]:
 
 # --- range aggregators -------------------------------------------------------------------------
 
+
 def _range_origin(agg: Aggregator, window: Window) -> int:
     unit = agg.sampling.unit
     return unit.align(window.start_ms) if agg.align_sampling else window.start_ms
@@ -99,8 +99,7 @@ def _bounds(agg: Aggregator, origin: int, ms: int) -> tuple[int, int]:
     return unit.add(origin, n * size), unit.add(origin, (n + 1) * size)
 
 
-def periods(agg: Aggregator, points: Sequence[Point], window: Window
-            ) -> Iterator[tuple[int, int, int, list[Point]]]:
+def periods(agg: Aggregator, points: Sequence[Point], window: Window) -> Iterator[tuple[int, int, int, list[Point]]]:
     """(period start, period end, time to stamp, points) for each period that has points."""
     origin = _range_origin(agg, window)
     i = 0
@@ -227,13 +226,19 @@ def _gaps(agg: Aggregator, points: Sequence[Point], window: Window, now_ms: int)
         if not taken:
             out.append((start, None))
         if len(out) > window.max_points:
-            raise QueryError(f"gaps would answer more than {window.max_points} points; "
-                             "use a longer sampling or a shorter range")
+            raise QueryError(
+                f"gaps would answer more than {window.max_points} points; use a longer sampling or a shorter range"
+            )
     return out
 
 
-def range_aggregate(agg: Aggregator, points: Sequence[Point], window: Window, now_ms: int,
-                    union: Callable[[list[Any]], Any] | None = None) -> list[Point]:
+def range_aggregate(
+    agg: Aggregator,
+    points: Sequence[Point],
+    window: Window,
+    now_ms: int,
+    union: Callable[[list[Any]], Any] | None = None,
+) -> list[Point]:
     """Apply one range aggregator (``union`` combines the sketches of a period for distinct)."""
     if agg.name == "gaps":
         return _gaps(agg, points, window, now_ms)
@@ -250,17 +255,24 @@ def range_aggregate(agg: Aggregator, points: Sequence[Point], window: Window, no
 
 # --- the other aggregators ---------------------------------------------------------------------
 
+
 def _pairs(points: Sequence[Point], name: str) -> Iterator[tuple[Point, Point]]:
     for a, b in itertools.pairwise(points):
         if a[0] == b[0] and name in ("rate", "sampler"):
-            raise QueryError(f"The {name} aggregator cannot compute rate for data points with the same "
-                             f"time stamp.  You must precede {name} with another aggregator.")
+            raise QueryError(
+                f"The {name} aggregator cannot compute rate for data points with the same "
+                f"time stamp.  You must precede {name} with another aggregator."
+            )
         yield a, b
 
 
 _FILTERS: dict[str, Callable[[float, float], bool]] = {
-    "lte": lambda a, b: a <= b, "lt": lambda a, b: a < b, "gte": lambda a, b: a >= b,
-    "gt": lambda a, b: a > b, "equal": lambda a, b: a == b, "ne": lambda a, b: a != b,
+    "lte": lambda a, b: a <= b,
+    "lt": lambda a, b: a < b,
+    "gte": lambda a, b: a >= b,
+    "gt": lambda a, b: a > b,
+    "equal": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
 }
 
 
@@ -277,7 +289,7 @@ def _sma(size: int, points: Sequence[Point]) -> list[Point]:
     numbers = _numbers(points)
     out: list[Point] = []
     for i in range(size - 1, len(numbers)):
-        window = numbers[i - size + 1:i + 1]
+        window = numbers[i - size + 1 : i + 1]
         out.append((numbers[i][0], math.fsum(_num(v) for _, v in window) / len(window)))
     return out
 
@@ -291,8 +303,13 @@ def _trim(how: str | None, points: Sequence[Point]) -> list[Point]:
     return out
 
 
-def aggregate(agg: Aggregator, points: Sequence[Point], window: Window, now_ms: int,
-              union: Callable[[list[Any]], Any] | None = None) -> list[Point]:
+def aggregate(
+    agg: Aggregator,
+    points: Sequence[Point],
+    window: Window,
+    now_ms: int,
+    union: Callable[[list[Any]], Any] | None = None,
+) -> list[Point]:
     """Apply one aggregator of the chain (save_as passes points through; the caller stores them)."""
     if agg.is_range:
         return range_aggregate(agg, points, window, now_ms, union)

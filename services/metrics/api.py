@@ -29,6 +29,7 @@ from services.metrics.writes import MAX_BODY_BYTES, BodyTooLarge, WriteLimits, d
 
 log = structlog.get_logger(__name__)
 
+
 def _kairos_version() -> str:
     try:
         ours = importlib.metadata.version("headwater")
@@ -245,7 +246,8 @@ def _preflight(methods: list[str]) -> Handler:
         resp.headers["Access-Control-Allow-Origin"] = allowed
         resp.headers["Access-Control-Allow-Methods"] = ", ".join([*methods, "OPTIONS"])
         resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
-            "Access-Control-Request-Headers", "Authorization, Content-Type")
+            "Access-Control-Request-Headers", "Authorization, Content-Type"
+        )
         resp.headers["Access-Control-Max-Age"] = "86400"
         _vary(resp, allowed)
         return resp
@@ -276,8 +278,14 @@ async def _guarded(request: web.Request, handler: Handler, settings: Settings) -
         ok = _authenticated(request, settings)
         if not ok and (writes or settings.api_auth_reads):
             # Never the header itself: it may hold a password, right or nearly right.
-            log.warning("request refused", status=401, error="no valid credentials", method=request.method,
-                        path=request.path, remote=request.remote)
+            log.warning(
+                "request refused",
+                status=401,
+                error="no valid credentials",
+                method=request.method,
+                path=request.path,
+                remote=request.remote,
+            )
             return _unauthorized(["authentication required (HTTP Basic)"])
         request[CAN_WRITE] = ok
     try:
@@ -298,8 +306,9 @@ async def _guarded(request: web.Request, handler: Handler, settings: Settings) -
 def add_kairos_routes(app: web.Application, service: QueryService, client: CassandraClient) -> None:
     app[QUERY_SERVICE] = service
     app[CASSANDRA] = client
-    app[_WRITES] = frozenset((path, method) for path, methods in ROUTES.items()
-                             for method, (_, writes) in methods.items() if writes)
+    app[_WRITES] = frozenset(
+        (path, method) for path, methods in ROUTES.items() for method, (_, writes) in methods.items() if writes
+    )
     app.middlewares.append(kairos_middleware)
     for path, methods in ROUTES.items():
         for method, (handler, _) in methods.items():

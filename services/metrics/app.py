@@ -31,8 +31,9 @@ log = structlog.get_logger(__name__)
 
 
 def cassandra_client(settings: Settings) -> CassandraClient:
-    return CassandraClient(settings.cassandra_hosts, settings.cassandra_port,
-                           request_timeout_s=settings.cassandra_timeout_s)
+    return CassandraClient(
+        settings.cassandra_hosts, settings.cassandra_port, request_timeout_s=settings.cassandra_timeout_s
+    )
 
 
 async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
@@ -40,8 +41,10 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
     try:
         await asyncio.wait_for(producer.stop(), timeout_s)
     except TimeoutError:
-        log.warning("side producer did not stop in time; records not yet acknowledged are dropped "
-                    "(no checkpoint passed them)", timeout_s=timeout_s)
+        log.warning(
+            "side producer did not stop in time; records not yet acknowledged are dropped (no checkpoint passed them)",
+            timeout_s=timeout_s,
+        )
 
 
 class RollupParts(Component):
@@ -49,8 +52,14 @@ class RollupParts(Component):
     started, not when the service is built: an aiokafka client made and never started
     warns when it is collected, as it was when Cassandra refused the start."""
 
-    def __init__(self, settings: Settings, store: Store, sources: SourceRegistry, metrics: MetricsMetrics,
-                 sink: KairosSink | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sources: SourceRegistry,
+        metrics: MetricsMetrics,
+        sink: KairosSink | None,
+    ) -> None:
         super().__init__("side producer")
         self.settings, self.store, self.sources, self.metrics, self.sink = settings, store, sources, metrics, sink
         self._consumer: RollupConsumer | None = None
@@ -64,12 +73,14 @@ class RollupParts(Component):
 
     async def _start(self) -> None:
         s = self.settings
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all",
-                                    enable_idempotence=True, client_id="headwater-metrics-side")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True, client_id="headwater-metrics-side"
+        )
         await producer.start()
         self._producer = producer
-        self._consumer = RollupConsumer(s, self.store, self.sources, producer, self.metrics,
-                                        on_flush=self.sink.enqueue if self.sink else None)
+        self._consumer = RollupConsumer(
+            s, self.store, self.sources, producer, self.metrics, on_flush=self.sink.enqueue if self.sink else None
+        )
 
     async def _stop(self) -> None:
         producer, self._producer = self._producer, None
@@ -101,15 +112,27 @@ def build_service(settings: Settings, *, consume: bool = True, registry: Collect
         if consume:
             # One rollup writer per keyspace: a second group or topic would mix its partitions' rows.
             await store.claim(settings.consumer_group, settings.enriched_topic)
-            await topics.ensure(settings.kafka_bootstrap, [
-                topics.LATE.spec(settings.late_topic, settings.late_topic_partitions,
-                                 retention_ms=settings.late_topic_retention_ms),
-                topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions),
-            ])
+            await topics.ensure(
+                settings.kafka_bootstrap,
+                [
+                    topics.LATE.spec(
+                        settings.late_topic,
+                        settings.late_topic_partitions,
+                        retention_ms=settings.late_topic_retention_ms,
+                    ),
+                    topics.DLQ.spec(settings.dlq_topic, settings.dlq_partitions),
+                ],
+            )
 
     service.hooks("schema", prepare)
-    if not consume:
-        return service
+    if consume:
+        _add_rollups(service, settings, store, metrics, health)
+    return service
+
+
+def _add_rollups(service: Service, settings: Settings, store: Store, metrics: MetricsMetrics, health: Health) -> None:
+    """The source registry, the optional KairosDB sink, the side producer and the rollup
+    consumer's loop, with their readiness checks."""
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     service.resource("sources", sources.running)
     sink = KairosSink(settings, metrics) if settings.kairosdb_url else None
@@ -118,8 +141,12 @@ def build_service(settings: Settings, *, consume: bool = True, registry: Collect
     parts = service.add(RollupParts(settings, store, sources, metrics, sink))
     # The loop only ends on its own for a bug or a non-retriable error: the service
     # then stops with a failure, so its supervisor starts it again.
-    rollups = service.loop("rollup consumer", lambda: parts.consumer.run(), lambda: parts.consumer.stop(),
-                           drain_timeout_s=settings.shutdown_timeout_s)
+    rollups = service.loop(
+        "rollup consumer",
+        lambda: parts.consumer.run(),
+        lambda: parts.consumer.stop(),
+        drain_timeout_s=settings.shutdown_timeout_s,
+    )
 
     async def consumer_alive() -> tuple[bool, str]:
         if not rollups.running:
@@ -136,11 +163,11 @@ def build_service(settings: Settings, *, consume: bool = True, registry: Collect
     health.add_check("kafka", kafka_ok)
     health.add_check("sources", sources_ok)
     health.add_check("consumer", consumer_alive)
-    return service
 
 
-async def build_app(settings: Settings, *, consume: bool = True,
-                    registry: CollectorRegistry | None = None) -> web.Application:
+async def build_app(
+    settings: Settings, *, consume: bool = True, registry: CollectorRegistry | None = None
+) -> web.Application:
     """The service started, as an application whose cleanup stops it (tests, benchmarks)."""
     service = build_service(settings, consume=consume, registry=registry)
     await service.start()

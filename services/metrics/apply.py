@@ -28,9 +28,18 @@ from services.metrics.store import Store
 class Applier:
     """Applies the batches the consumer fetches; one per RollupConsumer, called under its lock."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, store: Store, sources: SourceRegistry, side: SideSender,
-                 series: SeriesIndex, metrics: MetricsMetrics, rule: AgeRule, storage: StorageCall,
-                 cached_rows: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        store: Store,
+        sources: SourceRegistry,
+        side: SideSender,
+        series: SeriesIndex,
+        metrics: MetricsMetrics,
+        rule: AgeRule,
+        storage: StorageCall,
+        cached_rows: Callable[[], int],
+    ) -> None:
         self.consumer = consumer
         self.store = store
         self.sources = sources
@@ -52,8 +61,9 @@ class Applier:
             self.side.late(late.record, late.event, late.reason, late.error, late.extra)
         missing = state.cache.missing(batch.keys())
         if missing:
-            rows = await self.storage(functools.partial(self.store.load_rows, state.kpart, missing),
-                                       "read rows back", None)
+            rows = await self.storage(
+                functools.partial(self.store.load_rows, state.kpart, missing), "read rows back", None
+            )
             state.cache.fill(missing, rows)
         self._apply(state, batch)
 

@@ -120,9 +120,15 @@ class _HostWatch(HostStateListener):  # type: ignore[misc]
 class RollupConsumer:
     """Consumes events.enriched and keeps the rollup tables equal to it."""
 
-    def __init__(self, settings: Settings, store: Store, sources: SourceRegistry,
-                 producer: AIOKafkaProducer, metrics: MetricsMetrics,
-                 on_flush: Callable[[list[FlushedRow]], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sources: SourceRegistry,
+        producer: AIOKafkaProducer,
+        metrics: MetricsMetrics,
+        on_flush: Callable[[list[FlushedRow]], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.sources = sources
@@ -138,18 +144,31 @@ class RollupConsumer:
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.series = SeriesIndex()
-        self.flusher = Flusher(settings, store, self.side, self.series, metrics, self._storage,
-                               lambda: self.status is ConsumerStatus.RUNNING, on_flush)
+        self.flusher = Flusher(
+            settings,
+            store,
+            self.side,
+            self.series,
+            metrics,
+            self._storage,
+            lambda: self.status is ConsumerStatus.RUNNING,
+            on_flush,
+        )
         self.inflight = InFlight(self.flusher, self._flush_failed)
         self._stop = asyncio.Event()
         self._last_flush = time.monotonic()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, group_id=self.group,
-            enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
-            max_poll_records=settings.max_poll_records, client_id=f"{SERVICE}-consumer",
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=settings.max_poll_records,
+            client_id=f"{SERVICE}-consumer",
         )
-        self.applier = Applier(self.consumer, store, sources, self.side, self.series, metrics, self.rule,
-                               self._storage, self._cached_rows)
+        self.applier = Applier(
+            self.consumer, store, sources, self.side, self.series, metrics, self.rule, self._storage, self._cached_rows
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -168,8 +187,11 @@ class RollupConsumer:
 
     def problems(self) -> list[str]:
         """What /readyz reports: halted partitions, a broken consumer."""
-        out = [f"partition {s.kpart}: checkpoint ahead of the topic's end (halted)"
-               for s in self.states.values() if s.status is PartitionStatus.HALTED]
+        out = [
+            f"partition {s.kpart}: checkpoint ahead of the topic's end (halted)"
+            for s in self.states.values()
+            if s.status is PartitionStatus.HALTED
+        ]
         if self.status is ConsumerStatus.BROKEN:
             out.append("the consumer failed half-way and stops for a restart")
         return out
@@ -203,8 +225,9 @@ class RollupConsumer:
         self._raise_if_broken()
         if self.status is ConsumerStatus.RESYNC:
             await self._resync_states()
-        batch = await self.consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
-                                            max_records=self.settings.max_poll_records)
+        batch = await self.consumer.getmany(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
+        )
         # aiokafka logs and swallows errors of the rebalance callbacks run in getmany.
         self._raise_if_broken()
         async with self._lock, self._breaks_on_error():
@@ -227,9 +250,11 @@ class RollupConsumer:
         return await self.inflight.settle(list(self.states.values()), timeout_s)
 
     def _flush_due(self) -> bool:
-        return (time.monotonic() - self._last_flush >= self.settings.flush_interval_s
-                or self._dirty_rows() >= self.settings.max_dirty_rows
-                or self._cached_rows() > self.settings.max_cached_rows)
+        return (
+            time.monotonic() - self._last_flush >= self.settings.flush_interval_s
+            or self._dirty_rows() >= self.settings.max_dirty_rows
+            or self._cached_rows() > self.settings.max_cached_rows
+        )
 
     def _flush_failed(self, exc: BaseException) -> None:
         log.error("rollup flush failed; the consumer stops", error=repr(exc))
@@ -246,14 +271,17 @@ class RollupConsumer:
     def _raise_if_broken(self) -> None:
         # An error, not a return: the task's done-callback then stops the service for a restart.
         if self.status is ConsumerStatus.BROKEN:
-            raise ConsumerBroken("the rollup consumer failed half-way (see the errors logged before); "
-                                 "restart to resume from the Cassandra checkpoints")
+            raise ConsumerBroken(
+                "the rollup consumer failed half-way (see the errors logged before); "
+                "restart to resume from the Cassandra checkpoints"
+            )
 
     async def _resync_states(self) -> None:
         async with self._lock:
             assigned = [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
-            log.warning("Cassandra failed or restarted; resuming every partition from its checkpoint",
-                        partitions=len(assigned))
+            log.warning(
+                "Cassandra failed or restarted; resuming every partition from its checkpoint", partitions=len(assigned)
+            )
             await self.inflight.drop()
             self.states.clear()
             self.status = ConsumerStatus.RUNNING
@@ -261,6 +289,7 @@ class RollupConsumer:
 
     async def _storage(self, call: Callable[[], Awaitable[T]], what: str, deadline_s: float | None) -> T:
         """A Cassandra call, retried; any failure means memory may no longer match the store."""
+
         def failed(_: BaseException) -> None:
             self.metrics.flush_errors.inc()
             self._mark_resync()
@@ -284,28 +313,39 @@ class RollupConsumer:
         for tp in assigned:
             if tp.topic != self.topic:
                 continue
-            checkpoint = await self._storage(functools.partial(
-                self.store.load_checkpoint, self.group, tp.topic, tp.partition), "load checkpoint", deadline_s)
-            horizons = await self._storage(functools.partial(
-                self.store.load_horizons, self.group, tp.topic, tp.partition), "load horizons", deadline_s)
+            checkpoint = await self._storage(
+                functools.partial(self.store.load_checkpoint, self.group, tp.topic, tp.partition),
+                "load checkpoint",
+                deadline_s,
+            )
+            horizons = await self._storage(
+                functools.partial(self.store.load_horizons, self.group, tp.topic, tp.partition),
+                "load horizons",
+                deadline_s,
+            )
             # No checkpoint and no horizon: nothing was ever written. A checkpoint without
             # a horizon for a resolution: be safe and read every row of it.
             unknown = -1 if checkpoint is None else ALWAYS_READ
             cache = RowCache({res: horizons.get(res, unknown) for res in RESOLUTIONS}, self.settings.hll_lg_k)
-            state = await resume_position(self.consumer, tp, checkpoint, cache, self.settings.on_checkpoint_ahead,
-                                          self.metrics, deadline_s)
+            state = await resume_position(
+                self.consumer, tp, checkpoint, cache, self.settings.on_checkpoint_ahead, self.metrics, deadline_s
+            )
             self.states[tp.partition] = state
-            log.info("partition resumed", **{"kafka.topic": tp.topic, "kafka.partition": tp.partition,
-                                             "kafka.offset": state.next_offset},
-                     base=state.base, watermark_ms=state.watermark_ms, status=state.status.value)
-        self.metrics.halted_partitions.set(
-            sum(1 for s in self.states.values() if s.status is PartitionStatus.HALTED))
+            log.info(
+                "partition resumed",
+                **{"kafka.topic": tp.topic, "kafka.partition": tp.partition, "kafka.offset": state.next_offset},
+                base=state.base,
+                watermark_ms=state.watermark_ms,
+                status=state.status.value,
+            )
+        self.metrics.halted_partitions.set(sum(1 for s in self.states.values() if s.status is PartitionStatus.HALTED))
 
     async def release(self, revoked: list[TopicPartition]) -> None:
         """Flush the partitions another member takes over, then forget them."""
         async with self._lock:
-            states = [self.states[tp.partition] for tp in revoked
-                      if tp.topic == self.topic and tp.partition in self.states]
+            states = [
+                self.states[tp.partition] for tp in revoked if tp.topic == self.topic and tp.partition in self.states
+            ]
             if not states:
                 return
             async with self._breaks_on_error():
@@ -324,8 +364,7 @@ class RollupConsumer:
     def _dirty_rows(self) -> int:
         return sum(s.cache.dirty_count() for s in self.states.values())
 
-    async def flush(self, states: list[PartitionState], deadline_s: float | None = None
-                    ) -> dict[TopicPartition, int]:
+    async def flush(self, states: list[PartitionState], deadline_s: float | None = None) -> dict[TopicPartition, int]:
         """Make Cassandra hold what ``states`` applied (flush.py); returns the offsets to commit."""
         return await self.flusher.flush(states, list(self.states.values()), deadline_s)
 
@@ -336,5 +375,6 @@ class RollupConsumer:
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
-            log.warning("kafka offset commit failed; the checkpoint in Cassandra stands",
-                        error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "kafka offset commit failed; the checkpoint in Cassandra stands", error=f"{type(exc).__name__}: {exc}"
+            )

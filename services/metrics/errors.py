@@ -28,8 +28,9 @@ class RangeTooLarge(QueryError):
     """A query's time range spans more Cassandra partitions than the query_max_buckets setting allows."""
 
     def __init__(self, buckets: int, limit: int) -> None:
-        super().__init__(f"the time range spans {buckets} storage buckets, more than the {limit} allowed; "
-                         "narrow the time range")
+        super().__init__(
+            f"the time range spans {buckets} storage buckets, more than the {limit} allowed; narrow the time range"
+        )
 
 
 class ConsumerBroken(MetricsError):

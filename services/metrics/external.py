@@ -63,20 +63,19 @@ class ExternalStore:
             "put": f"INSERT INTO {ks}.external_datapoints ({cols}) VALUES (?, ?, ?, ?, ?, ?)",
             "put_ttl": f"INSERT INTO {ks}.external_datapoints ({cols}) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
             "get_asc": f"SELECT ts, tags, value, is_long FROM {ks}.external_datapoints "
-                       "WHERE metric = ? AND bucket = ? AND ts >= ? AND ts <= ?",
+            "WHERE metric = ? AND bucket = ? AND ts >= ? AND ts <= ?",
             "get_desc": f"SELECT ts, tags, value, is_long FROM {ks}.external_datapoints "
-                        "WHERE metric = ? AND bucket = ? AND ts >= ? AND ts <= ? ORDER BY ts DESC",
+            "WHERE metric = ? AND bucket = ? AND ts >= ? AND ts <= ? ORDER BY ts DESC",
             "del_range": f"DELETE FROM {ks}.external_datapoints WHERE metric = ? AND bucket = ? "
-                         "AND ts >= ? AND ts <= ?",
+            "AND ts >= ? AND ts <= ?",
             "del_point": f"DELETE FROM {ks}.external_datapoints WHERE metric = ? AND bucket = ? "
-                         "AND ts = ? AND tags = ?",
+            "AND ts = ? AND tags = ?",
             "del_bucket": f"DELETE FROM {ks}.external_datapoints WHERE metric = ? AND bucket = ?",
             "metric_put": f"INSERT INTO {ks}.external_metrics (k, metric) VALUES (0, ?)",
             "metric_del": f"DELETE FROM {ks}.external_metrics WHERE k = 0 AND metric = ?",
             "metrics": f"SELECT metric FROM {ks}.external_metrics WHERE k = 0",
             "bucket_put": f"INSERT INTO {ks}.external_buckets (metric, bucket) VALUES (?, ?)",
-            "buckets": f"SELECT bucket FROM {ks}.external_buckets WHERE metric = ? AND bucket >= ? "
-                       "AND bucket <= ?",
+            "buckets": f"SELECT bucket FROM {ks}.external_buckets WHERE metric = ? AND bucket >= ? AND bucket <= ?",
             "buckets_all": f"SELECT bucket FROM {ks}.external_buckets WHERE metric = ?",
             "buckets_del": f"DELETE FROM {ks}.external_buckets WHERE metric = ?",
             "series_put": f"INSERT INTO {ks}.external_series (metric, tags) VALUES (?, ?)",
@@ -109,6 +108,7 @@ class ExternalStore:
 
     async def write(self, points: Sequence[ExternalRow]) -> None:
         """Store the points, then index their metric names, days and tag sets."""
+
         def statements() -> Iterator[tuple[str, tuple[Any, ...]]]:
             for metric, ts, tags, value, is_long, ttl in points:
                 params: tuple[Any, ...] = (metric, ts // EXTERNAL_BUCKET_MS, ts, tags, value, is_long)
@@ -130,6 +130,7 @@ class ExternalStore:
         session = self.client.session
         state: bytes | None = None
         while True:
+
             def page(paging_state: bytes | None = state) -> tuple[list[Any], bytes | None]:
                 rs = session.execute(bound, timeout=self.timeout, paging_state=paging_state)
                 return list(rs.current_rows), rs.paging_state
@@ -150,9 +151,18 @@ class ExternalStore:
             raise RangeTooLarge(last - first + 1, self.max_buckets)
         return sorted(int(r.bucket) for r in await self._all("buckets", (metric, first, last)))
 
-    async def read(self, metric: str, start_ms: int, end_ms: int, *, max_rows: int,
-                   keep: Callable[[str], bool] = lambda _: True, limit: int | None = None,
-                   descending: bool = False, done: Callable[[], bool] | None = None) -> list[ExternalPoint]:
+    async def read(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        max_rows: int,
+        keep: Callable[[str], bool] = lambda _: True,
+        limit: int | None = None,
+        descending: bool = False,
+        done: Callable[[], bool] | None = None,
+    ) -> list[ExternalPoint]:
         """Points of ``metric`` in [start_ms, end_ms] whose tags ``keep`` accepts, in time order
         (newest first when ``descending``), at most ``limit`` of them; the read also ends as
         soon as ``done()`` says the caller has all it needs."""
@@ -192,8 +202,9 @@ class ExternalStore:
 
     # --- deletes -----------------------------------------------------------------------------
 
-    async def delete(self, metric: str, start_ms: int, end_ms: int, keep: Callable[[str], bool] | None,
-                     max_rows: int) -> int | None:
+    async def delete(
+        self, metric: str, start_ms: int, end_ms: int, keep: Callable[[str], bool] | None, max_rows: int
+    ) -> int | None:
         """Delete the points in a range (those whose tags ``keep`` accepts when given).
 
         Without a tag filter each day is one range delete; with one the matching points are

@@ -56,9 +56,17 @@ class Flusher:
     only rows whose values are in Cassandra are ever evicted.
     """
 
-    def __init__(self, settings: Settings, store: Store, side: SideSender, series: SeriesIndex,
-                 metrics: MetricsMetrics, storage: StorageCall, running: Callable[[], bool],
-                 on_flush: Callable[[list[FlushedRow]], None] | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        side: SideSender,
+        series: SeriesIndex,
+        metrics: MetricsMetrics,
+        storage: StorageCall,
+        running: Callable[[], bool],
+        on_flush: Callable[[list[FlushedRow]], None] | None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.side = side
@@ -71,8 +79,9 @@ class Flusher:
         self.topic = settings.enriched_topic
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
 
-    async def flush(self, states: list[PartitionState], owned: list[PartitionState],
-                    deadline_s: float | None) -> dict[TopicPartition, int]:
+    async def flush(
+        self, states: list[PartitionState], owned: list[PartitionState], deadline_s: float | None
+    ) -> dict[TopicPartition, int]:
         """Make Cassandra hold what ``states`` applied; returns the Kafka offsets to commit then.
 
         1. Take nothing unless the consumer is running (during a resync memory may be ahead of
@@ -107,9 +116,13 @@ class Flusher:
                 writes.append((state.kpart, key, row.frozen(upto), upto))
                 row.upto = upto
                 row.dirty = False
-        raised = [(state, res, window) for state in states
-                  for res, window in state.cache.newest_windows(k for kpart, k, _, _ in writes
-                                                                if kpart == state.kpart).items()]
+        raised = [
+            (state, res, window)
+            for state in states
+            for res, window in state.cache.newest_windows(
+                k for kpart, k, _, _ in writes if kpart == state.kpart
+            ).items()
+        ]
         for state, res, window in raised:
             # Raised in memory now: a horizon ahead of Cassandra only makes reads happen.
             state.cache.horizon[res] = window
@@ -119,16 +132,34 @@ class Flusher:
         """Steps 2 to 6."""
         await self.side.settle()  # 2
         await self.series.write(functools.partial(self._note, deadline_s), self.settings.write_concurrency)  # 3
-        await bounded_gather((self.storage(functools.partial(self.store.save_horizon, self.group, self.topic,  # 4
-                                                             state.kpart, res, window), "save horizon", deadline_s)
-                              for state, res, window in snap.raised), self.settings.write_concurrency)
+        await bounded_gather(
+            (
+                self.storage(
+                    functools.partial(
+                        self.store.save_horizon,
+                        self.group,
+                        self.topic,  # 4
+                        state.kpart,
+                        res,
+                        window,
+                    ),
+                    "save horizon",
+                    deadline_s,
+                )
+                for state, res, window in snap.raised
+            ),
+            self.settings.write_concurrency,
+        )
         if snap.writes:  # 5
             await self.storage(functools.partial(self.store.write_rows, snap.writes), "write rows", deadline_s)
         if not self.running():  # 6
             return
         for state, checkpoint in snap.checkpoints:
-            await self.storage(functools.partial(self.store.save_checkpoint, self.group, self.topic,
-                                                 state.kpart, checkpoint), "save checkpoint", deadline_s)
+            await self.storage(
+                functools.partial(self.store.save_checkpoint, self.group, self.topic, state.kpart, checkpoint),
+                "save checkpoint",
+                deadline_s,
+            )
             state.saved = checkpoint
             snap.offsets[TopicPartition(self.topic, state.kpart)] = checkpoint.next_offset
 
@@ -148,8 +179,9 @@ class Flusher:
         return snap.offsets
 
     async def _note(self, deadline_s: float | None, source: str, etype: str, name: str, props: set[str]) -> None:
-        await self.storage(functools.partial(self.store.note_series, source, etype, name, props),
-                           "note series", deadline_s)
+        await self.storage(
+            functools.partial(self.store.note_series, source, etype, name, props), "note series", deadline_s
+        )
 
     def _evict(self, states: list[PartitionState], owned: list[PartitionState]) -> None:
         """Drop closed windows (the lateness setting), then the least recently used."""

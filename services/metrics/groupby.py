@@ -53,8 +53,12 @@ class TimeGroupBy:
         return _jdiv(point[0] - start_ms, size * self.value) % self.group_count
 
     def json(self, group_id: int) -> dict[str, Any]:
-        return {"name": "time", "range_size": {"value": self.value, "unit": self.unit.upper()},
-                "group_count": self.group_count, "group": {"group_number": group_id}}
+        return {
+            "name": "time",
+            "range_size": {"value": self.value, "unit": self.unit.upper()},
+            "group_count": self.group_count,
+            "group": {"group_number": group_id},
+        }
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,9 @@ def tag_entry(group_by: TagGroupBy, group: dict[str, str]) -> dict[str, Any]:
 TYPE_ENTRY: dict[str, Any] = {"name": "type", "type": "number"}
 
 
-def split(groupers: list[PointGrouper], start_ms: int, points: list[Point]
-          ) -> list[tuple[list[dict[str, Any]], list[Point]]]:
+def split(
+    groupers: list[PointGrouper], start_ms: int, points: list[Point]
+) -> list[tuple[list[dict[str, Any]], list[Point]]]:
     """A tag group's points split by the time/value/bin groupers: (group_by entries, points)."""
     if not groupers:
         return [([], points)]

@@ -102,8 +102,10 @@ def pick_resolution(metric: MetricQuery, start_ms: int, now_ms: int, retention_s
 
 # --- answers -----------------------------------------------------------------------------------
 
-def result(metric: MetricQuery, group_by: list[dict[str, Any]], tags: dict[str, set[str]],
-           values: list[list[Any]]) -> dict[str, Any]:
+
+def result(
+    metric: MetricQuery, group_by: list[dict[str, Any]], tags: dict[str, set[str]], values: list[list[Any]]
+) -> dict[str, Any]:
     """One entry of a KairosDB "results" list."""
     out: dict[str, Any] = {"name": metric.name}
     if metric.alias is not None:
@@ -120,8 +122,7 @@ def matches(tags: dict[str, str], wanted: dict[str, tuple[str, ...]]) -> bool:
     return all(tags.get(k) in values for k, values in wanted.items())
 
 
-def tag_matcher(wanted: dict[str, tuple[str, ...]], parse: Callable[[str], dict[str, str]]
-                ) -> Callable[[str], bool]:
+def tag_matcher(wanted: dict[str, tuple[str, ...]], parse: Callable[[str], dict[str, str]]) -> Callable[[str], bool]:
     """A filter over stored tag texts that parses each distinct text once."""
     seen: dict[str, bool] = {}
 

@@ -23,14 +23,20 @@ _PROPS: dict[str, set[str]] = {
     **{name: _RANGE_PROPS for name in (*RANGE_AGGREGATORS, DISTINCT)},
     "dev": _RANGE_PROPS | {"return_type", "dev_count"},
     "percentile": _RANGE_PROPS | {"percentile"},
-    "diff": set(), "div": {"divisor"}, "filter": {"filter_op", "threshold"},
-    "rate": {"sampling", "unit", "time_zone"}, "sampler": {"unit", "time_zone"},
-    "save_as": {"metric_name", "tags", "ttl", "add_saved_from"}, "scale": {"factor"},
-    "sma": {"size"}, "trim": {"trim"},
+    "diff": set(),
+    "div": {"divisor"},
+    "filter": {"filter_op", "threshold"},
+    "rate": {"sampling", "unit", "time_zone"},
+    "sampler": {"unit", "time_zone"},
+    "save_as": {"metric_name", "tags", "ttl", "add_saved_from"},
+    "scale": {"factor"},
+    "sma": {"size"},
+    "trim": {"trim"},
 }
 
 
 # --- small parsers -----------------------------------------------------------------------------
+
 
 def _whole(value: Any, where: str, minimum: int = 1) -> int:
     if isinstance(value, str) and value.strip().isdecimal():
@@ -93,8 +99,12 @@ def time_zone(value: Any, where: str = "time_zone") -> ZoneInfo:
 
 
 def _absolute(value: Any, where: str) -> int:
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or not 0 <= value <= MAX_TIME_MS):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_TIME_MS
+    ):
         raise QueryError(f"{where} must be a time in milliseconds since the epoch")
     return int(value)
 
@@ -125,6 +135,7 @@ def _tags(value: Any, where: str) -> dict[str, tuple[str, ...]]:
 
 # --- aggregators -------------------------------------------------------------------------------
 
+
 def _choice(value: Any, where: str, options: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in options:
         raise QueryError(f"{where} must be one of {', '.join(options)}")
@@ -135,8 +146,9 @@ def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[
     """The aggregator's own properties, validated as KairosDB validates them."""
     out: dict[str, Any] = {}
     if name == "dev":
-        out["return_type"] = _choice(spec.get("return_type", "value"), f"{where}.return_type",
-                                     ("value", "pos_sd", "neg_sd"))
+        out["return_type"] = _choice(
+            spec.get("return_type", "value"), f"{where}.return_type", ("value", "pos_sd", "neg_sd")
+        )
         out["dev_count"] = _whole(spec.get("dev_count", 1), f"{where}.dev_count", 0)
     elif name == "percentile":
         if "percentile" not in spec:
@@ -151,8 +163,9 @@ def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[
     elif name == "scale":
         out["factor"] = _number(spec.get("factor", 0), f"{where}.factor")
     elif name == "filter":
-        out["filter_op"] = _choice(spec.get("filter_op"), f"{where}.filter_op",
-                                   ("lte", "lt", "gte", "gt", "equal", "ne"))
+        out["filter_op"] = _choice(
+            spec.get("filter_op"), f"{where}.filter_op", ("lte", "lt", "gte", "gt", "equal", "ne")
+        )
         threshold = spec.get("threshold", 0.0)
         out["threshold"] = threshold if isinstance(threshold, str) else _number(threshold, f"{where}.threshold")
     elif name == "sma":
@@ -175,11 +188,16 @@ def _options(name: str, spec: dict[str, Any], where: str, tz: ZoneInfo) -> dict[
         if metric_name in ROLLUP_METRICS:
             raise QueryError(f"{where}.metric_name: {metric_name} is written by the service itself")
         tags = spec.get("tags") or {}
-        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
-                                                 for k, v in tags.items()):
+        if not isinstance(tags, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in tags.items()
+        ):
             raise QueryError(f"{where}.tags must be an object of non-empty strings")
-        out.update(metric_name=metric_name, tags=tags, ttl=_whole(spec.get("ttl", 0), f"{where}.ttl", 0),
-                   add_saved_from=_flag(spec.get("add_saved_from", True), f"{where}.add_saved_from"))
+        out.update(
+            metric_name=metric_name,
+            tags=tags,
+            ttl=_whole(spec.get("ttl", 0), f"{where}.ttl", 0),
+            add_saved_from=_flag(spec.get("add_saved_from", True), f"{where}.add_saved_from"),
+        )
     return out
 
 
@@ -189,12 +207,14 @@ def parse_aggregator(spec: Any, where: str, tz: ZoneInfo) -> Aggregator:
     # Names are case-sensitive in KairosDB ("SUM" is refused); units are not.
     name = spec["name"]
     if name not in AGGREGATORS:
-        raise QueryError(f"{where}: {spec['name']!r} is an invalid aggregator name; use one of "
-                         f"{', '.join(AGGREGATORS)}")
+        raise QueryError(
+            f"{where}: {spec['name']!r} is an invalid aggregator name; use one of {', '.join(AGGREGATORS)}"
+        )
     unknown = sorted(set(spec) - {"name"} - _PROPS[name])
     if unknown:
-        raise QueryError(f"{where}: property {unknown[0]!r} was specified for aggregator {name!r}, "
-                         "which has no such property")
+        raise QueryError(
+            f"{where}: property {unknown[0]!r} was specified for aggregator {name!r}, which has no such property"
+        )
     options = _options(name, spec, where, tz)
     if name not in RANGE_AGGREGATORS and name != DISTINCT:
         return Aggregator(name, options=options)
@@ -203,25 +223,29 @@ def parse_aggregator(spec: Any, where: str, tz: ZoneInfo) -> Aggregator:
     if spec.get("sampling") is not None:
         value, unit = _duration(spec["sampling"], f"{where}.sampling")
         sampling = Sampling(value, Unit(unit, zone))
-    flags = {flag: _flag(spec[flag], f"{where}.{flag}") for flag in
-             ("align_sampling", "align_start_time", "align_end_time", "trim") if spec.get(flag) is not None}
+    flags = {
+        flag: _flag(spec[flag], f"{where}.{flag}")
+        for flag in ("align_sampling", "align_start_time", "align_end_time", "trim")
+        if spec.get(flag) is not None
+    }
     return Aggregator(name, sampling, spec.get("sampling") is not None, options=options, **flags)
 
 
 # --- group_by ----------------------------------------------------------------------------------
 
+
 def _grouper(spec: Any, where: str) -> TagGroupBy | PointGrouper:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise QueryError(f"{where} must have a name")
     name = spec["name"]
-    known = {"tag": {"tags"}, "time": {"range_size", "group_count"}, "value": {"range_size"},
-             "bin": {"bins"}}
+    known = {"tag": {"tags"}, "time": {"range_size", "group_count"}, "value": {"range_size"}, "bin": {"bins"}}
     if name not in known:
         raise QueryError(f"{where}: {spec['name']!r} is an invalid group_by name; use tag, time, value or bin")
     unknown = sorted(set(spec) - {"name"} - known[name])
     if unknown:
-        raise QueryError(f"{where}: property {unknown[0]!r} was specified for group_by {name!r}, "
-                         "which has no such property")
+        raise QueryError(
+            f"{where}: property {unknown[0]!r} was specified for group_by {name!r}, which has no such property"
+        )
     if name == "tag":
         tags = spec.get("tags")
         if not isinstance(tags, list) or not tags or not all(isinstance(t, str) for t in tags):
@@ -244,6 +268,7 @@ def _grouper(spec: Any, where: str) -> TagGroupBy | PointGrouper:
 
 # --- the query ---------------------------------------------------------------------------------
 
+
 def _metric(spec: Any, where: str, tz: ZoneInfo) -> MetricQuery:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise QueryError(f"{where}.name may not be empty")
@@ -262,8 +287,9 @@ def _metric(spec: Any, where: str, tz: ZoneInfo) -> MetricQuery:
         if agg.name == DISTINCT and (j != 0 or spec["name"] != USERS_METRIC):
             raise QueryError(f"{where}.aggregators[{j}]: 'distinct' must come first and only on {USERS_METRIC}")
     if aggs and aggs[0].name == DISTINCT and any(not isinstance(g, TimeGroupBy) for g in others):
-        raise QueryError(f"{where}: group_by value or bin cannot split sketches; put an aggregator "
-                         "other than 'distinct' first")
+        raise QueryError(
+            f"{where}: group_by value or bin cannot split sketches; put an aggregator other than 'distinct' first"
+        )
     limit = spec.get("limit")
     if limit is not None:
         limit = _whole(limit, f"{where}.limit", 0) or None
@@ -275,9 +301,17 @@ def _metric(spec: Any, where: str, tz: ZoneInfo) -> MetricQuery:
         raise QueryError(f"{where}.alias must be a string")
     if spec.get("plugins"):
         raise QueryError(f"{where}.plugins: query plugins are not supported")
-    return MetricQuery(spec["name"], _tags(spec.get("tags"), f"{where}.tags"), aggs, tag_group, others,
-                       limit, order.lower(), _flag(spec.get("exclude_tags", False), f"{where}.exclude_tags"),
-                       alias)
+    return MetricQuery(
+        spec["name"],
+        _tags(spec.get("tags"), f"{where}.tags"),
+        aggs,
+        tag_group,
+        others,
+        limit,
+        order.lower(),
+        _flag(spec.get("exclude_tags", False), f"{where}.exclude_tags"),
+        alias,
+    )
 
 
 def parse_query(body: Any, now_ms: int) -> Query:

@@ -131,19 +131,34 @@ def plan(state: PartitionState, records: list[Any], rule: AgeRule) -> BatchPlan:
 def _late(record: Any, event: Event, kept: tuple[str, ...], rule: AgeRule) -> Late:
     age = event.received_ms - event.time_ms
     if not kept:
-        return Late(record, event, "max_event_age",
-                    f"the event is {age} ms older than its receipt, more than the maximum event age of "
-                    f"{rule.max_event_age_ms} ms; it is in no window", {"age_ms": age})
+        return Late(
+            record,
+            event,
+            "max_event_age",
+            f"the event is {age} ms older than its receipt, more than the maximum event age of "
+            f"{rule.max_event_age_ms} ms; it is in no window",
+            {"age_ms": age},
+        )
     skipped = [res for res in RESOLUTIONS if res not in kept]
-    return Late(record, event, "retention",
-                f"the event is {age} ms older than its receipt, beyond the retention of the "
-                f"{', '.join(skipped)} rollups; it is in the {', '.join(kept)} windows only",
-                {"age_ms": age, "skipped_resolutions": skipped})
+    return Late(
+        record,
+        event,
+        "retention",
+        f"the event is {age} ms older than its receipt, beyond the retention of the "
+        f"{', '.join(skipped)} rollups; it is in the {', '.join(kept)} windows only",
+        {"age_ms": age, "skipped_resolutions": skipped},
+    )
 
 
-async def resume_position(consumer: AIOKafkaConsumer, tp: TopicPartition, checkpoint: Checkpoint | None,
-                          cache: RowCache, on_ahead: str, metrics: MetricsMetrics,
-                          deadline_s: float | None) -> PartitionState:
+async def resume_position(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    checkpoint: Checkpoint | None,
+    cache: RowCache,
+    on_ahead: str,
+    metrics: MetricsMetrics,
+    deadline_s: float | None,
+) -> PartitionState:
     """Seek an assigned partition to its checkpoint, after checking it against the topic's offsets.
 
     A checkpoint ahead of the topic's end (the topic was recreated, the cluster moved) is never
@@ -151,31 +166,45 @@ async def resume_position(consumer: AIOKafkaConsumer, tp: TopicPartition, checkp
     its beginning with a new offset base above every offset its rows hold. A checkpoint behind the
     topic's first offset means retention deleted records before they were rolled up: said, counted.
     """
-    first, end = await retry(functools.partial(_offset_range, consumer, tp), what="topic offsets",
-                             deadline_s=deadline_s)
+    first, end = await retry(
+        functools.partial(_offset_range, consumer, tp), what="topic offsets", deadline_s=deadline_s
+    )
     if checkpoint is None:
         consumer.seek(tp, first)
         return PartitionState(tp.partition, 0, first, 0, cache)
-    state = PartitionState(tp.partition, checkpoint.base, checkpoint.next_offset, checkpoint.watermark_ms,
-                           cache, saved=checkpoint)
+    state = PartitionState(
+        tp.partition, checkpoint.base, checkpoint.next_offset, checkpoint.watermark_ms, cache, saved=checkpoint
+    )
     where = {"kafka.topic": tp.topic, "kafka.partition": tp.partition, "kafka.offset": checkpoint.next_offset}
     if checkpoint.next_offset > end:
         metrics.partition_problems.labels("checkpoint_ahead").inc()
         if on_ahead == "halt":
-            log.error("checkpoint ahead of the topic's end (topic recreated or cluster moved?); the partition "
-                      "is halted: set HEADWATER_METRICS_ON_CHECKPOINT_AHEAD=restart to roll it up again from "
-                      "its beginning", end_offset=end, **where)
+            log.error(
+                "checkpoint ahead of the topic's end (topic recreated or cluster moved?); the partition "
+                "is halted: set HEADWATER_METRICS_ON_CHECKPOINT_AHEAD=restart to roll it up again from "
+                "its beginning",
+                end_offset=end,
+                **where,
+            )
             consumer.pause(tp)
             state.status = PartitionStatus.HALTED
             return state
-        log.error("checkpoint ahead of the topic's end; rolling the partition up again from its beginning, "
-                  "its offsets counted on from the old checkpoint", end_offset=end, **where)
+        log.error(
+            "checkpoint ahead of the topic's end; rolling the partition up again from its beginning, "
+            "its offsets counted on from the old checkpoint",
+            end_offset=end,
+            **where,
+        )
         state.base = checkpoint.logical_next + INCARNATION_GAP
         state.next_offset = first
     elif checkpoint.next_offset < first:
         metrics.partition_problems.labels("records_expired").inc()
-        log.error("records between the checkpoint and the topic's first offset were deleted by retention "
-                  "before they were rolled up", first_offset=first, **where)
+        log.error(
+            "records between the checkpoint and the topic's first offset were deleted by retention "
+            "before they were rolled up",
+            first_offset=first,
+            **where,
+        )
         state.next_offset = first
     consumer.seek(tp, state.next_offset)
     return state

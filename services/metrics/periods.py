@@ -10,8 +10,14 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 UNITS = ("milliseconds", "seconds", "minutes", "hours", "days", "weeks", "months", "years")
-FIXED_MS = {"milliseconds": 1, "seconds": 1000, "minutes": 60_000, "hours": 3_600_000,
-            "days": 86_400_000, "weeks": 7 * 86_400_000}
+FIXED_MS = {
+    "milliseconds": 1,
+    "seconds": 1000,
+    "minutes": 60_000,
+    "hours": 3_600_000,
+    "days": 86_400_000,
+    "weeks": 7 * 86_400_000,
+}
 UTC = ZoneInfo("UTC")
 _MS = dt.timedelta(milliseconds=1)
 

@@ -37,6 +37,7 @@ class NeedsWriteAccess(QueryError):
 
 # --- grouping ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Series:
     """One stored series of a query: its tags and its points (rollup rows of several
@@ -75,8 +76,10 @@ def _json_value(ts: int, value: Any) -> Any:
         if not math.isfinite(value):
             # KairosDB fails such a query too (a 500 there): least_squares over points of one time.
             text = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-            raise QueryError(f"NaN or Infinity:{text} data point at {ts}; precede the aggregator "
-                             "with one that gives each time one point")
+            raise QueryError(
+                f"NaN or Infinity:{text} data point at {ts}; precede the aggregator "
+                "with one that gives each time one point"
+            )
         return groupby.json_number(value)
     return value
 
@@ -103,15 +106,21 @@ class QueryService:
 
     # --- reading series ----------------------------------------------------------------------
 
-    async def _rollup_series(self, query: kairos.Query, metric: kairos.MetricQuery, now: int
-                             ) -> tuple[list[Series], int]:
+    async def _rollup_series(
+        self, query: kairos.Query, metric: kairos.MetricQuery, now: int
+    ) -> tuple[list[Series], int]:
         res = kairos.pick_resolution(metric, query.start_ms, now, self.retention)
         wanted_sources = metric.tags.get("source")
         known = await self.store.all_series()
         index_tags = {k: v for k, v in metric.tags.items() if k in ("type", "event")}
-        sources = sorted({s for s, t, e, _ in known
-                          if (wanted_sources is None or s in wanted_sources)
-                          and kairos.matches({"type": t, "event": e}, index_tags)})
+        sources = sorted(
+            {
+                s
+                for s, t, e, _ in known
+                if (wanted_sources is None or s in wanted_sources)
+                and kairos.matches({"type": t, "event": e}, index_tags)
+            }
+        )
         by_key: dict[tuple[str, ...], Series | None] = {}
         # A users row carries an HLL sketch (up to a few KiB at lg_k 12, where a count row is
         # tens of bytes): such reads get an eighth of the row budget, so a query's memory stays
@@ -152,19 +161,17 @@ class QueryService:
         # KairosDB reads at most `limit` points of each series; sample_size counts what was read.
         kept = 0
         for s in series:
-            times = sorted(s.points, reverse=metric.order == "desc")[:metric.limit]
+            times = sorted(s.points, reverse=metric.order == "desc")[: metric.limit]
             s.points = {t: s.points[t] for t in times}
             kept += sum(len(v) for v in s.points.values())
         return series, kept
 
-    async def _external_series(self, query: kairos.Query, metric: kairos.MetricQuery
-                               ) -> tuple[list[Series], int]:
+    async def _external_series(self, query: kairos.Query, metric: kairos.MetricQuery) -> tuple[list[Series], int]:
         keep = kairos.tag_matcher(metric.tags, orjson.loads)
         per_series: dict[str, int] = {}
         limit = metric.limit
         # With a limit the read ends once every matching series (from the series index) has it.
-        matching = ({t for t in await self.external.series_texts(metric.name) if keep(t)}
-                    if limit is not None else set())
+        matching = {t for t in await self.external.series_texts(metric.name) if keep(t)} if limit is not None else set()
         full: set[str] = set()
 
         def wanted(tags: str) -> bool:
@@ -178,10 +185,15 @@ class QueryService:
                 full.add(tags)
             return seen < limit
 
-        points = await self.external.read(metric.name, query.start_ms, query.end_ms,
-                                          max_rows=self.settings.query_max_rows, keep=wanted,
-                                          descending=metric.order == "desc",
-                                          done=(lambda: full >= matching) if matching else None)
+        points = await self.external.read(
+            metric.name,
+            query.start_ms,
+            query.end_ms,
+            max_rows=self.settings.query_max_rows,
+            keep=wanted,
+            descending=metric.order == "desc",
+            done=(lambda: full >= matching) if matching else None,
+        )
         by_tags: dict[str, Series] = {}
         for p in points:
             s = by_tags.get(p.tags) or by_tags.setdefault(p.tags, Series(orjson.loads(p.tags)))
@@ -216,10 +228,11 @@ class QueryService:
             points = [(ts, v) for ts in times for v in sorted(merged[ts], reverse=descending)]
         else:
             points = [(ts, combine(merged[ts])) for ts in times]
-        return points[:metric.limit] if metric.limit else points
+        return points[: metric.limit] if metric.limit else points
 
-    async def _metric(self, query: kairos.Query, metric: kairos.MetricQuery, now: int,
-                      saves: list[SaveAs]) -> dict[str, Any]:
+    async def _metric(
+        self, query: kairos.Query, metric: kairos.MetricQuery, now: int, saves: list[SaveAs]
+    ) -> dict[str, Any]:
         if metric.name in kairos.ROLLUP_METRICS:
             series, sample_size = await self._rollup_series(query, metric, now)
         else:
@@ -255,8 +268,7 @@ class QueryService:
         return {"sample_size": sample_size, "results": results}
 
     @staticmethod
-    def _save_as(metric: kairos.MetricQuery, agg: aggs.Aggregator, group: TagGroup,
-                 points: list[aggs.Point]) -> SaveAs:
+    def _save_as(metric: kairos.MetricQuery, agg: aggs.Aggregator, group: TagGroup, points: list[aggs.Point]) -> SaveAs:
         tags = dict(agg.options["tags"])
         if agg.options["add_saved_from"]:
             tags["saved_from"] = metric.name
@@ -276,13 +288,15 @@ class QueryService:
             answer = {"queries": [await self._metric(query, m, now, saves) for m in query.metrics]}
         except OverflowError:
             # Calendar units on a time near the end of bigint (about 292 million years on).
-            raise QueryError("a time of this query is beyond the calendar (year 9999) for its "
-                             "sampling unit") from None
+            raise QueryError("a time of this query is beyond the calendar (year 9999) for its sampling unit") from None
         rows: list[ExternalRow] = []
         for save in saves:
             tag_text = orjson.dumps(save.tags, option=orjson.OPT_SORT_KEYS).decode()
-            rows.extend((save.metric, ts, tag_text, float(v), isinstance(v, int), save.ttl or None)
-                        for ts, v in save.points if isinstance(v, int | float) and math.isfinite(v))
+            rows.extend(
+                (save.metric, ts, tag_text, float(v), isinstance(v, int), save.ttl or None)
+                for ts, v in save.points
+                if isinstance(v, int | float) and math.isfinite(v)
+            )
         if rows:
             await self.external.write(rows)
         return answer
@@ -320,8 +334,13 @@ class QueryService:
                 if kairos.matches(t, metric.tags):
                     for k, v in t.items():
                         tags.setdefault(k, set()).add(v)
-            queries.append({"results": [{"name": metric.name, "tags": {k: sorted(v) for k, v in sorted(tags.items())},
-                                         "values": []}]})
+            queries.append(
+                {
+                    "results": [
+                        {"name": metric.name, "tags": {k: sorted(v) for k, v in sorted(tags.items())}, "values": []}
+                    ]
+                }
+            )
         return {"queries": queries}
 
     async def metric_names(self, prefix: str | None) -> list[str]:
@@ -347,8 +366,7 @@ class QueryService:
             _refuse_derived(metric.name)
         for metric in query.metrics:
             keep = kairos.tag_matcher(metric.tags, orjson.loads) if metric.tags else None
-            await self.external.delete(metric.name, query.start_ms, query.end_ms, keep,
-                                       self.settings.query_max_rows)
+            await self.external.delete(metric.name, query.start_ms, query.end_ms, keep, self.settings.query_max_rows)
 
     async def delete_metric(self, name: str) -> None:
         _refuse_derived(name)
@@ -357,5 +375,7 @@ class QueryService:
 
 def _refuse_derived(name: str) -> None:
     if name in kairos.ROLLUP_METRICS:
-        raise QueryError(f"{name} is derived from the event stream (a rollup) and cannot be deleted; "
-                         "only series written through POST /api/v1/datapoints can")
+        raise QueryError(
+            f"{name} is derived from the event stream (a rollup) and cannot be deleted; "
+            "only series written through POST /api/v1/datapoints can"
+        )

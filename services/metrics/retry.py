@@ -27,15 +27,26 @@ T = TypeVar("T")
 
 # Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
 RETRIABLE: tuple[type[BaseException], ...] = (
-    DriverException, NoHostAvailable, ConnectionException, ConnectionBusy, DependencyUnavailable,
-    KafkaError, OSError, TimeoutError,
+    DriverException,
+    NoHostAvailable,
+    ConnectionException,
+    ConnectionBusy,
+    DependencyUnavailable,
+    KafkaError,
+    OSError,
+    TimeoutError,
 )
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 5.0
 
 
-async def retry(call: Callable[[], Awaitable[T]], *, what: str, deadline_s: float | None = None,
-                on_failure: Callable[[BaseException], None] | None = None) -> T:
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline_s: float | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+) -> T:
     """Await ``call()`` until it succeeds; retriable failures are retried with backoff.
 
     ``on_failure`` sees every retriable failure (the consumer counts them and, for
@@ -51,10 +62,12 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, deadline_s: floa
             if on_failure is not None:
                 on_failure(exc)
             if give_up is not None and loop.time() + delay > give_up:
-                log.exception("giving up after retrying", what=what, error=f"{type(exc).__name__}: {exc}",
-                              deadline_s=deadline_s)
+                log.exception(
+                    "giving up after retrying", what=what, error=f"{type(exc).__name__}: {exc}", deadline_s=deadline_s
+                )
                 raise
-            log.warning("storage call failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}",
-                        retry_in_s=delay)
+            log.warning(
+                "storage call failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)

@@ -118,9 +118,16 @@ def parse_event(raw: bytes) -> Event:
             break
     props = doc.get("properties")
     mid = doc.get("messageId")
-    return Event(source=source, type=etype, name=name, user=user, time_ms=time_ms,
-                 message_id=mid if isinstance(mid, str) else None,
-                 received_ms=received, properties=props if isinstance(props, dict) else {})
+    return Event(
+        source=source,
+        type=etype,
+        name=name,
+        user=user,
+        time_ms=time_ms,
+        message_id=mid if isinstance(mid, str) else None,
+        received_ms=received,
+        properties=props if isinstance(props, dict) else {},
+    )
 
 
 class RowKey(NamedTuple):
@@ -223,8 +230,7 @@ class WindowRow:
 
     def frozen(self, upto: int) -> WindowRow:
         """A copy of the aggregate as it stands, to be written while this row takes more events."""
-        return WindowRow(self.lg_k, count=self.count, sums=dict(self.sums), upto=upto,
-                         sketch_blob=self.users_blob())
+        return WindowRow(self.lg_k, count=self.count, sums=dict(self.sums), upto=upto, sketch_blob=self.users_blob())
 
     def users_blob(self) -> bytes:
         if self._sketch is not None:

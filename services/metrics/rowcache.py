@@ -59,7 +59,8 @@ class RowCache:
             if key in self.rows or key in seen:
                 continue
             if key.window_start > self.horizon[key.resolution] or (
-                    key.window_start > self.ours_after[key.resolution] and key not in self.evicted):
+                key.window_start > self.ours_after[key.resolution] and key not in self.evicted
+            ):
                 self.rows[key] = WindowRow(self.lg_k)  # never written: nothing to read
             else:
                 seen.add(key)
@@ -91,8 +92,9 @@ class RowCache:
 
     def evict_closed(self, before_ms: int) -> None:
         """Drop clean rows whose window ended before ``before_ms``; an event for them reads them back."""
-        closed = [k for k, r in self.rows.items()
-                  if not r.dirty and k.window_start + RESOLUTIONS[k.resolution] <= before_ms]
+        closed = [
+            k for k, r in self.rows.items() if not r.dirty and k.window_start + RESOLUTIONS[k.resolution] <= before_ms
+        ]
         for key in closed:
             self._drop(key)
 

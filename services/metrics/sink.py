@@ -36,13 +36,20 @@ def datapoints(rows: list[FlushedRow]) -> list[dict[str, Any]]:
     """KairosDB write entries for flushed rows (one entry per series and point)."""
     out: list[dict[str, Any]] = []
     for kpart, key, row in rows:
-        tags = {"source": key.source, "type": key.type, "event": key.event or NO_NAME,
-                "resolution": key.resolution, "kpart": str(kpart)}
+        tags = {
+            "source": key.source,
+            "type": key.type,
+            "event": key.event or NO_NAME,
+            "resolution": key.resolution,
+            "kpart": str(kpart),
+        }
         out.append({"name": COUNT_METRIC, "tags": tags, "datapoints": [[key.window_start, int(row.count)]]})
         estimate = round(row.sketch().get_estimate())
         out.append({"name": USERS_METRIC, "tags": tags, "datapoints": [[key.window_start, int(estimate)]]})
-        out.extend({"name": SUM_METRIC, "tags": {**tags, "property": prop},
-                    "datapoints": [[key.window_start, float(value)]]} for prop, value in row.sums.items())
+        out.extend(
+            {"name": SUM_METRIC, "tags": {**tags, "property": prop}, "datapoints": [[key.window_start, float(value)]]}
+            for prop, value in row.sums.items()
+        )
     return out
 
 
@@ -66,7 +73,7 @@ class KairosSink:
                 self.queue.get_nowait()
                 self.queue.task_done()
                 self.metrics.sink_dropped.inc()
-            self.queue.put_nowait(points[i:i + self.batch_size])
+            self.queue.put_nowait(points[i : i + self.batch_size])
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self.timeout)
@@ -103,8 +110,9 @@ class KairosSink:
         body = gzip.compress(orjson.dumps(batch), compresslevel=5)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                async with self._session.post(self.url, data=body,
-                                              headers={"Content-Type": "application/gzip"}) as resp:
+                async with self._session.post(
+                    self.url, data=body, headers={"Content-Type": "application/gzip"}
+                ) as resp:
                     if resp.status == 204:
                         self.metrics.sink_points.inc(len(batch))
                         return

@@ -100,41 +100,47 @@ class Store:
         ks = self.ks
         cql = {
             "checkpoint_get": f"SELECT base, next_offset, watermark_ms FROM {ks}.checkpoints "
-                              "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
+            "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
             "checkpoint_all": f"SELECT kpart, base, next_offset, watermark_ms FROM {ks}.checkpoints "
-                              "WHERE consumer_group = ? AND topic = ?",
+            "WHERE consumer_group = ? AND topic = ?",
             "checkpoint_put": f"INSERT INTO {ks}.checkpoints (consumer_group, topic, kpart, base, next_offset, "
-                              "watermark_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now())) "
-                              "USING TIMESTAMP ?",
+            "watermark_ms, updated_at) VALUES (?, ?, ?, ?, ?, ?, toTimestamp(now())) "
+            "USING TIMESTAMP ?",
             "horizon_get": f"SELECT resolution, max_window FROM {ks}.horizons "
-                           "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
+            "WHERE consumer_group = ? AND topic = ? AND kpart = ?",
             "horizon_all": f"SELECT kpart, resolution, max_window FROM {ks}.horizons "
-                           "WHERE consumer_group = ? AND topic = ?",
+            "WHERE consumer_group = ? AND topic = ?",
             "horizon_put": f"INSERT INTO {ks}.horizons (consumer_group, topic, kpart, resolution, max_window) "
-                           "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
             # The INSERT writes the row's primary key liveness, so a series with no summed
             # property is indexed too (an UPDATE adding an empty set would store nothing).
             "series_put": f"INSERT INTO {ks}.series (k, source, type, event) VALUES (0, ?, ?, ?) "
-                          f"USING TTL {self.series_ttl}",
+            f"USING TTL {self.series_ttl}",
             "series_props": f"UPDATE {ks}.series USING TTL {self.series_ttl} SET props = props + ? "
-                            "WHERE k = 0 AND source = ? AND type = ? AND event = ?",
+            "WHERE k = 0 AND source = ? AND type = ? AND event = ?",
             "series_all": f"SELECT source, type, event, props FROM {ks}.series WHERE k = 0",
             "owner_claim": f"INSERT INTO {ks}.owner (k, consumer_group, topic, claimed_at) "
-                           "VALUES (0, ?, ?, toTimestamp(now())) IF NOT EXISTS",
+            "VALUES (0, ?, ?, toTimestamp(now())) IF NOT EXISTS",
             "owner_set": f"UPDATE {ks}.owner SET consumer_group = ?, topic = ?, claimed_at = toTimestamp(now()) "
-                         "WHERE k = 0",
+            "WHERE k = 0",
         }
         for res in RESOLUTIONS:
             t = f"{ks}.{table(res)}"
-            cql[f"get_{res}"] = (f"SELECT window_start, type, event, count, users, sums, upto FROM {t} "
-                                 "WHERE source = ? AND bucket = ? AND (window_start, type, event, kpart) IN ?")
-            cql[f"put_{res}"] = (f"INSERT INTO {t} (source, bucket, window_start, type, event, kpart, count, "
-                                 "users, sums, upto) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?")
-            cql[f"range_{res}"] = (f"SELECT window_start, type, event, kpart, count, users, sums FROM {t} "
-                                   "WHERE source = ? AND bucket = ? AND window_start >= ? AND window_start <= ?")
+            cql[f"get_{res}"] = (
+                f"SELECT window_start, type, event, count, users, sums, upto FROM {t} "
+                "WHERE source = ? AND bucket = ? AND (window_start, type, event, kpart) IN ?"
+            )
+            cql[f"put_{res}"] = (
+                f"INSERT INTO {t} (source, bucket, window_start, type, event, kpart, count, "
+                "users, sums, upto) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            )
+            cql[f"range_{res}"] = (
+                f"SELECT window_start, type, event, kpart, count, users, sums FROM {t} "
+                "WHERE source = ? AND bucket = ? AND window_start >= ? AND window_start <= ?"
+            )
             # One event asked for: the node skips the other events' rows within the partition
             # slice, instead of this process decoding them all to drop them.
-            cql[f"range_event_{res}"] = (cql[f"range_{res}"] + " AND event = ? ALLOW FILTERING")
+            cql[f"range_event_{res}"] = cql[f"range_{res}"] + " AND event = ? ALLOW FILTERING"
         names = list(cql)
         prepared = await bounded_gather((self.client.prepare(cql[n]) for n in names), 8)
         apply_consistency(prepared, read=self.read_consistency, write=self.write_consistency)
@@ -158,15 +164,17 @@ class Store:
             raise KeyspaceOwned(
                 f"keyspace {self.ks} holds the rollups of consumer group {row.consumer_group!r} on topic "
                 f"{row.topic!r}, not {group!r} on {topic!r}; give this deployment its own keyspace, or hand "
-                f"the keyspace over with: headwater-metrics claim --from-group {row.consumer_group}")
+                f"the keyspace over with: headwater-metrics claim --from-group {row.consumer_group}"
+            )
 
     async def hand_over(self, old_group: str, group: str, topic: str) -> int:
         """Copy ``old_group``'s checkpoints and horizons to ``group`` and make it the owner."""
         checkpoints = await self._all_pages("checkpoint_all", (old_group, topic))
         horizons = await self._all_pages("horizon_all", (old_group, topic))
         for c in checkpoints:
-            await self.save_checkpoint(group, topic, int(c.kpart),
-                                       Checkpoint(int(c.base or 0), int(c.next_offset), int(c.watermark_ms)))
+            await self.save_checkpoint(
+                group, topic, int(c.kpart), Checkpoint(int(c.base or 0), int(c.next_offset), int(c.watermark_ms))
+            )
         for h in horizons:
             await self.save_horizon(group, topic, int(h.kpart), h.resolution, int(h.max_window))
         await self.client.execute(self._ps["owner_set"], (group, topic))
@@ -182,9 +190,18 @@ class Store:
         return Checkpoint(int(r.base or 0), int(r.next_offset), int(r.watermark_ms))
 
     async def save_checkpoint(self, group: str, topic: str, kpart: int, checkpoint: Checkpoint) -> None:
-        await self.client.execute(self._ps["checkpoint_put"], (
-            group, topic, kpart, checkpoint.base, checkpoint.next_offset, checkpoint.watermark_ms,
-            write_timestamp(checkpoint.logical_next)))
+        await self.client.execute(
+            self._ps["checkpoint_put"],
+            (
+                group,
+                topic,
+                kpart,
+                checkpoint.base,
+                checkpoint.next_offset,
+                checkpoint.watermark_ms,
+                write_timestamp(checkpoint.logical_next),
+            ),
+        )
 
     async def load_horizons(self, group: str, topic: str, kpart: int) -> dict[str, int]:
         rows = await self.client.execute(self._ps["horizon_get"], (group, topic, kpart))
@@ -192,8 +209,9 @@ class Store:
 
     async def save_horizon(self, group: str, topic: str, kpart: int, resolution: str, max_window: int) -> None:
         # At the window's timestamp: a stale member cannot lower a horizon another one raised.
-        await self.client.execute(self._ps["horizon_put"], (group, topic, kpart, resolution, max_window,
-                                                            WRITE_TS_BASE + max_window))
+        await self.client.execute(
+            self._ps["horizon_put"], (group, topic, kpart, resolution, max_window, WRITE_TS_BASE + max_window)
+        )
 
     # --- window rows -------------------------------------------------------------------------
 
@@ -204,18 +222,31 @@ class Store:
         groups: dict[tuple[str, str, int], list[RowKey]] = defaultdict(list)
         for key in keys:
             groups[(key.resolution, key.source, key.bucket)].append(key)
-        reads = [(res, source, bucket, chunk[i:i + self.read_batch])
-                 for (res, source, bucket), chunk in groups.items()
-                 for i in range(0, len(chunk), self.read_batch)]
-        results = await bounded_gather((self.client.execute(self._ps[f"get_{res}"], (
-            source, bucket, [(k.window_start, k.type, k.event, kpart) for k in chunk]))
-            for res, source, bucket, chunk in reads), self.concurrency)
+        reads = [
+            (res, source, bucket, chunk[i : i + self.read_batch])
+            for (res, source, bucket), chunk in groups.items()
+            for i in range(0, len(chunk), self.read_batch)
+        ]
+        results = await bounded_gather(
+            (
+                self.client.execute(
+                    self._ps[f"get_{res}"], (source, bucket, [(k.window_start, k.type, k.event, kpart) for k in chunk])
+                )
+                for res, source, bucket, chunk in reads
+            ),
+            self.concurrency,
+        )
         found: dict[RowKey, WindowRow] = {}
         for (res, source, _, _), rows in zip(reads, results, strict=True):
             for r in rows:
                 key = RowKey(res, source, r.type, r.event, int(r.window_start))
-                found[key] = WindowRow(self.lg_k, count=int(r.count or 0), sums=dict(r.sums or {}),
-                                       upto=int(r.upto), sketch_blob=bytes(r.users) if r.users else None)
+                found[key] = WindowRow(
+                    self.lg_k,
+                    count=int(r.count or 0),
+                    sums=dict(r.sums or {}),
+                    upto=int(r.upto),
+                    sketch_blob=bytes(r.users) if r.users else None,
+                )
         return [found.get(k) or WindowRow(self.lg_k) for k in keys]
 
     async def write_rows(self, writes: Sequence[tuple[int, RowKey, WindowRow, int]]) -> None:
@@ -239,8 +270,22 @@ class Store:
                 if len(batch) and (len(batch) >= self.batch_rows or size + cost > self.batch_bytes):
                     batches.append(batch)
                     batch, size = self._batch(), 0
-                batch.add(statement, (key.source, key.bucket, key.window_start, key.type, key.event, kpart,
-                                      row.count, users, row.sums, upto, write_timestamp(upto)))
+                batch.add(
+                    statement,
+                    (
+                        key.source,
+                        key.bucket,
+                        key.window_start,
+                        key.type,
+                        key.event,
+                        kpart,
+                        row.count,
+                        users,
+                        row.sums,
+                        upto,
+                        write_timestamp(upto),
+                    ),
+                )
                 size += cost
             batches.append(batch)
         await bounded_gather((self.client.execute(b) for b in batches), self.concurrency)
@@ -282,8 +327,9 @@ class Store:
             raise RangeTooLarge(last - first + 1, self.max_buckets)
         return range(first, last + 1)
 
-    async def read_windows(self, resolution: str, source: str, start_ms: int, end_ms: int,
-                           limit: int, event: str | None = None) -> list[StoredRow]:
+    async def read_windows(
+        self, resolution: str, source: str, start_ms: int, end_ms: int, limit: int, event: str | None = None
+    ) -> list[StoredRow]:
         """Every row of ``source`` (of one ``event`` if given) with a window starting in
         [start_ms, end_ms]; QueryTooLarge as soon as more than ``limit`` rows were read."""
         out: list[StoredRow] = []
@@ -294,6 +340,16 @@ class Store:
             else:
                 name, params = f"range_event_{resolution}", (source, bucket, start_ms, end_ms, event)
             rows = await self._all_pages(name, params, limit - len(out))
-            out.extend(StoredRow(int(r.window_start), r.type, r.event, int(r.kpart), int(r.count or 0),
-                                 bytes(r.users or b""), dict(r.sums or {})) for r in rows)
+            out.extend(
+                StoredRow(
+                    int(r.window_start),
+                    r.type,
+                    r.event,
+                    int(r.kpart),
+                    int(r.count or 0),
+                    bytes(r.users or b""),
+                    dict(r.sums or {}),
+                )
+                for r in rows
+            )
         return out

@@ -37,9 +37,14 @@ class WriteLimits:
 
 
 def _bad_tags(tags: dict[str, Any]) -> str | None:
-    return next((k for k, v in tags.items()
-                 if not isinstance(v, str) or not k or not v or len(k) > _MAX_TAG_CHARS
-                 or len(v) > _MAX_TAG_CHARS), None)
+    return next(
+        (
+            k
+            for k, v in tags.items()
+            if not isinstance(v, str) or not k or not v or len(k) > _MAX_TAG_CHARS or len(v) > _MAX_TAG_CHARS
+        ),
+        None,
+    )
 
 
 def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[ExternalRow]:  # noqa: C901 - one pass over a large body (see docstring)
@@ -83,8 +88,7 @@ def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[Exter
             continue
         bad_tag = _bad_tags(tags)
         if bad_tag is not None:
-            errors.append(f"{where}.tag[{bad_tag}] must be a non-empty string of at most "
-                          f"{_MAX_TAG_CHARS} characters")
+            errors.append(f"{where}.tag[{bad_tag}] must be a non-empty string of at most {_MAX_TAG_CHARS} characters")
             continue
         tag_text = orjson.dumps(tags, option=orjson.OPT_SORT_KEYS).decode()
         ttl = metric.get("ttl")
@@ -112,8 +116,11 @@ def parse_datapoints(body: Any, limits: WriteLimits | None = None) -> list[Exter
                 ts = int(ts)  # KairosDB reads a timestamp given as a string of digits
             if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= kairos.MAX_TIME_MS:
                 errors.append(f"{where}.datapoints[{j}].timestamp must be ms since the epoch")
-            elif isinstance(value, bool) or not isinstance(value, int | float) or (
-                    isinstance(value, float) and not math.isfinite(value)):
+            elif (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (isinstance(value, float) and not math.isfinite(value))
+            ):
                 errors.append(f"{where}.datapoints[{j}].value must be a finite number")
             else:
                 out.append((name, ts, tag_text, float(value), isinstance(value, int), ttl))

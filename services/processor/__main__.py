@@ -34,8 +34,9 @@ def build_service(settings: Settings) -> Service:
     metrics = make_metrics(registry)
     health = Health(registry)
     sources = SourceRegistry(settings.sources_file, settings.sources_reload_s)
-    enricher = Enricher(geoip_path=settings.geoip_path, ua_cache_size=settings.ua_cache_size,
-                        geo_cache_size=settings.geo_cache_size)
+    enricher = Enricher(
+        geoip_path=settings.geoip_path, ua_cache_size=settings.ua_cache_size, geo_cache_size=settings.geo_cache_size
+    )
     processor = Processor(settings, Pipeline(settings, sources, enricher), metrics)
 
     async def kafka_check() -> tuple[bool, str]:
@@ -89,8 +90,13 @@ async def _start_when_kafka_answers(processor: Processor, settings: Settings, st
 def _worker(index: int) -> int:
     settings = load_settings(Settings)
     configure_logging(settings.service_name, settings.log_level)
-    return run(lambda: build_service(settings), host=settings.http_host, port=settings.http_port, worker=index,
-               drain_timeout_s=settings.shutdown_timeout_s)
+    return run(
+        lambda: build_service(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        worker=index,
+        drain_timeout_s=settings.shutdown_timeout_s,
+    )
 
 
 @exit_on_config_error

@@ -96,9 +96,14 @@ async def restore(settings: Settings, partition: int) -> DedupeWindow:
     s = settings
     window = DedupeWindow(s.dedupe_window_ms, s.dedupe_max_entries_per_partition)
     tp = TopicPartition(s.dedupe_changelog, partition)
-    reader = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
-                              isolation_level="read_committed", enable_auto_commit=False,
-                              auto_offset_reset="earliest", client_id=f"{s.service_name}-restore")
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=None,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id=f"{s.service_name}-restore",
+    )
     await reader.start()
     try:
         reader.assign([tp])
@@ -113,8 +118,12 @@ async def restore(settings: Settings, partition: int) -> DedupeWindow:
             start = max(begin, stop_at - span)
             chunk = await _read_range(reader, tp, start, stop_at, deadline)
             if chunk is None:
-                log.error("dedupe state only partly read back; duplicates may pass", end=end, read_from=stop_at,
-                          **{"kafka.topic": tp.topic, "kafka.partition": partition})
+                log.error(
+                    "dedupe state only partly read back; duplicates may pass",
+                    end=end,
+                    read_from=stop_at,
+                    **{"kafka.topic": tp.topic, "kafka.partition": partition},
+                )
                 break
             chunks.append(chunk)
             held += len(chunk)
@@ -125,15 +134,21 @@ async def restore(settings: Settings, partition: int) -> DedupeWindow:
                 window.add(key, ts)
                 newest = max(newest, ts)
         window.expire(newest)
-        log.info("dedupe state read back", changelog_end=end, read_from=stop_at, entries=len(window),
-                 **{"kafka.topic": tp.topic, "kafka.partition": partition})
+        log.info(
+            "dedupe state read back",
+            changelog_end=end,
+            read_from=stop_at,
+            entries=len(window),
+            **{"kafka.topic": tp.topic, "kafka.partition": partition},
+        )
     finally:
         await reader.stop()
     return window
 
 
-async def _read_range(reader: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int,
-                      deadline: float) -> list[tuple[str, int]] | None:
+async def _read_range(
+    reader: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int, deadline: float
+) -> list[tuple[str, int]] | None:
     """Entries of changelog records in [start, stop); None when the deadline passed."""
     loop = asyncio.get_running_loop()
     reader.seek(tp, start)

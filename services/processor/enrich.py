@@ -28,16 +28,45 @@ _BOT_UA = re.compile(
     re.IGNORECASE,
 )
 
-SEARCH_HOSTS = ("google.", "bing.com", "duckduckgo.com", "search.yahoo.", "yandex.", "baidu.com",
-                "ecosia.org", "qwant.com", "search.brave.com", "startpage.com")
-SOCIAL_HOSTS = ("facebook.com", "fb.com", "instagram.com", "t.co", "twitter.com", "x.com",
-                "linkedin.com", "lnkd.in", "reddit.com", "pinterest.", "youtube.com", "tiktok.com",
-                "news.ycombinator.com", "mastodon.social", "threads.net")
-EMAIL_HOSTS = ("mail.google.com", "outlook.live.com", "outlook.office.com", "mail.yahoo.com",
-               "mail.proton.me")
+SEARCH_HOSTS = (
+    "google.",
+    "bing.com",
+    "duckduckgo.com",
+    "search.yahoo.",
+    "yandex.",
+    "baidu.com",
+    "ecosia.org",
+    "qwant.com",
+    "search.brave.com",
+    "startpage.com",
+)
+SOCIAL_HOSTS = (
+    "facebook.com",
+    "fb.com",
+    "instagram.com",
+    "t.co",
+    "twitter.com",
+    "x.com",
+    "linkedin.com",
+    "lnkd.in",
+    "reddit.com",
+    "pinterest.",
+    "youtube.com",
+    "tiktok.com",
+    "news.ycombinator.com",
+    "mastodon.social",
+    "threads.net",
+)
+EMAIL_HOSTS = ("mail.google.com", "outlook.live.com", "outlook.office.com", "mail.yahoo.com", "mail.proton.me")
 
-UTM_KEYS = {"utm_source": "source", "utm_medium": "medium", "utm_campaign": "name",
-            "utm_term": "term", "utm_content": "content", "utm_id": "id"}
+UTM_KEYS = {
+    "utm_source": "source",
+    "utm_medium": "medium",
+    "utm_campaign": "name",
+    "utm_term": "term",
+    "utm_content": "content",
+    "utm_id": "id",
+}
 CLICK_IDS = ("gclid", "fbclid", "msclkid")
 
 
@@ -92,8 +121,10 @@ def anonymise_ip(ip: str) -> str | None:
 
 
 # Query parameter -> (field, is a click id).
-_PARAM_TARGETS = {**{param: (key, False) for param, key in UTM_KEYS.items()},
-                  **{name: (name, True) for name in CLICK_IDS}}
+_PARAM_TARGETS = {
+    **{param: (key, False) for param, key in UTM_KEYS.items()},
+    **{name: (name, True) for name in CLICK_IDS},
+}
 _NONE: dict[str, str] = {}
 
 
@@ -102,7 +133,7 @@ def _split(url: str) -> tuple[str | None, str]:
     start = url.find("://")
     if start < 0:
         return None, ""
-    rest = url[start + 3:].partition("#")[0]
+    rest = url[start + 3 :].partition("#")[0]
     end = len(rest)
     for sep in "/?#":
         pos = rest.find(sep)
@@ -116,7 +147,7 @@ def _split(url: str) -> tuple[str | None, str]:
             return None, ""
     host = host.partition(":")[0].lower()
     qpos = rest.find("?", end)
-    return host or None, (rest[qpos + 1:] if qpos >= 0 else "")
+    return host or None, (rest[qpos + 1 :] if qpos >= 0 else "")
 
 
 def _page_params(url: str) -> tuple[str | None, dict[str, str], dict[str, str]]:
@@ -156,11 +187,13 @@ class Enricher:
     def __init__(self, *, geoip_path: Path | None, ua_cache_size: int, geo_cache_size: int) -> None:
         parser = ua_parser.Parser(ua_parser.BestAvailableResolver(ua_parser.load_builtins()))
         # Parsed fields and the bot verdict are cached together: both cost tens of microseconds.
-        self._parse_ua: Callable[[str], tuple[dict[str, Any], bool]] = functools.lru_cache(
-            maxsize=ua_cache_size)(functools.partial(self._ua_fields, parser))
+        self._parse_ua: Callable[[str], tuple[dict[str, Any], bool]] = functools.lru_cache(maxsize=ua_cache_size)(
+            functools.partial(self._ua_fields, parser)
+        )
         self._geo_reader: Any = maxminddb.open_database(str(geoip_path)) if geoip_path else None
         self._geo: Callable[[str], dict[str, Any] | None] = functools.lru_cache(maxsize=geo_cache_size)(
-            self._geo_lookup)
+            self._geo_lookup
+        )
 
     def close(self) -> None:
         if self._geo_reader is not None:
@@ -172,13 +205,19 @@ class Enricher:
         result = parser.parse(user_agent)
         ua, os_, device = result.user_agent, result.os, result.device
         fields = {
-            "browser": {"family": ua.family if ua else "Other",
-                        "version": _version(ua.major, ua.minor, ua.patch) if ua else None},
-            "os": {"family": os_.family if os_ else "Other",
-                   "version": _version(os_.major, os_.minor, os_.patch) if os_ else None},
-            "device": {"family": device.family if device else "Other",
-                       "brand": device.brand if device else None,
-                       "model": device.model if device else None},
+            "browser": {
+                "family": ua.family if ua else "Other",
+                "version": _version(ua.major, ua.minor, ua.patch) if ua else None,
+            },
+            "os": {
+                "family": os_.family if os_ else "Other",
+                "version": _version(os_.major, os_.minor, os_.patch) if os_ else None,
+            },
+            "device": {
+                "family": device.family if device else "Other",
+                "brand": device.brand if device else None,
+                "model": device.model if device else None,
+            },
         }
         return fields, is_bot(user_agent, device.family if device else None)
 
@@ -200,8 +239,9 @@ class Enricher:
             "timeZone": location.get("time_zone"),
         }
 
-    def enrich(self, event: dict[str, Any], *, switches: Enrichment, header_ua: str, client_ip: str,
-               flags: list[str]) -> None:
+    def enrich(
+        self, event: dict[str, Any], *, switches: Enrichment, header_ua: str, client_ip: str, flags: list[str]
+    ) -> None:
         context: dict[str, Any] = event["context"]
         # The browser's own user agent (server SDKs forward it in context) beats the
         # HTTP header, which for server SDKs names the SDK.

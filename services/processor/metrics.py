@@ -33,41 +33,63 @@ class Metrics:
 
 def make_metrics(registry: CollectorRegistry) -> Metrics:
     # Observed once per event: plain numbers, read at scrape time.
-    latency = PlainHistogram("headwater_processor_latency_seconds",
-                             "From ingest's receivedAt to the commit that wrote the event.",
-                             (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+    latency = PlainHistogram(
+        "headwater_processor_latency_seconds",
+        "From ingest's receivedAt to the commit that wrote the event.",
+        (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+    )
     registry.register(latency)
     return Metrics(
         events_in=Counter("headwater_processor_events_in", "Records read from events.raw.", registry=registry),
-        events_out=Counter("headwater_processor_events_out", "Records written, by kind (enriched, dest).",
-                           ["kind"], registry=registry),
+        events_out=Counter(
+            "headwater_processor_events_out", "Records written, by kind (enriched, dest).", ["kind"], registry=registry
+        ),
         # source: the registry's source id, "" when the record named none (an undecodable envelope).
-        events_dlq=Counter("headwater_processor_events_dlq",
-                           "Bad rows written to events.dlq, by failure type and source.",
-                           ["reason", "source"], registry=registry),
-        duplicates=Counter("headwater_processor_events_duplicate",
-                           "Events dropped as a repeat of (source, messageId) within the window.",
-                           registry=registry),
-        transactions=Counter("headwater_processor_transactions", "Kafka transactions, by outcome.",
-                             ["outcome"], registry=registry),
+        events_dlq=Counter(
+            "headwater_processor_events_dlq",
+            "Bad rows written to events.dlq, by failure type and source.",
+            ["reason", "source"],
+            registry=registry,
+        ),
+        duplicates=Counter(
+            "headwater_processor_events_duplicate",
+            "Events dropped as a repeat of (source, messageId) within the window.",
+            registry=registry,
+        ),
+        transactions=Counter(
+            "headwater_processor_transactions", "Kafka transactions, by outcome.", ["outcome"], registry=registry
+        ),
         # One transaction: a few ms to a few seconds when a broker is slow.
-        batch_seconds=Histogram("headwater_processor_batch_seconds", "Time to process and commit one batch.",
-                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                registry=registry),
+        batch_seconds=Histogram(
+            "headwater_processor_batch_seconds",
+            "Time to process and commit one batch.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        ),
         # receivedAt at ingest to commit here: sub-second normally, minutes after an outage.
         latency_seconds=latency,
-        lag=Gauge("headwater_processor_lag_records", "Records behind the high watermark, per raw partition.",
-                  ["partition"], registry=registry),
-        partitions=Gauge("headwater_processor_partitions_assigned", "events.raw partitions this process owns.",
-                         registry=registry),
-        partitions_stalled=Gauge("headwater_processor_partitions_stalled",
-                                 "Owned events.raw partitions taking no batches: fenced, resetting or not yet open.",
-                                 registry=registry),
-        dedupe_entries=Gauge("headwater_processor_dedupe_entries", "Keys held in the dedupe windows of this process.",
-                             registry=registry),
-        dedupe_evicted=Counter("headwater_processor_dedupe_evicted",
-                               "Keys pushed out of a full dedupe window before it expired.",
-                               registry=registry),
+        lag=Gauge(
+            "headwater_processor_lag_records",
+            "Records behind the high watermark, per raw partition.",
+            ["partition"],
+            registry=registry,
+        ),
+        partitions=Gauge(
+            "headwater_processor_partitions_assigned", "events.raw partitions this process owns.", registry=registry
+        ),
+        partitions_stalled=Gauge(
+            "headwater_processor_partitions_stalled",
+            "Owned events.raw partitions taking no batches: fenced, resetting or not yet open.",
+            registry=registry,
+        ),
+        dedupe_entries=Gauge(
+            "headwater_processor_dedupe_entries", "Keys held in the dedupe windows of this process.", registry=registry
+        ),
+        dedupe_evicted=Counter(
+            "headwater_processor_dedupe_evicted",
+            "Keys pushed out of a full dedupe window before it expired.",
+            registry=registry,
+        ),
     )
 
 

@@ -11,19 +11,40 @@ from services.common.segment import SHORT_TYPES
 
 # Top-level fields events.enriched carries; anything else a client sent
 # (writeKey above all) stays in the raw topic only.
-KEPT_FIELDS = frozenset((
-    "type", "messageId", "userId", "anonymousId", "event", "name", "category", "groupId",
-    "previousId", "properties", "traits", "context", "integrations", "channel",
-))
+KEPT_FIELDS = frozenset(
+    (
+        "type",
+        "messageId",
+        "userId",
+        "anonymousId",
+        "event",
+        "name",
+        "category",
+        "groupId",
+        "previousId",
+        "properties",
+        "traits",
+        "context",
+        "integrations",
+        "channel",
+    )
+)
 
 FLAG_TIMESTAMP_CLAMPED = "timestamp_clamped"
 
 # Libraries that run on the user's device, whose clock may be hours off: under
 # clock_skew "auto" their timestamp is corrected (context.library.name).
-CLIENT_LIBRARIES = frozenset((
-    "analytics.js", "analytics-ios", "analytics-android", "analytics-react-native", "analytics-kotlin",
-    "analytics-swift", "analytics-flutter",
-))
+CLIENT_LIBRARIES = frozenset(
+    (
+        "analytics.js",
+        "analytics-ios",
+        "analytics-android",
+        "analytics-react-native",
+        "analytics-kotlin",
+        "analytics-swift",
+        "analytics-flutter",
+    )
+)
 ClockSkew = Literal["auto", "correct", "trust"]
 
 
@@ -79,8 +100,13 @@ def corrects_clock(event: dict[str, Any], clock_skew: ClockSkew) -> bool:
     return clock_skew == "correct"
 
 
-def event_time(event: dict[str, Any], received: datetime, max_future_skew: timedelta,
-               flags: list[str], clock_skew: ClockSkew = "auto") -> dict[str, str]:
+def event_time(
+    event: dict[str, Any],
+    received: datetime,
+    max_future_skew: timedelta,
+    flags: list[str],
+    clock_skew: ClockSkew = "auto",
+) -> dict[str, str]:
     """The timestamp fields of the enriched event.
 
     Segment's rule corrects the device clock: timestamp = receivedAt - (sentAt -
@@ -122,8 +148,9 @@ def event_time(event: dict[str, Any], received: datetime, max_future_skew: timed
     if moment - received > max_future_skew:
         moment = received
         flags.append(FLAG_TIMESTAMP_CLAMPED)
-    out["timestamp"] = given["timestamp"] if moment is timestamp and _canonical(given["timestamp"]) else format_ts(
-        moment)
+    out["timestamp"] = (
+        given["timestamp"] if moment is timestamp and _canonical(given["timestamp"]) else format_ts(moment)
+    )
     for name in ("originalTimestamp", "sentAt"):
         if name in parsed:
             text = given[name]
@@ -138,8 +165,15 @@ def _canonical(text: str) -> bool:
     return len(text) == 24 and text[23] == "Z" and text[19] == "." and text[10] == "T"
 
 
-def normalise(event: dict[str, Any], *, message_id: str, received: datetime,
-              max_future_skew: timedelta, flags: list[str], clock_skew: ClockSkew = "auto") -> dict[str, Any]:
+def normalise(
+    event: dict[str, Any],
+    *,
+    message_id: str,
+    received: datetime,
+    max_future_skew: timedelta,
+    flags: list[str],
+    clock_skew: ClockSkew = "auto",
+) -> dict[str, Any]:
     """A new dict in the events.enriched shape (without enrichment and _hw).
 
     ``event`` must already have passed services.common.segment.validate.

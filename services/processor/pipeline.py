@@ -72,8 +72,9 @@ class Result:
 class _Bad(BadInput):
     """Bad input: unwinds to a bad row (a control-flow signal inside this module)."""
 
-    def __init__(self, failure: FailureType, errors: list[str], envelope: Envelope | None = None,
-                 message_id: str | None = None) -> None:
+    def __init__(
+        self, failure: FailureType, errors: list[str], envelope: Envelope | None = None, message_id: str | None = None
+    ) -> None:
         super().__init__(failure.value)
         self.failure = failure
         self.errors = errors
@@ -105,11 +106,15 @@ class Pipeline:
                 return self._bad_row(record, bad.failure, bad.errors, bad.envelope, bad.message_id)
             except Exception as exc:  # noqa: BLE001 - any bug on one record must not stop the partition
                 last_error = exc
-                log.warning("processing a record failed", attempt=attempt, error=repr(exc),
-                            **{"kafka.topic": record.topic, "kafka.partition": record.partition,
-                               "kafka.offset": record.offset})
-        errors = [f"processing failed {self.settings.poison_max_tries} times: "
-                  f"{type(last_error).__name__}: {last_error}"]
+                log.warning(
+                    "processing a record failed",
+                    attempt=attempt,
+                    error=repr(exc),
+                    **{"kafka.topic": record.topic, "kafka.partition": record.partition, "kafka.offset": record.offset},
+                )
+        errors = [
+            f"processing failed {self.settings.poison_max_tries} times: {type(last_error).__name__}: {last_error}"
+        ]
         # The whole record is kept (it can go back to events.raw as is once the bug is fixed);
         # the ids come from the Envelope when it can be read at all.
         ids: Envelope | None = None
@@ -132,19 +137,22 @@ class Pipeline:
             raise _Bad(FailureType.ENVELOPE_DECODE, ["Envelope has no source_id"], envelope)
         body = envelope.event  # each read of a bytes field copies it
         if len(body) > self.settings.max_event_bytes:
-            raise _Bad(FailureType.SIZE_VIOLATION,
-                       [f"event is {len(body)} bytes; the limit is {self.settings.max_event_bytes}"],
-                       envelope)
+            raise _Bad(
+                FailureType.SIZE_VIOLATION,
+                [f"event is {len(body)} bytes; the limit is {self.settings.max_event_bytes}"],
+                envelope,
+            )
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise _Bad(FailureType.INVALID_JSON, [f"event is not JSON: {exc}"], envelope) from None
         if not isinstance(event, dict):
-            raise _Bad(FailureType.INVALID_JSON, [f"event must be a JSON object, got {type(event).__name__}"],
-                       envelope)
+            raise _Bad(FailureType.INVALID_JSON, [f"event must be a JSON object, got {type(event).__name__}"], envelope)
         return envelope, event
 
-    def _process(self, record: Any, is_duplicate: Callable[[str, int], bool]) -> Result:
+    def _process(
+        self, record: Any, is_duplicate: Callable[[str, int], bool]
+    ) -> Result:  # long: the per-record hot path in one frame
         envelope, event = self._decode(record)
         if "type" not in event and (expected := _expected_type(envelope.path)):
             event["type"] = expected
@@ -154,7 +162,8 @@ class Pipeline:
             raise _Bad(FailureType.SCHEMA_VIOLATION, errors, envelope, mid if isinstance(mid, str) else None)
         # ingest stamps a messageId; a record from another producer gets a stable one.
         message_id = (mid if present(mid) else envelope.message_id) or (
-            f"hw-{record.topic}-{record.partition}-{record.offset}")
+            f"hw-{record.topic}-{record.partition}-{record.offset}"
+        )
 
         source_id = envelope.source_id
         source = self.registry.by_id(source_id)
@@ -163,12 +172,21 @@ class Pipeline:
             if received_ms <= 0:
                 # Not from ingest: the event's own stamp, else the Kafka record's time.
                 stamped = event.get("receivedAt")
-                received_ms = (int(parse_ts(stamped, "receivedAt").timestamp() * 1000)
-                               if isinstance(stamped, str) else record.timestamp)
+                received_ms = (
+                    int(parse_ts(stamped, "receivedAt").timestamp() * 1000)
+                    if isinstance(stamped, str)
+                    else record.timestamp
+                )
             received = datetime.fromtimestamp(received_ms / 1000, UTC)
             flags: list[str] = []
-            out = normalise(event, message_id=message_id, received=received, max_future_skew=self._skew,
-                            flags=flags, clock_skew=source.clock_skew if source is not None else "auto")
+            out = normalise(
+                event,
+                message_id=message_id,
+                received=received,
+                max_future_skew=self._skew,
+                flags=flags,
+                clock_skew=source.clock_skew if source is not None else "auto",
+            )
         except TimestampError as exc:
             raise _Bad(FailureType.SCHEMA_VIOLATION, [str(exc)], envelope, message_id) from None
 
@@ -179,8 +197,9 @@ class Pipeline:
         if source is None:
             flags.append(FLAG_UNKNOWN_SOURCE)
         switches = source.enrichment if source is not None else DEFAULT_ENRICHMENT
-        self.enricher.enrich(out, switches=switches, header_ua=envelope.user_agent,
-                             client_ip=envelope.client_ip, flags=flags)
+        self.enricher.enrich(
+            out, switches=switches, header_ua=envelope.user_agent, client_ip=envelope.client_ip, flags=flags
+        )
         out["_hw"] = {
             "source_id": source_id,
             "received_at_ms": received_ms,
@@ -190,37 +209,69 @@ class Pipeline:
         }
         value = orjson.dumps(out)
         if len(value) > self.settings.max_output_bytes:
-            raise _Bad(FailureType.SIZE_VIOLATION,
-                       [f"enriched event is {len(value)} bytes; the limit is {self.settings.max_output_bytes}"],
-                       envelope, message_id)
+            raise _Bad(
+                FailureType.SIZE_VIOLATION,
+                [f"enriched event is {len(value)} bytes; the limit is {self.settings.max_output_bytes}"],
+                envelope,
+                message_id,
+            )
         out_key = record.key or f"{source_id}:{user_key(out)}".encode()
         outputs = [OutRecord(self.settings.enriched_topic, out_key, value, ENRICHED_HEADERS)]
         names = destinations(source.destinations, out) if source is not None else []
-        outputs.extend(OutRecord(self.settings.dest_topic_prefix + name, out_key, value, ENRICHED_HEADERS)
-                       for name in names)
-        return Result(Kind.ENRICHED, outputs, seen=(key, received_ms), source_id=source_id,
-                      received_at_ms=received_ms, destinations=names)
+        outputs.extend(
+            OutRecord(self.settings.dest_topic_prefix + name, out_key, value, ENRICHED_HEADERS) for name in names
+        )
+        return Result(
+            Kind.ENRICHED,
+            outputs,
+            seen=(key, received_ms),
+            source_id=source_id,
+            received_at_ms=received_ms,
+            destinations=names,
+        )
 
-    def _bad_row(self, record: Any, failure: FailureType, errors: list[str], envelope: Envelope | None,
-                 message_id: str | None, ids: Envelope | None = None) -> Result:
+    def _bad_row(
+        self,
+        record: Any,
+        failure: FailureType,
+        errors: list[str],
+        envelope: Envelope | None,
+        message_id: str | None,
+        ids: Envelope | None = None,
+    ) -> Result:
         """A bad row; ``envelope`` when it was read (its event JSON is kept), else the raw
         record is kept and ``ids`` (if any) only names the source and message."""
         named = envelope if envelope is not None else ids
         row = BadRow(
-            failure_type=failure, errors=errors,
+            failure_type=failure,
+            errors=errors,
             # The event JSON when the Envelope was readable (what a replay needs), else the record.
             original=(envelope.event if envelope is not None else (record.value or b"")),
-            service="processor", version=VERSION,
+            service="processor",
+            version=VERSION,
             source_id=(named.source_id or None) if named is not None else None,
             message_id=message_id or ((named.message_id or None) if named is not None else None),
-            topic=record.topic, partition=record.partition, offset=record.offset,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
             request_id=(named.request_id or None) if named is not None else None,
-            extra=({"original_format": "event_json", "received_at_ms": envelope.received_at_ms,
-                    "client_ip": envelope.client_ip, "user_agent": envelope.user_agent,
-                    "path": envelope.path}
-                   if envelope is not None else {"original_format": "raw_record"}),
+            extra=(
+                {
+                    "original_format": "event_json",
+                    "received_at_ms": envelope.received_at_ms,
+                    "client_ip": envelope.client_ip,
+                    "user_agent": envelope.user_agent,
+                    "path": envelope.path,
+                }
+                if envelope is not None
+                else {"original_format": "raw_record"}
+            ),
         )
         # Keyed by source like ingest's bad rows, so one source's rows stay together.
         key = (row.source_id or UNKNOWN_SOURCE_KEY).encode()
-        return Result(Kind.DLQ, [OutRecord(self.settings.dlq_topic, key, row.to_json(), BAD_ROW_HEADERS)],
-                      reason=failure, source_id=row.source_id)
+        return Result(
+            Kind.DLQ,
+            [OutRecord(self.settings.dlq_topic, key, row.to_json(), BAD_ROW_HEADERS)],
+            reason=failure,
+            source_id=row.source_id,
+        )

@@ -78,7 +78,6 @@ class Settings(CommonSettings):
     dedupe_window_ms: int = Field(default=DAY_MS, ge=1000)
     dedupe_max_entries_per_partition: int = Field(default=500_000, ge=1)
 
-
     # Enrichment.
     geoip_path: Path | None = None
     ua_cache_size: int = Field(default=10_000, ge=0)

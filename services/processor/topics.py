@@ -21,11 +21,14 @@ from services.processor.settings import Settings
 async def ensure_outputs(settings: Settings) -> None:
     """events.raw, events.enriched and events.dlq, created or brought up to date."""
     s = settings
-    await topics.ensure(s.kafka_bootstrap, [
-        topics.RAW.spec(s.raw_topic, s.raw_partitions),
-        topics.ENRICHED.spec(s.enriched_topic, s.enriched_partitions, retention_ms=s.enriched_retention_ms),
-        topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
-    ])
+    await topics.ensure(
+        s.kafka_bootstrap,
+        [
+            topics.RAW.spec(s.raw_topic, s.raw_partitions),
+            topics.ENRICHED.spec(s.enriched_topic, s.enriched_partitions, retention_ms=s.enriched_retention_ms),
+            topics.DLQ.spec(s.dlq_topic, s.dlq_partitions),
+        ],
+    )
 
 
 async def ensure_changelog(settings: Settings) -> int:
@@ -36,13 +39,16 @@ async def ensure_changelog(settings: Settings) -> int:
     # Entries older than the window are useless, so retention is the window (plus a margin).
     # A changelog made by an older release was compacted, which refuses the keyless
     # records written now (every transaction would fail): ensure brings it up to date.
-    await topics.ensure(s.kafka_bootstrap, [topics.DEDUPE_CHANGELOG.spec(
-        s.dedupe_changelog, partitions, retention_ms=s.dedupe_window_ms + 3600 * 1000)])
+    await topics.ensure(
+        s.kafka_bootstrap,
+        [topics.DEDUPE_CHANGELOG.spec(s.dedupe_changelog, partitions, retention_ms=s.dedupe_window_ms + 3600 * 1000)],
+    )
     changelog_partitions = await partition_count(s.kafka_bootstrap, s.dedupe_changelog)
     if changelog_partitions < partitions:
         raise ConfigError(
             f"{s.dedupe_changelog} has {changelog_partitions} partitions but {s.raw_topic} has "
-            f"{partitions}; add partitions to the changelog to match")
+            f"{partitions}; add partitions to the changelog to match"
+        )
     return partitions
 
 
@@ -61,9 +67,13 @@ class DestTopics:
                 names.update(r.destinations)
         wanted = {s.dest_topic_prefix + name for name in names} - self._known
         if wanted:
-            await topics.ensure(s.kafka_bootstrap, [
-                topics.DEST.spec(name, s.dest_partitions, retention_ms=s.dest_retention_ms)
-                for name in sorted(wanted)])
+            await topics.ensure(
+                s.kafka_bootstrap,
+                [
+                    topics.DEST.spec(name, s.dest_partitions, retention_ms=s.dest_retention_ms)
+                    for name in sorted(wanted)
+                ],
+            )
             self._known |= wanted
 
 
@@ -79,4 +89,3 @@ async def partition_count(bootstrap: str, topic: str) -> int:
     if described["error_code"] or not described["partitions"]:
         raise DependencyUnavailable(f"topic {topic} is not available (error {described['error_code']})")
     return len(described["partitions"])
-

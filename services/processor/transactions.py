@@ -116,10 +116,14 @@ def make_producer(settings: Settings, partition: int) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap,
         transactional_id=f"{s.transactional_prefix}.{s.raw_topic}.{partition}",
-        transaction_timeout_ms=s.transaction_timeout_ms, acks="all",
+        transaction_timeout_ms=s.transaction_timeout_ms,
+        acks="all",
         compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
-        linger_ms=0, max_batch_size=256 * 1024, max_request_size=s.max_request_bytes,
-        partitioner=aiokafka_partitioner, client_id=f"{s.service_name}-{partition}",
+        linger_ms=0,
+        max_batch_size=256 * 1024,
+        max_request_size=s.max_request_bytes,
+        partitioner=aiokafka_partitioner,
+        client_id=f"{s.service_name}-{partition}",
     )
 
 
@@ -127,8 +131,15 @@ class TransactionManager:
     """The Partition objects this process owns, their producers, and what happens to them
     on assignment, revocation, failure, fence and close."""
 
-    def __init__(self, settings: Settings, consumer: Consumer, on_failure: Callable[[asyncio.Task[Any]], None],
-                 *, producer_factory: ProducerFactory = make_producer, restore_window: Restore = restore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: Consumer,
+        on_failure: Callable[[asyncio.Task[Any]], None],
+        *,
+        producer_factory: ProducerFactory = make_producer,
+        restore_window: Restore = restore,
+    ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.parts: dict[TopicPartition, Partition] = {}
@@ -188,8 +199,9 @@ class TransactionManager:
             if isinstance(outcome, int):
                 self._activate(part, outcome)
             elif isinstance(outcome, RETRIABLE):
-                log.warning("could not open partition on assignment; will retry", error=repr(outcome),
-                            **kafka_fields(part.tp))
+                log.warning(
+                    "could not open partition on assignment; will retry", error=repr(outcome), **kafka_fields(part.tp)
+                )
                 self._stall(part, PartitionStatus.RESETTING, delay_s=self.settings.retry_backoff_s)
             else:
                 raise outcome

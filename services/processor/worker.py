@@ -83,8 +83,15 @@ class Processor:
     """Owns the consumer and the run loop; the partitions and their producers are the
     TransactionManager's."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics, *,
-                 producer_factory: ProducerFactory = make_producer, restore_window: Restore = restore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        *,
+        producer_factory: ProducerFactory = make_producer,
+        restore_window: Restore = restore,
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.metrics = metrics
@@ -125,10 +132,15 @@ class Processor:
         s = self.settings
         await topics.ensure_outputs(s)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap, group_id=s.group_id,
-            isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest",
-            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            fetch_max_wait_ms=s.batch_linger_ms, fetch_max_bytes=s.fetch_max_bytes,
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            fetch_max_wait_ms=s.batch_linger_ms,
+            fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=max(1024 * 1024, s.fetch_max_bytes // 4),
             client_id=f"{s.service_name}-consumer",
         )
@@ -136,14 +148,18 @@ class Processor:
         await consumer.start()
         partitions = await topics.ensure_changelog(s)
         consumer.subscribe([s.raw_topic], listener=_Listener(self))
-        log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic},
-                 partitions=partitions)
+        log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic}, partitions=partitions)
 
     def bind(self, consumer: Any) -> None:
         """Use ``consumer`` (start() gives it the group consumer; unit tests a stand-in)."""
         self.consumer = consumer
-        self.txns = TransactionManager(self.settings, consumer, self._note_failure,
-                                       producer_factory=self._producer_factory, restore_window=self._restore_window)
+        self.txns = TransactionManager(
+            self.settings,
+            consumer,
+            self._note_failure,
+            producer_factory=self._producer_factory,
+            restore_window=self._restore_window,
+        )
 
     async def close(self) -> None:
         """Leave the group and close every producer; safe to call twice."""
@@ -172,7 +188,8 @@ class Processor:
             now = time.monotonic()
             return False, "stalled: " + ", ".join(
                 f"partition {p.tp.partition} {p.status.value} for {now - (p.stalled_since or now):.1f} s"
-                for p in sorted(stalled, key=lambda p: p.tp.partition))
+                for p in sorted(stalled, key=lambda p: p.tp.partition)
+            )
         return True, f"{len(self._parts)} partitions"
 
     # -- rebalance --------------------------------------------------------------
@@ -184,8 +201,7 @@ class Processor:
             try:
                 # A batch that failed with a bug is noted by _note_failure and ends the
                 # run loop; the revocation still completes.
-                await self._drain([p for tp in revoked if (p := self._parts.get(tp)) is not None],
-                                  raise_failure=False)
+                await self._drain([p for tp in revoked if (p := self._parts.get(tp)) is not None], raise_failure=False)
             finally:
                 await self.txns.revoke(revoked)
                 self.metrics.partitions.set(len(self._parts))
@@ -196,8 +212,11 @@ class Processor:
         async with self._lock:
             await self.txns.assign(assigned)
             self.metrics.partitions.set(len(self._parts))
-            log.info("partitions assigned", partitions=sorted(t.partition for t in assigned),
-                     **{"kafka.topic": self.settings.raw_topic})
+            log.info(
+                "partitions assigned",
+                partitions=sorted(t.partition for t in assigned),
+                **{"kafka.topic": self.settings.raw_topic},
+            )
 
     # -- the loop ---------------------------------------------------------------
 
@@ -230,8 +249,11 @@ class Processor:
         # any seek after this has bumped the epoch past the tag. Tagged before getmany,
         # records fetched after a seek would be dropped: a skip.
         parts = self._parts
-        return [Batch(tp, part.epoch, records) for tp, records in fetched.items()
-                if records and (part := parts.get(tp)) is not None]
+        return [
+            Batch(tp, part.epoch, records)
+            for tp, records in fetched.items()
+            if records and (part := parts.get(tp)) is not None
+        ]
 
     async def _dispatch(self, batch: Batch) -> None:
         """Queue ``batch`` as its partition's next transaction, behind the ones in flight.
@@ -251,8 +273,9 @@ class Processor:
             return  # revoked, stalled, or rewound since the fetch: these records come again
         part.compute(self.pipeline, batch)
         previous = part.chain[-1] if part.chain else None
-        task = asyncio.create_task(self._run_batch(part, batch, previous),
-                                   name=f"batch-{batch.tp.partition}-{batch.first_offset}")
+        task = asyncio.create_task(
+            self._run_batch(part, batch, previous), name=f"batch-{batch.tp.partition}-{batch.first_offset}"
+        )
         # Failures are visible: _run_batch handles Kafka errors; anything else is noted by
         # _note_failure and ends the run loop after its next fetch (or when awaited first).
         part.chain.append(task)
@@ -277,15 +300,24 @@ class Processor:
                 await self._commit(part, batch)
             except RETRIABLE as exc:
                 fenced = is_fenced(exc)
-                log.warning("producer fenced; the partition waits for a rebalance, then resets" if fenced else
-                            "transaction failed; partition will be read again from its committed offset",
-                            error=repr(exc), **kafka_fields(batch.tp, batch.first_offset))
+                log.warning(
+                    "producer fenced; the partition waits for a rebalance, then resets"
+                    if fenced
+                    else "transaction failed; partition will be read again from its committed offset",
+                    error=repr(exc),
+                    **kafka_fields(batch.tp, batch.first_offset),
+                )
                 self.metrics.transactions.labels("fenced" if fenced else "failed").inc()
                 (self.txns.fence if fenced else self.txns.fail)(part)
                 return False
             part.next_offset = batch.next_offset
-            account(self.metrics, part, batch, time.perf_counter() - started,
-                    sum(len(p.window) for p in self._parts.values() if p.window is not None))
+            account(
+                self.metrics,
+                part,
+                batch,
+                time.perf_counter() - started,
+                sum(len(p.window) for p in self._parts.values() if p.window is not None),
+            )
             return True
         finally:
             part.forget(batch.staged)
@@ -309,16 +341,18 @@ class Processor:
         s = self.settings
         producer, window = part.producer, part.window
         assert producer is not None and window is not None
-        await self._dest_topics.ensure(batch.results)                                 # 1
-        async with transactions.transaction(producer):                               # 2, 7
-            futures = await transactions.write_outputs(                              # 3
-                producer, [out for result in batch.results for out in result.outputs])
-            if batch.staged:                                                         # 4
-                futures.append(await producer.send(s.dedupe_changelog, encode_entries(batch.staged),
-                                                   partition=part.tp.partition))
-            await asyncio.gather(*futures)                                           # 5
+        await self._dest_topics.ensure(batch.results)  # 1
+        async with transactions.transaction(producer):  # 2, 7
+            futures = await transactions.write_outputs(  # 3
+                producer, [out for result in batch.results for out in result.outputs]
+            )
+            if batch.staged:  # 4
+                futures.append(
+                    await producer.send(s.dedupe_changelog, encode_entries(batch.staged), partition=part.tp.partition)
+                )
+            await asyncio.gather(*futures)  # 5
             await producer.send_offsets_to_transaction({part.tp: batch.next_offset}, s.group_id)  # 6
-        window.add_all(batch.staged.items())                                          # 8
+        window.add_all(batch.staged.items())  # 8
         if batch.staged:
             window.expire(max(batch.staged.values()))
 

@@ -30,28 +30,45 @@ KINDS = ("track", "page", "identify", "group", "alias")
 
 
 def sources(stream: str) -> dict[str, Any]:
-    return {"sources": [
-        {"id": "web", "name": "web", "write_key": WEB_KEY, "legacy": {"direction": "bridge", "stream": stream}},
-        {"id": "off", "name": "off", "write_key": OFF_KEY, "enabled": False,
-         "legacy": {"direction": "bridge", "stream": stream}},
-    ]}
+    return {
+        "sources": [
+            {"id": "web", "name": "web", "write_key": WEB_KEY, "legacy": {"direction": "bridge", "stream": stream}},
+            {
+                "id": "off",
+                "name": "off",
+                "write_key": OFF_KEY,
+                "enabled": False,
+                "legacy": {"direction": "bridge", "stream": stream},
+            },
+        ]
+    }
 
 
 def valid_records(prefix: str, count: int, event_ms: int) -> list[dict[str, Any]]:
     """Half typed, half typeless (the type inferred from the fields), over five kinds."""
-    return [legacy_record(WEB_KEY, message_id=f"{prefix}-{i}", typed=i % 2 == 0, kind=KINDS[i % len(KINDS)],
-                          event_ms=event_ms, userId=f"user-{i % 13}") for i in range(count)]
+    return [
+        legacy_record(
+            WEB_KEY,
+            message_id=f"{prefix}-{i}",
+            typed=i % 2 == 0,
+            kind=KINDS[i % len(KINDS)],
+            event_ms=event_ms,
+            userId=f"user-{i % 13}",
+        )
+        for i in range(count)
+    ]
 
 
 def bad_records(prefix: str, event_ms: int) -> tuple[list[dict[str, Any] | bytes], Counter[str]]:
     records: list[dict[str, Any] | bytes] = []
     records += [legacy_record("no-such-key", message_id=f"{prefix}-unknown-{i}", event_ms=event_ms) for i in range(3)]
     records += [legacy_record(OFF_KEY, message_id=f"{prefix}-off-{i}", event_ms=event_ms) for i in range(2)]
-    records += [legacy_record(WEB_KEY, message_id=f"{prefix}-typeless-{i}", typed=False, kind="other",
-                              event_ms=event_ms) for i in range(2)]
+    records += [
+        legacy_record(WEB_KEY, message_id=f"{prefix}-typeless-{i}", typed=False, kind="other", event_ms=event_ms)
+        for i in range(2)
+    ]
     records.append(b'{"appId": "' + WEB_KEY.encode() + b'", "broken')
-    return records, Counter({"unknown_write_key": 3, "disabled_source": 2, "type_not_inferable": 2,
-                             "invalid_json": 1})
+    return records, Counter({"unknown_write_key": 3, "disabled_source": 2, "type_not_inferable": 2, "invalid_json": 1})
 
 
 def mirrored_records(prefix: str, event_ms: int) -> list[dict[str, Any]]:
@@ -64,15 +81,19 @@ def mirrored_records(prefix: str, event_ms: int) -> list[dict[str, Any]]:
 async def split_first_shard(kinesis: Any, stream: str) -> tuple[str, list[str]]:
     shard = (await kinesis.list_shards(StreamName=stream))["Shards"][0]
     low, high = int(shard["HashKeyRange"]["StartingHashKey"]), int(shard["HashKeyRange"]["EndingHashKey"])
-    await kinesis.split_shard(StreamName=stream, ShardToSplit=shard["ShardId"],
-                              NewStartingHashKey=str((low + high) // 2))
+    await kinesis.split_shard(
+        StreamName=stream, ShardToSplit=shard["ShardId"], NewStartingHashKey=str((low + high) // 2)
+    )
     for _ in range(200):
         summary = await kinesis.describe_stream_summary(StreamName=stream)
         if summary["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE":
             break
         await asyncio.sleep(0.05)
-    children = [s["ShardId"] for s in (await kinesis.list_shards(StreamName=stream))["Shards"]
-                if s.get("ParentShardId") == shard["ShardId"]]
+    children = [
+        s["ShardId"]
+        for s in (await kinesis.list_shards(StreamName=stream))["Shards"]
+        if s.get("ParentShardId") == shard["ShardId"]
+    ]
     assert len(children) == 2
     return shard["ShardId"], children
 
@@ -84,19 +105,35 @@ async def enriched_ids(bootstrap: str, topic: str) -> Counter[str]:
 
 @pytest.mark.slow
 async def test_split_and_kill_9_every_valid_record_exactly_once(
-    kafka_bootstrap: str, cassandra_port: int, cassandra: CassandraClient, kinesis_endpoint: str, kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
-    new_group: Callable[[str], str], new_keyspace: Callable[[], str], tmp_path: Path,
+    kafka_bootstrap: str,
+    cassandra_port: int,
+    cassandra: CassandraClient,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_group: Callable[[str], str],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     stream = await new_stream(2)
     sources_file = tmp_path / "sources.json"
     sources_file.write_bytes(orjson.dumps(sources(stream)))
-    processor = (await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=4)
-                 ).model_copy(update={"http_port": free_port()})
+    processor = (await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=4)).model_copy(
+        update={"http_port": free_port()}
+    )
     settings: Settings = bridge_settings(
-        kafka_bootstrap=kafka_bootstrap, raw_topic=processor.raw_topic, dlq_topic=processor.dlq_topic,
-        enriched_topic=processor.enriched_topic, cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
-        aws_endpoint_url=kinesis_endpoint, sources_file=sources_file, http_port=free_port(), get_records_limit=40)
+        kafka_bootstrap=kafka_bootstrap,
+        raw_topic=processor.raw_topic,
+        dlq_topic=processor.dlq_topic,
+        enriched_topic=processor.enriched_topic,
+        cassandra_port=cassandra_port,
+        cassandra_keyspace=new_keyspace(),
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources_file,
+        http_port=free_port(),
+        get_records_limit=40,
+    )
     now = int(time.time() * 1000)
     minute = now - now % 60_000 - 120_000
     expected: set[str] = set()
@@ -105,14 +142,17 @@ async def test_split_and_kill_9_every_valid_record_exactly_once(
     expected |= {d["messageId"] for d in phase1}
     await put_legacy(kinesis, stream, [*phase1, *bad, *mirrored_records("p1", minute)])
 
-    procs = {"processor": start_subprocess(processor, tmp_path / "processor.log"),
-             "bridge1": start(settings, "bridge", tmp_path / "bridge1.log")}
+    procs = {
+        "processor": start_subprocess(processor, tmp_path / "processor.log"),
+        "bridge1": start(settings, "bridge", tmp_path / "bridge1.log"),
+    }
     try:
         await wait_ready(procs["bridge1"], settings.http_port, tmp_path / "bridge1.log")
 
         async def some_enriched(n: int) -> Callable[[], Awaitable[bool]]:
             async def check() -> bool:
                 return sum((await enriched_ids(kafka_bootstrap, processor.enriched_topic)).values()) >= n
+
             return check
 
         # Split a shard while the bridge reads it; the records after it land in the children.
@@ -128,8 +168,11 @@ async def test_split_and_kill_9_every_valid_record_exactly_once(
         phase3 = valid_records("p3", 120, minute + 60_000)
         expected |= {d["messageId"] for d in phase3}
         await put_legacy(kinesis, stream, phase3)
-        procs["bridge2"] = start(settings.model_copy(update={"owner_id": f"second-{uuid.uuid4().hex[:6]}"}),
-                                 "bridge", tmp_path / "bridge2.log")
+        procs["bridge2"] = start(
+            settings.model_copy(update={"owner_id": f"second-{uuid.uuid4().hex[:6]}"}),
+            "bridge",
+            tmp_path / "bridge2.log",
+        )
 
         seen: Counter[str] = Counter()
 
@@ -137,6 +180,7 @@ async def test_split_and_kill_9_every_valid_record_exactly_once(
             nonlocal seen
             seen = await enriched_ids(kafka_bootstrap, processor.enriched_topic)
             return expected <= set(seen)
+
         try:
             await eventually(all_there, 180, "every valid record in events.enriched")
         except AssertionError:
@@ -180,7 +224,8 @@ async def test_split_and_kill_9_every_valid_record_exactly_once(
     # The lease table says the parent was read to its end, and the children were checkpointed.
     rows = await cassandra.execute(
         f"SELECT shard_id, finished, checkpoint FROM {settings.cassandra_keyspace}.shard_leases WHERE stream = %s",
-        (stream,))
+        (stream,),
+    )
     leases = {r.shard_id: r for r in rows}
     assert leases[parent].finished is True
     assert all(leases[c].checkpoint for c in children)

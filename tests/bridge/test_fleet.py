@@ -21,9 +21,13 @@ def test_members_follow_the_sources(tmp_path: Path) -> None:
     assert legacy_directions(tmp_path) == {}
     assert legacy_members(settings, tmp_path, {}) == []
 
-    write_sources(tmp_path, [
-        {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "old"}},
-        {"id": "b", "name": "b", "write_key": "kb", "legacy": {"direction": "mirror", "stream": "out"}}])
+    write_sources(
+        tmp_path,
+        [
+            {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "old"}},
+            {"id": "b", "name": "b", "write_key": "kb", "legacy": {"direction": "mirror", "stream": "out"}},
+        ],
+    )
     directions = legacy_directions(tmp_path)
     assert directions == {"old": {"bridge"}, "out": {"mirror"}}
     members = {m.name: m for m in legacy_members(settings, tmp_path, directions)}
@@ -32,6 +36,7 @@ def test_members_follow_the_sources(tmp_path: Path) -> None:
     assert members["bridge"].env["HEADWATER_BRIDGE_AWS_ENDPOINT_URL"] == settings.kinesis_endpoint
     assert members["mirror"].env["HEADWATER_BRIDGE_MIRROR_HTTP_PORT"] == str(members["mirror"].port)
 
-    write_sources(tmp_path, [
-        {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "old"}}])
+    write_sources(
+        tmp_path, [{"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "old"}}]
+    )
     assert [m.name for m in legacy_members(settings, tmp_path, legacy_directions(tmp_path))] == ["bridge"]

@@ -23,8 +23,13 @@ KEY = "outage-web-write-key"
 
 @pytest.mark.slow
 async def test_kafka_killed_and_restarted_under_the_bridge(
-    private_stack: stack.StackSettings, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]], new_keyspace: Callable[[], str], tmp_path: Path,
+    private_stack: stack.StackSettings,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     await asyncio.to_thread(stack.up, private_stack, cassandra=False)
     bootstrap = private_stack.kafka_bootstrap
@@ -32,12 +37,27 @@ async def test_kafka_killed_and_restarted_under_the_bridge(
     await ensure_topics(bootstrap, [TopicSpec(raw, 2), TopicSpec(f"{raw}.dlq", 1)])
     stream = await new_stream(2)
     sources = tmp_path / "sources.json"
-    sources.write_bytes(orjson.dumps({"sources": [
-        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}))
-    settings = bridge_settings(kafka_bootstrap=bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
-                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
-                               aws_endpoint_url=kinesis_endpoint, sources_file=sources, http_port=free_port(),
-                               get_records_limit=50, parity_interval_s=0)
+    sources.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}
+                ]
+            }
+        )
+    )
+    settings = bridge_settings(
+        kafka_bootstrap=bootstrap,
+        raw_topic=raw,
+        dlq_topic=f"{raw}.dlq",
+        cassandra_port=cassandra_port,
+        cassandra_keyspace=new_keyspace(),
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources,
+        http_port=free_port(),
+        get_records_limit=50,
+        parity_interval_s=0,
+    )
     now = int(time.time() * 1000)
     ids = [f"outage-{i}" for i in range(4000)]
     await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=m, event_ms=now) for m in ids[:3000]])
@@ -47,6 +67,7 @@ async def test_kafka_killed_and_restarted_under_the_bridge(
 
         async def some() -> bool:
             return len(await read_topic(bootstrap, raw, expected=300, timeout_s=2)) >= 300
+
         await eventually(some, 60, "the bridge to forward the first records")
         # kill -9 the broker in the middle of the backlog, keep it away a while, bring it back.
         await asyncio.to_thread(stack.kafka_server(private_stack).kill)
@@ -63,6 +84,7 @@ async def test_kafka_killed_and_restarted_under_the_bridge(
             records = await read_topic(bootstrap, raw, expected=len(ids), timeout_s=5)
             seen = {Envelope.FromString(r.value).message_id for r in records}
             return seen >= set(ids)
+
         try:
             await eventually(all_there, 180, "every record in events.raw after the broker came back")
         except AssertionError:

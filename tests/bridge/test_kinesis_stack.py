@@ -14,10 +14,16 @@ from tests.bridge.helpers import bridge_settings
 from tests.helpers import free_port
 
 
-async def test_up_status_down_up_keeps_streams(stack_settings: stack.StackSettings, kinesis_endpoint: str,
-                                               tmp_path: Path) -> None:
-    private = stack.StackSettings(home=stack_settings.home, data_dir=tmp_path, kinesis_port=free_port(),
-                                  kafka_port=free_port(), cassandra_port=free_port())
+async def test_up_status_down_up_keeps_streams(
+    stack_settings: stack.StackSettings, kinesis_endpoint: str, tmp_path: Path
+) -> None:
+    private = stack.StackSettings(
+        home=stack_settings.home,
+        data_dir=tmp_path,
+        kinesis_port=free_port(),
+        kafka_port=free_port(),
+        cassandra_port=free_port(),
+    )
     server = kinesis_server(private)
     try:
         timings = stack.up(private, kafka=False, cassandra=False, kinesis=True)

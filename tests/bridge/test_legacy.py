@@ -19,14 +19,25 @@ from services.common.sources import SourceRegistry
 from tests.bridge.helpers import GO_ZERO, legacy_record
 
 STREAM = "legacy-events"
-SOURCES = {"sources": [
-    {"id": "web", "name": "web", "write_key": "wk-web-secret", "legacy": {"direction": "bridge", "stream": STREAM}},
-    {"id": "off", "name": "off", "write_key": "wk-off-secret", "enabled": False,
-     "legacy": {"direction": "bridge", "stream": STREAM}},
-    {"id": "moved", "name": "moved", "write_key": "wk-moved-secret",
-     "legacy": {"direction": "mirror", "stream": "legacy-other"}},
-    {"id": "plain", "name": "plain", "write_key": "wk-plain-secret"},
-]}
+SOURCES = {
+    "sources": [
+        {"id": "web", "name": "web", "write_key": "wk-web-secret", "legacy": {"direction": "bridge", "stream": STREAM}},
+        {
+            "id": "off",
+            "name": "off",
+            "write_key": "wk-off-secret",
+            "enabled": False,
+            "legacy": {"direction": "bridge", "stream": STREAM},
+        },
+        {
+            "id": "moved",
+            "name": "moved",
+            "write_key": "wk-moved-secret",
+            "legacy": {"direction": "mirror", "stream": "legacy-other"},
+        },
+        {"id": "plain", "name": "plain", "write_key": "wk-plain-secret"},
+    ]
+}
 KEYS = ["wk-web-secret", "wk-off-secret", "wk-moved-secret", "wk-plain-secret"]
 
 
@@ -57,17 +68,20 @@ def assert_no_key(raw: bytes) -> None:
         assert key.encode() not in raw
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"previousId": "a", "event": "x"}, "alias"),
-    ({"groupId": "g", "traits": {"a": 1}}, "group"),
-    ({"event": "Clicked", "traits": {"a": 1}}, "track"),
-    ({"traits": {"a": 1}}, "identify"),
-    ({"name": "Home"}, "page"),
-    ({"type": "t"}, "track"),
-    ({"type": "screen"}, "screen"),
-    ({"userId": "u"}, None),
-    ({"type": "nonsense"}, None),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"previousId": "a", "event": "x"}, "alias"),
+        ({"groupId": "g", "traits": {"a": 1}}, "group"),
+        ({"event": "Clicked", "traits": {"a": 1}}, "track"),
+        ({"traits": {"a": 1}}, "identify"),
+        ({"name": "Home"}, "page"),
+        ({"type": "t"}, "track"),
+        ({"type": "screen"}, "screen"),
+        ({"userId": "u"}, None),
+        ({"type": "nonsense"}, None),
+    ],
+)
 def test_type_inference_follows_the_old_api(fields: dict[str, object], expected: str | None) -> None:
     assert infer_type(fields) == expected
 
@@ -99,15 +113,19 @@ def test_a_record_without_a_message_id_gets_a_stable_one(decoder: LegacyDecoder)
     assert first.message_id == again.message_id == f"legacy-{AT.shard_id}-{AT.sequence}"
 
 
-@pytest.mark.parametrize(("doc", "reason"), [
-    (legacy_record("wk-nobody", event_ms=NOW), BadReason.UNKNOWN_WRITE_KEY),
-    (legacy_record("wk-off-secret", event_ms=NOW), BadReason.DISABLED_SOURCE),
-    (legacy_record("", event_ms=NOW), BadReason.NO_WRITE_KEY),
-    (legacy_record("wk-web-secret", typed=False, kind="other", event_ms=NOW), BadReason.TYPE_NOT_INFERABLE),
-    (legacy_record("wk-web-secret", event_ms=NOW, timestamp="yesterday"), BadReason.BAD_TIMESTAMP),
-])
-def test_bad_records_become_typed_bad_rows_without_keys(decoder: LegacyDecoder, doc: dict[str, object],
-                                                        reason: BadReason) -> None:
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (legacy_record("wk-nobody", event_ms=NOW), BadReason.UNKNOWN_WRITE_KEY),
+        (legacy_record("wk-off-secret", event_ms=NOW), BadReason.DISABLED_SOURCE),
+        (legacy_record("", event_ms=NOW), BadReason.NO_WRITE_KEY),
+        (legacy_record("wk-web-secret", typed=False, kind="other", event_ms=NOW), BadReason.TYPE_NOT_INFERABLE),
+        (legacy_record("wk-web-secret", event_ms=NOW, timestamp="yesterday"), BadReason.BAD_TIMESTAMP),
+    ],
+)
+def test_bad_records_become_typed_bad_rows_without_keys(
+    decoder: LegacyDecoder, doc: dict[str, object], reason: BadReason
+) -> None:
     out = decode(decoder, doc)
     assert isinstance(out, Rejected) and out.reason is reason
     raw = out.row.to_json()
@@ -150,12 +168,17 @@ def test_a_future_event_time_counts_in_the_minute_it_was_received(decoder: Legac
     assert isinstance(out, Bridged) and out.minute_ms == NOW
 
 
-def test_the_mirror_writes_the_legacy_format_with_the_marker(registry: SourceRegistry,
-                                                             decoder: LegacyDecoder) -> None:
-    enriched = {"type": "track", "event": "Paid", "messageId": "m-1", "userId": "u1",
-                "timestamp": "2026-01-01T00:00:00.000Z", "context": {"ip": "1.2.3.4", "geo": {"country": "GB"}},
-                "properties": {"revenue": 3},
-                "_hw": {"source_id": "moved", "received_at_ms": 1}}
+def test_the_mirror_writes_the_legacy_format_with_the_marker(registry: SourceRegistry, decoder: LegacyDecoder) -> None:
+    enriched = {
+        "type": "track",
+        "event": "Paid",
+        "messageId": "m-1",
+        "userId": "u1",
+        "timestamp": "2026-01-01T00:00:00.000Z",
+        "context": {"ip": "1.2.3.4", "geo": {"country": "GB"}},
+        "properties": {"revenue": 3},
+        "_hw": {"source_id": "moved", "received_at_ms": 1},
+    }
     converted = to_legacy(enriched, registry)
     assert isinstance(converted, list) and len(converted) == 1
     out = converted[0]
@@ -183,9 +206,14 @@ def test_put_records_chunks_respect_count_and_size_limits() -> None:
 
 
 def test_children_wait_for_every_listed_parent() -> None:
-    shards = [ShardInfo("s0", (), True), ShardInfo("s1", (), False), ShardInfo("s2", ("s0",), False),
-              ShardInfo("s3", ("s0",), False), ShardInfo("s4", ("s1", "s3"), False),
-              ShardInfo("s5", ("gone",), False)]
+    shards = [
+        ShardInfo("s0", (), True),
+        ShardInfo("s1", (), False),
+        ShardInfo("s2", ("s0",), False),
+        ShardInfo("s3", ("s0",), False),
+        ShardInfo("s4", ("s1", "s3"), False),
+        ShardInfo("s5", ("gone",), False),
+    ]
     assert [s.shard_id for s in ready_shards(shards, set())] == ["s0", "s1", "s5"]
     assert [s.shard_id for s in ready_shards(shards, {"s0"})] == ["s1", "s2", "s3", "s5"]
     assert [s.shard_id for s in ready_shards(shards, {"s0", "s1", "s3"})] == ["s2", "s4", "s5"]
@@ -201,9 +229,20 @@ def test_backoff_grows_to_its_bound_and_resets() -> None:
 
 def test_the_registry_refuses_a_source_both_bridged_and_mirrored_on_one_stream(tmp_path: Path) -> None:
     path = tmp_path / "sources.json"
-    path.write_bytes(orjson.dumps({"sources": [
-        {"id": "a", "name": "a", "write_key": "ka", "legacy": [{"direction": "bridge", "stream": "s"},
-                                                               {"direction": "mirror", "stream": "s"}]}]}))
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {
+                        "id": "a",
+                        "name": "a",
+                        "write_key": "ka",
+                        "legacy": [{"direction": "bridge", "stream": "s"}, {"direction": "mirror", "stream": "s"}],
+                    }
+                ]
+            }
+        )
+    )
     registry = SourceRegistry(path)
     assert not registry.load()
     ok, detail = registry.status()
@@ -214,25 +253,49 @@ def test_sources_may_run_different_ways_on_one_stream(tmp_path: Path) -> None:
     """The marker keeps a mirrored record out of the bridge, so a shared legacy stream can
     move over source by source."""
     path = tmp_path / "sources.json"
-    path.write_bytes(orjson.dumps({"sources": [
-        {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "s"}},
-        {"id": "b", "name": "b", "write_key": "kb", "legacy": [{"direction": "mirror", "stream": "s"},
-                                                               {"direction": "bridge", "stream": "old"}]}]}))
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {"id": "a", "name": "a", "write_key": "ka", "legacy": {"direction": "bridge", "stream": "s"}},
+                    {
+                        "id": "b",
+                        "name": "b",
+                        "write_key": "kb",
+                        "legacy": [{"direction": "mirror", "stream": "s"}, {"direction": "bridge", "stream": "old"}],
+                    },
+                ]
+            }
+        )
+    )
     registry = SourceRegistry(path)
     assert registry.load()
     a, b = registry.by_id("a"), registry.by_id("b")
     assert a is not None and b is not None
     assert (a.legacy_way("s"), b.legacy_way("s"), b.legacy_way("old"), a.legacy_way("old")) == (
-        "bridge", "mirror", "bridge", None)
+        "bridge",
+        "mirror",
+        "bridge",
+        None,
+    )
     mirrored = to_legacy({"type": "track", "event": "E", "messageId": "m", "_hw": {"source_id": "b"}}, registry)
     assert isinstance(mirrored, list) and [r.stream for r in mirrored] == ["s"]
     decoder = LegacyDecoder(registry, service="t", version="t", max_future_skew_ms=0)
     assert decoder.decode(mirrored[0].data, Position("s", "x", "1", NOW)) is Skip.MIRRORED
 
 
-@pytest.mark.parametrize("text", ["2026-12-01T07:21:00.123456789Z", "2026-12-01T07:21:00Z", "2026-12-01T07:21:00.1Z",
-                                  "2026-12-01T07:21:00.12+02:00", "2026-12-01T07:21:00.003Z", "2026-12-01 07:21:00",
-                                  "1999-12-31T23:59:59.999999Z"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-01T07:21:00.123456789Z",
+        "2026-12-01T07:21:00Z",
+        "2026-12-01T07:21:00.1Z",
+        "2026-12-01T07:21:00.12+02:00",
+        "2026-12-01T07:21:00.003Z",
+        "2026-12-01 07:21:00",
+        "1999-12-31T23:59:59.999999Z",
+    ],
+)
 def test_time_parsing_matches_the_standard_parser(text: str) -> None:
     expected = datetime.fromisoformat(text)
     expected = expected if expected.tzinfo else expected.replace(tzinfo=UTC)

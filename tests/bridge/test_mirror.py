@@ -34,26 +34,41 @@ KEY = "mirror-shop-write-key"
 
 
 def sources(stream: str) -> dict[str, Any]:
-    return {"sources": [{"id": "shop", "name": "shop", "write_key": KEY,
-                         "legacy": {"direction": "mirror", "stream": stream}}]}
+    return {
+        "sources": [
+            {"id": "shop", "name": "shop", "write_key": KEY, "legacy": {"direction": "mirror", "stream": stream}}
+        ]
+    }
 
 
 async def send(port: int, first: int, count: int) -> None:
     auth = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
-    batch = [{"type": "track", "event": "Order Completed", "userId": f"u{i % 7}", "messageId": f"mirror-{i}",
-              "properties": {"revenue": i}} for i in range(first, first + count)]
+    batch = [
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": f"u{i % 7}",
+            "messageId": f"mirror-{i}",
+            "properties": {"revenue": i},
+        }
+        for i in range(first, first + count)
+    ]
     async with aiohttp.ClientSession() as http:
         for start_at in range(0, len(batch), 50):
-            async with http.post(f"http://127.0.0.1:{port}/v1/batch", json={"batch": batch[start_at:start_at + 50]},
-                                 headers={"Authorization": auth}) as resp:
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/batch",
+                json={"batch": batch[start_at : start_at + 50]},
+                headers={"Authorization": auth},
+            ) as resp:
                 assert resp.status == 200, await resp.text()
 
 
 def start_ingest(env_values: dict[str, Any], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **{f"HEADWATER_INGEST_{k}": str(v) for k, v in env_values.items()}}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.ingest"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.ingest"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def legacy_ids(kinesis: Any, stream: str) -> list[dict[str, Any]]:
@@ -62,24 +77,45 @@ async def legacy_ids(kinesis: Any, stream: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 async def test_ingest_to_legacy_stream_at_least_once_across_kill_9(
-    kafka_bootstrap: str, kinesis_endpoint: str, kinesis: Any, new_stream: Callable[..., Awaitable[str]],
-    new_topic: Callable[..., Awaitable[str]], new_group: Callable[[str], str], tmp_path: Path,
+    kafka_bootstrap: str,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_group: Callable[[str], str],
+    tmp_path: Path,
 ) -> None:
     stream = await new_stream(2)
     sources_file = tmp_path / "sources.json"
     sources_file.write_bytes(orjson.dumps(sources(stream)))
-    processor = (await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2)
-                 ).model_copy(update={"http_port": free_port()})
+    processor = (await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2)).model_copy(
+        update={"http_port": free_port()}
+    )
     ingest_port = free_port()
-    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, enriched_topic=processor.enriched_topic,
-                               dlq_topic=processor.dlq_topic, aws_endpoint_url=kinesis_endpoint,
-                               sources_file=sources_file, mirror_http_port=free_port(),
-                               mirror_group_id=new_group("mirror"), mirror_batch_max_records=40)
+    settings = bridge_settings(
+        kafka_bootstrap=kafka_bootstrap,
+        enriched_topic=processor.enriched_topic,
+        dlq_topic=processor.dlq_topic,
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources_file,
+        mirror_http_port=free_port(),
+        mirror_group_id=new_group("mirror"),
+        mirror_batch_max_records=40,
+    )
     procs = {
-        "ingest": start_ingest({"KAFKA_BOOTSTRAP": kafka_bootstrap, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": ingest_port,
-                                "RAW_TOPIC": processor.raw_topic, "DLQ_TOPIC": processor.dlq_topic,
-                                "SOURCES_FILE": sources_file, "SPOOL_DIR": tmp_path / "spool", "RAW_PARTITIONS": 2},
-                               tmp_path / "ingest.log"),
+        "ingest": start_ingest(
+            {
+                "KAFKA_BOOTSTRAP": kafka_bootstrap,
+                "HTTP_HOST": "127.0.0.1",
+                "HTTP_PORT": ingest_port,
+                "RAW_TOPIC": processor.raw_topic,
+                "DLQ_TOPIC": processor.dlq_topic,
+                "SOURCES_FILE": sources_file,
+                "SPOOL_DIR": tmp_path / "spool",
+                "RAW_PARTITIONS": 2,
+            },
+            tmp_path / "ingest.log",
+        ),
         "processor": start_subprocess(processor, tmp_path / "processor.log"),
         "mirror1": start(settings, "mirror", tmp_path / "mirror1.log"),
     }
@@ -91,6 +127,7 @@ async def test_ingest_to_legacy_stream_at_least_once_across_kill_9(
         async def count_at_least(n: int) -> Callable[[], Awaitable[bool]]:
             async def check() -> bool:
                 return len({d["messageId"] for d in await legacy_ids(kinesis, stream)}) >= n
+
             return check
 
         await eventually(await count_at_least(40), 90, "the mirror to write the first records")
@@ -105,6 +142,7 @@ async def test_ingest_to_legacy_stream_at_least_once_across_kill_9(
             nonlocal records
             records = await legacy_ids(kinesis, stream)
             return len({d["messageId"] for d in records}) >= 400
+
         await eventually(all_there, 120, "every event in the legacy stream")
     finally:
         for proc in procs.values():
@@ -129,18 +167,36 @@ async def test_a_record_over_the_kinesis_limit_is_a_bad_row(tmp_path: Path) -> N
     path.write_bytes(orjson.dumps(sources("legacy")))
     registry = SourceRegistry(path)
     registry.load()
-    mirror = Mirror(bridge_settings(), registry, kinesis=None, consumer=None, producer=None,  # type: ignore[arg-type]
-                    metrics=make_mirror_metrics(CollectorRegistry()), version="test")
-    huge = {"type": "track", "event": "Big", "messageId": "big-1", "properties": {"blob": "x" * (1024 * 1024)},
-            "_hw": {"source_id": "shop"}}
+    mirror = Mirror(
+        bridge_settings(),
+        registry,
+        kinesis=None,  # type: ignore[arg-type]
+        consumer=None,
+        producer=None,
+        metrics=make_mirror_metrics(CollectorRegistry()),
+        version="test",
+    )
+    huge = {
+        "type": "track",
+        "event": "Big",
+        "messageId": "big-1",
+        "properties": {"blob": "x" * (1024 * 1024)},
+        "_hw": {"source_id": "shop"},
+    }
     small = {**huge, "messageId": "small-1", "properties": {}}
     other = {**small, "_hw": {"source_id": "elsewhere"}}
-    batch = mirror.prepare([SimpleNamespace(topic="t", partition=0, offset=i, value=orjson.dumps(doc))
-                            for i, doc in enumerate((huge, small, other))] +
-                           [SimpleNamespace(topic="t", partition=1, offset=7, value=b"not json")])
+    batch = mirror.prepare(
+        [
+            SimpleNamespace(topic="t", partition=0, offset=i, value=orjson.dumps(doc))
+            for i, doc in enumerate((huge, small, other))
+        ]
+        + [SimpleNamespace(topic="t", partition=1, offset=7, value=b"not json")]
+    )
     assert [r.message_id for r in batch.by_stream["legacy"]] == ["small-1"]
     assert [(row.failure_type, row.message_id) for row in batch.bad] == [
-        (FailureType.SIZE_VIOLATION, "big-1"), (FailureType.INVALID_JSON, None)]
+        (FailureType.SIZE_VIOLATION, "big-1"),
+        (FailureType.INVALID_JSON, None),
+    ]
     assert KEY.encode() not in batch.bad[0].to_json()
     # Cut, so the row itself fits a Kafka record.
     assert len(batch.bad[0].to_json()) < 200_000 and batch.bad[0].extra["original_truncated_to"] == 64 * 1024

@@ -43,28 +43,50 @@ def test_throughput_and_service_errors_are_retried_others_are_not() -> None:
 
 
 async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
-    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str], tmp_path: Path,
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     stream = await new_stream(1)
     sources = tmp_path / "sources.json"
-    sources.write_bytes(orjson.dumps({"sources": [
-        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}))
+    sources.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}
+                ]
+            }
+        )
+    )
     raw = await new_topic("raw", partitions=1)
-    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
-                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
-                               aws_endpoint_url=kinesis_endpoint, sources_file=sources, owner_id="reader")
-    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000))
-                                       for i in range(5)])
+    settings = bridge_settings(
+        kafka_bootstrap=kafka_bootstrap,
+        raw_topic=raw,
+        dlq_topic=f"{raw}.dlq",
+        cassandra_port=cassandra_port,
+        cassandra_keyspace=new_keyspace(),
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources,
+        owner_id="reader",
+    )
+    await put_legacy(
+        kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000)) for i in range(5)]
+    )
     store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
     await store.migrate(settings.cassandra_replication)
     await store.prepare()
     # A checkpoint from before the stream's retention (here: one this shard never had).
     lease = await store.take(stream, "shardId-000000000000", None, "someone-before", 1000)
     assert lease is not None
-    assert await store.checkpoint(lease, "49590338271490256608559692538361571095921575989136588898",
-                                  finished=False, duration_ms=0)
+    assert await store.checkpoint(
+        lease, "49590338271490256608559692538361571095921575989136588898", finished=False, duration_ms=0
+    )
     registry = SourceRegistry(sources)
     registry.load()
     prometheus = CollectorRegistry()
@@ -79,6 +101,7 @@ async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
         async def forwarded() -> bool:
             assert not task.done(), task
             return len(await read_topic(kafka_bootstrap, raw, expected=5, timeout_s=2)) >= 5
+
         await eventually(forwarded, 60, "the shard to be read from its oldest record")
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -97,52 +120,93 @@ class PartlyRefusing:
     async def put_records(self, *, StreamName: str, Records: list[dict[str, Any]]) -> dict[str, Any]:
         self.calls.append([r["PartitionKey"] for r in Records])
         first = len(self.calls) == 1
-        return {"Records": [{"ErrorCode": "ProvisionedThroughputExceededException"} if first and i % 2 else
-                            {"SequenceNumber": "1", "ShardId": "s"} for i in range(len(Records))]}
+        return {
+            "Records": [
+                {"ErrorCode": "ProvisionedThroughputExceededException"}
+                if first and i % 2
+                else {"SequenceNumber": "1", "ShardId": "s"}
+                for i in range(len(Records))
+            ]
+        }
 
 
 @pytest.mark.parametrize("count", [7])
 async def test_put_records_sends_only_the_refused_records_again(count: int, tmp_path: Path) -> None:
     client = PartlyRefusing()
     prometheus = CollectorRegistry()
-    mirror = Mirror(bridge_settings(backoff_initial_s=0.01), SourceRegistry(tmp_path / "none.json"),
-                    client, consumer=None, producer=None,  # type: ignore[arg-type]
-                    metrics=make_mirror_metrics(prometheus), version="test")
+    mirror = Mirror(
+        bridge_settings(backoff_initial_s=0.01),
+        SourceRegistry(tmp_path / "none.json"),
+        client,  # type: ignore[arg-type]
+        consumer=None,
+        producer=None,
+        metrics=make_mirror_metrics(prometheus),
+        version="test",
+    )
     records = [LegacyRecord("s", f"m{i}", b"{}", "web", f"m{i}") for i in range(count)]
     assert await mirror.put_chunk("s", records)
     assert client.calls == [[f"m{i}" for i in range(count)], ["m1", "m3", "m5"]]
-    assert prometheus.get_sample_value("headwater_mirror_put_retries_total",
-                                       {"stream": "s", "reason": "ProvisionedThroughputExceededException"}) == 3
-    assert prometheus.get_sample_value("headwater_mirror_records_total",
-                                       {"stream": "s", "outcome": "sent", "reason": ""}) == count
+    assert (
+        prometheus.get_sample_value(
+            "headwater_mirror_put_retries_total", {"stream": "s", "reason": "ProvisionedThroughputExceededException"}
+        )
+        == 3
+    )
+    assert (
+        prometheus.get_sample_value("headwater_mirror_records_total", {"stream": "s", "outcome": "sent", "reason": ""})
+        == count
+    )
 
 
 async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
-    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str], tmp_path: Path,
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     stream = await new_stream(2)
     sources = tmp_path / "sources.json"
-    sources.write_bytes(orjson.dumps({"sources": [
-        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}))
+    sources.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}
+                ]
+            }
+        )
+    )
     raw = await new_topic("raw", partitions=1)
-    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
-                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
-                               aws_endpoint_url=kinesis_endpoint, sources_file=sources, get_records_limit=10)
+    settings = bridge_settings(
+        kafka_bootstrap=kafka_bootstrap,
+        raw_topic=raw,
+        dlq_topic=f"{raw}.dlq",
+        cassandra_port=cassandra_port,
+        cassandra_keyspace=new_keyspace(),
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources,
+        get_records_limit=10,
+    )
     now = int(time.time() * 1000)
     await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"before-{i}", event_ms=now) for i in range(60)])
     shards = (await kinesis.list_shards(StreamName=stream))["Shards"]
-    await kinesis.merge_shards(StreamName=stream, ShardToMerge=shards[0]["ShardId"],
-                               AdjacentShardToMerge=shards[1]["ShardId"])
+    await kinesis.merge_shards(
+        StreamName=stream, ShardToMerge=shards[0]["ShardId"], AdjacentShardToMerge=shards[1]["ShardId"]
+    )
     for _ in range(200):
         if (await kinesis.describe_stream_summary(StreamName=stream))["StreamDescriptionSummary"][
-                "StreamStatus"] == "ACTIVE":
+            "StreamStatus"
+        ] == "ACTIVE":
             break
         await asyncio.sleep(0.05)
     await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=f"after-{i}", event_ms=now) for i in range(40)])
-    [child] = [s["ShardId"] for s in (await kinesis.list_shards(StreamName=stream))["Shards"]
-               if s.get("AdjacentParentShardId")]
+    [child] = [
+        s["ShardId"] for s in (await kinesis.list_shards(StreamName=stream))["Shards"] if s.get("AdjacentParentShardId")
+    ]
 
     store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
     await store.migrate(settings.cassandra_replication)
@@ -154,8 +218,9 @@ async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
     stop = asyncio.Event()
     records: list[Any] = []
     try:
-        bridge = Bridge(settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()),
-                        version="test")
+        bridge = Bridge(
+            settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()), version="test"
+        )
         task = asyncio.create_task(bridge.run(stop))
 
         async def all_there() -> bool:
@@ -163,6 +228,7 @@ async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
             assert not task.done(), task
             records = await read_topic(kafka_bootstrap, raw, expected=100, timeout_s=2)
             return len(records) >= 100
+
         await eventually(all_there, 60, "every record of both parents and the child")
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -176,19 +242,32 @@ async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
 
 
 async def test_a_stream_no_longer_bridged_is_let_go(
-    kafka_bootstrap: str, cassandra: CassandraClient, cassandra_port: int, kinesis_endpoint: str, kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]], new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str], tmp_path: Path,
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     stream = await new_stream(2)
     sources = tmp_path / "sources.json"
-    bridged = {"sources": [
-        {"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]}
+    bridged = {
+        "sources": [{"id": "web", "name": "web", "write_key": KEY, "legacy": {"direction": "bridge", "stream": stream}}]
+    }
     sources.write_bytes(orjson.dumps(bridged))
     raw = await new_topic("raw", partitions=1)
-    settings = bridge_settings(kafka_bootstrap=kafka_bootstrap, raw_topic=raw, dlq_topic=f"{raw}.dlq",
-                               cassandra_port=cassandra_port, cassandra_keyspace=new_keyspace(),
-                               aws_endpoint_url=kinesis_endpoint, sources_file=sources)
+    settings = bridge_settings(
+        kafka_bootstrap=kafka_bootstrap,
+        raw_topic=raw,
+        dlq_topic=f"{raw}.dlq",
+        cassandra_port=cassandra_port,
+        cassandra_keyspace=new_keyspace(),
+        aws_endpoint_url=kinesis_endpoint,
+        sources_file=sources,
+    )
     store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
     await store.migrate(settings.cassandra_replication)
     await store.prepare()
@@ -198,15 +277,18 @@ async def test_a_stream_no_longer_bridged_is_let_go(
     stop = asyncio.Event()
     try:
         async with registry.running():
-            bridge = Bridge(settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()),
-                            version="test")
+            bridge = Bridge(
+                settings, registry, store, kinesis, producer, make_bridge_metrics(CollectorRegistry()), version="test"
+            )
             task = asyncio.create_task(bridge.run(stop))
 
             async def held(n: int) -> Callable[[], Awaitable[bool]]:
                 async def check() -> bool:
                     assert not task.done(), task
                     return len(bridge.readers) == n
+
                 return check
+
             await eventually(await held(2), 30, "both shards held")
             sources.write_bytes(orjson.dumps({"sources": [{"id": "web", "name": "web", "write_key": KEY}]}))
             await eventually(await held(0), 30, "the shards let go")

@@ -35,11 +35,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     started = time.monotonic()
     try:
         timings = cluster.up()
-        FIGURES.append(f"cluster of {settings.nodes}+{settings.nodes} up in {time.monotonic() - started:.1f}s "
-                       f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+        FIGURES.append(
+            f"cluster of {settings.nodes}+{settings.nodes} up in {time.monotonic() - started:.1f}s "
+            f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})"
+        )
         yield cluster
-        FIGURES.append("RSS at the end: " + ", ".join(
-            f"{line.split()[0]} {line.split('rss')[1].split()[0]} MiB" for line in cluster.status()))
+        FIGURES.append(
+            "RSS at the end: "
+            + ", ".join(f"{line.split()[0]} {line.split('rss')[1].split()[0]} MiB" for line in cluster.status())
+        )
     finally:
         if os.environ.get("HEADWATER_CLUSTER_KEEP") != "1":
             cluster.kill()

@@ -116,19 +116,22 @@ class Timeline:
         back_at = self.marks[back]
         last = self.samples[-1][0] if self.samples else back_at
         k = self.killed_at
-        parts = [f"{name}: healed {stall_end - k:.1f}s after the kill -9 (longest stall "
-                 f"{stall_end - stall_start:.1f}s, +{stall_start - k:.1f}s..+{stall_end - k:.1f}s)",
-                 *(f"{m} +{v - k:.1f}s" for m, v in self.marks.items()),
-                 f"{unit}/s: before {self.rate(k - 10, k):.0f}, first 10 s after the kill {self.rate(k, k + 10):.0f}, "
-                 f"node away {self.rate(k, back_at):.0f}, after {self.rate(back_at, last):.0f}"]
+        parts = [
+            f"{name}: healed {stall_end - k:.1f}s after the kill -9 (longest stall "
+            f"{stall_end - stall_start:.1f}s, +{stall_start - k:.1f}s..+{stall_end - k:.1f}s)",
+            *(f"{m} +{v - k:.1f}s" for m, v in self.marks.items()),
+            f"{unit}/s: before {self.rate(k - 10, k):.0f}, first 10 s after the kill {self.rate(k, k + 10):.0f}, "
+            f"node away {self.rate(k, back_at):.0f}, after {self.rate(back_at, last):.0f}",
+        ]
         line = "; ".join(parts)
         FIGURES.append(line)
         print(line)
         return line
 
 
-async def sample_every(timeline: Timeline, read: Callable[[], Awaitable[int]], stop: asyncio.Event,
-                       interval_s: float = 0.25) -> None:
+async def sample_every(
+    timeline: Timeline, read: Callable[[], Awaitable[int]], stop: asyncio.Event, interval_s: float = 0.25
+) -> None:
     """Sample ``read()`` (a running total) into the timeline until ``stop``."""
     while not stop.is_set():
         try:

@@ -71,12 +71,24 @@ def sources(tmp_path: Path) -> Path:
 
 def processor_settings(cluster: Cluster, raw: str, source_file: Path, **overrides: Any) -> ProcessorSettings:
     values: dict[str, Any] = {
-        "kafka_bootstrap": cluster.kafka_bootstrap, "http_host": "127.0.0.1", "http_port": free_port(),
-        "raw_topic": raw, "enriched_topic": f"{raw}.enriched", "dlq_topic": f"{raw}.dlq",
-        "dest_topic_prefix": f"{raw}.dest.", "dedupe_topic": f"{raw}.dedupe", "group_id": unique_name("cl-proc"),
-        "sources_file": source_file, "raw_partitions": 4, "enriched_partitions": 4, "dlq_partitions": 1,
-        "dest_partitions": 1, "session_timeout_ms": 10_000, "heartbeat_interval_ms": 1000,
-        "batch_linger_ms": 20, "retry_backoff_s": 0.2,
+        "kafka_bootstrap": cluster.kafka_bootstrap,
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "raw_topic": raw,
+        "enriched_topic": f"{raw}.enriched",
+        "dlq_topic": f"{raw}.dlq",
+        "dest_topic_prefix": f"{raw}.dest.",
+        "dedupe_topic": f"{raw}.dedupe",
+        "group_id": unique_name("cl-proc"),
+        "sources_file": source_file,
+        "raw_partitions": 4,
+        "enriched_partitions": 4,
+        "dlq_partitions": 1,
+        "dest_partitions": 1,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1000,
+        "batch_linger_ms": 20,
+        "retry_backoff_s": 0.2,
     }
     values.update(overrides)
     return ProcessorSettings(**values)
@@ -110,10 +122,18 @@ async def test_raw_leader_killed_under_ingest_load(cluster: Cluster, tmp_path: P
     source_file = sources(tmp_path)
     proc_settings = processor_settings(cluster, raw, source_file)
     ingest_port = free_port()
-    ingest_env = {"KAFKA_BOOTSTRAP": bootstrap, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": ingest_port,
-                  "RAW_TOPIC": raw, "DLQ_TOPIC": f"{raw}.dlq", "RAW_PARTITIONS": 4, "DLQ_PARTITIONS": 1,
-                  "SOURCES_FILE": source_file, "SPOOL_DIR": tmp_path / "spool",
-                  "KAFKA_ACK_TIMEOUT_S": ACK_DEADLINE_S}
+    ingest_env = {
+        "KAFKA_BOOTSTRAP": bootstrap,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": ingest_port,
+        "RAW_TOPIC": raw,
+        "DLQ_TOPIC": f"{raw}.dlq",
+        "RAW_PARTITIONS": 4,
+        "DLQ_PARTITIONS": 1,
+        "SOURCES_FILE": source_file,
+        "SPOOL_DIR": tmp_path / "spool",
+        "KAFKA_ACK_TIMEOUT_S": ACK_DEADLINE_S,
+    }
     procs: list[subprocess.Popen[bytes]] = []
     acked: set[str] = set()
     unanswered = [0]
@@ -128,12 +148,20 @@ async def test_raw_leader_killed_under_ingest_load(cluster: Cluster, tmp_path: P
         async def sender(http: aiohttp.ClientSession, worker: int) -> None:
             n = 0
             while not stop_load.is_set():
-                batch = [{"type": "track", "event": "Clicked", "userId": f"u{(worker * 7 + i) % 50}",
-                          "messageId": f"a-{worker}-{n}-{i}"} for i in range(50)]
+                batch = [
+                    {
+                        "type": "track",
+                        "event": "Clicked",
+                        "userId": f"u{(worker * 7 + i) % 50}",
+                        "messageId": f"a-{worker}-{n}-{i}",
+                    }
+                    for i in range(50)
+                ]
                 n += 1
                 try:
-                    async with http.post(f"http://127.0.0.1:{ingest_port}/v1/batch", json={"batch": batch},
-                                         headers=AUTH) as resp:
+                    async with http.post(
+                        f"http://127.0.0.1:{ingest_port}/v1/batch", json={"batch": batch}, headers=AUTH
+                    ) as resp:
                         if resp.status == 200:
                             acked.update(e["messageId"] for e in batch)
                             timeline.add(len(acked))
@@ -184,9 +212,13 @@ async def test_broker_killed_while_the_processor_commits(cluster: Cluster, tmp_p
     stop_load, stop_sampling = asyncio.Event(), asyncio.Event()
 
     def chunk(start: int, count: int) -> list[tuple[bytes | None, bytes | None]]:
-        return [(f"web:u{i % 61}".encode(),
-                 envelope({"type": "track", "event": "Paid", "userId": f"u{i % 61}"}, message_id=f"t-{i}"))
-                for i in range(start, start + count)]
+        return [
+            (
+                f"web:u{i % 61}".encode(),
+                envelope({"type": "track", "event": "Paid", "userId": f"u{i % 61}"}, message_id=f"t-{i}"),
+            )
+            for i in range(start, start + count)
+        ]
 
     async def load() -> None:
         nonlocal produced
@@ -201,15 +233,18 @@ async def test_broker_killed_while_the_processor_commits(cluster: Cluster, tmp_p
     try:
         await fleet.wait_ready("processor", proc, settings.http_port, tmp_path / "processor.log")
         loader = asyncio.create_task(load())
-        sampler = asyncio.create_task(sample_every(
-            timeline, lambda: committed_total(bootstrap, settings.group_id, raw), stop_sampling))
-        await eventually(lambda: _true(bool(timeline.samples) and timeline.samples[-1][1] >= 5000), 90,
-                         "the processor committing")
+        sampler = asyncio.create_task(
+            sample_every(timeline, lambda: committed_total(bootstrap, settings.group_id, raw), stop_sampling)
+        )
+        await eventually(
+            lambda: _true(bool(timeline.samples) and timeline.samples[-1][1] >= 5000), 90, "the processor committing"
+        )
         victim = await busiest_leader(bootstrap, settings.enriched_topic)
         timeline.kill()
         await asyncio.to_thread(cluster.kafka(victim).kill)
-        await eventually(lambda: led_without(bootstrap, settings.enriched_topic, victim), 60,
-                         "new leaders of events.enriched")
+        await eventually(
+            lambda: led_without(bootstrap, settings.enriched_topic, victim), 60, "new leaders of events.enriched"
+        )
         timeline.mark("new leaders")
         await eventually(lambda: _true(timeline.progress_resumed() is not None), 90, "commits after the kill")
         await restart(cluster, "kafka", victim, timeline)
@@ -227,8 +262,11 @@ async def test_broker_killed_while_the_processor_commits(cluster: Cluster, tmp_p
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
         fleet.stop([proc])
-    timeline.report(f"broker {victim} (most events.enriched leaders) killed while the processor commits",
-                    "committed events", "kafka back")
+    timeline.report(
+        f"broker {victim} (most events.enriched leaders) killed while the processor commits",
+        "committed events",
+        "kafka back",
+    )
     ids = await enriched_ids(bootstrap, settings.enriched_topic)
     assert_exactly_once(ids, {f"t-{i}" for i in range(produced)})
     assert len(ids) == produced
@@ -241,18 +279,33 @@ async def test_cassandra_node_killed_while_metrics_flushes(cluster: Cluster, tmp
     enriched = unique_name("test.cl.enriched")
     await topics.ensure(bootstrap, [topics.ENRICHED.spec(enriched, 3)])
     settings = MetricsSettings(
-        kafka_bootstrap=bootstrap, enriched_topic=enriched, late_topic=f"{enriched}.late",
-        dlq_topic=f"{enriched}.dlq", late_topic_partitions=1, dlq_partitions=1,
-        consumer_group=unique_name("cl-metrics"), cassandra_hosts=cluster.cassandra_hosts,
-        cassandra_port=cluster.settings.cassandra_port, cassandra_keyspace=unique_name("cl").lower(),
+        kafka_bootstrap=bootstrap,
+        enriched_topic=enriched,
+        late_topic=f"{enriched}.late",
+        dlq_topic=f"{enriched}.dlq",
+        late_topic_partitions=1,
+        dlq_partitions=1,
+        consumer_group=unique_name("cl-metrics"),
+        cassandra_hosts=cluster.cassandra_hosts,
+        cassandra_port=cluster.settings.cassandra_port,
+        cassandra_keyspace=unique_name("cl").lower(),
         cassandra_replication="{'class': 'SimpleStrategy', 'replication_factor': 3}",
-        sources_file=write_sources(tmp_path / "sources.json", SUMS), flush_interval_s=0.3,
-        allowed_lateness_s=600.0, max_event_age_s=1800.0, max_poll_records=300, max_dirty_rows=200,
-        http_host="127.0.0.1")
+        sources_file=write_sources(tmp_path / "sources.json", SUMS),
+        flush_interval_s=0.3,
+        allowed_lateness_s=600.0,
+        max_event_age_s=1800.0,
+        max_poll_records=300,
+        max_dirty_rows=200,
+        http_host="127.0.0.1",
+    )
     ks, group = settings.cassandra_keyspace, settings.consumer_group
     # Checks read at QUORUM too: a replica that missed writes while it was down must not answer alone.
-    client = CassandraClient(cluster.cassandra_hosts, settings.cassandra_port, request_timeout_s=30,
-                             consistency_level=settings.read_consistency)
+    client = CassandraClient(
+        cluster.cassandra_hosts,
+        settings.cassandra_port,
+        request_timeout_s=30,
+        consistency_level=settings.read_consistency,
+    )
     await client.connect()
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     sent = await produce(bootstrap, enriched, workload(3000, base, 3, seed=41))
@@ -268,8 +321,9 @@ async def test_cassandra_node_killed_while_metrics_flushes(cluster: Cluster, tmp
 
     try:
         sampler = asyncio.create_task(sample_every(timeline, rolled_up, stop_sampling))
-        await eventually(lambda: _true(bool(timeline.samples) and timeline.samples[-1][1] >= 500), 120,
-                         "metrics flushing")
+        await eventually(
+            lambda: _true(bool(timeline.samples) and timeline.samples[-1][1] >= 500), 120, "metrics flushing"
+        )
         timeline.kill()
         await asyncio.to_thread(cluster.cassandra(victim).kill)
         for seed in (42, 43, 44):  # traffic goes on while the node is away
@@ -286,8 +340,9 @@ async def test_cassandra_node_killed_while_metrics_flushes(cluster: Cluster, tmp
         assert_windows_equal(await stored_windows(client, ks), windows)
         # The query API answers at quorum with the node still down, and agrees with the input.
         start_ms, end_ms = base - 2 * HOUR, base + 4 * HOUR
-        answer = orjson.loads(await _post(f"http://127.0.0.1:{port}/api/v1/datapoints/query",
-                                          count_body(start_ms, end_ms)))
+        answer = orjson.loads(
+            await _post(f"http://127.0.0.1:{port}/api/v1/datapoints/query", count_body(start_ms, end_ms))
+        )
         want_counts: Counter[str] = Counter()
         for (res, source, _t, _e, _w), w in windows.items():
             if res == "1m":
@@ -302,8 +357,9 @@ async def test_cassandra_node_killed_while_metrics_flushes(cluster: Cluster, tmp
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 60)
-    timeline.report(f"cassandra-{victim} killed while metrics flushes (RF 3, LOCAL_QUORUM)",
-                    "rolled-up events", "cassandra back")
+    timeline.report(
+        f"cassandra-{victim} killed while metrics flushes (RF 3, LOCAL_QUORUM)", "rolled-up events", "cassandra back"
+    )
     assert_windows_equal(await stored_windows(client, ks), windows)
     await client.close()
 
@@ -325,7 +381,6 @@ async def _post(url: str, body: dict[str, Any]) -> bytes:
 
 def _sample(text: str, name: str) -> float:
     """A metric's value (summed over its labels); a metric that is not there fails the test."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith((name + " ", name + "{"))]
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
     assert values, f"{name} is not in /metrics"
     return sum(values)

@@ -61,7 +61,7 @@ def expand_keys(flat: dict[str, Any]) -> dict[str, Any]:
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ExpandError(f"{'.'.join(parts[:i + 1])} is a value and {key} needs it as an object")
+                raise ExpandError(f"{'.'.join(parts[: i + 1])} is a value and {key} needs it as an object")
             node = child
         leaf = parts[-1]
         if isinstance(value, dict):
@@ -100,7 +100,7 @@ def filebeat_event(line: str, *, path: str, offset: int) -> dict[str, Any]:
         "log": {"file": {"path": path}, "offset": offset},
         "ecs": {"version": "8.0.0"},
     }
-    for key, value in expand_keys(decoded).items():   # overwrite_keys: the line's own keys win
+    for key, value in expand_keys(decoded).items():  # overwrite_keys: the line's own keys win
         if isinstance(value, dict) and isinstance(event.get(key), dict):
             event[key] = {**event[key], **value}
         else:
@@ -143,6 +143,7 @@ def type_problems(line: dict[str, Any]) -> list[str]:
 
 def template_types(template: dict[str, Any]) -> dict[str, str]:
     """field -> type of the explicit mappings of an index template."""
+
     def walk(props: dict[str, Any], prefix: str) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, spec in props.items():
@@ -151,6 +152,7 @@ def template_types(template: dict[str, Any]) -> dict[str, str]:
             else:
                 out[f"{prefix}{name}"] = spec["type"]
         return out
+
     return walk(template["template"]["mappings"]["properties"], "")
 
 

@@ -50,24 +50,69 @@ def _emit(log: Any, level: str, message: str, fields: dict[str, Any], *, raise_f
 
 # (level, message, our call's fields, the same event with ECS names, raised first)
 CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], bool]] = [
-    ("info", "partition opened", {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7},
-     {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7}, False),
-    ("warning", "request refused", {"status": 503, "error": "unavailable", "request_id": "r-2"},
-     {"http.response.status_code": 503, "error.message": "unavailable", "request_id": "r-2"}, False),
-    ("info", "partition resumed", {"status": "sought", "kafka.partition": 0},
-     {"status": "sought", "kafka.partition": 0}, False),
-    ("info", "serving", {"service": "ingest", "host": "127.0.0.1", "port": 8080, "worker": 0},
-     {"labels.service": "ingest", "labels.host": "127.0.0.1", "port": 8080, "worker": 0}, False),
-    ("warning", "parity differs", {"source": "shop", "cells": 2, "largest": 5},
-     {"labels.source": "shop", "cells": 2, "largest": 5}, False),
-    ("warning", "bad pixel could not be dead-lettered: spool full", {"request_id": "r-3", "source_id": "web"},
-     {"request_id": "r-3", "labels.source": "web"}, False),
-    ("info", "shard lease taken", {"stream": "s", "checkpoint": {"seq": "49"}, "partitions": [0, 1]},
-     {"stream": "s", "checkpoint": {"seq": "49"}, "partitions": [0, 1]}, False),
-    ("exception", "could not start", {"error": "ValueError('boom')"},
-     {"error.type": "ValueError", "error.message": "ValueError('boom')"}, True),
-    ("error", "processor loop failed", {"exc_info": "<exc>"},
-     {"exc_info": "<exc>", "error.type": "ValueError", "error.message": "boom"}, True),
+    (
+        "info",
+        "partition opened",
+        {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7},
+        {"kafka.topic": "t", "kafka.partition": 3, "kafka.offset": 7, "committed": 7},
+        False,
+    ),
+    (
+        "warning",
+        "request refused",
+        {"status": 503, "error": "unavailable", "request_id": "r-2"},
+        {"http.response.status_code": 503, "error.message": "unavailable", "request_id": "r-2"},
+        False,
+    ),
+    (
+        "info",
+        "partition resumed",
+        {"status": "sought", "kafka.partition": 0},
+        {"status": "sought", "kafka.partition": 0},
+        False,
+    ),
+    (
+        "info",
+        "serving",
+        {"service": "ingest", "host": "127.0.0.1", "port": 8080, "worker": 0},
+        {"labels.service": "ingest", "labels.host": "127.0.0.1", "port": 8080, "worker": 0},
+        False,
+    ),
+    (
+        "warning",
+        "parity differs",
+        {"source": "shop", "cells": 2, "largest": 5},
+        {"labels.source": "shop", "cells": 2, "largest": 5},
+        False,
+    ),
+    (
+        "warning",
+        "bad pixel could not be dead-lettered: spool full",
+        {"request_id": "r-3", "source_id": "web"},
+        {"request_id": "r-3", "labels.source": "web"},
+        False,
+    ),
+    (
+        "info",
+        "shard lease taken",
+        {"stream": "s", "checkpoint": {"seq": "49"}, "partitions": [0, 1]},
+        {"stream": "s", "checkpoint": {"seq": "49"}, "partitions": [0, 1]},
+        False,
+    ),
+    (
+        "exception",
+        "could not start",
+        {"error": "ValueError('boom')"},
+        {"error.type": "ValueError", "error.message": "ValueError('boom')"},
+        True,
+    ),
+    (
+        "error",
+        "processor loop failed",
+        {"exc_info": "<exc>"},
+        {"exc_info": "<exc>", "error.type": "ValueError", "error.message": "boom"},
+        True,
+    ),
 ]
 
 
@@ -80,13 +125,16 @@ def test_lines_equal_the_ecs_logging_formatter(capsys: pytest.CaptureFixture[str
     ours = _lines(capsys)
 
     structlog.reset_defaults()
-    formatter: Any = ecs_logging.StructlogFormatter()   # typed for a plain dict; structlog passes one
-    structlog.configure(processors=[
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="@timestamp"),
-        structlog.processors.format_exc_info,
-        formatter,
-    ], logger_factory=structlog.PrintLoggerFactory())
+    formatter: Any = ecs_logging.StructlogFormatter()  # typed for a plain dict; structlog passes one
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="@timestamp"),
+            structlog.processors.format_exc_info,
+            formatter,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(),
+    )
     theirs_log = structlog.get_logger()
     with structlog.contextvars.bound_contextvars(request_id="r-1", **{"service.name": SERVICE}):
         for level, message, _, ecs_fields, raised in CASES:
@@ -140,21 +188,31 @@ def test_no_field_is_both_a_value_and_an_object(capsys: pytest.CaptureFixture[st
     first, second = _lines(capsys)
     assert first["service.name"] == SERVICE and first["labels.service"] == "ingest"
     assert (first["labels.host"], first["labels.group"], first["labels.log"], first["labels.url"]) == (
-        "0.0.0.0", "g1", "x", "/v1/t")
+        "0.0.0.0",
+        "g1",
+        "x",
+        "/v1/t",
+    )
     assert second["labels.kafka"] == "broker-1" and second["kafka.topic"] == "t"
     assert second["message"] == "odd" and second["labels.message"] == "a message field"
-    assert second["user"] == {"id": "u1"}   # an object under an ECS object name is left to be merged
+    assert second["user"] == {"id": "u1"}  # an object under an ECS object name is left to be merged
     for line in (first, second):
         assert type_problems(line) == []
 
 
 def test_type_problems_catch_what_an_engine_refuses() -> None:
-    good = {"@timestamp": "2026-01-01T00:00:00Z", "message": "m", "log.level": "info", "service.name": "s",
-            "ecs.version": ECS_VERSION}
+    good = {
+        "@timestamp": "2026-01-01T00:00:00Z",
+        "message": "m",
+        "log.level": "info",
+        "service.name": "s",
+        "ecs.version": ECS_VERSION,
+    }
     assert type_problems(good) == []
     assert type_problems({**good, "service": "ingest"}) == ["service is an object and a value"]
     assert type_problems({"error": "x", **good, "error.type": "E"}) == [
-        "error is a value and error.type needs it as an object"]
+        "error is a value and error.type needs it as an object"
+    ]
     assert type_problems({**good, "kafka.partition": "3"}) == ["kafka.partition: '3' is not a long"]
     assert type_problems({**good, "@timestamp": "yesterday"}) == ["@timestamp: 'yesterday' is not a date"]
     assert type_problems({**good, "labels.peer": {"id": 1}}) == ["labels.peer.id: labels hold values, not objects"]

@@ -13,8 +13,9 @@ from tests.helpers import read_topic
 
 async def test_kafka_round_trip(kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]) -> None:
     topic = await new_topic("roundtrip")
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
-                                enable_idempotence=True, compression_type="zstd")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True, compression_type="zstd"
+    )
     await producer.start()
     try:
         for i in range(10):
@@ -29,8 +30,7 @@ async def test_transactions_committed_visible_aborted_not(
     kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]]
 ) -> None:
     topic = await new_topic("txn", partitions=2)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap,
-                                transactional_id=f"txn-test-{topic}")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"txn-test-{topic}")
     await producer.start()
     try:
         async with producer.transaction():
@@ -56,9 +56,7 @@ async def test_ensure_topics_is_idempotent(kafka_bootstrap: str, new_topic: Call
     await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 3)])  # again: no error
 
 
-async def test_cassandra_round_trip_and_migration(
-    cassandra: CassandraClient, new_keyspace: Callable[[], str]
-) -> None:
+async def test_cassandra_round_trip_and_migration(cassandra: CassandraClient, new_keyspace: Callable[[], str]) -> None:
     ks = new_keyspace()
     steps = [
         Migration(1, "kv table", ("CREATE TABLE IF NOT EXISTS {keyspace}.kv (k text PRIMARY KEY, v int)",)),

@@ -19,8 +19,9 @@ class Batch:
         self.capacity = capacity
         self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
 
-    def append(self, *, key: bytes | None, value: bytes, timestamp: int | None,
-               headers: list[tuple[str, bytes]]) -> object | None:
+    def append(
+        self, *, key: bytes | None, value: bytes, timestamp: int | None, headers: list[tuple[str, bytes]]
+    ) -> object | None:
         assert isinstance(headers, list), "aiokafka's C builder takes lists only"
         if sum(len(v) for _, v, _ in self.records) + len(value) > self.capacity:
             return None
@@ -48,8 +49,9 @@ class Producer:
         self.sent.extend((topic, partition, value, headers, "batch") for _, value, headers in batch.records)
         return _done()
 
-    async def send(self, topic: str, value: bytes, *, key: bytes | None, partition: int,
-                   headers: list[tuple[str, bytes]]) -> asyncio.Future[Any]:
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None, partition: int, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[Any]:
         self.sent.append((topic, partition, value, headers, "alone"))
         return _done()
 
@@ -87,7 +89,10 @@ async def test_a_record_larger_than_a_batch_goes_out_alone_in_its_place() -> Non
     values = [b"small-1", b"x" * 50, b"small-2"]
     await BatchWriter(producer).write([OutRecord("t", b"k", v) for v in values])
     assert [(v, how) for _, _, v, _, how in producer.sent] == [
-        (b"small-1", "batch"), (b"x" * 50, "alone"), (b"small-2", "batch")]
+        (b"small-1", "batch"),
+        (b"x" * 50, "alone"),
+        (b"small-2", "batch"),
+    ]
 
 
 async def test_headers_of_the_record_win_over_the_topics_default() -> None:
@@ -102,18 +107,23 @@ async def test_headers_of_the_record_win_over_the_topics_default() -> None:
 async def test_real_kafka_gets_every_record_on_the_partition_the_java_rule_picks(kafka_bootstrap: str) -> None:
     topic = unique_name("writer")
     await ensure_topics(kafka_bootstrap, [TopicSpec(topic, 4)])
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True,
-                                max_batch_size=16 * 1024, max_request_size=2 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_batch_size=16 * 1024,
+        max_request_size=2 * 1024 * 1024,
+    )
     await producer.start()
     try:
-        records = [OutRecord(topic, f"user-{i % 10}".encode(), f"{i}".encode() * (1 + i % 3))
-                   for i in range(500)]
+        records = [OutRecord(topic, f"user-{i % 10}".encode(), f"{i}".encode() * (1 + i % 3)) for i in range(500)]
         records.append(OutRecord(topic, b"user-big", b"B" * 100_000))
         await asyncio.gather(*await BatchWriter(producer).write(records))
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                                group_id=unique_name("writer-group"))
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", group_id=unique_name("writer-group")
+    )
     await consumer.start()
     got: dict[int, list[bytes]] = {}
     try:

@@ -12,8 +12,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto/headwater/v1'}",
-                    f"--python_out={tmp_path}", str(ROOT / "proto/headwater/v1/envelope.proto")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto/headwater/v1'}",
+            f"--python_out={tmp_path}",
+            str(ROOT / "proto/headwater/v1/envelope.proto"),
+        ],
+        check=True,
+    )
     generated = (tmp_path / "envelope_pb2.py").read_text()
     committed = (ROOT / "services/common/proto/envelope_pb2.py").read_text()
     assert generated == committed, "regenerate services/common/proto (see proto/README.md)"

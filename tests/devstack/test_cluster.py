@@ -29,8 +29,7 @@ def test_every_node_has_its_own_address_and_folder(tmp_path: Path) -> None:
 def test_brokers_share_the_voters_and_have_the_production_defaults(tmp_path: Path) -> None:
     c = cluster(tmp_path)
     configs = [props(c.kafka_properties(i)) for i in c.indexes]
-    assert {p["controller.quorum.voters"] for p in configs} == {
-        "1@127.0.42.2:9093,2@127.0.42.3:9093,3@127.0.42.4:9093"}
+    assert {p["controller.quorum.voters"] for p in configs} == {"1@127.0.42.2:9093,2@127.0.42.3:9093,3@127.0.42.4:9093"}
     assert [p["node.id"] for p in configs] == ["1", "2", "3"]
     for p in configs:
         assert p["process.roles"] == "broker,controller"

@@ -19,9 +19,13 @@ def test_status_reports_running_servers(stack_settings: stack.StackSettings) -> 
 
 def test_kafka_properties_are_single_node_safe(stack_settings: stack.StackSettings) -> None:
     props = stack._kafka_properties(stack_settings, stack_settings.data / "kafka")
-    for line in ("transaction.state.log.replication.factor=1", "transaction.state.log.min.isr=1",
-                 "offsets.topic.replication.factor=1", "group.initial.rebalance.delay.ms=0",
-                 "share.coordinator.state.topic.replication.factor=1"):
+    for line in (
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "offsets.topic.replication.factor=1",
+        "group.initial.rebalance.delay.ms=0",
+        "share.coordinator.state.topic.replication.factor=1",
+    ):
         assert line in props
 
 
@@ -60,8 +64,9 @@ async def test_private_cassandra_keeps_data_across_down_and_up(private_stack: st
     client = CassandraClient(["127.0.0.1"], private_stack.cassandra_port)
     await client.connect()
     try:
-        await client.execute("CREATE KEYSPACE durable WITH replication = "
-                             "{'class': 'SimpleStrategy', 'replication_factor': 1}")
+        await client.execute(
+            "CREATE KEYSPACE durable WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
         await client.execute("CREATE TABLE durable.kv (k text PRIMARY KEY, v text)")
         await client.execute("INSERT INTO durable.kv (k, v) VALUES ('a', 'kept')")
     finally:

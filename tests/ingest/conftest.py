@@ -23,12 +23,10 @@ LIMITED_KEY = "limited-key"
 
 SOURCES: dict[str, Any] = {
     "sources": [
-        {"id": "web", "name": "Web", "write_key": WEB_KEY,
-         "allowed_origins": ["https://shop.example"]},
+        {"id": "web", "name": "Web", "write_key": WEB_KEY, "allowed_origins": ["https://shop.example"]},
         {"id": "server", "name": "Server", "write_key": SERVER_KEY},
         {"id": "off", "name": "Disabled", "write_key": DISABLED_KEY, "enabled": False},
-        {"id": "limited", "name": "Limited", "write_key": LIMITED_KEY,
-         "rate_limit_per_s": 1, "rate_limit_burst": 3},
+        {"id": "limited", "name": "Limited", "write_key": LIMITED_KEY, "rate_limit_per_s": 1, "rate_limit_burst": 3},
     ]
 }
 

@@ -43,13 +43,19 @@ class LiveIngest:
         return self.folder / "sources.json"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ,
-                "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(self.port),
-                "HEADWATER_INGEST_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-                "HEADWATER_INGEST_RAW_TOPIC": self.raw_topic, "HEADWATER_INGEST_DLQ_TOPIC": self.dlq_topic,
-                "HEADWATER_INGEST_RAW_PARTITIONS": "2", "HEADWATER_INGEST_DLQ_PARTITIONS": "1",
-                "HEADWATER_INGEST_SPOOL_DIR": str(self.folder / "spool"),
-                "HEADWATER_INGEST_SOURCES_FILE": str(self.sources_file), **self.extra_env}
+        return {
+            **os.environ,
+            "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1",
+            "HEADWATER_INGEST_HTTP_PORT": str(self.port),
+            "HEADWATER_INGEST_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "HEADWATER_INGEST_RAW_TOPIC": self.raw_topic,
+            "HEADWATER_INGEST_DLQ_TOPIC": self.dlq_topic,
+            "HEADWATER_INGEST_RAW_PARTITIONS": "2",
+            "HEADWATER_INGEST_DLQ_PARTITIONS": "1",
+            "HEADWATER_INGEST_SPOOL_DIR": str(self.folder / "spool"),
+            "HEADWATER_INGEST_SOURCES_FILE": str(self.sources_file),
+            **self.extra_env,
+        }
 
     def start(self, timeout_s: float = 30) -> LiveIngest:
         """Start and wait (polling /healthz) until it answers."""
@@ -57,8 +63,9 @@ class LiveIngest:
         if not self.sources_file.exists():
             self.sources_file.write_text(json.dumps(self.sources))
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.ingest"], env=self.env(),
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.ingest"], env=self.env(), stdout=out, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -69,7 +76,7 @@ class LiveIngest:
                         return self
             except OSError:
                 time.sleep(0.1)
-        self.proc.kill()            # never leave a half-started process behind
+        self.proc.kill()  # never leave a half-started process behind
         self.proc.wait()
         raise AssertionError(f"ingest did not start: {self.log_path.read_text()[-3000:]}")
 
@@ -80,8 +87,9 @@ class LiveIngest:
         return self.proc.wait(timeout=60)
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout_s: float = 10) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout_s: float = 10
+) -> tuple[int, dict[str, str], bytes]:
     """One blocking request; (status, headers, body) for any status."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:

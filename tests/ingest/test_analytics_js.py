@@ -42,8 +42,13 @@ def _node_modules(settings: stack.StackSettings) -> Path:
     assert npm, "npm is needed for the analytics.js test (.ci/run installs it)"
     target.mkdir(parents=True, exist_ok=True)
     (target / "package.json").write_bytes(manifest)
-    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--omit=dev"], cwd=target,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--omit=dev"],
+        cwd=target,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return modules
 
@@ -74,16 +79,16 @@ async def test_analytics_next_loads_settings_from_ingest_and_sends_events(
 ) -> None:
     modules = await asyncio.to_thread(_node_modules, stack_settings)
     sources = tmp_path / "js-sources.json"
-    sources.write_text(json.dumps({"sources": [
-        {"id": "shop-web", "name": "Shop", "write_key": JS_KEY, "allowed_origins": ["*"]}]}))
+    sources.write_text(
+        json.dumps({"sources": [{"id": "shop-web", "name": "Shop", "write_key": JS_KEY, "allowed_origins": ["*"]}]})
+    )
     client, settings = await ingest(sources_file=sources)
     cdn = str(client.make_url("")).rstrip("/")
 
     page_app = web.Application()
 
     async def index(_: web.Request) -> web.Response:
-        return web.Response(text=PAGE % {"key": json.dumps(JS_KEY), "cdn": json.dumps(cdn)},
-                            content_type="text/html")
+        return web.Response(text=PAGE % {"key": json.dumps(JS_KEY), "cdn": json.dumps(cdn)}, content_type="text/html")
 
     page_app.router.add_get("/", index)
     page_app.router.add_static("/ajs/", modules / "@segment" / "analytics-next" / "dist" / "umd")
@@ -94,8 +99,14 @@ async def test_analytics_next_loads_settings_from_ingest_and_sends_events(
     port = runner.addresses[0][1]
     try:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(BROWSER_DIR / "run.cjs"), f"http://127.0.0.1:{port}/", str(CHROMIUM),
-            env={**os.environ, "NODE_PATH": str(modules)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            "node",
+            str(BROWSER_DIR / "run.cjs"),
+            f"http://127.0.0.1:{port}/",
+            str(CHROMIUM),
+            env={**os.environ, "NODE_PATH": str(modules)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
     finally:
         await runner.cleanup()

@@ -45,11 +45,13 @@ async def test_malformed_and_wrong_types(ingest: IngestClient) -> None:
     assert resp.status == 415
     resp = await client.post("/v1/track", data=b"{}", headers={**AUTH, "Content-Encoding": "br"})
     assert resp.status == 415
-    resp = await client.post("/v1/track", data=b"not gzip at all",
-                             headers={**AUTH, "Content-Encoding": "gzip"})
+    resp = await client.post("/v1/track", data=b"not gzip at all", headers={**AUTH, "Content-Encoding": "gzip"})
     assert resp.status == 400 and (await resp.json())["error"] == "bad_encoding"
-    resp = await client.post("/v1/track", data=gzip.compress(b'{"event": "E", "userId": "u"}')[:-6],
-                             headers={**AUTH, "Content-Encoding": "gzip"})
+    resp = await client.post(
+        "/v1/track",
+        data=gzip.compress(b'{"event": "E", "userId": "u"}')[:-6],
+        headers={**AUTH, "Content-Encoding": "gzip"},
+    )
     assert resp.status == 400 and (await resp.json())["error"] == "bad_encoding"
 
 
@@ -85,26 +87,37 @@ async def test_gzip_bomb_is_refused_without_inflating_it(ingest: IngestClient) -
 
 async def test_pixels_always_answer_a_gif(ingest: IngestClient, kafka_bootstrap: str) -> None:
     client, settings = await ingest()
-    data = base64.urlsafe_b64encode(json.dumps(
-        {"event": "Email Opened", "userId": "u1", "writeKey": SERVER_KEY, "properties": {"campaign": "nov"}}
-    ).encode()).decode().rstrip("=")
+    data = (
+        base64.urlsafe_b64encode(
+            json.dumps(
+                {"event": "Email Opened", "userId": "u1", "writeKey": SERVER_KEY, "properties": {"campaign": "nov"}}
+            ).encode()
+        )
+        .decode()
+        .rstrip("=")
+    )
     resp = await client.get("/v1/pixel/track", params={"data": data})
     assert resp.status == 200 and resp.content_type == "image/gif"
     assert (await resp.read()).startswith(b"GIF89a")
-    resp = await client.get("/v1/pixel/page", params={"writeKey": SERVER_KEY, "anonymousId": "a9",
-                                                      "name": "Newsletter", "properties.issue": "42"})
+    resp = await client.get(
+        "/v1/pixel/page",
+        params={"writeKey": SERVER_KEY, "anonymousId": "a9", "name": "Newsletter", "properties.issue": "42"},
+    )
     assert resp.status == 200
     # With a valid write key a bad pixel gets a bad row; without one it is only counted.
-    for bad in ({"data": "%%%not-base64", "writeKey": SERVER_KEY},
-                {"data": base64.b64encode(b"not json").decode(), "writeKey": SERVER_KEY},
-                {"data": base64.b64encode(b'{"event": "E"}').decode(), "writeKey": SERVER_KEY},
-                {"data": "%%%not-base64"}, {"data": base64.b64encode(b"not json").decode()},
-                {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode()},
-                {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode(), "writeKey": "nope"}):
+    for bad in (
+        {"data": "%%%not-base64", "writeKey": SERVER_KEY},
+        {"data": base64.b64encode(b"not json").decode(), "writeKey": SERVER_KEY},
+        {"data": base64.b64encode(b'{"event": "E"}').decode(), "writeKey": SERVER_KEY},
+        {"data": "%%%not-base64"},
+        {"data": base64.b64encode(b"not json").decode()},
+        {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode()},
+        {"data": base64.b64encode(b'{"event": "E", "userId": "u"}').decode(), "writeKey": "nope"},
+    ):
         resp = await client.get("/v1/pixel/track", params=bad)
         assert resp.status == 200 and resp.content_type == "image/gif"
     for _ in range(50):
-        resp = await client.get("/v1/pixel/page", params={"anonymousId": "a"})   # keyless junk
+        resp = await client.get("/v1/pixel/page", params={"anonymousId": "a"})  # keyless junk
         assert resp.status == 200 and resp.content_type == "image/gif"
 
     good = [decode(r)[1] for r in await read_topic(kafka_bootstrap, settings.raw_topic, expected=2)]
@@ -119,14 +132,19 @@ async def test_pixels_always_answer_a_gif(ingest: IngestClient, kafka_bootstrap:
     assert 'headwater_ingest_bad_pixels_total{reason="bad_pixel"} 3.0' in metrics
     assert 'headwater_ingest_bad_pixels_total{reason="missing_write_key"} 53.0' in metrics
     assert 'headwater_ingest_bad_pixels_total{reason="unknown_write_key"} 1.0' in metrics
-    assert "headwater_ingest_spool_events 0.0" in metrics          # none of it was spooled
+    assert "headwater_ingest_spool_events 0.0" in metrics  # none of it was spooled
 
 
 async def test_cors_preflight_and_origin_per_source(ingest: IngestClient) -> None:
     client, _ = await ingest()
-    resp = await client.options("/v1/t", headers={
-        "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+    resp = await client.options(
+        "/v1/t",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert resp.status == 204
     assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     allowed = resp.headers["Access-Control-Allow-Headers"].lower()
@@ -134,13 +152,17 @@ async def test_cors_preflight_and_origin_per_source(ingest: IngestClient) -> Non
     assert "POST" in resp.headers["Access-Control-Allow-Methods"]
 
     event = {"event": "E", "anonymousId": "a"}
-    resp = await client.post("/v1/t", data=json.dumps(event), headers={
-        "Origin": "https://shop.example", "Content-Type": "text/plain", "Authorization": basic(WEB_KEY)})
+    resp = await client.post(
+        "/v1/t",
+        data=json.dumps(event),
+        headers={"Origin": "https://shop.example", "Content-Type": "text/plain", "Authorization": basic(WEB_KEY)},
+    )
     assert resp.status == 200
     assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     # The web source allows only its shop; the server source allows any origin.
-    resp = await client.post("/v1/t", json=event, headers={"Origin": "https://evil.example",
-                                                           "Authorization": basic(WEB_KEY)})
+    resp = await client.post(
+        "/v1/t", json=event, headers={"Origin": "https://evil.example", "Authorization": basic(WEB_KEY)}
+    )
     assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
     resp = await client.post("/v1/t", json=event, headers={"Origin": "https://evil.example", **AUTH})
     assert resp.status == 200

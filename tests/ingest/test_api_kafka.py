@@ -14,12 +14,18 @@ from tests.helpers import read_topic
 from tests.ingest.conftest import DISABLED_KEY, SERVER_KEY, WEB_KEY, IngestClient, basic, decode
 
 SINGLE: list[tuple[str, dict[str, Any]]] = [
-    ("track", {"event": "Signed Up"}), ("t", {"event": "Signed Up"}),
-    ("identify", {"traits": {"plan": "pro"}}), ("i", {}),
-    ("page", {"name": "Home"}), ("p", {}),
-    ("screen", {"name": "Main"}), ("s", {}),
-    ("group", {"groupId": "g1"}), ("g", {"groupId": "g1"}),
-    ("alias", {"previousId": "old"}), ("a", {"previousId": "old"}),
+    ("track", {"event": "Signed Up"}),
+    ("t", {"event": "Signed Up"}),
+    ("identify", {"traits": {"plan": "pro"}}),
+    ("i", {}),
+    ("page", {"name": "Home"}),
+    ("p", {}),
+    ("screen", {"name": "Main"}),
+    ("s", {}),
+    ("group", {"groupId": "g1"}),
+    ("g", {"groupId": "g1"}),
+    ("alias", {"previousId": "old"}),
+    ("a", {"previousId": "old"}),
 ]
 LONG = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 
@@ -87,17 +93,21 @@ async def test_auth_forms_encodings_and_content_types(
     assert "writeKey" not in event
 
 
-async def test_batch_merges_context_and_dead_letters_invalid_events(
-    ingest: IngestClient, kafka_bootstrap: str
-) -> None:
+async def test_batch_merges_context_and_dead_letters_invalid_events(ingest: IngestClient, kafka_bootstrap: str) -> None:
     client, settings = await ingest()
     body = {
         "batch": [
-            {"type": "track", "event": "Good", "userId": "u1", "anonymousId": None,
-             "context": {"page": {"path": "/a"}}, "timestamp": "2026-11-24T10:00:00+00:00"},
-            {"type": "track", "userId": "u1"},                       # no event name
-            {"type": "bogus", "userId": "u1"},                       # unknown type
-            {"type": "identify"},                                    # no ids
+            {
+                "type": "track",
+                "event": "Good",
+                "userId": "u1",
+                "anonymousId": None,
+                "context": {"page": {"path": "/a"}},
+                "timestamp": "2026-11-24T10:00:00+00:00",
+            },
+            {"type": "track", "userId": "u1"},  # no event name
+            {"type": "bogus", "userId": "u1"},  # unknown type
+            {"type": "identify"},  # no ids
             {"type": "track", "event": "E", "userId": "u1", "messageId": "x" * 101},
             {"type": "page", "anonymousId": "anon", "name": "Home"},
         ],
@@ -117,7 +127,7 @@ async def test_batch_merges_context_and_dead_letters_invalid_events(
     by_type = {e["type"]: e for e in good}
     track = by_type["track"]
     assert track["context"]["library"]["name"] == "analytics-python"
-    assert track["context"]["page"] == {"path": "/a"}         # the event's own context wins
+    assert track["context"]["page"] == {"path": "/a"}  # the event's own context wins
     assert track["integrations"] == {"All": True}
     assert track["sentAt"] == "2026-11-24T10:00:01+00:00"
     assert track["timestamp"] == "2026-11-24T10:00:00+00:00"  # kept as sent
@@ -144,22 +154,24 @@ async def test_auth_errors(ingest: IngestClient) -> None:
     assert resp.status == 401 and (await resp.json())["error"] == "bad_authorization"
 
 
-async def test_a_body_that_arrives_after_its_headers_is_read_whole(ingest: IngestClient,
-                                                                   kafka_bootstrap: str) -> None:
+async def test_a_body_that_arrives_after_its_headers_is_read_whole(ingest: IngestClient, kafka_bootstrap: str) -> None:
     """Mostly the body comes with the headers and is taken from the buffer; a slow
     client's body, sent in pieces later, must be awaited, not cut."""
     import asyncio
 
     client, settings = await ingest()
-    body = json.dumps({"userId": "slow", "messageId": "m-slow", "event": "Slow Upload",
-                       "properties": {"pad": "x" * 3000}}).encode()
+    body = json.dumps(
+        {"userId": "slow", "messageId": "m-slow", "event": "Slow Upload", "properties": {"pad": "x" * 3000}}
+    ).encode()
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    writer.write(b"POST /v1/track HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: {basic(SERVER_KEY)}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    writer.write(
+        b"POST /v1/track HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {basic(SERVER_KEY)}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
     await writer.drain()
     for start in range(0, len(body), 1000):
         await asyncio.sleep(0.05)
-        writer.write(body[start:start + 1000])
+        writer.write(body[start : start + 1000])
         await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     writer.close()

@@ -26,8 +26,12 @@ AUTH = {"Authorization": basic(SERVER_KEY)}
 
 
 def _batch(prefix: str, i: int, size: int = 5) -> dict[str, Any]:
-    return {"batch": [{"type": "track", "event": "Tick", "userId": f"u{(i * size + j) % 7}",
-                       "messageId": f"{prefix}-{i}-{j}"} for j in range(size)]}
+    return {
+        "batch": [
+            {"type": "track", "event": "Tick", "userId": f"u{(i * size + j) % 7}", "messageId": f"{prefix}-{i}-{j}"}
+            for j in range(size)
+        ]
+    }
 
 
 async def _message_ids(bootstrap: str, topic: str, wanted: set[str], timeout_s: float = 90) -> Counter[str]:
@@ -66,7 +70,7 @@ async def test_kafka_stopped_mid_traffic_loses_nothing(
 
     for i in range(40):
         await send(i)
-    await asyncio.to_thread(stack.kafka_server(private_stack).stop)   # Kafka goes away mid-traffic
+    await asyncio.to_thread(stack.kafka_server(private_stack).stop)  # Kafka goes away mid-traffic
     for i in range(40, 100):
         await send(i)
     ready = await (await client.get("/readyz")).json()
@@ -93,12 +97,14 @@ async def test_kafka_stopped_mid_traffic_loses_nothing(
 
 def _start_ingest(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.ingest"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.ingest"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     async with aiohttp.ClientSession() as http:
+
         async def up() -> bool:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
@@ -132,6 +138,7 @@ async def test_kill_9_while_spooling_then_restart_delivers_every_acked_event(
     try:
         await _wait_healthy(port, proc, log)
         async with aiohttp.ClientSession() as http:
+
             async def send(i: int) -> None:
                 body = _batch("kill9", i)
                 try:
@@ -159,8 +166,7 @@ async def test_kill_9_while_spooling_then_restart_delivers_every_acked_event(
         await _wait_healthy(port, proc, log)
         seen = await _message_ids(private_stack.kafka_bootstrap, raw_topic, set(acked))
         missing = set(acked) - set(seen)
-        print(f"acked={len(acked)} delivered={sum(seen.values())} "
-              f"duplicates={sum(n - 1 for n in seen.values())}")
+        print(f"acked={len(acked)} delivered={sum(seen.values())} duplicates={sum(n - 1 for n in seen.values())}")
         assert not missing, f"{len(missing)} acknowledged events lost: {sorted(missing)[:5]}"
         for event_id in seen:
             assert event_id.startswith("kill9-")

@@ -12,7 +12,7 @@ from tests.ingest.conftest import SERVER_KEY, basic
 from tests.ingest.helpers import LiveIngest, http
 
 HEADERS = {"Authorization": basic(SERVER_KEY), "Content-Type": "application/json"}
-ORJSON_WRITE_LIMIT = 254     # an event nested deeper than this cannot be forwarded
+ORJSON_WRITE_LIMIT = 254  # an event nested deeper than this cannot be forwarded
 
 
 def nested(depth: int, width: int, kind: str) -> str:
@@ -31,9 +31,14 @@ def nested(depth: int, width: int, kind: str) -> str:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(depth=st.integers(0, 3000), width=st.integers(1, 4), kind=st.sampled_from(["dict", "list", "mixed"]),
-       field=st.sampled_from(["properties", "context", "traits"]), batch=st.booleans())
-@example(depth=1000, width=1, kind="dict", field="properties", batch=False)   # answered 500 before
+@given(
+    depth=st.integers(0, 3000),
+    width=st.integers(1, 4),
+    kind=st.sampled_from(["dict", "list", "mixed"]),
+    field=st.sampled_from(["properties", "context", "traits"]),
+    batch=st.booleans(),
+)
+@example(depth=1000, width=1, kind="dict", field="properties", batch=False)  # answered 500 before
 @example(depth=1000, width=1, kind="dict", field="properties", batch=True)
 @example(depth=253, width=2, kind="list", field="properties", batch=False)
 @example(depth=5000, width=1, kind="list", field="context", batch=True)

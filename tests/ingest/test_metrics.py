@@ -11,8 +11,11 @@ from services.ingest.metrics import make_metrics
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = generate_latest(registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_requests_by_path_status_and_source_with_latency_buckets() -> None:
@@ -30,7 +33,13 @@ def test_requests_by_path_status_and_source_with_latency_buckets() -> None:
 
     # Cumulative, and a value equal to a bound counts in that bound's bucket.
     assert (bucket("0.0005"), bucket("0.001"), bucket("0.0025"), bucket("0.005"), bucket("2.5"), bucket("+Inf")) == (
-        1, 2, 2, 3, 3, 4)
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+    )
     assert got[("headwater_ingest_request_seconds_count", (("path", "/v1/track"),))] == 4
     assert abs(got[("headwater_ingest_request_seconds_sum", (("path", "/v1/track"),))] - 7.0044) < 1e-9
 

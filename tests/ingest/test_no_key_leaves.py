@@ -40,12 +40,12 @@ def _leaks(blob: bytes) -> list[str]:
 
 
 async def test_no_write_key_in_kafka_logs_metrics_or_answers(kafka_bootstrap: str, tmp_path: Path) -> None:
-    live = LiveIngest(tmp_path, kafka_bootstrap, SOURCES,
-                      extra_env={"HEADWATER_INGEST_SOURCES_RELOAD_S": "0.2"})
+    live = LiveIngest(tmp_path, kafka_bootstrap, SOURCES, extra_env={"HEADWATER_INGEST_SOURCES_RELOAD_S": "0.2"})
     await asyncio.to_thread(live.start)
     answers: list[bytes] = []
     try:
         async with aiohttp.ClientSession() as http:
+
             async def call(method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
                 async with http.request(method, live.url + path, **kwargs) as resp:
                     body = await resp.read()
@@ -58,7 +58,7 @@ async def test_no_write_key_in_kafka_logs_metrics_or_answers(kafka_bootstrap: st
                 {"writeKey": SERVER_KEY, "data": "%%%not-base64"},
                 {"writeKey": SERVER_KEY, "data": _b64(f"not json {SERVER_KEY} {WEB_KEY}".encode())},
                 {"data": _b64({"event": "E", "writeKey": SERVER_KEY, "properties": {"echo": WEB_KEY}})},
-                {"writeKey": SERVER_KEY, "event": "E", "properties.echo": SERVER_KEY},   # no user id
+                {"writeKey": SERVER_KEY, "event": "E", "properties.echo": SERVER_KEY},  # no user id
             ]
             for query in valid_bad_pixels:
                 await call("GET", "/v1/pixel/track", params=query)
@@ -68,29 +68,50 @@ async def test_no_write_key_in_kafka_logs_metrics_or_answers(kafka_bootstrap: st
                 await call("GET", "/v1/pixel/track", params={"userId": f"u{i}", "event": "E"})
                 await call("GET", "/v1/pixel/page", params={"writeKey": f"guess-{i}", "userId": "u"})
             # Partial batches: the key in the body, in events, echoed in values and errors.
-            batch = {"writeKey": SERVER_KEY, "batch": [
-                {"type": "track", "event": "Good", "userId": "u1", "messageId": "good-1", "writeKey": SERVER_KEY},
-                {"type": "track", "event": "NoUser", "writeKey": SERVER_KEY, "properties": {"k": WEB_KEY}},
-                {"type": SERVER_KEY, "userId": "u2", "messageId": WEB_KEY},
-                {"type": "track", "userId": "u3", "context": {"writeKey": SERVER_KEY}},
-                {"type": "track", "event": "Deep", "userId": "u4", "writeKey": SERVER_KEY,
-                 "properties": json.loads("[" * 300 + json.dumps(SERVER_KEY) + "]" * 300)},
-            ]}
+            batch = {
+                "writeKey": SERVER_KEY,
+                "batch": [
+                    {"type": "track", "event": "Good", "userId": "u1", "messageId": "good-1", "writeKey": SERVER_KEY},
+                    {"type": "track", "event": "NoUser", "writeKey": SERVER_KEY, "properties": {"k": WEB_KEY}},
+                    {"type": SERVER_KEY, "userId": "u2", "messageId": WEB_KEY},
+                    {"type": "track", "userId": "u3", "context": {"writeKey": SERVER_KEY}},
+                    {
+                        "type": "track",
+                        "event": "Deep",
+                        "userId": "u4",
+                        "writeKey": SERVER_KEY,
+                        "properties": json.loads("[" * 300 + json.dumps(SERVER_KEY) + "]" * 300),
+                    },
+                ],
+            }
             status, body = await call("POST", "/v1/batch", json=batch)
             assert status == 200 and json.loads(body)["accepted"] == 1
-            status, body = await call("POST", "/v1/import", json={"batch": batch["batch"][1:]},
-                                      headers={"Authorization": basic(WEB_KEY)})
+            status, body = await call(
+                "POST", "/v1/import", json={"batch": batch["batch"][1:]}, headers={"Authorization": basic(WEB_KEY)}
+            )
             assert status == 200 and json.loads(body)["accepted"] == 0
             # Single events: refused, the answer quotes no key.
-            for event in ({"type": SERVER_KEY, "userId": "u"}, {"event": "E", "writeKey": SERVER_KEY},
-                          {"event": "E", "userId": "u", "messageId": SERVER_KEY * 20}):
+            for event in (
+                {"type": SERVER_KEY, "userId": "u"},
+                {"event": "E", "writeKey": SERVER_KEY},
+                {"event": "E", "userId": "u", "messageId": SERVER_KEY * 20},
+            ):
                 await call("POST", "/v1/track", json=event, headers={"Authorization": basic(SERVER_KEY)})
-            await call("POST", "/v1/track", json={"event": "E", "userId": "u"},
-                       headers={"Authorization": basic(KEYS[2])})       # the disabled source
-            await call("POST", "/v1/t", json={"event": "E", "userId": "u"},
-                       headers={"Authorization": basic(WEB_KEY), "Origin": f"https://{SERVER_KEY}.example"})
-            await call("POST", "/v1/track", data=f'{{"writeKey": "{SERVER_KEY}", oops'.encode(),
-                       headers={"Content-Type": "application/json"})
+            await call(
+                "POST", "/v1/track", json={"event": "E", "userId": "u"}, headers={"Authorization": basic(KEYS[2])}
+            )  # the disabled source
+            await call(
+                "POST",
+                "/v1/t",
+                json={"event": "E", "userId": "u"},
+                headers={"Authorization": basic(WEB_KEY), "Origin": f"https://{SERVER_KEY}.example"},
+            )
+            await call(
+                "POST",
+                "/v1/track",
+                data=f'{{"writeKey": "{SERVER_KEY}", oops'.encode(),
+                headers={"Content-Type": "application/json"},
+            )
             # A broken registry: an entry without a name (pydantic would quote it whole,
             # keys included), then a file that is not JSON.
             broken = {"sources": [*SOURCES["sources"], {"id": "x", "write_key": SERVER_KEY + "-new"}]}
@@ -99,6 +120,7 @@ async def test_no_write_key_in_kafka_logs_metrics_or_answers(kafka_bootstrap: st
             async def degraded(fragment: str) -> bool:
                 _, ready = await call("GET", "/readyz")
                 return fragment in json.loads(ready)["checks"]["sources"]["detail"]
+
             await eventually(lambda: degraded("sources.4.name"), 15, "/readyz to report the broken registry")
             live.sources_file.write_text(f'{{"sources": [{{"write_key": "{SERVER_KEY}"')
             await eventually(lambda: degraded("not valid JSON"), 15, "/readyz to report the unreadable registry")

@@ -27,8 +27,10 @@ def test_the_document_says_what_the_service_takes() -> None:
     doc = build(Settings(), "test")
     track = doc["components"]["schemas"]["Single_track"]
     assert "event" in track["required"] and track["properties"]["event"]["minLength"] == 1
-    assert {"required": ["userId"], "properties": {"userId": {"anyOf": [
-        {"type": "string", "minLength": 1}, {"type": ["number", "boolean"]}]}}} in track["anyOf"]
+    assert {
+        "required": ["userId"],
+        "properties": {"userId": {"anyOf": [{"type": "string", "minLength": 1}, {"type": ["number", "boolean"]}]}},
+    } in track["anyOf"]
     assert doc["paths"]["/v1/pixel/{type}"]["get"]["responses"].keys() == {"200"}
     assert "408" in doc["paths"]["/v1/track"]["post"]["responses"]
 
@@ -38,9 +40,31 @@ def test_schemathesis_finds_nothing_against_the_running_service(live_ingest: Liv
     status, _, _ = http("GET", f"{live_ingest.url}/openapi.json")
     assert status == 200
     result = subprocess.run(
-        [str(ST), "run", f"{live_ingest.url}/openapi.json", "--auth", f"{SERVER_KEY}:", "--checks", "all",
-         "--max-examples", "8", "--seed", "20261201", "--workers", "1", "--request-timeout", "10",
-         "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=380, cwd=tmp_path)
+        [
+            str(ST),
+            "run",
+            f"{live_ingest.url}/openapi.json",
+            "--auth",
+            f"{SERVER_KEY}:",
+            "--checks",
+            "all",
+            "--max-examples",
+            "8",
+            "--seed",
+            "20261201",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "10",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     assert "Schema-valid" not in result.stdout and "API Operations" in result.stdout, result.stdout[-3000:]

@@ -19,25 +19,27 @@ AUTH = {"Authorization": basic(SERVER_KEY)}
 EVENT = {"event": "E", "userId": "u"}
 
 
-async def test_registry_reloads_live_and_keeps_the_last_good_copy(
-    ingest: IngestClient, sources_file: Path
-) -> None:
+async def test_registry_reloads_live_and_keeps_the_last_good_copy(ingest: IngestClient, sources_file: Path) -> None:
     client, _ = await ingest(sources_reload_s=0.1)
     new_key = {"Authorization": basic("added-later")}
     assert (await client.post("/v1/track", json=EVENT, headers=new_key)).status == 401
 
     sources_file.write_text("{ this is not json")
+
     async def degraded() -> bool:
         ready = await (await client.get("/readyz")).json()
         return "last good copy" in ready["checks"]["sources"]["detail"]
+
     await eventually(degraded, 10, "/readyz to report the unreadable registry")
-    assert (await client.get("/readyz")).status == 200          # still serving
+    assert (await client.get("/readyz")).status == 200  # still serving
     assert (await client.post("/v1/track", json=EVENT, headers=AUTH)).status == 200
 
     changed = {"sources": [*SOURCES["sources"], {"id": "late", "name": "Late", "write_key": "added-later"}]}
     sources_file.write_text(json.dumps(changed))
+
     async def reloaded() -> bool:
         return (await client.post("/v1/track", json=EVENT, headers=new_key)).status == 200
+
     await eventually(reloaded, 10, "the new source to be accepted")
 
 
@@ -67,11 +69,17 @@ async def test_sigterm_drains_in_flight_requests_and_two_workers_share_the_port(
 ) -> None:
     port = free_port()
     raw_topic = unique_name("test.events.raw")
-    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
-           "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap, "HEADWATER_INGEST_RAW_TOPIC": raw_topic,
-           "HEADWATER_INGEST_DLQ_TOPIC": unique_name("test.events.dlq"),
-           "HEADWATER_INGEST_SPOOL_DIR": str(tmp_path / "spool"),
-           "HEADWATER_INGEST_SOURCES_FILE": str(sources_file), "HEADWATER_INGEST_WORKERS": "2"}
+    env = {
+        **os.environ,
+        "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1",
+        "HEADWATER_INGEST_HTTP_PORT": str(port),
+        "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "HEADWATER_INGEST_RAW_TOPIC": raw_topic,
+        "HEADWATER_INGEST_DLQ_TOPIC": unique_name("test.events.dlq"),
+        "HEADWATER_INGEST_SPOOL_DIR": str(tmp_path / "spool"),
+        "HEADWATER_INGEST_SOURCES_FILE": str(sources_file),
+        "HEADWATER_INGEST_WORKERS": "2",
+    }
     log = tmp_path / "ingest.log"
     proc = _start_ingest(env, log)
     await _wait_healthy(port, proc, log)
@@ -80,6 +88,7 @@ async def test_sigterm_drains_in_flight_requests_and_two_workers_share_the_port(
     assert len(workers) == 2, "two worker processes"
     acked_ids: list[str] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+
         async def send(i: int) -> None:
             ids = [f"drain-{i}-{j}" for j in range(10)]
             body = {"batch": [{"type": "track", "event": "E", "userId": f"u{i}", "messageId": m} for m in ids]}
@@ -105,8 +114,11 @@ async def test_sigterm_drains_in_flight_requests_and_two_workers_share_the_port(
 
 def _accepted(metrics_text: str) -> float:
     """headwater_ingest_events_total{outcome="accepted"} of one scrape."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith("headwater_ingest_events_total{") and 'outcome="accepted"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("headwater_ingest_events_total{") and 'outcome="accepted"' in line
+    )
 
 
 async def test_each_worker_serves_its_own_metrics_port_and_together_they_count_every_event(
@@ -115,17 +127,24 @@ async def test_each_worker_serves_its_own_metrics_port_and_together_they_count_e
     port, metrics_port = free_port(), free_port()
     while metrics_port + 1 == port or not _is_free(metrics_port + 1):
         metrics_port = free_port()
-    env = {**os.environ, "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1", "HEADWATER_INGEST_HTTP_PORT": str(port),
-           "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap,
-           "HEADWATER_INGEST_RAW_TOPIC": unique_name("test.events.raw"),
-           "HEADWATER_INGEST_DLQ_TOPIC": unique_name("test.events.dlq"),
-           "HEADWATER_INGEST_SPOOL_DIR": str(tmp_path / "spool"), "HEADWATER_INGEST_SOURCES_FILE": str(sources_file),
-           "HEADWATER_INGEST_WORKERS": "2", "HEADWATER_INGEST_METRICS_PORT": str(metrics_port)}
+    env = {
+        **os.environ,
+        "HEADWATER_INGEST_HTTP_HOST": "127.0.0.1",
+        "HEADWATER_INGEST_HTTP_PORT": str(port),
+        "HEADWATER_INGEST_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "HEADWATER_INGEST_RAW_TOPIC": unique_name("test.events.raw"),
+        "HEADWATER_INGEST_DLQ_TOPIC": unique_name("test.events.dlq"),
+        "HEADWATER_INGEST_SPOOL_DIR": str(tmp_path / "spool"),
+        "HEADWATER_INGEST_SOURCES_FILE": str(sources_file),
+        "HEADWATER_INGEST_WORKERS": "2",
+        "HEADWATER_INGEST_METRICS_PORT": str(metrics_port),
+    }
     log = tmp_path / "ingest.log"
     proc = _start_ingest(env, log)
     try:
         await _wait_healthy(port, proc, log)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+
             async def scrape(p: int) -> str:
                 async with http.get(f"http://127.0.0.1:{p}/metrics") as answer:
                     assert answer.status == 200
@@ -140,8 +159,9 @@ async def test_each_worker_serves_its_own_metrics_port_and_together_they_count_e
 
             await eventually(both_up, 30, "both workers' metrics ports to answer")
             for i in range(60):  # a new connection each: the kernel spreads them over the workers
-                async with http.post(f"http://127.0.0.1:{port}/v1/track", json={**EVENT, "messageId": f"w-{i}"},
-                                     headers=AUTH) as answer:
+                async with http.post(
+                    f"http://127.0.0.1:{port}/v1/track", json={**EVENT, "messageId": f"w-{i}"}, headers=AUTH
+                ) as answer:
                     assert answer.status == 200
             counts = [_accepted(await scrape(p)) for p in (metrics_port, metrics_port + 1)]
             assert sum(counts) == 60, counts

@@ -46,7 +46,7 @@ def test_decoder_only_answers_with_data_or_a_request_error(data: bytes, encoding
     decoder = BoundedDecoder(encoding, limit=2000)
     try:
         for i in range(0, len(data), chunk):
-            decoder.feed(data[i:i + chunk])
+            decoder.feed(data[i : i + chunk])
         out = decoder.finish()
     except RequestError as exc:
         assert exc.status in (400, 413)
@@ -61,7 +61,7 @@ def test_decoder_round_trips_within_the_limit(data: bytes, encoding: str, chunk:
     decoder = BoundedDecoder(encoding, limit=5000)
     try:
         for i in range(0, len(packed), chunk):
-            decoder.feed(packed[i:i + chunk])
+            decoder.feed(packed[i : i + chunk])
         out = decoder.finish()
     except RequestError as exc:
         assert exc.status == 413 and len(data) > 5000
@@ -106,11 +106,22 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
 
 
 def test_stamp_adds_server_fields_and_keeps_client_times() -> None:
-    event: dict[str, Any] = {"type": "track", "event": "E", "userId": "u", "writeKey": "secret",
-                             "timestamp": "2026-01-01T00:00:00+00:00", "context": {"ip": "1.2.3.4"}}
-    parsing.stamp(event, received_at="2026-11-24T00:00:00.000Z", client_ip="9.9.9.9",
-                  batch_context={"library": {"name": "x"}, "ip": "5.5.5.5"},
-                  batch_integrations={"All": False}, batch_sent_at="2026-11-24T00:00:00Z")
+    event: dict[str, Any] = {
+        "type": "track",
+        "event": "E",
+        "userId": "u",
+        "writeKey": "secret",
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "context": {"ip": "1.2.3.4"},
+    }
+    parsing.stamp(
+        event,
+        received_at="2026-11-24T00:00:00.000Z",
+        client_ip="9.9.9.9",
+        batch_context={"library": {"name": "x"}, "ip": "5.5.5.5"},
+        batch_integrations={"All": False},
+        batch_sent_at="2026-11-24T00:00:00Z",
+    )
     assert "writeKey" not in event
     assert event["timestamp"] == "2026-01-01T00:00:00+00:00"
     assert event["context"] == {"library": {"name": "x"}, "ip": "1.2.3.4"}

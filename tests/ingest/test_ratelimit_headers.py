@@ -14,9 +14,9 @@ def test_bucket_allows_burst_then_refuses_with_a_wait() -> None:
 
 
 def test_a_batch_larger_than_the_burst_passes_when_the_bucket_is_full() -> None:
-    limiter = RateLimiter(share=0.25)            # 4 workers: each bucket holds a quarter
+    limiter = RateLimiter(share=0.25)  # 4 workers: each bucket holds a quarter
     assert limiter.check("s", 100, 200, 100) == 0  # 100 > 50 per worker, but the bucket was full
-    assert limiter.check("s", 100, 200, 1) > 0     # and now it is in debt
+    assert limiter.check("s", 100, 200, 1) > 0  # and now it is in debt
 
 
 def test_unlimited_source_is_never_limited() -> None:

@@ -13,12 +13,19 @@ from tests.ingest.conftest import SERVER_KEY, IngestClient, decode
 
 
 def _send_with_sdk(host: str, errors: list[Any]) -> None:
-    client = Client(SERVER_KEY, host=host, gzip=True, max_retries=1, upload_size=50,
-                    on_error=lambda exc, batch: errors.append(exc))
+    client = Client(
+        SERVER_KEY, host=host, gzip=True, max_retries=1, upload_size=50, on_error=lambda exc, batch: errors.append(exc)
+    )
     when = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
     client.identify("user-1", {"email": "u1@example.com", "plan": "pro"}, timestamp=when)
-    client.track("user-1", "Order Completed", {"revenue": 42.5, "currency": "EUR"},
-                 context={"campaign": {"source": "newsletter"}}, timestamp=when, message_id="sdk-m-1")
+    client.track(
+        "user-1",
+        "Order Completed",
+        {"revenue": 42.5, "currency": "EUR"},
+        context={"campaign": {"source": "newsletter"}},
+        timestamp=when,
+        message_id="sdk-m-1",
+    )
     client.page("user-1", "Docs", "Install", {"url": "https://example.com/docs"}, timestamp=when)
     client.screen("user-1", "App", "Home", timestamp=when)
     client.group("user-1", "acme", {"employees": 10}, timestamp=when)

@@ -39,22 +39,30 @@ async def _read_until_closed(reader: asyncio.StreamReader, timeout_s: float) -> 
 async def test_slow_clients_are_closed_and_capped_while_a_normal_client_gets_200s(  # noqa: C901 - one live ingest for every kind of slow client
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    live = LiveIngest(tmp_path, kafka_bootstrap, SOURCES, extra_env={
-        "HEADWATER_INGEST_MAX_CONNECTIONS": str(CAP),
-        "HEADWATER_INGEST_CLIENT_IDLE_TIMEOUT_S": str(IDLE_S),
-        "HEADWATER_INGEST_CLIENT_BODY_TIMEOUT_S": str(BODY_S)})
+    live = LiveIngest(
+        tmp_path,
+        kafka_bootstrap,
+        SOURCES,
+        extra_env={
+            "HEADWATER_INGEST_MAX_CONNECTIONS": str(CAP),
+            "HEADWATER_INGEST_CLIENT_IDLE_TIMEOUT_S": str(IDLE_S),
+            "HEADWATER_INGEST_CLIENT_BODY_TIMEOUT_S": str(BODY_S),
+        },
+    )
     await asyncio.to_thread(live.start)
     host, port = "127.0.0.1", live.port
     statuses: Counter[int] = Counter()
     done = asyncio.Event()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+
             async def normal() -> None:
-                for i in range(400):               # bounded; stops when the test is done
+                for i in range(400):  # bounded; stops when the test is done
                     if done.is_set():
                         return
-                    async with http.post(f"{live.url}/v1/track", headers=AUTH,
-                                         json={"event": "E", "userId": f"n{i}"}) as resp:
+                    async with http.post(
+                        f"{live.url}/v1/track", headers=AUTH, json={"event": "E", "userId": f"n{i}"}
+                    ) as resp:
                         statuses[resp.status] += 1
                     await asyncio.sleep(0.05)
 
@@ -62,25 +70,31 @@ async def test_slow_clients_are_closed_and_capped_while_a_normal_client_gets_200
             await eventually(lambda: asyncio.sleep(0, statuses[200] >= 3), 10, "the normal client's first 200s")
 
             opened: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {
-                "partial_headers": [], "partial_body": [], "silent": []}
+                "partial_headers": [],
+                "partial_body": [],
+                "silent": [],
+            }
             for _ in range(15):
                 reader, writer = await asyncio.open_connection(host, port)
                 writer.write(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Ty")
                 opened["partial_headers"].append((reader, writer))
             for _ in range(15):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Authorization: " + AUTH["Authorization"].encode() +
-                             b"\r\nContent-Length: 1000\r\n\r\n{\"event\": ")
+                writer.write(
+                    b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Authorization: " + AUTH["Authorization"].encode() + b'\r\nContent-Length: 1000\r\n\r\n{"event": '
+                )
                 opened["partial_body"].append((reader, writer))
-            for _ in range(30):                    # 60 slow ones + the normal client: past the cap
+            for _ in range(30):  # 60 slow ones + the normal client: past the cap
                 opened["silent"].append(await asyncio.open_connection(host, port))
             for conns in opened.values():
                 for _, writer in conns:
                     await writer.drain()
 
-            results = {kind: await asyncio.gather(*(_read_until_closed(r, IDLE_S + BODY_S + 5) for r, _ in conns))
-                       for kind, conns in opened.items()}
+            results = {
+                kind: await asyncio.gather(*(_read_until_closed(r, IDLE_S + BODY_S + 5) for r, _ in conns))
+                for kind, conns in opened.items()
+            }
             refused = [data for conns in results.values() for data, _ in conns if data.startswith(b"HTTP/1.1 503")]
             assert len(refused) >= 60 + 1 - CAP, "the connections past the cap are answered 503"
             body = json.loads(refused[0].split(b"\r\n\r\n", 1)[1])
@@ -124,11 +138,17 @@ async def test_slow_clients_are_closed_and_capped_while_a_normal_client_gets_200
             await client
         assert set(statuses) == {200}, statuses
         assert statuses[200] >= 20
-        refused_total = next(float(line.split()[-1]) for line in metrics.splitlines()
-                             if line.startswith("headwater_ingest_connections_refused_total"))
+        refused_total = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("headwater_ingest_connections_refused_total")
+        )
         assert refused_total >= 60 + 1 - CAP
-        open_now = next(float(line.split()[-1]) for line in metrics.splitlines()
-                        if line.startswith("headwater_ingest_connections_open"))
+        open_now = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("headwater_ingest_connections_open")
+        )
         assert open_now <= 2
     finally:
         done.set()

@@ -107,7 +107,7 @@ async def test_failed_write_is_cut_back_and_later_acks_survive(tmp_path: Path, m
     with pytest.raises(OSError, match="No space"):
         await spool.append([rec(2)])
     monkeypatch.setattr(spool_module, "_write_and_sync", real)
-    await spool.append([rec(3)])                      # acknowledged after the failure
+    await spool.append([rec(3)])  # acknowledged after the failure
     assert spool.pending_events == 2
     await spool.close()
 
@@ -175,7 +175,7 @@ async def test_drainer_never_reads_past_the_durable_end(tmp_path: Path, monkeypa
     written, release = threading.Event(), threading.Event()
 
     def write_then_fail_fsync(fd: int, data: bytes) -> None:
-        os.write(fd, data)              # in the file (page cache), not yet durable
+        os.write(fd, data)  # in the file (page cache), not yet durable
         written.set()
         release.wait(10)
         raise OSError(5, "Input/output error")
@@ -184,7 +184,7 @@ async def test_drainer_never_reads_past_the_durable_end(tmp_path: Path, monkeypa
     failing = asyncio.create_task(spool.append([rec(2), rec(3)]))
     await asyncio.to_thread(written.wait, 10)
     [segment] = tmp_path.glob("seg-*.log")
-    assert segment.stat().st_size > spool.durable_end(segment)   # the frames are there, not durable
+    assert segment.stat().st_size > spool.durable_end(segment)  # the frames are there, not durable
 
     sent: list[OutRecord] = []
 
@@ -193,13 +193,13 @@ async def test_drainer_never_reads_past_the_durable_end(tmp_path: Path, monkeypa
 
     drainer = asyncio.create_task(spool.drain(send))
     await asyncio.sleep(0.2)
-    assert sent == [rec(1)]                        # nothing past the durable end
+    assert sent == [rec(1)]  # nothing past the durable end
     release.set()
     with pytest.raises(OSError, match="Input/output"):
         await failing
     await drainer
     monkeypatch.undo()
-    await spool.append([rec(4)])                   # acknowledged after the failure
+    await spool.append([rec(4)])  # acknowledged after the failure
     assert await _drain_all(spool) == [rec(4)]
     assert sent == [rec(1)] and spool.is_empty
 
@@ -223,10 +223,10 @@ async def test_flipped_payload_byte_sets_the_segment_aside_and_the_rest_is_deliv
     in_first = [r for _, r in frames_first]
     assert len(in_first) >= 3
     second_frame_start = frames_first[0][0]
-    _flip(segments[0], second_frame_start + 20)     # inside the second frame's payload
+    _flip(segments[0], second_frame_start + 20)  # inside the second frame's payload
 
     reopened = Spool(tmp_path, max_bytes=10_000_000)
-    reopened.open()                                 # not a torn tail: nothing is cut
+    reopened.open()  # not a torn tail: nothing is cut
     assert segments[0].stat().st_size == len(b"".join(frame(r) for r in in_first))
     got: list[OutRecord] = []
 
@@ -240,12 +240,12 @@ async def test_flipped_payload_byte_sets_the_segment_aside_and_the_rest_is_deliv
     kept = tmp_path / "damaged" / segments[0].name
     assert kept.exists() and kept.with_suffix(".damage.json").exists()
     assert [d.path for d in reopened.damaged] == [kept]
-    await reopened.drain(send)                      # the next round moves on
+    await reopened.drain(send)  # the next round moves on
     assert got == [r for r in (rec(i) for i in range(12)) if r != in_first[1]]
     assert reopened.is_empty and reopened.pending_bytes == 0
 
     again = Spool(tmp_path, max_bytes=10_000_000)
-    again.open()                                    # still reported after a restart
+    again.open()  # still reported after a restart
     assert [d.path for d in again.damaged] == [kept] and again.is_empty
 
 
@@ -258,7 +258,7 @@ async def test_flipped_length_byte_loses_framing_and_keeps_the_rest_for_the_oper
     await spool.append([rec(i) for i in range(6)])
     [segment] = tmp_path.glob("seg-*.log")
     frames, _ = read_frames(segment.read_bytes())
-    _flip(segment, frames[1][0] + 1)                # the third frame's length field
+    _flip(segment, frames[1][0] + 1)  # the third frame's length field
     got: list[OutRecord] = []
 
     async def send(batch: list[OutRecord]) -> None:
@@ -273,7 +273,7 @@ async def test_flipped_length_byte_loses_framing_and_keeps_the_rest_for_the_oper
     data = damage.path.read_bytes()
     recovered = [r for _, r in resync_frames(data, frames[1][0], len(data))]
     assert recovered == [rec(3), rec(4), rec(5)]
-    await spool.append([rec(9)])                    # appends go to a new segment
+    await spool.append([rec(9)])  # appends go to a new segment
     assert await _drain_all(spool) == [rec(9)]
 
 
@@ -305,10 +305,10 @@ async def test_a_damaged_length_in_front_of_good_frames_is_not_taken_for_a_torn_
     [segment] = tmp_path.glob("seg-*.log")
     size = segment.stat().st_size
     frames, _ = read_frames(segment.read_bytes())
-    _flip(segment, frames[0][0] + 2)                # frame 2 now declares 16 KiB more than the file holds
+    _flip(segment, frames[0][0] + 2)  # frame 2 now declares 16 KiB more than the file holds
     reopened = Spool(tmp_path, max_bytes=10_000_000)
     reopened.open()
-    assert segment.stat().st_size == size           # nothing cut
+    assert segment.stat().st_size == size  # nothing cut
 
 
 async def test_a_segment_cut_below_its_durable_end_is_set_aside(tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ async def test_a_segment_cut_below_its_durable_end_is_set_aside(tmp_path: Path) 
     [segment] = tmp_path.glob("seg-*.log")
     frames, _ = read_frames(segment.read_bytes())
     with segment.open("r+b") as f:
-        f.truncate(frames[1][0] + 5)              # cut from outside, mid-frame
+        f.truncate(frames[1][0] + 5)  # cut from outside, mid-frame
     got: list[OutRecord] = []
 
     async def send(batch: list[OutRecord]) -> None:

@@ -17,9 +17,14 @@ MakeSettings = Callable[..., Awaitable[Settings]]
 
 
 @pytest.fixture
-def metrics_settings(kafka_bootstrap: str, cassandra_port: int, new_topic: Callable[..., Awaitable[str]],
-                     new_group: Callable[[str], str], new_keyspace: Callable[[], str],
-                     tmp_path: Path) -> MakeSettings:
+def metrics_settings(
+    kafka_bootstrap: str,
+    cassandra_port: int,
+    new_topic: Callable[..., Awaitable[str]],
+    new_group: Callable[[str], str],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
+) -> MakeSettings:
     """Factory: Settings on a fresh enriched topic (``partitions``), late and DLQ topics,
     consumer group and keyspace; keyword overrides win."""
 

@@ -30,14 +30,31 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def enriched(source: str, etype: str, name: str | None, user: str | None, time_ms: int, received_ms: int,
-             props: dict[str, Any] | None = None, message_id: str = "m") -> dict[str, Any]:
+def enriched(
+    source: str,
+    etype: str,
+    name: str | None,
+    user: str | None,
+    time_ms: int,
+    received_ms: int,
+    props: dict[str, Any] | None = None,
+    message_id: str = "m",
+) -> dict[str, Any]:
     """An events.enriched value as the processor writes it (the fields metrics reads, and a few more)."""
     doc: dict[str, Any] = {
-        "type": etype, "messageId": message_id, "timestamp": iso(time_ms), "receivedAt": iso(received_ms),
-        "properties": props or {}, "context": {"library": {"name": "test"}},
-        "_hw": {"source_id": source, "received_at_ms": received_ms, "processed_at_ms": received_ms + 5,
-                "raw": {"topic": "events.raw", "partition": 0, "offset": 0}, "flags": []},
+        "type": etype,
+        "messageId": message_id,
+        "timestamp": iso(time_ms),
+        "receivedAt": iso(received_ms),
+        "properties": props or {},
+        "context": {"library": {"name": "test"}},
+        "_hw": {
+            "source_id": source,
+            "received_at_ms": received_ms,
+            "processed_at_ms": received_ms + 5,
+            "raw": {"topic": "events.raw", "partition": 0, "offset": 0},
+            "flags": [],
+        },
     }
     if user is not None:
         doc["userId" if user.startswith("u") else "anonymousId"] = user
@@ -49,9 +66,16 @@ def enriched(source: str, etype: str, name: str | None, user: str | None, time_m
 
 
 def write_sources(path: Path, sums: dict[str, list[str]]) -> Path:
-    path.write_text(json.dumps({"sources": [
-        {"id": sid, "name": sid, "write_key": f"{sid}-key", "sum_properties": props}
-        for sid, props in sums.items()]}))
+    path.write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {"id": sid, "name": sid, "write_key": f"{sid}-key", "sum_properties": props}
+                    for sid, props in sums.items()
+                ]
+            }
+        )
+    )
     return path
 
 
@@ -64,8 +88,9 @@ class Sent:
 
 async def produce(bootstrap: str, topic: str, records: list[tuple[int, bytes]]) -> list[Sent]:
     """Send (partition, value) records in order; returns where each landed."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=5, max_batch_size=256 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=256 * 1024
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=b"k", partition=p) for p, value in records]
@@ -86,9 +111,9 @@ def parse_ms(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
-def expected(sent: list[Sent], max_age_ms: int, sums: dict[str, list[str]],
-             retention_ms: dict[str, int] | None = None
-             ) -> tuple[dict[tuple[str, str, str, str, int], dict[str, Any]], set[tuple[int, int]]]:
+def expected(
+    sent: list[Sent], max_age_ms: int, sums: dict[str, list[str]], retention_ms: dict[str, int] | None = None
+) -> tuple[dict[tuple[str, str, str, str, int], dict[str, Any]], set[tuple[int, int]]]:
     """Windows computed straight from the input, written independently of the service's code.
 
     Key (resolution, source, type, event, window_start) -> {count, users (set), sums}. An
@@ -97,7 +122,8 @@ def expected(sent: list[Sent], max_age_ms: int, sums: dict[str, list[str]],
     Also the (partition, offset) of every event that some resolution did not take (the late topic).
     """
     windows: dict[tuple[str, str, str, str, int], dict[str, Any]] = defaultdict(
-        lambda: {"count": 0, "users": set(), "sums": defaultdict(float)})
+        lambda: {"count": 0, "users": set(), "sums": defaultdict(float)}
+    )
     late: set[tuple[int, int]] = set()
     for s in sent:
         if s.doc is None:
@@ -128,15 +154,18 @@ async def all_rows(client: CassandraClient, cql: str) -> list[Any]:
     return await asyncio.to_thread(lambda: list(client.session.execute(cql, timeout=30)))
 
 
-async def stored_windows(client: CassandraClient, ks: str, lg_k: int = 12
-                         ) -> dict[tuple[str, str, str, str, int], dict[str, Any]]:
+async def stored_windows(
+    client: CassandraClient, ks: str, lg_k: int = 12
+) -> dict[tuple[str, str, str, str, int], dict[str, Any]]:
     """Every window in the rollup tables, partitions added up (counts, sums) and unioned (users)."""
     out: dict[tuple[str, str, str, str, int], dict[str, Any]] = {}
     for res in RES_MS:
-        rows = await all_rows(client, f"SELECT source, window_start, type, event, count, users, sums "
-                                      f"FROM {ks}.rollup_{res}")
+        rows = await all_rows(
+            client, f"SELECT source, window_start, type, event, count, users, sums FROM {ks}.rollup_{res}"
+        )
         acc: dict[tuple[str, str, str, str, int], dict[str, Any]] = defaultdict(
-            lambda: {"count": 0, "blobs": [], "sums": defaultdict(float)})
+            lambda: {"count": 0, "blobs": [], "sums": defaultdict(float)}
+        )
         for r in rows:
             w = acc[(res, r.source, r.type, r.event, r.window_start)]
             w["count"] += r.count
@@ -148,10 +177,16 @@ async def stored_windows(client: CassandraClient, ks: str, lg_k: int = 12
     return out
 
 
-def assert_windows_equal(stored: dict[tuple[str, str, str, str, int], dict[str, Any]],
-                         want: dict[tuple[str, str, str, str, int], dict[str, Any]]) -> None:
-    assert set(stored) == set(want), ("stored only", sorted(set(stored) - set(want))[:3],
-                                      "input only", sorted(set(want) - set(stored))[:3])
+def assert_windows_equal(
+    stored: dict[tuple[str, str, str, str, int], dict[str, Any]],
+    want: dict[tuple[str, str, str, str, int], dict[str, Any]],
+) -> None:
+    assert set(stored) == set(want), (
+        "stored only",
+        sorted(set(stored) - set(want))[:3],
+        "input only",
+        sorted(set(want) - set(stored))[:3],
+    )
     for key, w in want.items():
         got = stored[key]
         assert got["count"] == w["count"], (key, got["count"], w["count"])
@@ -176,8 +211,9 @@ async def poll(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0, wh
 
 async def checkpoints(client: CassandraClient, ks: str, group: str, topic: str) -> dict[int, int]:
     try:
-        rows = await client.execute(f"SELECT kpart, next_offset FROM {ks}.checkpoints "
-                                    "WHERE consumer_group = %s AND topic = %s", (group, topic))
+        rows = await client.execute(
+            f"SELECT kpart, next_offset FROM {ks}.checkpoints WHERE consumer_group = %s AND topic = %s", (group, topic)
+        )
     except Exception:  # the keyspace does not exist yet
         return {}
     return {r.kpart: r.next_offset for r in rows}
@@ -205,21 +241,33 @@ def service_env(settings: Settings, port: int) -> dict[str, str]:
     return env
 
 
-async def start_service(settings: Settings, log_path: Path, *, port: int | None = None
-                        ) -> asyncio.subprocess.Process:
+async def start_service(settings: Settings, log_path: Path, *, port: int | None = None) -> asyncio.subprocess.Process:
     """The metrics service as its own process, configured from ``settings`` through its environment."""
     with log_path.open("ab") as log:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics",
-                                                    env=service_env(settings, port or free_port()),
-                                                    stdout=log, stderr=log, cwd=Path(__file__).parents[2])
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.metrics",
+            env=service_env(settings, port or free_port()),
+            stdout=log,
+            stderr=log,
+            cwd=Path(__file__).parents[2],
+        )
 
 
-def count_body(start: int, end: int, group: str = "source", tags: dict[str, list[str]] | None = None
-               ) -> dict[str, Any]:
+def count_body(start: int, end: int, group: str = "source", tags: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """A KairosDB query: events per value of one tag in [start, end] at 1-minute resolution."""
-    return {"start_absolute": start, "end_absolute": end, "metrics": [{
-        "name": "headwater.events.count", "tags": {"resolution": ["1m"], **(tags or {})},
-        "group_by": [{"name": "tag", "tags": [group]}]}]}
+    return {
+        "start_absolute": start,
+        "end_absolute": end,
+        "metrics": [
+            {
+                "name": "headwater.events.count",
+                "tags": {"resolution": ["1m"], **(tags or {})},
+                "group_by": [{"name": "tag", "tags": [group]}],
+            }
+        ],
+    }
 
 
 def counts(answer: dict[str, Any], group: str = "source") -> dict[str, int]:

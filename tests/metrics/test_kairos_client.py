@@ -34,9 +34,22 @@ def _resolve(stack: StackSettings) -> Path:
     staging = lib.with_name("lib.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    done = subprocess.run([stack.mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-                           "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
-                          capture_output=True, text=True, check=False, timeout=240)
+    done = subprocess.run(
+        [
+            stack.mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     shutil.rmtree(lib, ignore_errors=True)
     staging.rename(lib)
@@ -53,28 +66,50 @@ def probe_classpath(tmp_path_factory: pytest.TempPathFactory) -> str:
     javac = str(Path(stack.java).with_name("javac"))
     if not Path(javac).exists():
         javac = shutil.which("javac") or "javac"
-    done = subprocess.run([javac, "-cp", f"{lib}/*", "-d", str(out), str(HERE / "Probe.java")],
-                          capture_output=True, text=True, check=False, timeout=120)
+    done = subprocess.run(
+        [javac, "-cp", f"{lib}/*", "-d", str(out), str(HERE / "Probe.java")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return f"{out}:{lib}/*"
 
 
 async def test_kairosdb_java_client_against_the_service(metrics_settings: MakeSettings, probe_classpath: str) -> None:
     password = "probe-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:12]
-    settings = await metrics_settings(partitions=1, api_user=SecretStr("kairos"), api_password=SecretStr(password),
-                                      api_auth_reads=True)
+    settings = await metrics_settings(
+        partitions=1, api_user=SecretStr("kairos"), api_password=SecretStr(password), api_auth_reads=True
+    )
     t0 = (int(time.time() * 1000) // HOUR - 2) * HOUR
     app = await build_app(settings, consume=False)
     async with TestServer(app, host="127.0.0.1") as server:
         url = str(server.make_url("")).rstrip("/")
         proc = await asyncio.create_subprocess_exec(
-            StackSettings().java, "-cp", probe_classpath, "Probe", url, str(t0), "kairos", password,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            StackSettings().java,
+            "-cp",
+            probe_classpath,
+            "Probe",
+            url,
+            str(t0),
+            "kairos",
+            password,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 180)
         # Without credentials the same client is refused (reads are behind auth here).
         anonymous = await asyncio.create_subprocess_exec(
-            StackSettings().java, "-cp", probe_classpath, "Probe", url, str(t0),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            StackSettings().java,
+            "-cp",
+            probe_classpath,
+            "Probe",
+            url,
+            str(t0),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         _, anonymous_err = await asyncio.wait_for(anonymous.communicate(), 180)
     assert proc.returncode == 0, err.decode()[-4000:]
     got = orjson.loads(out.decode().strip().splitlines()[-1])
@@ -86,7 +121,8 @@ async def test_kairosdb_java_client_against_the_service(metrics_settings: MakeSe
     assert query["sampleSize"] == 4
     assert [(r["name"], r["tags"], r["groups"], r["values"]) for r in query["results"]] == [
         ("jc.temp", {"host": ["a"]}, [{"host": "a"}, "type"], [[t0, 6.5]]),
-        ("jc.temp", {"host": ["b"]}, [{"host": "b"}, "type"], [[t0, 10.0]])]
+        ("jc.temp", {"host": ["b"]}, [{"host": "b"}, "type"], [[t0, 10.0]]),
+    ]
     assert got["queryTags"] == {"host": ["a"]}
     (after,) = got["afterDelete"]
     assert after["sampleSize"] == 1 and after["results"][0]["values"] == [[t0, 1.0]]

@@ -38,9 +38,15 @@ async def service(metrics_settings: MakeSettings, tmp_path: Path) -> AsyncIterat
     settings = await metrics_settings(partitions=1, query_max_rows=100_000, write_max_points=200_000)
     port = free_port()
     log = (tmp_path / "metrics.log").open("ab")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.metrics",
-                                                env=service_env(settings, port), stdout=log, stderr=log,
-                                                cwd=Path(__file__).parents[2])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.metrics",
+        env=service_env(settings, port),
+        stdout=log,
+        stderr=log,
+        cwd=Path(__file__).parents[2],
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -74,8 +80,9 @@ def big_body(points: int, start: int) -> bytes:
 
 
 async def post(session: aiohttp.ClientSession, url: str, data: bytes, **headers: str) -> tuple[int, Any]:
-    async with session.post(url, data=io.BytesIO(data), headers={"Content-Type": "application/json", **headers}
-                            ) as resp:
+    async with session.post(
+        url, data=io.BytesIO(data), headers={"Content-Type": "application/json", **headers}
+    ) as resp:
         text = await resp.read()
         return resp.status, orjson.loads(text) if text else None
 
@@ -97,17 +104,21 @@ async def test_hostile_requests_get_kairosdb_errors_and_memory_stays_bounded(ser
         assert (await health).status == 204
         health.result().release()
         # The same gzipped, and a gzip bomb: 400 and 413, both KairosDB-shaped.
-        status, answer = await post(session, url + "/api/v1/datapoints", gzip.compress(huge),
-                                    **{"Content-Type": "application/gzip"})
+        status, answer = await post(
+            session, url + "/api/v1/datapoints", gzip.compress(huge), **{"Content-Type": "application/gzip"}
+        )
         assert status == 400 and answer["errors"]
-        status, answer = await post(session, url + "/api/v1/datapoints", gzip.compress(b" " * (64 << 20)),
-                                    **{"Content-Type": "application/gzip"})
+        status, answer = await post(
+            session,
+            url + "/api/v1/datapoints",
+            gzip.compress(b" " * (64 << 20)),
+            **{"Content-Type": "application/gzip"},
+        )
         assert status == 413 and answer["errors"]
         status, answer = await post(session, url + "/api/v1/datapoints", b"[" * 17_000_000)
         assert status == 413 and answer["errors"]
         # Too many metric names, too many tags.
-        many = orjson.dumps([{"name": f"m{i}", "tags": {"h": "a"}, "datapoints": [[start, 1]]}
-                             for i in range(10_001)])
+        many = orjson.dumps([{"name": f"m{i}", "tags": {"h": "a"}, "datapoints": [[start, 1]]} for i in range(10_001)])
         status, answer = await post(session, url + "/api/v1/datapoints", many)
         assert status == 400 and "metrics" in answer["errors"][0]
         tags = orjson.dumps([{"name": "t", "tags": {f"k{i}": "v" for i in range(65)}, "datapoints": [[start, 1]]}])
@@ -118,18 +129,35 @@ async def test_hostile_requests_get_kairosdb_errors_and_memory_stays_bounded(ser
         status, _ = await post(session, url + "/api/v1/datapoints", big_body(120_000, start))
         assert status == 204
         window = {"start_absolute": start, "end_absolute": start + HOUR}
-        status, answer = await post(session, url + "/api/v1/datapoints/query", orjson.dumps(
-            {**window, "metrics": [{"name": "big.series", "limit": 1000}]}))
+        status, answer = await post(
+            session,
+            url + "/api/v1/datapoints/query",
+            orjson.dumps({**window, "metrics": [{"name": "big.series", "limit": 1000}]}),
+        )
         assert status == 200
         (q,) = answer["queries"]
         assert q["sample_size"] == 1000 and len(q["results"][0]["values"]) == 1000
-        status, answer = await post(session, url + "/api/v1/datapoints/query", orjson.dumps(
-            {**window, "metrics": [{"name": "big.series"}]}))
+        status, answer = await post(
+            session, url + "/api/v1/datapoints/query", orjson.dumps({**window, "metrics": [{"name": "big.series"}]})
+        )
         assert status == 400 and "more than 100000 rows" in answer["errors"][0]
         # Every empty 1 ms period of the hour marked: refused, not built.
-        status, answer = await post(session, url + "/api/v1/datapoints/query", orjson.dumps(
-            {**window, "metrics": [{"name": "big.series", "limit": 10, "aggregators": [
-                {"name": "gaps", "sampling": {"value": 1, "unit": "milliseconds"}}]}]}))
+        status, answer = await post(
+            session,
+            url + "/api/v1/datapoints/query",
+            orjson.dumps(
+                {
+                    **window,
+                    "metrics": [
+                        {
+                            "name": "big.series",
+                            "limit": 10,
+                            "aggregators": [{"name": "gaps", "sampling": {"value": 1, "unit": "milliseconds"}}],
+                        }
+                    ],
+                }
+            ),
+        )
         assert status == 400 and "gaps" in answer["errors"][0]
     peak = peak_rss_mb(pid)
     print(f"metrics service peak RSS: {peak:.0f} MB (at start {baseline:.0f} MB, bound {RSS_BOUND_MB} MB)")

@@ -50,8 +50,9 @@ def agg(spec: dict[str, Any], tz: str | None = None) -> aggs.Aggregator:
     return kairosparse.parse_query(query, T0).metrics[0].aggregators[0]
 
 
-def run(spec: dict[str, Any], points: list[aggs.Point], start: int = T0, end: int = T0 + HOUR,
-        tz: str | None = None) -> list[aggs.Point]:
+def run(
+    spec: dict[str, Any], points: list[aggs.Point], start: int = T0, end: int = T0 + HOUR, tz: str | None = None
+) -> list[aggs.Point]:
     return aggs.aggregate(agg(spec, tz), points, aggs.Window(start, end), FAR)
 
 
@@ -64,16 +65,28 @@ POINTS = [(T0 + 30_000, 1), (T0 + 90_000, 2), (T0 + 150_000, 3), (T0 + 610_000, 
 
 # --- parsing -----------------------------------------------------------------------------------
 
+
 def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
-    q = kairosparse.parse_query({"start_relative": {"value": "2", "unit": "HOURS"},
-                            "end_relative": {"value": 1, "unit": "Minutes"}, "metrics": [{"name": "m"}]},
-                           now_ms=T0)
+    q = kairosparse.parse_query(
+        {
+            "start_relative": {"value": "2", "unit": "HOURS"},
+            "end_relative": {"value": 1, "unit": "Minutes"},
+            "metrics": [{"name": "m"}],
+        },
+        now_ms=T0,
+    )
     assert (q.start_ms, q.end_ms) == (T0 - 2 * HOUR, T0 - MIN)
     # Months step on the calendar: 2026-11-24 13:00 minus one month is 2026-10-24 13:00.
     q = kairosparse.parse_query({"start_relative": {"value": 1, "unit": "MONTHS"}, "metrics": [{"name": "m"}]}, T0)
     assert q.start_ms == T0 - 31 * 86_400_000
-    m = kairosparse.parse_query(body(tags={"a": "x", "b": ["y", "z"]}, group_by=[{"name": "tag", "tags": ["a"]}],
-                                aggregators=[sampled("sum", 5, "MINUTES")]), T0).metrics[0]
+    m = kairosparse.parse_query(
+        body(
+            tags={"a": "x", "b": ["y", "z"]},
+            group_by=[{"name": "tag", "tags": ["a"]}],
+            aggregators=[sampled("sum", 5, "MINUTES")],
+        ),
+        T0,
+    ).metrics[0]
     assert m.tags == {"a": ("x",), "b": ("y", "z")} and m.group_by == ("a",)
     (a,) = m.aggregators
     assert (a.name, a.sampling.value, a.sampling.unit.name, a.align_sampling) == ("sum", 5, "minutes", True)
@@ -83,39 +96,57 @@ def test_parse_query_defaults_units_in_any_case_and_relative_times() -> None:
     assert (agg({"name": "avg"}).sampling.value, agg({"name": "avg"}).sampling.unit.name) == (1, "milliseconds")
 
 
-@pytest.mark.parametrize("bad", [
-    {}, {"start_absolute": -1, "metrics": [{"name": "m"}]}, {"start_absolute": True, "metrics": [{"name": "m"}]},
-    body(aggregators=[sampled("sum", 0, "minutes")]),
-    body(aggregators=[{"name": "sum", "align_sampling": "yes"}]),
-    body(tags={"a": 1}), body(limit=-1), body(order="up"), body(exclude_tags="no"),
-    body(aggregators=[{"name": "distinct"}]),  # only on headwater.users.distinct
-    # Before the epoch, out of Cassandra's bigint, not a finite number.
-    {"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
-    {"start_relative": {"value": 60, "unit": "years"}, "metrics": [{"name": "m"}]},
-    {"start_absolute": 0, "end_absolute": 2**63, "metrics": [{"name": "m"}]},
-    {"start_absolute": float("inf"), "metrics": [{"name": "m"}]},
-    {"start_absolute": float("nan"), "metrics": [{"name": "m"}]},
-    {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
-    body(aggregators=[sampled("sum", "\u00b2", "minutes")]),  # type: ignore[arg-type]
-    body(group_by=5), body(group_by={"name": "tag", "tags": ["a"]}),
-    # KairosDB's parser: unknown names and properties, missing required properties.
-    {**body(), "time_zone": "Mars/Olympus"},
-    body(aggregators=[{"name": "percentile"}]), body(aggregators=[{"name": "percentile", "percentile": 1.5}]),
-    body(aggregators=[{"name": "div"}]), body(aggregators=[{"name": "div", "divisor": 0}]),
-    body(aggregators=[{"name": "sma"}]), body(aggregators=[{"name": "filter", "threshold": 1}]),
-    body(aggregators=[{"name": "sum", "samplng": {"value": 1, "unit": "hours"}}]),
-    body(aggregators=[{"name": "nope"}]), body(aggregators=[{"name": ""}]),
-    body(aggregators=[{"name": "save_as"}]),
-    body(aggregators=[{"name": "save_as", "metric_name": kairos.COUNT_METRIC}]),
-    body(aggregators=[{"name": "trim", "trim": "middle"}]), body(aggregators=[{"name": "rate", "unit": "fortnights"}]),
-    body(group_by=[{"name": "time", "range_size": {"value": 1, "unit": "hours"}}]),
-    body(group_by=[{"name": "time", "group_count": 2}]),
-    body(group_by=[{"name": "value"}]), body(group_by=[{"name": "bin", "bins": []}]),
-    body(group_by=[{"name": "tag", "tags": []}]), body(group_by=[{"name": "colour"}]), body(group_by=[{}]),
-    body(plugins=[{"name": "x"}]),
-    # Names are case-sensitive in KairosDB (units are not).
-    body(aggregators=[sampled("SUM", 1, "hours")]), body(group_by=[{"name": "TAG", "tags": ["a"]}]),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"start_absolute": -1, "metrics": [{"name": "m"}]},
+        {"start_absolute": True, "metrics": [{"name": "m"}]},
+        body(aggregators=[sampled("sum", 0, "minutes")]),
+        body(aggregators=[{"name": "sum", "align_sampling": "yes"}]),
+        body(tags={"a": 1}),
+        body(limit=-1),
+        body(order="up"),
+        body(exclude_tags="no"),
+        body(aggregators=[{"name": "distinct"}]),  # only on headwater.users.distinct
+        # Before the epoch, out of Cassandra's bigint, not a finite number.
+        {"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
+        {"start_relative": {"value": 60, "unit": "years"}, "metrics": [{"name": "m"}]},
+        {"start_absolute": 0, "end_absolute": 2**63, "metrics": [{"name": "m"}]},
+        {"start_absolute": float("inf"), "metrics": [{"name": "m"}]},
+        {"start_absolute": float("nan"), "metrics": [{"name": "m"}]},
+        {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
+        body(aggregators=[sampled("sum", "\u00b2", "minutes")]),  # type: ignore[arg-type]
+        body(group_by=5),
+        body(group_by={"name": "tag", "tags": ["a"]}),
+        # KairosDB's parser: unknown names and properties, missing required properties.
+        {**body(), "time_zone": "Mars/Olympus"},
+        body(aggregators=[{"name": "percentile"}]),
+        body(aggregators=[{"name": "percentile", "percentile": 1.5}]),
+        body(aggregators=[{"name": "div"}]),
+        body(aggregators=[{"name": "div", "divisor": 0}]),
+        body(aggregators=[{"name": "sma"}]),
+        body(aggregators=[{"name": "filter", "threshold": 1}]),
+        body(aggregators=[{"name": "sum", "samplng": {"value": 1, "unit": "hours"}}]),
+        body(aggregators=[{"name": "nope"}]),
+        body(aggregators=[{"name": ""}]),
+        body(aggregators=[{"name": "save_as"}]),
+        body(aggregators=[{"name": "save_as", "metric_name": kairos.COUNT_METRIC}]),
+        body(aggregators=[{"name": "trim", "trim": "middle"}]),
+        body(aggregators=[{"name": "rate", "unit": "fortnights"}]),
+        body(group_by=[{"name": "time", "range_size": {"value": 1, "unit": "hours"}}]),
+        body(group_by=[{"name": "time", "group_count": 2}]),
+        body(group_by=[{"name": "value"}]),
+        body(group_by=[{"name": "bin", "bins": []}]),
+        body(group_by=[{"name": "tag", "tags": []}]),
+        body(group_by=[{"name": "colour"}]),
+        body(group_by=[{}]),
+        body(plugins=[{"name": "x"}]),
+        # Names are case-sensitive in KairosDB (units are not).
+        body(aggregators=[sampled("SUM", 1, "hours")]),
+        body(group_by=[{"name": "TAG", "tags": ["a"]}]),
+    ],
+)
 def test_parse_query_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(QueryError) as info:
         kairosparse.parse_query(bad, T0)
@@ -123,6 +154,7 @@ def test_parse_query_rejects(bad: dict[str, object]) -> None:
 
 
 # --- range aggregators -------------------------------------------------------------------------
+
 
 def test_default_sampling_keeps_every_point_and_combines_equal_times() -> None:
     points = [(T0 + 1, 1), (T0 + 1, 2), (T0 + 5, 3)]
@@ -146,8 +178,7 @@ def test_align_sampling_is_on_by_default_and_starts_at_midnight() -> None:
     spec = sampled("sum", 7, "minutes")
     assert run(spec, POINTS) == [(T0 + 30_000, 6.0), (T0 + 610_000, 4.0)]
     assert run({**spec, "align_start_time": True}, POINTS) == [(T0 - 3 * MIN, 6.0), (T0 + 4 * MIN, 4.0)]
-    assert run({**spec, "align_sampling": False, "align_start_time": True}, POINTS) == [
-        (T0, 6.0), (T0 + 7 * MIN, 4.0)]
+    assert run({**spec, "align_sampling": False, "align_start_time": True}, POINTS) == [(T0, 6.0), (T0 + 7 * MIN, 4.0)]
     assert Unit("hours").align(T0 + 20_000) == MIDNIGHT
     assert Unit("milliseconds").align(T0 + 20_123) == T0 + 20_000
 
@@ -156,10 +187,18 @@ def test_each_range_aggregator() -> None:
     spec = {"sampling": {"value": 10, "unit": "minutes"}, "align_start_time": True}
     whole = [(T0, v) for v in (2, 4, 4, 4, 5, 5, 7, 9)]
     points = [(T0 + i * 1000, v) for i, (_, v) in enumerate(whole)]
-    answers = {name: run({"name": name, **spec}, points) for name in ("avg", "count", "min", "max", "sum",
-                                                                        "first", "last")}
-    assert answers == {"avg": [(T0, 5.0)], "count": [(T0, 8)], "min": [(T0, 2.0)], "max": [(T0, 9.0)],
-                       "sum": [(T0, 40.0)], "first": [(T0, 2)], "last": [(T0, 9)]}
+    answers = {
+        name: run({"name": name, **spec}, points) for name in ("avg", "count", "min", "max", "sum", "first", "last")
+    }
+    assert answers == {
+        "avg": [(T0, 5.0)],
+        "count": [(T0, 8)],
+        "min": [(T0, 2.0)],
+        "max": [(T0, 9.0)],
+        "sum": [(T0, 40.0)],
+        "first": [(T0, 2)],
+        "last": [(T0, 9)],
+    }
     # Sample standard deviation: 32 / 7 around a mean of 5.
     std = math.sqrt(32 / 7)
     (dev,) = run({"name": "dev", **spec}, points)
@@ -169,8 +208,7 @@ def test_each_range_aggregator() -> None:
     assert run({"name": "dev", **spec}, points[:1]) == [(T0, 0.0)]
     # percentile: position p * (n + 1) among the sorted values, interpolated.
     tens = [(T0 + i, i) for i in range(1, 11)]
-    assert [run({"name": "percentile", "percentile": p, **spec}, tens)[0][1] for p in (0.5, 0.95, 0.05)] == [
-        5.5, 10, 1]
+    assert [run({"name": "percentile", "percentile": p, **spec}, tens)[0][1] for p in (0.5, 0.95, 0.05)] == [5.5, 10, 1]
 
 
 def test_first_and_last_keep_their_point_times_unless_aligned() -> None:
@@ -194,7 +232,9 @@ def test_least_squares_rounds_as_kairosdb_does() -> None:
     t, t2 = 1_795_000_013_123, 1_795_000_434_123
     points = [(t, 1), (t, 1), (t, 100), (t2, 2), (t2, 3.5), (t2, 200)]
     assert run(sampled("least_squares", 20, "minutes"), points, t, t + HOUR) == [
-        (t, 33.99999997019768), (t2, 68.49999997019768)]
+        (t, 33.99999997019768),
+        (t2, 68.49999997019768),
+    ]
     # Points of one time only: no line; KairosDB fails the query, this a 400 when answering.
     assert all(math.isnan(v) for _, v in run({"name": "least_squares"}, points[:3], t, t + HOUR))
 
@@ -209,8 +249,12 @@ def test_tag_filters_without_values_are_ignored_and_missing_group_tags_are_empty
 
 def test_points_of_one_time_merge_in_value_order() -> None:
     """KairosDB merges a group's series ordered by time, then value (descending for desc)."""
-    service = QueryService(SimpleNamespace(), SimpleNamespace(), Settings(),  # type: ignore[arg-type]
-                           make_metrics(CollectorRegistry()))
+    service = QueryService(
+        SimpleNamespace(),  # type: ignore[arg-type]
+        SimpleNamespace(),  # type: ignore[arg-type]
+        Settings(),
+        make_metrics(CollectorRegistry()),
+    )
     group = TagGroup({}, series=[Series({"h": "a"}, {1: [7], 2: [1]}), Series({"h": "b"}, {1: [3.5], 2: [9]})])
     asc = kairosparse.parse_query(body(), T0).metrics[0]
     desc = kairosparse.parse_query(body(order="desc"), T0).metrics[0]
@@ -221,8 +265,14 @@ def test_points_of_one_time_merge_in_value_order() -> None:
 def test_gaps_marks_every_empty_period_up_to_the_query_end() -> None:
     spec = sampled("gaps", 1, "minutes", align_sampling=False)
     out = run(spec, [(T0, 1), (T0 + 2 * MIN, 2)], T0, T0 + 5 * MIN)
-    assert out == [(T0, 1), (T0 + MIN, None), (T0 + 2 * MIN, 2), (T0 + 3 * MIN, None),
-                   (T0 + 4 * MIN, None), (T0 + 5 * MIN, None)]
+    assert out == [
+        (T0, 1),
+        (T0 + MIN, None),
+        (T0 + 2 * MIN, 2),
+        (T0 + 3 * MIN, None),
+        (T0 + 4 * MIN, None),
+        (T0 + 5 * MIN, None),
+    ]
     with pytest.raises(QueryError):
         aggs.aggregate(agg(sampled("gaps", 1, "milliseconds")), [], aggs.Window(0, 10**9, max_points=1000), FAR)
 
@@ -240,11 +290,21 @@ async def test_calendar_units_far_in_the_future_are_a_400_not_a_crash() -> None:
     async def read(*_: object, **__: object) -> list[ExternalPoint]:
         return [ExternalPoint(2**62, '{"h":"a"}', 1.0, True)]
 
-    service = QueryService(SimpleNamespace(), SimpleNamespace(read=read), Settings(),  # type: ignore[arg-type]
-                           make_metrics(CollectorRegistry()))
+    service = QueryService(
+        SimpleNamespace(),  # type: ignore[arg-type]
+        SimpleNamespace(read=read),  # type: ignore[arg-type]
+        Settings(),
+        make_metrics(CollectorRegistry()),
+    )
     with pytest.raises(QueryError) as info:
-        await service.run({"start_absolute": 2**62 - 1000, "end_absolute": 2**62 + 1000, "metrics": [
-            {"name": "far", "aggregators": [sampled("sum", 1, "months")]}]}, T0)
+        await service.run(
+            {
+                "start_absolute": 2**62 - 1000,
+                "end_absolute": 2**62 + 1000,
+                "metrics": [{"name": "far", "aggregators": [sampled("sum", 1, "months")]}],
+            },
+            T0,
+        )
     assert "calendar" in info.value.errors[0]
 
 
@@ -255,13 +315,18 @@ def test_calendar_months_and_time_zones() -> None:
     jan = ms(2025, 1, 1)
     points = [(ms(2025, 1, 31, 12), 1), (ms(2025, 2, 15), 2), (ms(2025, 2, 28, 23), 3), (ms(2025, 3, 1), 4)]
     assert run(sampled("sum", 1, "months", align_start_time=True), points, jan, ms(2025, 4, 1)) == [
-        (jan, 1.0), (ms(2025, 2, 1), 5.0), (ms(2025, 3, 1), 4.0)]
+        (jan, 1.0),
+        (ms(2025, 2, 1), 5.0),
+        (ms(2025, 3, 1), 4.0),
+    ]
     # Days in Europe/Paris: periods start at local midnight (23:00 UTC in winter).
     from zoneinfo import ZoneInfo
+
     paris = ZoneInfo("Europe/Paris")
     day_points = [(ms(2025, 1, 1, 22), 1), (ms(2025, 1, 1, 23), 2)]
-    assert run(sampled("sum", 1, "days", align_start_time=True), day_points, ms(2025, 1, 1), ms(2025, 1, 3),
-               tz="Europe/Paris") == [(ms(2025, 1, 1, tz=paris), 1.0), (ms(2025, 1, 2, tz=paris), 2.0)]
+    assert run(
+        sampled("sum", 1, "days", align_start_time=True), day_points, ms(2025, 1, 1), ms(2025, 1, 3), tz="Europe/Paris"
+    ) == [(ms(2025, 1, 1, tz=paris), 1.0), (ms(2025, 1, 2, tz=paris), 2.0)]
     assert Unit("months").add(ms(2025, 1, 31), 1) == ms(2025, 2, 28)
     assert Unit("months").between(ms(2025, 1, 31), ms(2025, 2, 28)) == 1
     assert Unit("years").between(ms(2024, 2, 29), ms(2025, 2, 28)) == 1
@@ -269,14 +334,14 @@ def test_calendar_months_and_time_zones() -> None:
 
 # --- the other aggregators and chains ----------------------------------------------------------
 
+
 def test_diff_rate_sampler_div_scale_filter_sma_trim() -> None:
     pts = [(1000, 1), (2000, 3), (3000, 5)]
     assert run({"name": "diff"}, pts) == [(2000, 2.0), (3000, 2.0)]
     assert run({"name": "rate", "unit": "SECONDS"}, [(0, 0), (1000, 5), (3000, 9)]) == [(1000, 5.0), (3000, 2.0)]
     assert run({"name": "rate", "sampling": {"value": 2, "unit": "seconds"}}, [(0, 0), (1000, 5)]) == [(1000, 10.0)]
     assert run({"name": "rate"}, [(0, 0), (1000, 5)]) == [(1000, 0.005)]  # per millisecond by default
-    assert run({"name": "sampler", "unit": "seconds"}, [(0, 0), (1000, 5), (3000, 9)]) == [
-        (1000, 5.0), (3000, 4.5)]
+    assert run({"name": "sampler", "unit": "seconds"}, [(0, 0), (1000, 5), (3000, 9)]) == [(1000, 5.0), (3000, 4.5)]
     with pytest.raises(QueryError):
         run({"name": "rate", "unit": "seconds"}, [(0, 1), (0, 2)])
     assert run({"name": "div", "divisor": 2}, pts) == [(1000, 0.5), (2000, 1.5), (3000, 2.5)]
@@ -286,14 +351,14 @@ def test_diff_rate_sampler_div_scale_filter_sma_trim() -> None:
     assert run({"name": "filter", "filter_op": "ne", "threshold": 3}, pts) == [(2000, 3)]
     assert run({"name": "sma", "size": 2}, pts) == [(2000, 2.0), (3000, 4.0)]
     assert run({"name": "sma", "size": 5}, pts) == []
-    assert [run({"name": "trim", "trim": t}, pts) for t in ("first", "last", "both")] == [
-        pts[1:], pts[:-1], pts[1:2]]
+    assert [run({"name": "trim", "trim": t}, pts) for t in ("first", "last", "both")] == [pts[1:], pts[:-1], pts[1:2]]
     assert run({"name": "trim"}, pts) == pts  # no trim property: nothing trimmed
 
 
 def test_aggregators_chain_in_order() -> None:
-    query = kairosparse.parse_query(body(aggregators=[sampled("sum", 1, "minutes"), {"name": "diff"},
-                                                 {"name": "scale", "factor": 10}]), T0)
+    query = kairosparse.parse_query(
+        body(aggregators=[sampled("sum", 1, "minutes"), {"name": "diff"}, {"name": "scale", "factor": 10}]), T0
+    )
     points: list[aggs.Point] = [(T0 + 1, 1), (T0 + 2, 1), (T0 + MIN + 5, 5), (T0 + 2 * MIN, 4)]
     for a in query.metrics[0].aggregators:
         points = aggs.aggregate(a, points, aggs.Window(T0, T0 + HOUR), FAR)
@@ -307,18 +372,52 @@ KAIROS_POINTS = [(KAIROS_START + 2 * i, i + 1) for i in range(10)]
 
 
 def test_time_value_and_bin_groups_with_their_entries() -> None:
-    m = kairosparse.parse_query({"start_absolute": KAIROS_START, "end_absolute": KAIROS_START + 18, "metrics": [{
-        "name": "m", "group_by": [{"name": "time", "group_count": "2",
-                                   "range_size": {"value": "2", "unit": "milliseconds"}}]}]}, T0).metrics[0]
+    m = kairosparse.parse_query(
+        {
+            "start_absolute": KAIROS_START,
+            "end_absolute": KAIROS_START + 18,
+            "metrics": [
+                {
+                    "name": "m",
+                    "group_by": [
+                        {"name": "time", "group_count": "2", "range_size": {"value": "2", "unit": "milliseconds"}}
+                    ],
+                }
+            ],
+        },
+        T0,
+    ).metrics[0]
     groups = groupby.split(list(m.groupers), KAIROS_START, KAIROS_POINTS)
     assert [(e, [v for _, v in pts]) for e, pts in groups] == [
-        ([{"name": "time", "range_size": {"value": 2, "unit": "MILLISECONDS"}, "group_count": 2,
-           "group": {"group_number": 0}}], [1, 3, 5, 7, 9]),
-        ([{"name": "time", "range_size": {"value": 2, "unit": "MILLISECONDS"}, "group_count": 2,
-           "group": {"group_number": 1}}], [2, 4, 6, 8, 10])]
+        (
+            [
+                {
+                    "name": "time",
+                    "range_size": {"value": 2, "unit": "MILLISECONDS"},
+                    "group_count": 2,
+                    "group": {"group_number": 0},
+                }
+            ],
+            [1, 3, 5, 7, 9],
+        ),
+        (
+            [
+                {
+                    "name": "time",
+                    "range_size": {"value": 2, "unit": "MILLISECONDS"},
+                    "group_count": 2,
+                    "group": {"group_number": 1},
+                }
+            ],
+            [2, 4, 6, 8, 10],
+        ),
+    ]
     by_value = groupby.split([groupby.ValueGroupBy(5)], KAIROS_START, KAIROS_POINTS)
     assert [(e[0]["group"]["group_number"], [v for _, v in p]) for e, p in by_value] == [
-        (0, [1, 2, 3, 4]), (1, [5, 6, 7, 8, 9]), (2, [10])]
+        (0, [1, 2, 3, 4]),
+        (1, [5, 6, 7, 8, 9]),
+        (2, [10]),
+    ]
     assert by_value[0][0] == [{"name": "value", "range_size": 5, "group": {"group_number": 0}}]
     by_bin = groupby.split([groupby.BinGroupBy((2.0, 5.5))], KAIROS_START, KAIROS_POINTS)
     assert [(e[0]["group"]["bin_number"], len(p)) for e, p in by_bin] == [(0, 1), (1, 4), (2, 5)]
@@ -346,39 +445,54 @@ def test_resolution_choice_needs_whole_windows() -> None:
 
 # --- the write format --------------------------------------------------------------------------
 
+
 def test_write_format_validation() -> None:
-    rows = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 2], [2, 2.5]], "ttl": 60},
-                             {"name": "b", "tags": {"h": "y"}, "timestamp": 3, "value": 1, "ttl": 0}])
-    assert rows == [("a", 1, '{"h":"x"}', 2.0, True, 60), ("a", 2, '{"h":"x"}', 2.5, False, 60),
-                    ("b", 3, '{"h":"y"}', 1.0, True, None)]
+    rows = parse_datapoints(
+        [
+            {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 2], [2, 2.5]], "ttl": 60},
+            {"name": "b", "tags": {"h": "y"}, "timestamp": 3, "value": 1, "ttl": 0},
+        ]
+    )
+    assert rows == [
+        ("a", 1, '{"h":"x"}', 2.0, True, 60),
+        ("a", 2, '{"h":"x"}', 2.5, False, 60),
+        ("b", 3, '{"h":"y"}', 1.0, True, None),
+    ]
     with pytest.raises(QueryError) as info:
-        parse_datapoints([{"name": "a", "tags": {}, "datapoints": [[1, 2]]},
-                          {"name": "headwater.events.count", "tags": {"h": "x"}, "datapoints": [[1, 2]]},
-                          {"name": "c", "tags": {"h": "x"}, "datapoints": [[1, "v"], [-5, 1]]}])
+        parse_datapoints(
+            [
+                {"name": "a", "tags": {}, "datapoints": [[1, 2]]},
+                {"name": "headwater.events.count", "tags": {"h": "x"}, "datapoints": [[1, 2]]},
+                {"name": "c", "tags": {"h": "x"}, "datapoints": [[1, "v"], [-5, 1]]},
+            ]
+        )
     assert len(info.value.errors) == 4
     # As KairosDB: a metric without points stores nothing, a TTL of 0 or below is none, a
     # timestamp may come as a string of digits.
-    assert parse_datapoints([{"name": "a", "tags": {"h": "x"}},
-                             {"name": "a", "tags": {"h": "x"}, "ttl": -1, "datapoints": [["7", 1]]}]) == [
-        ("a", 7, '{"h":"x"}', 1.0, True, None)]
+    assert parse_datapoints(
+        [{"name": "a", "tags": {"h": "x"}}, {"name": "a", "tags": {"h": "x"}, "ttl": -1, "datapoints": [["7", 1]]}]
+    ) == [("a", 7, '{"h":"x"}', 1.0, True, None)]
 
 
 def test_write_format_keeps_to_cassandra_limits_and_the_caps() -> None:
     ok = parse_datapoints([{"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63 - 1, 1]], "ttl": 630_720_000}])
     assert ok == [("a", 2**63 - 1, '{"h":"x"}', 1.0, True, 630_720_000)]
     limits = WriteLimits(points=3, metrics=2, tags=2)
-    for bad in ([{"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]}],
-                [{"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}],
-                [{"name": "a", "tags": {"h": "x"}, "datapoints": [[i, 1] for i in range(4)]}],
-                [{"name": n, "tags": {"h": "x"}, "datapoints": [[1, 1]]} for n in "abc"],
-                [{"name": "a", "tags": {"h": "x", "i": "y", "j": "z"}, "datapoints": [[1, 1]]}],
-                [{"name": "a", "type": "string", "tags": {"h": "x"}, "datapoints": [[1, 1]]}]):
+    for bad in (
+        [{"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]}],
+        [{"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}],
+        [{"name": "a", "tags": {"h": "x"}, "datapoints": [[i, 1] for i in range(4)]}],
+        [{"name": n, "tags": {"h": "x"}, "datapoints": [[1, 1]]} for n in "abc"],
+        [{"name": "a", "tags": {"h": "x", "i": "y", "j": "z"}, "datapoints": [[1, 1]]}],
+        [{"name": "a", "type": "string", "tags": {"h": "x"}, "datapoints": [[1, 1]]}],
+    ):
         with pytest.raises(QueryError) as info:
             parse_datapoints(bad, limits)
         assert info.value.errors
 
 
 # --- HTTP guards on routes whose store must not be reached --------------------------------------
+
 
 async def _ready() -> tuple[bool, str]:
     return True, "ok"
@@ -397,8 +511,12 @@ class _bare:
 
     async def __aenter__(self) -> TestClient[web.Request, web.Application]:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
-        service = QueryService(SimpleNamespace(), SimpleNamespace(), self.settings,  # type: ignore[arg-type]
-                               make_metrics(CollectorRegistry()))
+        service = QueryService(
+            SimpleNamespace(),  # type: ignore[arg-type]
+            SimpleNamespace(),  # type: ignore[arg-type]
+            self.settings,
+            make_metrics(CollectorRegistry()),
+        )
         add_kairos_routes(app, service, SimpleNamespace(ready=_ready))  # type: ignore[arg-type]
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
@@ -421,22 +539,26 @@ async def test_a_gzip_bomb_is_refused_without_inflating_it(bare_api: TestClient[
     assert resp.status == 413 and (await resp.json())["errors"]
 
 
-@pytest.mark.parametrize("data", [b"\x1f\x8b\x08\x00garbage-not-deflate", gzip.compress(b"[1, 2]")[:-6],
-                                  b"plain text"])
-async def test_a_corrupt_gzip_body_is_a_kairosdb_400(bare_api: TestClient[web.Request, web.Application],
-                                                     data: bytes) -> None:
+@pytest.mark.parametrize("data", [b"\x1f\x8b\x08\x00garbage-not-deflate", gzip.compress(b"[1, 2]")[:-6], b"plain text"])
+async def test_a_corrupt_gzip_body_is_a_kairosdb_400(
+    bare_api: TestClient[web.Request, web.Application], data: bytes
+) -> None:
     resp = await bare_api.post("/api/v1/datapoints", data=data, headers={"Content-Type": "application/gzip"})
     assert resp.status == 400, await resp.text()
     assert (await resp.json())["errors"]
 
 
 async def test_bad_bodies_are_kairosdb_400s(bare_api: TestClient[web.Request, web.Application]) -> None:
-    bodies = [{"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
-              {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
-              {"start_absolute": 1, "metrics": 5}]
-    for path, bads in (("/api/v1/datapoints/query", [*bodies, body(group_by=5)]),
-                       ("/api/v1/datapoints/query/tags", bodies),
-                       ("/api/v1/datapoints/delete", [*bodies, body(name=kairos.COUNT_METRIC)])):
+    bodies = [
+        {"start_relative": {"value": 10**15, "unit": "years"}, "metrics": [{"name": "m"}]},
+        {"start_relative": {"value": "\u00b2", "unit": "hours"}, "metrics": [{"name": "m"}]},
+        {"start_absolute": 1, "metrics": 5},
+    ]
+    for path, bads in (
+        ("/api/v1/datapoints/query", [*bodies, body(group_by=5)]),
+        ("/api/v1/datapoints/query/tags", bodies),
+        ("/api/v1/datapoints/delete", [*bodies, body(name=kairos.COUNT_METRIC)]),
+    ):
         for bad in bads:
             resp = await bare_api.post(path, data=orjson.dumps(bad))
             assert resp.status == 400, (path, bad, await resp.text())
@@ -452,8 +574,10 @@ async def test_bad_bodies_are_kairosdb_400s(bare_api: TestClient[web.Request, we
 
 async def test_a_write_with_one_bad_point_writes_nothing(bare_api: TestClient[web.Request, web.Application]) -> None:
     # bare_api's store has no write method: reaching it would be a 500.
-    for bad in ({"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
-                {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001}):
+    for bad in (
+        {"name": "a", "tags": {"h": "x"}, "datapoints": [[2**63, 1]]},
+        {"name": "a", "tags": {"h": "x"}, "datapoints": [[1, 1]], "ttl": 630_720_001},
+    ):
         good = {"name": "a", "tags": {"h": "y"}, "datapoints": [[T0, 1]]}
         resp = await bare_api.post("/api/v1/datapoints", data=orjson.dumps([good, bad]))
         assert resp.status == 400, await resp.text()
@@ -468,22 +592,30 @@ async def test_health_status_is_a_list_of_strings(bare_api: TestClient[web.Reque
 
 
 async def test_every_endpoint_answers_a_preflight() -> None:
-    settings = Settings(api_cors_origins=("https://grafana.example",), api_user=SecretStr("u"),
-                        api_password=SecretStr("p"))
+    settings = Settings(
+        api_cors_origins=("https://grafana.example",), api_user=SecretStr("u"), api_password=SecretStr("p")
+    )
     async with _bare(settings) as c:
         for path, methods in ROUTES.items():
             url = path.replace("{name}", "legacy.cpu")
             for method in methods:
-                resp = await c.options(url, headers={"Origin": "https://grafana.example",
-                                                     "Access-Control-Request-Method": method,
-                                                     "Access-Control-Request-Headers": "authorization,content-type"})
+                resp = await c.options(
+                    url,
+                    headers={
+                        "Origin": "https://grafana.example",
+                        "Access-Control-Request-Method": method,
+                        "Access-Control-Request-Headers": "authorization,content-type",
+                    },
+                )
                 assert resp.status == 200, (url, method)
                 assert resp.headers["Access-Control-Allow-Origin"] == "https://grafana.example"
                 assert method in resp.headers["Access-Control-Allow-Methods"]
                 assert resp.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
                 assert resp.headers["Access-Control-Allow-Credentials"] == "true"
-        resp = await c.options("/api/v1/datapoints/query", headers={"Origin": "https://evil.example",
-                                                                    "Access-Control-Request-Method": "POST"})
+        resp = await c.options(
+            "/api/v1/datapoints/query",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert resp.status == 403 and (await resp.json())["errors"]
         resp = await c.get("/api/v1/version", headers={"Origin": "https://evil.example"})
         assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
@@ -496,15 +628,18 @@ def _basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pytest.LogCaptureFixture,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+async def test_basic_auth_guards_writes_always_and_reads_when_asked(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     secret = "s3cret-Pa55"
     bad_write = orjson.dumps([{"name": "a", "tags": {}, "datapoints": [[1, 1]]}])
     async with _bare(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret))) as c:
         for headers in ({}, _basic("grafana", "wrong"), _basic("other", secret), {"Authorization": "Basic !!"}):
-            for resp in (await c.post("/api/v1/datapoints", data=bad_write, headers=headers),
-                         await c.post("/api/v1/datapoints/delete", data=b"{}", headers=headers),
-                         await c.delete("/api/v1/metric/x", headers=headers)):
+            for resp in (
+                await c.post("/api/v1/datapoints", data=bad_write, headers=headers),
+                await c.post("/api/v1/datapoints/delete", data=b"{}", headers=headers),
+                await c.delete("/api/v1/metric/x", headers=headers),
+            ):
                 assert resp.status == 401, await resp.text()
                 assert resp.headers["WWW-Authenticate"].startswith("Basic")
                 assert secret not in await resp.text()
@@ -513,8 +648,10 @@ async def test_basic_auth_guards_writes_always_and_reads_when_asked(caplog: pyte
         assert resp.status == 400
         assert (await c.get("/api/v1/version")).status == 200  # reads open by default
         # save_as writes: it needs the write credentials even on an open read.
-        resp = await c.post("/api/v1/datapoints/query", data=orjson.dumps(body(
-            aggregators=[{"name": "save_as", "metric_name": "copy"}])))
+        resp = await c.post(
+            "/api/v1/datapoints/query",
+            data=orjson.dumps(body(aggregators=[{"name": "save_as", "metric_name": "copy"}])),
+        )
         assert resp.status == 401
     async with _bare(Settings(api_user=SecretStr("grafana"), api_password=SecretStr(secret), api_auth_reads=True)) as c:
         resp = await c.get("/api/v1/version", headers={"Origin": "https://grafana.example"})
@@ -541,9 +678,13 @@ def test_compose_turns_auth_on_for_the_api_and_grafana() -> None:
     # The password comes from the operator's environment; compose refuses to start without it.
     assert env["HEADWATER_METRICS_API_PASSWORD"].startswith("${METRICS_API_PASSWORD:?")
     assert services["grafana"]["environment"]["METRICS_API_PASSWORD"] == env["HEADWATER_METRICS_API_PASSWORD"]
-    (kairos_source,) = [s for s in yaml.safe_load(
-        (root / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())["datasources"]
-        if s["type"] == "grafana-kairosdb-datasource"]
+    (kairos_source,) = [
+        s
+        for s in yaml.safe_load((root / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())[
+            "datasources"
+        ]
+        if s["type"] == "grafana-kairosdb-datasource"
+    ]
     assert kairos_source["basicAuth"] is True
     assert kairos_source["secureJsonData"]["basicAuthPassword"] == "${METRICS_API_PASSWORD}"
 
@@ -555,16 +696,27 @@ async def test_sketch_reads_get_an_eighth_of_the_row_budget() -> None:
         async def all_series(self) -> list[tuple[str, str, str, frozenset[str]]]:
             return [("web", "track", "x", frozenset())]
 
-        async def read_windows(self, res: str, source: str, start: int, end: int, limit: int,
-                               event: str | None = None) -> list[Any]:
+        async def read_windows(
+            self, res: str, source: str, start: int, end: int, limit: int, event: str | None = None
+        ) -> list[Any]:
             limits.append(limit)
             return []
 
-    service = QueryService(Store(), SimpleNamespace(), Settings(query_max_rows=80_000),  # type: ignore[arg-type]
-                           make_metrics(CollectorRegistry()))
+    service = QueryService(
+        Store(),  # type: ignore[arg-type]
+        SimpleNamespace(),  # type: ignore[arg-type]
+        Settings(query_max_rows=80_000),
+        make_metrics(CollectorRegistry()),
+    )
     for name in (kairos.COUNT_METRIC, kairos.USERS_METRIC):
-        await service.run({"start_absolute": T0, "end_absolute": T0 + HOUR, "metrics": [
-            {"name": name, "tags": {"resolution": "1m"}}]}, T0 + HOUR)
+        await service.run(
+            {
+                "start_absolute": T0,
+                "end_absolute": T0 + HOUR,
+                "metrics": [{"name": name, "tags": {"resolution": "1m"}}],
+            },
+            T0 + HOUR,
+        )
     assert limits == [80_000, 10_000]
 
 

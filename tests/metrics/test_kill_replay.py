@@ -28,11 +28,12 @@ KILLS = 6
 
 
 async def test_kill_9_while_consuming_never_double_counts_or_loses(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     # Small polls and frequent flushes so kills land between row writes and checkpoints.
-    settings = await metrics_settings(partitions=3, max_poll_records=200, flush_interval_s=0.05,
-                                      max_dirty_rows=50, write_concurrency=8)
+    settings = await metrics_settings(
+        partitions=3, max_poll_records=200, flush_interval_s=0.05, max_dirty_rows=50, write_concurrency=8
+    )
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(12_000, base, 3, seed=11))
     total = sum(end_offsets(sent).values())
@@ -72,8 +73,10 @@ async def test_kill_9_while_consuming_never_double_counts_or_loses(
     want_windows, late = expected(sent, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, ks), want_windows)
     # Late events reach the side topic at least once (a kill may repeat a few, never drop one).
-    rows = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.late_topic,
-                                                             expected=len(late), timeout_s=30)]
+    rows = [
+        BadRow.decode(r.value)
+        for r in await read_topic(kafka_bootstrap, settings.late_topic, expected=len(late), timeout_s=30)
+    ]
     assert {(r["input"]["partition"], r["input"]["offset"]) for r in rows} == late
     log_text = log_path.read_text()
     # A clean stop frees the sketches before exit: their bindings report none as leaked.

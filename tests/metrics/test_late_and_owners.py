@@ -52,24 +52,34 @@ SUMS = {"web": ["revenue"], "node": []}
 
 
 def sources(path: Path) -> Path:
-    """"web" sums revenue; "node" has no sum_properties setting at all."""
-    path.write_text(json.dumps({"sources": [
-        {"id": "web", "name": "web", "write_key": "web-key", "sum_properties": ["revenue"]},
-        {"id": "node", "name": "node", "write_key": "node-key"}]}))
+    """ "web" sums revenue; "node" has no sum_properties setting at all."""
+    path.write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {"id": "web", "name": "web", "write_key": "web-key", "sum_properties": ["revenue"]},
+                    {"id": "node", "name": "node", "write_key": "node-key"},
+                ]
+            }
+        )
+    )
     return path
 
 
-async def count_query(api: ApiClient, start: int, end: int, group: str = "source",
-                      tags: dict[str, list[str]] | None = None) -> dict[str, int]:
+async def count_query(
+    api: ApiClient, start: int, end: int, group: str = "source", tags: dict[str, list[str]] | None = None
+) -> dict[str, int]:
     resp = await api.post("/api/v1/datapoints/query", json=count_body(start, end, group, tags))
     assert resp.status == 200, await resp.text()
     return counts(await resp.json(), group)
 
 
 async def test_every_source_type_and_old_event_is_in_its_own_window(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path) -> None:
-    settings = await metrics_settings(partitions=2, sources_file=sources(tmp_path / "s.json"),
-                                      max_event_age_s=None)  # the default: the 1m retention, 7 days
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    settings = await metrics_settings(
+        partitions=2, sources_file=sources(tmp_path / "s.json"), max_event_age_s=None
+    )  # the default: the 1m retention, 7 days
     now = int(time.time() * 1000)
     live = now - now % MIN - 5 * MIN
     docs = [enriched("web", "track", "Order Completed", "u1", live, now, {"revenue": 5})]
@@ -79,10 +89,15 @@ async def test_every_source_type_and_old_event_is_in_its_own_window(
     # /v1/import of history, and one past the maximum age.
     olds = {"2h": now - 2 * HOUR, "3d": now - 3 * DAY, "5d": now - 5 * DAY, "8d": now - 8 * DAY}
     for label, t in olds.items():
-        docs += [enriched("node", "track", f"Old {label}", f"u{i}", t - t % MIN + i, now + 1000,
-                          message_id=f"old-{label}-{i}") for i in range(4)]
-    sent = await produce(kafka_bootstrap, settings.enriched_topic,
-                         [(i % 2, orjson.dumps(d)) for i, d in enumerate(docs)])
+        docs += [
+            enriched(
+                "node", "track", f"Old {label}", f"u{i}", t - t % MIN + i, now + 1000, message_id=f"old-{label}-{i}"
+            )
+            for i in range(4)
+        ]
+    sent = await produce(
+        kafka_bootstrap, settings.enriched_topic, [(i % 2, orjson.dumps(d)) for i, d in enumerate(docs)]
+    )
     await run_until_caught_up(settings, cassandra, sent)
     want, late = expected(sent, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
@@ -92,15 +107,21 @@ async def test_every_source_type_and_old_event_is_in_its_own_window(
         # Both sources are listed: the one without summed properties was missing before.
         assert await count_query(api, live, live + MIN - 1) == {"web": 1, "node": 6}
         assert await count_query(api, live, live + MIN - 1, "type", {"source": ["node"]}) == dict.fromkeys(
-            ["track", "page", "screen", "identify", "group", "alias"], 1)
+            ["track", "page", "screen", "identify", "group", "alias"], 1
+        )
         for label in ("2h", "3d", "5d"):
             t = olds[label] - olds[label] % MIN
             assert await count_query(api, t, t + MIN - 1, "event") == {f"Old {label}": 4}, label
         t = olds["8d"] - olds["8d"] % MIN
         assert await count_query(api, t, t + MIN - 1, "event") == {}
-        resp = await api.post("/api/v1/datapoints/query/tags", json={
-            "start_absolute": live, "end_absolute": live + MIN - 1,
-            "metrics": [{"name": "headwater.events.count", "tags": {"resolution": ["1m"]}}]})
+        resp = await api.post(
+            "/api/v1/datapoints/query/tags",
+            json={
+                "start_absolute": live,
+                "end_absolute": live + MIN - 1,
+                "metrics": [{"name": "headwater.events.count", "tags": {"resolution": ["1m"]}}],
+            },
+        )
         assert resp.status == 200, await resp.text()
         tags = (await resp.json())["queries"][0]["results"][0]["tags"]
         assert set(tags["source"]) == {"web", "node"}
@@ -116,21 +137,27 @@ async def test_every_source_type_and_old_event_is_in_its_own_window(
 async def _halted(settings: Settings) -> tuple[int, str]:
     app = await build_app(settings, registry=CollectorRegistry())
     async with TestClient(TestServer(app)) as client:
+
         async def reported() -> bool:
             resp = await client.get("/readyz")
             return resp.status == 503 and "ahead" in await resp.text()
+
         await poll(reported, 30, "/readyz to report the halted partition")
         metrics = await (await client.get("/metrics")).text()
         return (await client.get("/readyz")).status, metrics
 
 
 async def test_a_checkpoint_ahead_of_its_topic_halts_or_rolls_the_partition_up_again(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     """The topic was recreated under a checkpoint: nothing is skipped silently."""
     settings = await metrics_settings(partitions=1)
     now = int(time.time() * 1000)
-    sent = await produce(kafka_bootstrap, settings.enriched_topic, [
-        (0, orjson.dumps(enriched("web", "track", "X", f"u{i}", now - i, now))) for i in range(5)])
+    sent = await produce(
+        kafka_bootstrap,
+        settings.enriched_topic,
+        [(0, orjson.dumps(enriched("web", "track", "X", f"u{i}", now - i, now))) for i in range(5)],
+    )
     await migrate_schema(cassandra, settings)
     store = Store(cassandra, settings)
     await store.prepare()
@@ -147,10 +174,13 @@ async def test_a_checkpoint_ahead_of_its_topic_halts_or_rolls_the_partition_up_a
     restart = settings.model_copy(update={"on_checkpoint_ahead": "restart"})
     app = await build_app(restart, registry=CollectorRegistry())
     async with TestClient(TestServer(app)):
+
         async def rolled_up() -> bool:
-            cps = await checkpoints(cassandra, settings.cassandra_keyspace, settings.consumer_group,
-                                    settings.enriched_topic)
+            cps = await checkpoints(
+                cassandra, settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
+            )
             return cps.get(0) == 5
+
         await poll(rolled_up, 30, "the partition rolled up again from its beginning")
     want, _ = expected(sent, settings.max_event_age_ms, {"web": ["revenue"]})
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
@@ -159,7 +189,8 @@ async def test_a_checkpoint_ahead_of_its_topic_halts_or_rolls_the_partition_up_a
 
 
 async def test_one_keyspace_has_one_rollup_writer_until_it_is_handed_over(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     settings = await metrics_settings(partitions=2)
     base = (int(time.time() * 1000) // HOUR - 2) * HOUR
     sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(300, base, 2, seed=3))
@@ -189,13 +220,15 @@ async def _rolled(http: aiohttp.ClientSession, port: int) -> float:
             text = await resp.text()
     except aiohttp.ClientError:
         return 0.0
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("headwater_metrics_events_total{"))
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("headwater_metrics_events_total{")
+    )
 
 
 @pytest.mark.slow
 async def test_a_member_frozen_past_the_group_timeout_cannot_overwrite_the_new_owner(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     """A holds unflushed rows when it is frozen (SIGSTOP); B takes the partition over, rolls up
     everything and writes; A resumes (SIGCONT), learns it lost the partition and flushes what it
     held on the way out. Whatever A managed to apply by then, every window equals the input.
@@ -216,6 +249,7 @@ async def test_a_member_frozen_past_the_group_timeout_cannot_overwrite_the_new_o
 
             async def a_applied() -> bool:  # every event but the late ones
                 return await _rolled(http, port_a) >= len(first) - len(late)
+
             await poll(a_applied, 60, "member A to apply the first events")
             assert await checkpoints(cassandra, ks, group, topic) == {}, "A must not have flushed yet"
             a.send_signal(signal.SIGSTOP)
@@ -225,6 +259,7 @@ async def test_a_member_frozen_past_the_group_timeout_cannot_overwrite_the_new_o
 
             async def b_caught_up() -> bool:
                 return (await checkpoints(cassandra, ks, group, topic)).get(0, 0) >= want[0]
+
             await poll(b_caught_up, 90, "member B to take over and reach the end")
             a.send_signal(signal.SIGCONT)
             # A learns it lost the partition and flushes what it held (its stale rows) on the way.
@@ -238,14 +273,16 @@ async def test_a_member_frozen_past_the_group_timeout_cannot_overwrite_the_new_o
                 await asyncio.wait_for(proc.wait(), 60)
     log_a = (tmp_path / "a.log").read_text()
     assert "partition resumed" in log_a
-    windows, _ = expected(first + second, settings.max_event_age_ms,
-                          {"web": ["revenue"], "srv": ["revenue", "quantity"]})
+    windows, _ = expected(
+        first + second, settings.max_event_age_ms, {"web": ["revenue"], "srv": ["revenue", "quantity"]}
+    )
     assert_windows_equal(await stored_windows(cassandra, ks), windows)
     assert (await checkpoints(cassandra, ks, group, topic)) == want
 
 
 async def test_stale_writes_lose_to_the_writes_that_include_more_offsets(
-        metrics_settings: MakeSettings, cassandra: CassandraClient) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient
+) -> None:
     """The overwrite itself, deterministically: the new owner writes rows, checkpoint and horizon;
     then a cut-off member writes older ones (fewer offsets, a lower horizon) later in wall time."""
     settings = await metrics_settings(partitions=1)

@@ -63,7 +63,10 @@ def test_a_plan_sorts_a_batch_into_windows_late_rows_and_bad_rows() -> None:
     # The 3-day-old page updates its own windows, one per resolution.
     page_keys = out.events[1][2]
     assert [(k.resolution, k.window_start) for k in page_keys] == [
-        ("1m", NOW - 3 * DAY), ("1h", NOW - 3 * DAY), ("1d", NOW - 3 * DAY)]
+        ("1m", NOW - 3 * DAY),
+        ("1h", NOW - 3 * DAY),
+        ("1d", NOW - 3 * DAY),
+    ]
     assert [(r.offset, failure.value) for r, failure, _ in out.bad] == [(11, "invalid_json")]
     assert [(late.record.offset, late.reason) for late in out.late] == [(13, "max_event_age")]
     assert out.late[0].extra["age_ms"] == 8 * DAY + 5

@@ -31,11 +31,12 @@ from tests.metrics.test_rollups import HOUR, workload
 
 @pytest.mark.timeout(900)
 async def test_cassandra_killed_and_restarted_while_consuming(
-        metrics_settings: MakeSettings, private_stack: stack.StackSettings, kafka_bootstrap: str,
-        tmp_path: Path) -> None:
+    metrics_settings: MakeSettings, private_stack: stack.StackSettings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     await asyncio.to_thread(stack.up, private_stack, kafka=False)
-    settings = await metrics_settings(partitions=3, cassandra_port=private_stack.cassandra_port,
-                                      max_poll_records=200, max_dirty_rows=100)
+    settings = await metrics_settings(
+        partitions=3, cassandra_port=private_stack.cassandra_port, max_poll_records=200, max_dirty_rows=100
+    )
     ks, group, topic = settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     first = await produce(kafka_bootstrap, topic, workload(6000, base, 3, seed=21))
@@ -45,8 +46,10 @@ async def test_cassandra_killed_and_restarted_while_consuming(
         client = CassandraClient(["127.0.0.1"], private_stack.cassandra_port)
         await client.connect()
         try:
+
             async def started() -> bool:
                 return sum((await checkpoints(client, ks, group, topic)).values()) >= 500
+
             await poll(started, 120, "the service to make progress")
         finally:
             await client.close()
@@ -81,23 +84,28 @@ async def test_cassandra_killed_and_restarted_while_consuming(
 
 @pytest.mark.timeout(900)
 async def test_kafka_killed_and_restarted_while_consuming(
-        metrics_settings: MakeSettings, private_stack: stack.StackSettings, cassandra: CassandraClient,
-        tmp_path: Path) -> None:
+    metrics_settings: MakeSettings, private_stack: stack.StackSettings, cassandra: CassandraClient, tmp_path: Path
+) -> None:
     await asyncio.to_thread(stack.up, private_stack, cassandra=False)
     bootstrap = private_stack.kafka_bootstrap
     names = {"enriched_topic": "metrics.enriched", "late_topic": "metrics.late", "dlq_topic": "metrics.dlq"}
-    await ensure_topics(bootstrap, [TopicSpec(names["enriched_topic"], 3), TopicSpec(names["late_topic"], 1),
-                                    TopicSpec(names["dlq_topic"], 1)])
-    settings = await metrics_settings(partitions=1, kafka_bootstrap=bootstrap, max_poll_records=200,
-                                      max_dirty_rows=100, **names)
+    await ensure_topics(
+        bootstrap,
+        [TopicSpec(names["enriched_topic"], 3), TopicSpec(names["late_topic"], 1), TopicSpec(names["dlq_topic"], 1)],
+    )
+    settings = await metrics_settings(
+        partitions=1, kafka_bootstrap=bootstrap, max_poll_records=200, max_dirty_rows=100, **names
+    )
     ks, group, topic = settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     first = await produce(bootstrap, topic, workload(6000, base, 3, seed=31))
     log_path = tmp_path / "metrics.log"
     proc = await start_service(settings, log_path)
     try:
+
         async def started() -> bool:
             return sum((await checkpoints(cassandra, ks, group, topic)).values()) >= 500
+
         await poll(started, 120, "the service to make progress")
 
         await asyncio.to_thread(stack.kafka_server(private_stack).kill)
@@ -118,5 +126,6 @@ async def test_kafka_killed_and_restarted_while_consuming(
     windows, late = expected(first + second, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, ks), windows)
     rows = await read_topic(bootstrap, settings.late_topic, expected=len(late), timeout_s=30)
-    assert {(BadRow.decode(r.value)["input"]["partition"], BadRow.decode(r.value)["input"]["offset"])
-            for r in rows} == late
+    assert {
+        (BadRow.decode(r.value)["input"]["partition"], BadRow.decode(r.value)["input"]["offset"]) for r in rows
+    } == late

@@ -42,8 +42,7 @@ from tests.metrics.helpers import (
 HOUR = 3_600_000
 
 
-def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: float = 0.03
-             ) -> list[tuple[int, bytes]]:
+def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: float = 0.03) -> list[tuple[int, bytes]]:
     """Events over ~2 hours with a few late ones and a few undecodable records."""
     rnd = random.Random(seed)
     out: list[tuple[int, bytes]] = []
@@ -52,8 +51,11 @@ def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: f
         delay = rnd.randint(5_000, 3_000_000) if rnd.random() < late_share else rnd.randint(0, 200_000)
         source = rnd.choice(["web", "srv"])
         etype = rnd.choice(["track", "track", "page", "identify"])
-        name = rnd.choice(["Order Completed", "Signed Up"]) if etype == "track" else (
-            rnd.choice(["Home", "Pricing"]) if etype == "page" else None)
+        name = (
+            rnd.choice(["Order Completed", "Signed Up"])
+            if etype == "track"
+            else (rnd.choice(["Home", "Pricing"]) if etype == "page" else None)
+        )
         user = rnd.choice([f"u{rnd.randint(0, 300)}", f"a{rnd.randint(0, 300)}"])
         props = {"revenue": round(rnd.uniform(1, 100), 2), "quantity": rnd.randint(1, 5), "flag": True}
         doc = enriched(source, etype, name, user, received - delay, received, props, message_id=f"m{i}")
@@ -61,16 +63,18 @@ def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: f
     return out
 
 
-async def run_until_caught_up(settings: Settings, client: CassandraClient, sent: list[Sent], timeout_s: float = 90.0
-                              ) -> CollectorRegistry:
+async def run_until_caught_up(
+    settings: Settings, client: CassandraClient, sent: list[Sent], timeout_s: float = 90.0
+) -> CollectorRegistry:
     registry = CollectorRegistry()
     app = await build_app(settings, registry=registry)
     async with TestClient(TestServer(app)):
         want = end_offsets(sent)
 
         async def caught_up() -> bool:
-            got = await checkpoints(client, settings.cassandra_keyspace, settings.consumer_group,
-                                    settings.enriched_topic)
+            got = await checkpoints(
+                client, settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
+            )
             return all(got.get(p, 0) >= o for p, o in want.items())
 
         await poll(caught_up, timeout_s, "the checkpoints to reach the end of the input")
@@ -78,7 +82,8 @@ async def run_until_caught_up(settings: Settings, client: CassandraClient, sent:
 
 
 async def test_windows_sums_users_and_lateness_match_the_input(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     settings = await metrics_settings(partitions=3)
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     records = workload(3000, base, 3)
@@ -92,15 +97,21 @@ async def test_windows_sums_users_and_lateness_match_the_input(
     assert late, "the workload must contain late events"
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
 
-    late_rows = [BadRow.decode(r.value) for r in
-                 await read_topic(kafka_bootstrap, settings.late_topic, expected=len(late))]
+    late_rows = [
+        BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.late_topic, expected=len(late))
+    ]
     assert {(r["input"]["partition"], r["input"]["offset"]) for r in late_rows} == late
     assert {r["failure_type"] for r in late_rows} == {"late_event"}
     by_offset = {(s.partition, s.offset): s for s in sent}
     for r in late_rows:  # the original bytes travel with the bad row
         assert orjson.loads(r["original"]) == by_offset[(r["input"]["partition"], r["input"]["offset"])].doc
-    dropped = sum(s.value for m in registry.collect() if m.name == "headwater_metrics_dropped_late"
-                  for s in m.samples if s.name.endswith("_total"))
+    dropped = sum(
+        s.value
+        for m in registry.collect()
+        if m.name == "headwater_metrics_dropped_late"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
     assert dropped == len(late)
 
     bad = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.dlq_topic, expected=2)]
@@ -109,7 +120,8 @@ async def test_windows_sums_users_and_lateness_match_the_input(
 
 
 async def test_a_restart_replays_without_double_counting(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     """Rows written, checkpoint not (the process died between the two): the next run
     reads those events again and each row takes only what it lacks."""
     settings = await metrics_settings(partitions=2)
@@ -134,37 +146,47 @@ async def test_a_restart_replays_without_double_counting(
         # A flush after every poll of at most 100 records: the first checkpoints stay early.
         app = await build_app(settings.model_copy(update={"max_dirty_rows": 1, "max_poll_records": 100}))
         async with TestClient(TestServer(app)):
+
             async def rows_ahead() -> bool:
                 # every event rolled into some 1m row, though the checkpoint stays behind
-                rows = await all_rows(cassandra, "SELECT max(upto) AS m FROM "
-                                      f"{settings.cassandra_keyspace}.rollup_1d")
+                rows = await all_rows(cassandra, f"SELECT max(upto) AS m FROM {settings.cassandra_keyspace}.rollup_1d")
                 marks = {s.partition: s.offset for s in first}
                 return (rows[0].m or -1) >= min(marks.values())
+
             await poll(rows_ahead, 60, "rows written past the checkpoint")
     finally:
         Store.save_checkpoint = original  # type: ignore[method-assign]
         RollupConsumer._commit = original_commit  # type: ignore[method-assign]
-    cps = await checkpoints(cassandra, settings.cassandra_keyspace, settings.consumer_group,
-                            settings.enriched_topic)
+    cps = await checkpoints(cassandra, settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic)
     assert all(v < end_offsets(first)[p] for p, v in cps.items()), cps
 
     second = await produce(kafka_bootstrap, settings.enriched_topic, workload(500, base + HOUR, 2, seed=2))
     registry = await run_until_caught_up(settings, cassandra, first + second)
-    skipped = next(s.value for m in registry.collect() if m.name == "headwater_metrics_replay_skipped"
-                   for s in m.samples if s.name.endswith("_total"))
+    skipped = next(
+        s.value
+        for m in registry.collect()
+        if m.name == "headwater_metrics_replay_skipped"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
     want, _ = expected(first + second, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
     assert skipped > 0, "the second run must have met rows that already held its events"
 
 
 async def test_sketches_union_across_partitions_and_windows(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     settings = await metrics_settings(partitions=4)
     base = (int(time.time() * 1000) // HOUR - 2) * HOUR
     # The same 50 users on every partition and in 5 different minutes: 50 distinct, not 1000.
-    records = [(i % 4, orjson.dumps(enriched("web", "track", "Signed Up", f"u{i % 50}",
-                                             base + (i % 5) * 60_000, base + 300_000)))
-               for i in range(1000)]
+    records = [
+        (
+            i % 4,
+            orjson.dumps(enriched("web", "track", "Signed Up", f"u{i % 50}", base + (i % 5) * 60_000, base + 300_000)),
+        )
+        for i in range(1000)
+    ]
     sent = await produce(kafka_bootstrap, settings.enriched_topic, records)
     await run_until_caught_up(settings, cassandra, sent)
     rows = await all_rows(cassandra, f"SELECT kpart, users FROM {settings.cassandra_keyspace}.rollup_1h")
@@ -177,11 +199,13 @@ async def test_sketches_union_across_partitions_and_windows(
 
 
 async def test_rows_expire_after_their_resolution_ttl(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     settings = await metrics_settings(partitions=1, retention_1m_s=3)
     now = int(time.time() * 1000)
-    sent = await produce(kafka_bootstrap, settings.enriched_topic,
-                         [(0, orjson.dumps(enriched("web", "track", "X", "u1", now, now)))])
+    sent = await produce(
+        kafka_bootstrap, settings.enriched_topic, [(0, orjson.dumps(enriched("web", "track", "X", "u1", now, now)))]
+    )
     await run_until_caught_up(settings, cassandra, sent)
     ks = settings.cassandra_keyspace
     assert len(list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1m"))) == 1
@@ -191,17 +215,26 @@ async def test_rows_expire_after_their_resolution_ttl(
 
     await poll(minute_gone, 30, "the 1m row to expire")
     assert len(list(await cassandra.execute(f"SELECT * FROM {ks}.rollup_1h"))) == 1
-    ttl = (await cassandra.execute("SELECT default_time_to_live FROM system_schema.tables "
-                                   "WHERE keyspace_name = %s AND table_name = 'rollup_1h'", (ks,)))[0]
+    ttl = (
+        await cassandra.execute(
+            "SELECT default_time_to_live FROM system_schema.tables "
+            "WHERE keyspace_name = %s AND table_name = 'rollup_1h'",
+            (ks,),
+        )
+    )[0]
     assert ttl.default_time_to_live == settings.retention_1h_s
-    compaction = (await cassandra.execute("SELECT compaction FROM system_schema.tables "
-                                          "WHERE keyspace_name = %s AND table_name = 'rollup_1m'", (ks,)))[0]
+    compaction = (
+        await cassandra.execute(
+            "SELECT compaction FROM system_schema.tables WHERE keyspace_name = %s AND table_name = 'rollup_1m'", (ks,)
+        )
+    )[0]
     # Rows are rewritten by late events at offset timestamps: compacted by levels, not time windows.
     assert compaction.compaction["class"].endswith("LeveledCompactionStrategy")
 
 
 async def test_a_second_member_takes_partitions_over_without_loss_or_double_count(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     """Scale-out: a member joins mid-stream; revoked partitions are flushed, the new owner
     resumes at their checkpoints."""
     settings = await metrics_settings(partitions=4, max_poll_records=100, max_dirty_rows=20)
@@ -210,8 +243,10 @@ async def test_a_second_member_takes_partitions_over_without_loss_or_double_coun
     ks, group, topic = settings.cassandra_keyspace, settings.consumer_group, settings.enriched_topic
     app_a = await build_app(settings, registry=CollectorRegistry())
     async with TestClient(TestServer(app_a)):
+
         async def started() -> bool:
             return sum((await checkpoints(cassandra, ks, group, topic)).values()) >= 400
+
         await poll(started, 60, "member A to make progress")
         registry_b = CollectorRegistry()
         app_b = await build_app(settings, registry=registry_b)
@@ -240,25 +275,31 @@ async def test_a_second_member_takes_partitions_over_without_loss_or_double_coun
 
 
 def rolled(registry: CollectorRegistry) -> float:
-    return sum(s.value for m in registry.collect() if m.name == "headwater_metrics_events"
-               for s in m.samples if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for m in registry.collect()
+        if m.name == "headwater_metrics_events"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
 
 
 async def test_a_small_row_cache_evicts_and_reads_back_without_changing_results(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     settings = await metrics_settings(partitions=2, max_cached_rows=100, max_poll_records=50)
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(2000, base, 2, seed=9))
     registry = await run_until_caught_up(settings, cassandra, sent)
-    cached = next(s.value for m in registry.collect() if m.name == "headwater_metrics_cached_rows"
-                  for s in m.samples)
+    cached = next(s.value for m in registry.collect() if m.name == "headwater_metrics_cached_rows" for s in m.samples)
     assert cached <= 100 + 3 * 50  # the limit, plus at most one poll's rows before the next flush
     want, _ = expected(sent, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
 
 
 async def test_a_failure_half_way_through_a_batch_writes_nothing_after_it(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     """An error no retry can help (here: injected into the row reads) ends the loop without
     another row or checkpoint, though the batch had already moved the partition's offset."""
     # Windows leave the cache as soon as they close: rows are read back often, the second read comes early.

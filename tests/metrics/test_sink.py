@@ -20,7 +20,8 @@ HOUR = 3_600_000
 
 
 async def test_rollups_reach_an_external_kairosdb(
-        metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str) -> None:
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str
+) -> None:
     received: list[dict[str, Any]] = []
     content_types: set[str] = set()
     refused_once: list[bool] = []
@@ -36,15 +37,24 @@ async def test_rollups_reach_an_external_kairosdb(
     kairos = web.Application()
     kairos.router.add_post("/api/v1/datapoints", datapoints)
     async with TestServer(kairos) as server:
-        settings = await metrics_settings(partitions=2, kairosdb_url=str(server.make_url("/")),
-                                          kairosdb_batch_size=7)
+        settings = await metrics_settings(partitions=2, kairosdb_url=str(server.make_url("/")), kairosdb_batch_size=7)
         base = (int(time.time() * 1000) // HOUR - 1) * HOUR
-        docs = [enriched("srv", "track", "Order Completed", f"u{i % 3}", base + i * 1000, base + 60_000,
-                         {"revenue": 2, "quantity": 1}) for i in range(20)]
-        await produce(kafka_bootstrap, settings.enriched_topic,
-                      [(i % 2, orjson.dumps(d)) for i, d in enumerate(docs)])
+        docs = [
+            enriched(
+                "srv",
+                "track",
+                "Order Completed",
+                f"u{i % 3}",
+                base + i * 1000,
+                base + 60_000,
+                {"revenue": 2, "quantity": 1},
+            )
+            for i in range(20)
+        ]
+        await produce(kafka_bootstrap, settings.enriched_topic, [(i % 2, orjson.dumps(d)) for i, d in enumerate(docs)])
         app = await build_app(settings)
         async with TestClient(TestServer(app)):
+
             def latest(metric: str, resolution: str) -> dict[tuple[str, int], Any]:
                 # KairosDB keeps the last value written for a time and tag set.
                 out = {}

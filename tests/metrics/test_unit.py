@@ -39,14 +39,22 @@ def test_parse_event_reads_the_enriched_contract() -> None:
     assert (ident.name, ident.user) == ("", None)
 
 
-@pytest.mark.parametrize(("raw", "failure"), [
-    (b"\xff", "invalid_json"), (b"[1]", "invalid_json"),
-    (orjson.dumps({"type": "track", "timestamp": "2026-01-01T00:00:00Z"}), "schema_violation"),
-    (orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "type": "track", "timestamp": "x"}),
-     "schema_violation"),
-    (orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "timestamp": "2026-01-01T00:00:00Z"}),
-     "schema_violation"),
-])
+@pytest.mark.parametrize(
+    ("raw", "failure"),
+    [
+        (b"\xff", "invalid_json"),
+        (b"[1]", "invalid_json"),
+        (orjson.dumps({"type": "track", "timestamp": "2026-01-01T00:00:00Z"}), "schema_violation"),
+        (
+            orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "type": "track", "timestamp": "x"}),
+            "schema_violation",
+        ),
+        (
+            orjson.dumps({"_hw": {"source_id": "s", "received_at_ms": 1}, "timestamp": "2026-01-01T00:00:00Z"}),
+            "schema_violation",
+        ),
+    ],
+)
 def test_unusable_records_are_typed(raw: bytes, failure: str) -> None:
     with pytest.raises(BadEvent) as info:
         parse_event(raw)
@@ -65,7 +73,10 @@ def test_an_event_updates_one_window_per_resolution() -> None:
     event = parse_event(orjson.dumps(enriched("web", "track", "X", "u1", T0 + 3_723_456, T0 + 3_800_000)))
     keys = row_keys(event)
     assert [(k.resolution, k.window_start) for k in keys] == [
-        ("1m", T0 + 3_720_000), ("1h", T0 + 3_600_000), ("1d", T0 - T0 % 86_400_000)]
+        ("1m", T0 + 3_720_000),
+        ("1h", T0 + 3_600_000),
+        ("1d", T0 - T0 % 86_400_000),
+    ]
     assert RowKey("1m", "s", "t", "e", 86_400_000 * 3 + 5).bucket == 3
 
 
@@ -73,8 +84,10 @@ def test_window_row_counts_sums_and_sketches() -> None:
     row = WindowRow(12)
     for i in range(10):
         props = {"revenue": 1.5, "quantity": "2", "other": 100}
-        row.add(parse_event(orjson.dumps(enriched("web", "track", "X", f"u{i % 4}", T0, T0, props))),
-                ("revenue", "quantity"))
+        row.add(
+            parse_event(orjson.dumps(enriched("web", "track", "X", f"u{i % 4}", T0, T0, props))),
+            ("revenue", "quantity"),
+        )
     assert row.count == 10 and row.sums == {"revenue": 15.0, "quantity": 20.0} and row.dirty
     blob = row.users_blob()
     again = WindowRow(12, count=10, sketch_blob=blob)
@@ -83,16 +96,20 @@ def test_window_row_counts_sums_and_sketches() -> None:
 
 def test_sink_uses_one_number_format_per_metric() -> None:
     row = WindowRow(12)
-    row.add(parse_event(orjson.dumps(enriched("web", "identify", None, "u1", T0, T0, {"revenue": 3}))),
-            ("revenue",))
+    row.add(parse_event(orjson.dumps(enriched("web", "identify", None, "u1", T0, T0, {"revenue": 3}))), ("revenue",))
     points = datapoints([(2, RowKey("1m", "web", "identify", "", T0), row)])
     by_name = {p["name"]: p for p in points}
     assert by_name["headwater.events.count"]["datapoints"] == [[T0, 1]]
     assert by_name["headwater.users.distinct"]["datapoints"] == [[T0, 1]]
     revenue = by_name["headwater.property.sum"]["datapoints"][0][1]
     assert isinstance(revenue, float) and b"3.0" in orjson.dumps(revenue)
-    assert by_name["headwater.events.count"]["tags"] == {"source": "web", "type": "identify", "event": "_",
-                                                         "resolution": "1m", "kpart": "2"}
+    assert by_name["headwater.events.count"]["tags"] == {
+        "source": "web",
+        "type": "identify",
+        "event": "_",
+        "resolution": "1m",
+        "kpart": "2",
+    }
 
 
 async def _writes_after_a_failure(run: Callable[[list[Awaitable[None]]], Awaitable[object]]) -> list[int]:
@@ -187,8 +204,11 @@ class _FakeKafka:
 
 
 async def _unit_consumer(rebalances: list[tuple[str, list[TopicPartition]]], store: Any) -> RollupConsumer:
-    store.client = SimpleNamespace(session=SimpleNamespace(cluster=SimpleNamespace(
-        register_listener=lambda _: None, unregister_listener=lambda _: None)))
+    store.client = SimpleNamespace(
+        session=SimpleNamespace(
+            cluster=SimpleNamespace(register_listener=lambda _: None, unregister_listener=lambda _: None)
+        )
+    )
     settings = Settings(enriched_topic="enriched", flush_interval_s=3600.0, poll_timeout_ms=10)
     consumer = RollupConsumer(settings, store, None, None, make_metrics(CollectorRegistry()))  # type: ignore[arg-type]
     await consumer.consumer.stop()
@@ -200,8 +220,9 @@ async def test_a_failed_partition_resume_ends_the_consumer_with_an_error() -> No
     async def no_checkpoint(*_: object) -> None:
         raise ValueError("unreadable checkpoint")
 
-    consumer = await _unit_consumer([("assign", [TopicPartition("enriched", 0)])],
-                                    SimpleNamespace(load_checkpoint=no_checkpoint))
+    consumer = await _unit_consumer(
+        [("assign", [TopicPartition("enriched", 0)])], SimpleNamespace(load_checkpoint=no_checkpoint)
+    )
     # An error, not a normal return: the service's done-callback stops the process only then.
     with pytest.raises(ConsumerBroken):
         await asyncio.wait_for(consumer.run(), 5)
@@ -215,8 +236,9 @@ async def test_a_failed_partition_release_ends_the_consumer_with_an_error() -> N
         return {}
 
     tp = TopicPartition("enriched", 0)
-    consumer = await _unit_consumer([("assign", [tp]), ("revoke", [tp])],
-                                    SimpleNamespace(load_checkpoint=none, load_horizons=nothing))
+    consumer = await _unit_consumer(
+        [("assign", [tp]), ("revoke", [tp])], SimpleNamespace(load_checkpoint=none, load_horizons=nothing)
+    )
 
     async def failing_flush(*_: object, **__: object) -> dict[TopicPartition, int]:
         raise ValueError("flush failed half-way")

@@ -43,9 +43,13 @@ def promql_targets(dashboards: dict[str, dict[str, Any]]) -> list[tuple[str, str
 
 def kairos_targets(dashboards: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any], str]]:
     """(where, target query, the dashboard's time from, e.g. now-6h) of every KairosDB target."""
-    return [(f"{name}: {panel['title']} {target['refId']}", target["query"], dashboard["time"]["from"])
-            for name, dashboard in dashboards.items() for panel in dashboard["panels"]
-            for target in panel["targets"] if target["datasource"]["type"] == "grafana-kairosdb-datasource"]
+    return [
+        (f"{name}: {panel['title']} {target['refId']}", target["query"], dashboard["time"]["from"])
+        for name, dashboard in dashboards.items()
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if target["datasource"]["type"] == "grafana-kairosdb-datasource"
+    ]
 
 
 def _relative_ms(text: str) -> int:
@@ -63,8 +67,9 @@ def kairos_body(query: dict[str, Any], time_from: str, now_ms: int) -> dict[str,
         for parameter in aggregator["parameters"]:
             kind, value = parameter["type"], parameter["value"]
             if kind == "alignment":
-                built.update({"SAMPLING": {"align_sampling": True}, "START_TIME": {"align_start_time": True},
-                              "NONE": {}}[value])
+                built.update(
+                    {"SAMPLING": {"align_sampling": True}, "START_TIME": {"align_start_time": True}, "NONE": {}}[value]
+                )
             elif kind == "sampling":
                 # SamplingParameterConverter: "1m" becomes value 1, unit minutes.
                 number, unit = re.fullmatch(r"(\d+)([smhd])", value).groups()  # type: ignore[union-attr]
@@ -73,8 +78,11 @@ def kairos_body(query: dict[str, Any], time_from: str, now_ms: int) -> dict[str,
                 built[parameter["name"]] = value
         aggregators.append(built)
     group_by = [{"name": "tag", "tags": query["groupBy"]["tags"]}] if query["groupBy"].get("tags") else []
-    metric: dict[str, Any] = {"name": query["metricName"],
-                              "tags": {k: v for k, v in query["tags"].items() if v}, "group_by": group_by}
+    metric: dict[str, Any] = {
+        "name": query["metricName"],
+        "tags": {k: v for k, v in query["tags"].items() if v},
+        "group_by": group_by,
+    }
     if aggregators:
         metric["aggregators"] = aggregators
     assert time_from.startswith("now-"), time_from

@@ -18,8 +18,11 @@ from tests.test_compose import COMPOSE_DIR, Compose, bind_sources, load_compose
 
 def mounts(compose: Compose, service: str) -> dict[str, Path]:
     """Container path -> repo path of a service's bind mounts from the repo."""
-    return {target: (COMPOSE_DIR / source).resolve() for source, target, _ in
-            bind_sources(compose["services"][service]) if source.startswith(".")}
+    return {
+        target: (COMPOSE_DIR / source).resolve()
+        for source, target, _ in bind_sources(compose["services"][service])
+        if source.startswith(".")
+    }
 
 
 def check_prometheus_rules(compose: Compose, config: dict[str, Any]) -> list[str]:
@@ -38,8 +41,12 @@ def check_prometheus_rules(compose: Compose, config: dict[str, Any]) -> list[str
     return [f"prometheus: {p.name} is not loaded" for p in sorted(shipped - loaded)]
 
 
-def check_grafana_dashboards(compose: Compose, providers: dict[str, Any], datasources: list[dict[str, Any]],
-                             dashboards: dict[str, dict[str, Any]]) -> list[str]:
+def check_grafana_dashboards(
+    compose: Compose,
+    providers: dict[str, Any],
+    datasources: list[dict[str, Any]],
+    dashboards: dict[str, dict[str, Any]],
+) -> list[str]:
     """The file provider's path is the mounted dashboards folder, and every panel's data source is
     one that provisioning creates (by uid and type)."""
     problems = []
@@ -59,9 +66,12 @@ def check_grafana_dashboards(compose: Compose, providers: dict[str, Any], dataso
 
 def _config() -> tuple[Compose, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     provisioning = COMPOSE_DIR / "grafana" / "provisioning"
-    return (load_compose(), yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text()),
-            yaml.safe_load((provisioning / "dashboards" / "headwater.yml").read_text()),
-            yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())["datasources"])
+    return (
+        load_compose(),
+        yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text()),
+        yaml.safe_load((provisioning / "dashboards" / "headwater.yml").read_text()),
+        yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())["datasources"],
+    )
 
 
 def test_compose_prometheus_loads_the_rules() -> None:
@@ -69,8 +79,9 @@ def test_compose_prometheus_loads_the_rules() -> None:
     assert check_prometheus_rules(compose, config) == []
     broken = copy.deepcopy(config)
     broken["rule_files"] = ["/etc/prometheus/alerts/*.yml"]
-    assert check_prometheus_rules(compose, broken) == ["prometheus: rule_files /etc/prometheus/alerts/*.yml "
-                                                       "matches no mounted file"]
+    assert check_prometheus_rules(compose, broken) == [
+        "prometheus: rule_files /etc/prometheus/alerts/*.yml matches no mounted file"
+    ]
 
 
 def test_compose_grafana_provisions_the_dashboards() -> None:

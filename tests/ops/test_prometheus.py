@@ -41,17 +41,26 @@ from tests.ops.dashboards import kairos_body, kairos_targets, load_dashboards, p
 from tests.ops.rules import RULES, alerting_rules
 
 pytestmark = [
-    pytest.mark.integration, pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None,
-                       reason="prometheus not installed (apt-get install prometheus)"),
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None, reason="prometheus not installed (apt-get install prometheus)"
+    ),
 ]
 
-SOURCES = {"sources": [
-    {"id": "shop", "name": "Shop", "write_key": "shop-key", "sum_properties": ["revenue"]},
-    # A source over its limit all the time: its requests get 429s.
-    {"id": "throttled", "name": "Throttled", "write_key": "throttled-key", "rate_limit_per_s": 2,
-     "rate_limit_burst": 2},
-]}
+SOURCES = {
+    "sources": [
+        {"id": "shop", "name": "Shop", "write_key": "shop-key", "sum_properties": ["revenue"]},
+        # A source over its limit all the time: its requests get 429s.
+        {
+            "id": "throttled",
+            "name": "Throttled",
+            "write_key": "throttled-key",
+            "rate_limit_per_s": 2,
+            "rate_limit_burst": 2,
+        },
+    ]
+}
 DAY_MS = 86_400_000
 
 
@@ -68,8 +77,16 @@ def fast_rules(out: Path) -> Path:
 
 def batch(n: int, prefix: str, *, bad: bool = False, timestamp: str | None = None) -> dict[str, Any]:
     events: list[dict[str, Any]] = [
-        {"type": "track", "event": f"Order {i % 3}", "userId": f"u{i % 5}", "messageId": f"{prefix}-{i}",
-         "properties": {"revenue": 2.5}, **({"timestamp": timestamp} if timestamp else {})} for i in range(n)]
+        {
+            "type": "track",
+            "event": f"Order {i % 3}",
+            "userId": f"u{i % 5}",
+            "messageId": f"{prefix}-{i}",
+            "properties": {"revenue": 2.5},
+            **({"timestamp": timestamp} if timestamp else {}),
+        }
+        for i in range(n)
+    ]
     if bad:
         events.append({"type": "track", "userId": "u1", "messageId": f"{prefix}-bad"})  # no event name: a bad row
     return {"batch": events}
@@ -139,8 +156,8 @@ async def timed(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what
 
 
 async def test_prometheus_scrapes_the_fleet_alerts_fire_and_every_query_answers(
-        private_stack: stack.StackSettings, cassandra_port: int, new_keyspace: Callable[[], str],
-        tmp_path: Path) -> None:
+    private_stack: stack.StackSettings, cassandra_port: int, new_keyspace: Callable[[], str], tmp_path: Path
+) -> None:
     started = time.monotonic()
     settings = private_stack.model_copy(update={"prometheus_port": free_port()})
     await asyncio.to_thread(stack.up, settings, cassandra=False)
@@ -157,8 +174,13 @@ async def test_prometheus_scrapes_the_fleet_alerts_fire_and_every_query_answers(
         for name, port in ports.items():
             await fleet.wait_ready(name, procs[name], port, tmp_path / f"{name}.log")
         write_targets(settings, "headwater-run", {name: [f"127.0.0.1:{port}"] for name, port in ports.items()})
-        _, prometheus_s = await asyncio.to_thread(start_prometheus, settings, rules=[fast_rules(tmp_path / "r.yml")],
-                                                  scrape_interval_s=1, evaluation_interval_s=1)
+        _, prometheus_s = await asyncio.to_thread(
+            start_prometheus,
+            settings,
+            rules=[fast_rules(tmp_path / "r.yml")],
+            scrape_interval_s=1,
+            evaluation_interval_s=1,
+        )
         ready_s = time.monotonic() - started
         async with aiohttp.ClientSession() as http:
             await _scraped(http, base, ports)
@@ -178,8 +200,9 @@ async def test_prometheus_scrapes_the_fleet_alerts_fire_and_every_query_answers(
                     return "firing" in await alert_states(http, base, "IngestSpooling")
 
                 # Prometheus is watched while the broker shuts down: the times count from the stop.
-                fire_s, stop_s = await asyncio.gather(timed(firing, 60, "IngestSpooling to fire"),
-                                                      _timed_call(kafka.stop))
+                fire_s, stop_s = await asyncio.gather(
+                    timed(firing, 60, "IngestSpooling to fire"), _timed_call(kafka.stop)
+                )
 
                 async def refused() -> bool:
                     return traffic.statuses[503] > 0
@@ -192,17 +215,20 @@ async def test_prometheus_scrapes_the_fleet_alerts_fire_and_every_query_answers(
 
                 resolve_s, restart_s = await asyncio.gather(
                     timed(resolved, 120, "IngestSpooling to resolve"),
-                    _timed_call(lambda: stack.up(settings, cassandra=False)))
+                    _timed_call(lambda: stack.up(settings, cassandra=False)),
+                )
             missing = await _queries_without_series(http, base)
             # The check tells a present metric from a renamed one.
             assert await query(http, base, "headwater_ingest_spooling")
             assert await query(http, base, "headwater_ingest_spooling_renamed") == []
-        print(f"\nprivate Kafka up after {kafka_s:.1f}s, fleet and Prometheus ready after {ready_s:.1f}s "
-              f"(Prometheus answered in {prometheus_s:.1f}s), "
-              f"KairosDB panels answered at {panels_s:.1f}s; "
-              f"IngestSpooling firing {fire_s:.1f}s after Kafka was told to stop (its stop took {stop_s:.1f}s), "
-              f"resolved {resolve_s:.1f}s after its restart began (Kafka answered after {restart_s:.1f}s); "
-              f"requests by status {dict(traffic.statuses)}")
+        print(
+            f"\nprivate Kafka up after {kafka_s:.1f}s, fleet and Prometheus ready after {ready_s:.1f}s "
+            f"(Prometheus answered in {prometheus_s:.1f}s), "
+            f"KairosDB panels answered at {panels_s:.1f}s; "
+            f"IngestSpooling firing {fire_s:.1f}s after Kafka was told to stop (its stop took {stop_s:.1f}s), "
+            f"resolved {resolve_s:.1f}s after its restart began (Kafka answered after {restart_s:.1f}s); "
+            f"requests by status {dict(traffic.statuses)}"
+        )
         assert missing == [], "expressions without series:\n" + "\n".join(missing)
     finally:
         prometheus_server(settings).kill()
@@ -218,6 +244,7 @@ async def _timed_call(fn: Callable[[], object]) -> float:
 
 async def _scraped(http: aiohttp.ClientSession, base: str, ports: dict[str, int]) -> None:
     """Each service is a target of its own job, up."""
+
     async def all_up() -> bool:
         result = await query(http, base, 'up{job=~"ingest|processor|metrics"} == 1')
         return {r["metric"]["job"] for r in result} == set(ports)
@@ -225,20 +252,22 @@ async def _scraped(http: aiohttp.ClientSession, base: str, ports: dict[str, int]
     await eventually(all_up, 30, "Prometheus to scrape ingest, processor and metrics")
 
 
-async def _every_series_source(traffic: Traffic, http: aiohttp.ClientSession, bootstrap: str,
-                               topics: dict[str, str], ports: dict[str, int]) -> None:
+async def _every_series_source(
+    traffic: Traffic, http: aiohttp.ClientSession, bootstrap: str, topics: dict[str, str], ports: dict[str, int]
+) -> None:
     """What makes the labelled series exist: accepted and dead-lettered events, a duplicate,
     a late event, 401s, 429s, a pixel, bad records on events.raw and events.enriched, queries."""
     assert await traffic.post("shop-key", batch(20, "first", bad=True)) == 200
-    assert await traffic.post("shop-key", batch(20, "first")) == 200     # the same messageIds: duplicates
+    assert await traffic.post("shop-key", batch(20, "first")) == 200  # the same messageIds: duplicates
     old = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 30 * DAY_MS / 1000))
     assert await traffic.post("shop-key", batch(3, "late", timestamp=old)) == 200
     assert await traffic.post("no-such-key", batch(1, "nokey")) == 401
     for i in range(5):
         await traffic.post("throttled-key", batch(1, f"throttle-{i}"))
     assert traffic.statuses[429] > 0
-    async with http.get(f"{traffic.url}/v1/pixel/track", params={"writeKey": "shop-key", "event": "Opened",
-                                                                 "userId": "u9"}) as resp:
+    async with http.get(
+        f"{traffic.url}/v1/pixel/track", params={"writeKey": "shop-key", "event": "Opened", "userId": "u9"}
+    ) as resp:
         assert resp.status == 200
     await produce(bootstrap, topics["raw"], [b"not an envelope"] * 3)
     await produce(bootstrap, topics["enriched"], [b"not an event"] * 3)

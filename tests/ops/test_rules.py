@@ -58,11 +58,14 @@ def test_promtool_unit_tests_of_every_alert(tmp_path: Path) -> None:
 
 
 @needs_promtool
-@pytest.mark.parametrize(("alert", "change"), [
-    ("IngestSpooling", ("headwater_ingest_spooling)", "headwater_ingest_spooling_renamed)")),
-    ("ProcessorDeadLetters", ("> 0.2", "> 0.6")),
-    ("ServiceNotReady", ("for: 2m", "for: 10m")),
-])
+@pytest.mark.parametrize(
+    ("alert", "change"),
+    [
+        ("IngestSpooling", ("headwater_ingest_spooling)", "headwater_ingest_spooling_renamed)")),
+        ("ProcessorDeadLetters", ("> 0.2", "> 0.6")),
+        ("ServiceNotReady", ("for: 2m", "for: 10m")),
+    ],
+)
 def test_the_unit_tests_fail_on_a_broken_rule(tmp_path: Path, alert: str, change: tuple[str, str]) -> None:
     """A renamed metric, a moved threshold or a longer for: in the rules fails promtool's tests."""
     text = RULES.read_text()

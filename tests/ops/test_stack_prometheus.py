@@ -32,15 +32,19 @@ def test_config_loads_the_repo_rules_and_discovers_the_targets_folder(tmp_path: 
 
 def test_the_fleet_announces_one_job_per_service_and_says_prometheus_is_not_running(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    members = [Member("ingest", "services.ingest", 8080, {}), Member("processor", "services.processor", 8081, {}),
-               Member("metrics", "services.metrics", 8083, {})]
+    members = [
+        Member("ingest", "services.ingest", 8080, {}),
+        Member("processor", "services.processor", 8081, {}),
+        Member("metrics", "services.metrics", 8083, {}),
+    ]
     line = _announce_to_prometheus(settings, members)
     assert "not running" in line and "stack up --prometheus" in line
     path = prometheus_server(settings).targets_dir / f"{TARGETS_NAME}.json"
     assert json.loads(path.read_text()) == [
         {"targets": ["127.0.0.1:8080"], "labels": {"job": "ingest"}},
         {"targets": ["127.0.0.1:8081"], "labels": {"job": "processor"}},
-        {"targets": ["127.0.0.1:8083"], "labels": {"job": "metrics"}}]
+        {"targets": ["127.0.0.1:8083"], "labels": {"job": "metrics"}},
+    ]
     write_targets(settings, TARGETS_NAME, {"ingest": ["127.0.0.1:9"]})
     assert len(json.loads(path.read_text())) == 1 and not list(path.parent.glob("*.partial"))
     remove_targets(settings, TARGETS_NAME)

@@ -52,9 +52,17 @@ class FakeBroker:
         log = self.raw[partition]
         for mid in message_ids:
             event = {"type": "track", "event": "Tick", "userId": f"u{partition}"}
-            log.append(SimpleNamespace(topic=RAW, partition=partition, offset=len(log), timestamp=0,
-                                       key=f"keep:u{partition}".encode(), headers=(("hw-schema", b"envelope/1"),),
-                                       value=envelope(event, source_id="keep", message_id=mid)))
+            log.append(
+                SimpleNamespace(
+                    topic=RAW,
+                    partition=partition,
+                    offset=len(log),
+                    timestamp=0,
+                    key=f"keep:u{partition}".encode(),
+                    headers=(("hw-schema", b"envelope/1"),),
+                    value=envelope(event, source_id="keep", message_id=mid),
+                )
+            )
 
     def fence(self, partition: int) -> None:
         """What the broker does to a transaction past its timeout, or a new owner's producer."""
@@ -123,8 +131,9 @@ class FakeProducer:
         self._records.extend((topic, value) for _key, value in builder.records)
         return _done()
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None,
-                   headers: Any = None) -> asyncio.Future[Any]:
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None, headers: Any = None
+    ) -> asyncio.Future[Any]:
         self._check()
         self._records.append((topic, value))
         return _done()
@@ -174,7 +183,7 @@ class FakeConsumer:
         out: dict[TopicPartition, list[Any]] = {}
         for tp in sorted(self.assigned - self.paused_tps, key=lambda t: t.partition):
             start = self.positions[tp]
-            records = self.broker.raw[tp.partition][start:start + 7]
+            records = self.broker.raw[tp.partition][start : start + 7]
             if records:
                 out[tp] = records
                 self.positions[tp] = start + len(records)

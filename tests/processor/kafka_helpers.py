@@ -28,16 +28,32 @@ from services.processor.worker import Processor
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def make_settings(kafka_bootstrap: str, new_topic: Callable[..., Awaitable[str]],
-                        new_group: Callable[[str], str], sources_file: Path, *, partitions: int = 4,
-                        **overrides: Any) -> Settings:
+async def make_settings(
+    kafka_bootstrap: str,
+    new_topic: Callable[..., Awaitable[str]],
+    new_group: Callable[[str], str],
+    sources_file: Path,
+    *,
+    partitions: int = 4,
+    **overrides: Any,
+) -> Settings:
     raw = await new_topic("raw", partitions=partitions)
     values: dict[str, Any] = {
-        "kafka_bootstrap": kafka_bootstrap, "raw_topic": raw, "enriched_topic": f"{raw}.enriched",
-        "dlq_topic": f"{raw}.dlq", "dest_topic_prefix": f"{raw}.dest.", "group_id": new_group("proc"),
-        "sources_file": sources_file, "sources_reload_s": 0.2, "session_timeout_ms": 6000,
-        "heartbeat_interval_ms": 1000, "batch_linger_ms": 20, "retry_backoff_s": 0.2,
-        "enriched_partitions": 3, "dlq_partitions": 1, "dest_partitions": 1,
+        "kafka_bootstrap": kafka_bootstrap,
+        "raw_topic": raw,
+        "enriched_topic": f"{raw}.enriched",
+        "dlq_topic": f"{raw}.dlq",
+        "dest_topic_prefix": f"{raw}.dest.",
+        "group_id": new_group("proc"),
+        "sources_file": sources_file,
+        "sources_reload_s": 0.2,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+        "batch_linger_ms": 20,
+        "retry_backoff_s": 0.2,
+        "enriched_partitions": 3,
+        "dlq_partitions": 1,
+        "dest_partitions": 1,
     }
     values.update(overrides)
     return Settings(**values)
@@ -59,8 +75,7 @@ async def running_processor(settings: Settings) -> AsyncIterator[Processor]:
     registry = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     enricher = Enricher(geoip_path=settings.geoip_path, ua_cache_size=100, geo_cache_size=100)
     async with registry.running():
-        processor = Processor(settings, Pipeline(settings, registry, enricher),
-                              make_metrics(CollectorRegistry()))
+        processor = Processor(settings, Pipeline(settings, registry, enricher), make_metrics(CollectorRegistry()))
         await processor.start()
         stop = asyncio.Event()
         task = asyncio.create_task(processor.run(stop))
@@ -75,17 +90,21 @@ async def running_processor(settings: Settings) -> AsyncIterator[Processor]:
                 enricher.close()
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
-                  headers: list[tuple[str, bytes]] | None = None) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=5)
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
     await producer.start()
     count = 0
     try:
         futures = []
         for key, value in records:
-            futures.append(await producer.send(topic, value, key=key,
-                                               headers=headers or [("hw-schema", b"envelope/1")]))
+            futures.append(
+                await producer.send(topic, value, key=key, headers=headers or [("hw-schema", b"envelope/1")])
+            )
             count += 1
         await asyncio.gather(*futures)
     finally:
@@ -103,8 +122,13 @@ def start_subprocess(settings: Settings, log_path: Path) -> subprocess.Popen[byt
     """``python -m services.processor`` with ``settings`` in its environment."""
     log = log_path.open("ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "services.processor"], cwd=REPO,
-                                env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.processor"],
+            cwd=REPO,
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         log.close()
 

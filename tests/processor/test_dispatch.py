@@ -39,19 +39,27 @@ def sample(metric: object, labels: dict[str, str] | None = None) -> float:
 
 
 @contextlib.asynccontextmanager
-async def running(broker: FakeBroker, sources_file: Path, **overrides: object
-                  ) -> AsyncIterator[tuple[Processor, FakeConsumer]]:
-    values: dict[str, object] = {"sources_file": sources_file, "retry_backoff_s": 0.01, "session_timeout_ms": 1000,
-                                 "max_pending_batches": 3, "batch_max_records": 7}
+async def running(
+    broker: FakeBroker, sources_file: Path, **overrides: object
+) -> AsyncIterator[tuple[Processor, FakeConsumer]]:
+    values: dict[str, object] = {
+        "sources_file": sources_file,
+        "retry_backoff_s": 0.01,
+        "session_timeout_ms": 1000,
+        "max_pending_batches": 3,
+        "batch_max_records": 7,
+    }
     values.update(overrides)
     settings = Settings(**values)  # type: ignore[arg-type]
     registry = SourceRegistry(sources_file)
     registry.load()
-    processor = Processor(settings, Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=10,
-                                                                          geo_cache_size=10)),
-                          make_metrics(CollectorRegistry()),
-                          producer_factory=lambda _s, p: FakeProducer(broker, f"txn-{p}"),
-                          restore_window=broker.restore)
+    processor = Processor(
+        settings,
+        Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=10, geo_cache_size=10)),
+        make_metrics(CollectorRegistry()),
+        producer_factory=lambda _s, p: FakeProducer(broker, f"txn-{p}"),
+        restore_window=broker.restore,
+    )
     consumer = FakeConsumer(broker)
     processor.bind(consumer)
     consumer.assign_now(TPS)

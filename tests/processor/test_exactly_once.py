@@ -55,10 +55,15 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 async def test_kill_9_under_load_loses_nothing_and_doubles_nothing(
-    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, tmp_path: Path,
+    kafka_bootstrap: str,
+    new_topic: NewTopic,
+    new_group: NewGroup,
+    sources_file: Path,
+    tmp_path: Path,
 ) -> None:
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=4,
-                                   batch_max_records=50)
+    settings = await make_settings(
+        kafka_bootstrap, new_topic, new_group, sources_file, partitions=4, batch_max_records=50
+    )
     chunk, kills_wanted = 200, 6
     rng = random.Random(4)
     ports = [free_port(), free_port()]
@@ -156,7 +161,11 @@ async def wait_for_split(ports: list[int], expected: list[int], timeout_s: float
 
 
 async def test_two_processors_split_partitions_and_survive_rebalance(
-    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, tmp_path: Path,
+    kafka_bootstrap: str,
+    new_topic: NewTopic,
+    new_group: NewGroup,
+    sources_file: Path,
+    tmp_path: Path,
 ) -> None:
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=4)
     ports = [free_port(), free_port()]

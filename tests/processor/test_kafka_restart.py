@@ -22,17 +22,28 @@ from tests.processor.kafka_helpers import (
 from tests.processor.test_exactly_once import batch, stop
 
 
-async def test_kafka_killed_and_restarted_under_load(private_stack: stack.StackSettings, sources_file: Path,
-                                                     tmp_path: Path) -> None:
+async def test_kafka_killed_and_restarted_under_load(
+    private_stack: stack.StackSettings, sources_file: Path, tmp_path: Path
+) -> None:
     await asyncio.to_thread(stack.up, private_stack, cassandra=False)
     bootstrap = private_stack.kafka_bootstrap
     raw = unique_name("test.raw")
     await ensure_topics(bootstrap, [TopicSpec(raw, 4)])
     settings = Settings(
-        kafka_bootstrap=bootstrap, raw_topic=raw, enriched_topic=f"{raw}.enriched", dlq_topic=f"{raw}.dlq",
-        dest_topic_prefix=f"{raw}.dest.", group_id=unique_name("test-proc"), sources_file=sources_file,
-        session_timeout_ms=6000, heartbeat_interval_ms=1000, retry_backoff_s=0.5, enriched_partitions=2,
-        dlq_partitions=1, dest_partitions=1, http_port=free_port(),
+        kafka_bootstrap=bootstrap,
+        raw_topic=raw,
+        enriched_topic=f"{raw}.enriched",
+        dlq_topic=f"{raw}.dlq",
+        dest_topic_prefix=f"{raw}.dest.",
+        group_id=unique_name("test-proc"),
+        sources_file=sources_file,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        retry_backoff_s=0.5,
+        enriched_partitions=2,
+        dlq_partitions=1,
+        dest_partitions=1,
+        http_port=free_port(),
     )
     total = 40_000
     proc = start_subprocess(settings, tmp_path / "processor.log")

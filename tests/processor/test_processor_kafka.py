@@ -36,18 +36,37 @@ def by_id(records: list[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def test_happy_path_field_by_field(kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup,
-                                         sources_file: Path, geoip_db: Path) -> None:
+async def test_happy_path_field_by_field(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, geoip_db: Path
+) -> None:
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, geoip_path=geoip_db)
     received = int(time.time() * 1000)
-    track = {"type": "track", "event": "Order Completed", "userId": "u1", "anonymousId": None,
-             "properties": {"revenue": 12.5, "plan": "pro"}, "integrations": {"All": True},
-             "originalTimestamp": "2026-11-24T14:00:00.000Z", "sentAt": "2026-11-24T14:00:02.000Z",
-             "context": {"ip": LONDON_IP, "userAgent": IPHONE_UA, "locale": "en-GB", "page": {
-                 "url": "https://shop.example.com/p?utm_source=news&utm_campaign=bf&gclid=abc",
-                 "referrer": "https://t.co/xyz"}}}
-    page = {"type": "page", "name": "Home", "anonymousId": "a1", "timestamp": "2026-11-24T15:00:00+01:00",
-            "properties": {"url": "https://shop.example.com/"}}
+    track = {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u1",
+        "anonymousId": None,
+        "properties": {"revenue": 12.5, "plan": "pro"},
+        "integrations": {"All": True},
+        "originalTimestamp": "2026-11-24T14:00:00.000Z",
+        "sentAt": "2026-11-24T14:00:02.000Z",
+        "context": {
+            "ip": LONDON_IP,
+            "userAgent": IPHONE_UA,
+            "locale": "en-GB",
+            "page": {
+                "url": "https://shop.example.com/p?utm_source=news&utm_campaign=bf&gclid=abc",
+                "referrer": "https://t.co/xyz",
+            },
+        },
+    }
+    page = {
+        "type": "page",
+        "name": "Home",
+        "anonymousId": "a1",
+        "timestamp": "2026-11-24T15:00:00+01:00",
+        "properties": {"url": "https://shop.example.com/"},
+    }
     identify = {"type": "identify", "userId": 7, "traits": {"email": "x@example.com"}}
     server = {"type": "track", "event": "Refund", "userId": "u9"}
     produced = [
@@ -65,8 +84,7 @@ async def test_happy_path_field_by_field(kafka_bootstrap: str, new_topic: NewTop
         assert all(dict(r.headers)["hw-schema"] == b"enriched/1" for r in enriched)
 
         t = events["m-track"]
-        received_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received / 1000)) + \
-            f".{received % 1000:03d}Z"
+        received_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received / 1000)) + f".{received % 1000:03d}Z"
         assert t["type"] == "track" and t["event"] == "Order Completed" and t["userId"] == "u1"
         assert "anonymousId" not in t
         assert t["properties"] == {"revenue": 12.5, "plan": "pro"}
@@ -80,8 +98,14 @@ async def test_happy_path_field_by_field(kafka_bootstrap: str, new_topic: NewTop
         ctx = t["context"]
         assert ctx["locale"] == "en-GB"
         assert ctx["ip"] == "81.2.69.0"  # source "web" anonymises, after geo
-        assert ctx["geo"] == {"country": "GB", "region": "ENG", "city": "London", "latitude": 51.5142,
-                              "longitude": -0.0931, "timeZone": "Europe/London"}
+        assert ctx["geo"] == {
+            "country": "GB",
+            "region": "ENG",
+            "city": "London",
+            "latitude": 51.5142,
+            "longitude": -0.0931,
+            "timeZone": "Europe/London",
+        }
         assert ctx["userAgentParsed"]["os"]["family"] == "iOS"
         assert ctx["userAgentParsed"]["device"]["brand"] == "Apple"
         assert ctx["bot"] is False
@@ -108,32 +132,36 @@ async def test_happy_path_field_by_field(kafka_bootstrap: str, new_topic: NewTop
         # Routing from the sources file.
         warehouse = by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}warehouse", expected=3))
         assert set(warehouse) == {"m-track", "m-page", "m-identify"}
-        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}crm",
-                                          expected=1))) == {"m-identify"}
-        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}billing",
-                                          expected=1))) == {"m-track"}
-        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}pro",
-                                          expected=1))) == {"m-track"}
+        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}crm", expected=1))) == {
+            "m-identify"
+        }
+        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}billing", expected=1))) == {
+            "m-track"
+        }
+        assert set(by_id(await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}pro", expected=1))) == {
+            "m-track"
+        }
         assert warehouse["m-track"] == t
     assert await read_topic(kafka_bootstrap, settings.dlq_topic, timeout_s=2) == []
 
 
-async def test_every_bad_input_goes_to_the_dlq(kafka_bootstrap: str, new_topic: NewTopic,
-                                               new_group: NewGroup, sources_file: Path) -> None:
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
-                                   max_event_bytes=1024)
+async def test_every_bad_input_goes_to_the_dlq(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path
+) -> None:
+    settings = await make_settings(
+        kafka_bootstrap, new_topic, new_group, sources_file, partitions=1, max_event_bytes=1024
+    )
     bad: list[tuple[bytes | None, FailureType]] = [
         (None, FailureType.ENVELOPE_DECODE),
         (b"\xff\xfe not protobuf", FailureType.ENVELOPE_DECODE),
         (envelope({"type": "identify", "userId": "u"}, source_id=""), FailureType.ENVELOPE_DECODE),
         (envelope(b"{oops"), FailureType.INVALID_JSON),
-        (envelope(b"\"a string\""), FailureType.INVALID_JSON),
+        (envelope(b'"a string"'), FailureType.INVALID_JSON),
         (envelope({"type": "track", "userId": "u"}), FailureType.SCHEMA_VIOLATION),
         (envelope({"type": "identify"}), FailureType.SCHEMA_VIOLATION),
         (envelope({"type": "group", "userId": "u"}), FailureType.SCHEMA_VIOLATION),
         (envelope({"type": "identify", "userId": "u", "sentAt": "later"}), FailureType.SCHEMA_VIOLATION),
-        (envelope({"type": "identify", "userId": "u", "traits": {"big": "x" * 2000}}),
-         FailureType.SIZE_VIOLATION),
+        (envelope({"type": "identify", "userId": "u", "traits": {"big": "x" * 2000}}), FailureType.SIZE_VIOLATION),
     ]
     good = envelope({"type": "identify", "userId": "after-the-bad-ones"}, message_id="good")
     async with running_processor(settings):
@@ -155,8 +183,9 @@ async def test_every_bad_input_goes_to_the_dlq(kafka_bootstrap: str, new_topic: 
     assert [orjson.loads(r.value)["messageId"] for r in enriched] == ["good"]
 
 
-async def test_dedupe_within_a_run_and_across_a_restart(kafka_bootstrap: str, new_topic: NewTopic,
-                                                        new_group: NewGroup, sources_file: Path) -> None:
+async def test_dedupe_within_a_run_and_across_a_restart(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path
+) -> None:
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2)
 
     def events(ids: list[str], source: str = "web") -> list[tuple[bytes, bytes]]:
@@ -173,23 +202,26 @@ async def test_dedupe_within_a_run_and_across_a_restart(kafka_bootstrap: str, ne
     # A new process, same group: the window comes back from the changelog.
     async with running_processor(settings):
         # Same messageId from another source is not a duplicate.
-        await produce(kafka_bootstrap, settings.raw_topic,
-                      events(["a", "c", "d"]) + events(["a"], source="server") + events(["d"]))
+        await produce(
+            kafka_bootstrap,
+            settings.raw_topic,
+            events(["a", "c", "d"]) + events(["a"], source="server") + events(["d"]),
+        )
         await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 10)
     records = await read_topic(kafka_bootstrap, settings.enriched_topic, expected=None, timeout_s=10)
-    ids = Counter((orjson.loads(r.value)["_hw"]["source_id"], orjson.loads(r.value)["messageId"])
-                  for r in records)
-    assert ids == Counter({("web", "a"): 1, ("web", "b"): 1, ("web", "c"): 1, ("web", "d"): 1,
-                           ("server", "a"): 1})
+    ids = Counter((orjson.loads(r.value)["_hw"]["source_id"], orjson.loads(r.value)["messageId"]) for r in records)
+    assert ids == Counter({("web", "a"): 1, ("web", "b"): 1, ("web", "c"): 1, ("web", "d"): 1, ("server", "a"): 1})
 
 
-async def test_routing_rules_change_without_restart(kafka_bootstrap: str, new_topic: NewTopic,
-                                                    new_group: NewGroup, sources_file: Path) -> None:
+async def test_routing_rules_change_without_restart(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path
+) -> None:
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1)
     event = {"type": "track", "event": "Trial Started", "userId": "u"}
     async with running_processor(settings) as processor:
-        await produce(kafka_bootstrap, settings.raw_topic, [(b"keep:u", envelope(event, source_id="keep",
-                                                                                  message_id="before"))])
+        await produce(
+            kafka_bootstrap, settings.raw_topic, [(b"keep:u", envelope(event, source_id="keep", message_id="before"))]
+        )
         await read_topic(kafka_bootstrap, settings.enriched_topic, expected=1)
         changed: dict[str, Any] = orjson.loads(orjson.dumps(SOURCES))
         changed["sources"][2]["destinations"] = [{"name": "trials", "events": ["Trial Started"]}]
@@ -199,14 +231,18 @@ async def test_routing_rules_change_without_restart(kafka_bootstrap: str, new_to
         while not registry.by_id("keep").destinations:  # type: ignore[union-attr]
             assert asyncio.get_running_loop().time() < deadline, "sources file was not reloaded"
             await asyncio.sleep(0.1)
-        await produce(kafka_bootstrap, settings.raw_topic, [(b"keep:u", envelope(event, source_id="keep",
-                                                                                  message_id="after"))])
+        await produce(
+            kafka_bootstrap, settings.raw_topic, [(b"keep:u", envelope(event, source_id="keep", message_id="after"))]
+        )
         trials = await read_topic(kafka_bootstrap, f"{settings.dest_topic_prefix}trials", expected=1)
     assert [orjson.loads(r.value)["messageId"] for r in trials] == ["after"]
 
 
 async def test_poison_record_goes_to_dlq_and_partition_moves_on(
-    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
+    kafka_bootstrap: str,
+    new_topic: NewTopic,
+    new_group: NewGroup,
+    sources_file: Path,
 ) -> None:
     settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1)
     async with running_processor(settings) as processor:
@@ -221,9 +257,11 @@ async def test_poison_record_goes_to_dlq_and_partition_moves_on(
             enrich(event, **kwargs)
 
         processor.pipeline.enricher.enrich = buggy  # type: ignore[method-assign]
-        records = [(b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="before")),
-                   (b"web:boom", envelope({"type": "identify", "userId": "boom"}, message_id="poison")),
-                   (b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="after"))]
+        records = [
+            (b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="before")),
+            (b"web:boom", envelope({"type": "identify", "userId": "boom"}, message_id="poison")),
+            (b"web:u", envelope({"type": "identify", "userId": "u"}, message_id="after")),
+        ]
         await produce(kafka_bootstrap, settings.raw_topic, records)
         enriched = await read_topic(kafka_bootstrap, settings.enriched_topic, expected=2)
         rows = await read_topic(kafka_bootstrap, settings.dlq_topic, expected=1)
@@ -236,10 +274,20 @@ async def test_poison_record_goes_to_dlq_and_partition_moves_on(
 
 
 async def test_dedupe_memory_is_bounded_and_the_newest_keys_come_back(
-    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
+    kafka_bootstrap: str,
+    new_topic: NewTopic,
+    new_group: NewGroup,
+    sources_file: Path,
 ) -> None:
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
-                                   dedupe_max_entries_per_partition=10, batch_max_records=5)
+    settings = await make_settings(
+        kafka_bootstrap,
+        new_topic,
+        new_group,
+        sources_file,
+        partitions=1,
+        dedupe_max_entries_per_partition=10,
+        batch_max_records=5,
+    )
 
     def events(ids: range) -> list[tuple[bytes, bytes]]:
         return [(b"web:u", envelope({"type": "identify", "userId": "u"}, message_id=f"m-{i}")) for i in ids]
@@ -259,15 +307,17 @@ async def test_dedupe_memory_is_bounded_and_the_newest_keys_come_back(
         await produce(kafka_bootstrap, settings.raw_topic, events(range(95, 100)) + events(range(5)))
         await wait_committed(kafka_bootstrap, settings.group_id, settings.raw_topic, 110)
         assert processor.metrics.duplicates._value.get() == 5
-    ids = Counter(orjson.loads(r.value)["messageId"]
-                  for r in await read_topic(kafka_bootstrap, settings.enriched_topic, expected=None))
+    ids = Counter(
+        orjson.loads(r.value)["messageId"]
+        for r in await read_topic(kafka_bootstrap, settings.enriched_topic, expected=None)
+    )
     assert sum(ids.values()) == 105
     assert {k for k, n in ids.items() if n == 2} == {f"m-{i}" for i in range(5)}
 
 
-async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str, new_topic: NewTopic,
-                                                            new_group: NewGroup, sources_file: Path,
-                                                            monkeypatch: Any) -> None:
+async def test_failed_transactions_lose_and_double_nothing(
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, monkeypatch: Any
+) -> None:
     """Transactions that fail (as when a broker goes away) rewind their partition to the
     committed offset while later batches are already queued behind them. Queued batches
     must be dropped and read again, and records read after the rewind must be kept, also
@@ -276,8 +326,9 @@ async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str,
 
     from services.processor.worker import Processor
 
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=2,
-                                   batch_max_records=15, max_pending_batches=3)
+    settings = await make_settings(
+        kafka_bootstrap, new_topic, new_group, sources_file, partitions=2, batch_max_records=15, max_pending_batches=3
+    )
     real_commit = Processor._commit
     calls = {"n": 0, "failed": 0, "fail_first": 0}
 
@@ -291,8 +342,10 @@ async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str,
     monkeypatch.setattr(Processor, "_commit", flaky_commit)
 
     def wave(start: int, count: int) -> list[tuple[bytes, bytes]]:
-        events = [{"type": "track", "event": "Tick", "userId": f"u{i % 9}", "messageId": f"m-{i}"}
-                  for i in range(start, start + count)]
+        events = [
+            {"type": "track", "event": "Tick", "userId": f"u{i % 9}", "messageId": f"m-{i}"}
+            for i in range(start, start + count)
+        ]
         return [(raw_key("web", e), envelope(e, message_id=e["messageId"])) for e in events]
 
     async with running_processor(settings):
@@ -311,8 +364,8 @@ async def test_failed_transactions_lose_and_double_nothing(kafka_bootstrap: str,
 
 
 async def test_a_bug_in_a_queued_batch_stops_the_processor_and_commits_nothing(
-        kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
-        monkeypatch: Any) -> None:
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, monkeypatch: Any
+) -> None:
     """A batch failing with something other than a Kafka error (a bug) must end the run
     loop, not be swallowed by the chain of queued batches, and leave no offset behind."""
     from prometheus_client import CollectorRegistry
@@ -323,8 +376,9 @@ async def test_a_bug_in_a_queued_batch_stops_the_processor_and_commits_nothing(
     from services.processor.pipeline import Pipeline
     from services.processor.worker import Processor
 
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
-                                   batch_max_records=5, max_pending_batches=3)
+    settings = await make_settings(
+        kafka_bootstrap, new_topic, new_group, sources_file, partitions=1, batch_max_records=5, max_pending_batches=3
+    )
 
     async def broken_commit(self: Processor, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected bug")
@@ -332,13 +386,18 @@ async def test_a_bug_in_a_queued_batch_stops_the_processor_and_commits_nothing(
     monkeypatch.setattr(Processor, "_commit", broken_commit)
     # One small batch: nothing comes after it, so only the failure itself can stop the loop.
     events = [{"type": "track", "event": "Tick", "userId": "u1", "messageId": f"m-{i}"} for i in range(3)]
-    await produce(kafka_bootstrap, settings.raw_topic,
-                  [(raw_key("web", e), envelope(e, message_id=e["messageId"])) for e in events])
+    await produce(
+        kafka_bootstrap,
+        settings.raw_topic,
+        [(raw_key("web", e), envelope(e, message_id=e["messageId"])) for e in events],
+    )
     registry = SourceRegistry(settings.sources_file, settings.sources_reload_s)
     registry.load()
-    processor = Processor(settings, Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=10,
-                                                                          geo_cache_size=10)),
-                          make_metrics(CollectorRegistry()))
+    processor = Processor(
+        settings,
+        Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=10, geo_cache_size=10)),
+        make_metrics(CollectorRegistry()),
+    )
     await processor.start()
     run = asyncio.create_task(processor.run(asyncio.Event()))
     try:

@@ -17,8 +17,9 @@ from tests.processor.kafka_helpers import REPO, free_port, settings_env, start_s
 async def test_waits_for_kafka_not_ready_then_stops_on_sigterm(sources_file: Path, tmp_path: Path) -> None:
     port = free_port()
     # Nothing listens on this port: Kafka is "down".
-    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", sources_file=sources_file, http_port=port,
-                        retry_backoff_s=0.2)
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}", sources_file=sources_file, http_port=port, retry_backoff_s=0.2
+    )
     proc = start_subprocess(settings, tmp_path / "p.log")
     try:
         loop = asyncio.get_running_loop()
@@ -49,7 +50,14 @@ async def test_waits_for_kafka_not_ready_then_stops_on_sigterm(sources_file: Pat
 def test_bad_setting_is_named_and_exits_2(sources_file: Path) -> None:
     env = settings_env(Settings(sources_file=sources_file))
     env["HEADWATER_PROCESSOR_BATCH_MAX_RECORDS"] = "zero"
-    done = subprocess.run([sys.executable, "-m", "services.processor"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.processor"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "HEADWATER_PROCESSOR_BATCH_MAX_RECORDS" in done.stderr

@@ -27,10 +27,18 @@ NewGroup = Callable[[str], str]
 
 @pytest.mark.slow
 async def test_a_transaction_past_its_timeout_recovers_without_a_rebalance(
-        kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = await make_settings(kafka_bootstrap, new_topic, new_group, sources_file, partitions=1,
-                                   transaction_timeout_ms=1000, batch_max_records=10, max_pending_batches=2)
+    kafka_bootstrap: str, new_topic: NewTopic, new_group: NewGroup, sources_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = await make_settings(
+        kafka_bootstrap,
+        new_topic,
+        new_group,
+        sources_file,
+        partitions=1,
+        transaction_timeout_ms=1000,
+        batch_max_records=10,
+        max_pending_batches=2,
+    )
     real_write = transactions.write_outputs
     slowed: list[int] = []
 

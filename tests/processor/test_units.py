@@ -37,6 +37,7 @@ RECEIVED_MS = int(RECEIVED.timestamp() * 1000)
 
 # -- timestamps ------------------------------------------------------------------
 
+
 def times(event: dict[str, Any], skew_s: float = 600) -> tuple[dict[str, str], list[str]]:
     flags: list[str] = []
     return norm.event_time(event, RECEIVED, timedelta(seconds=skew_s), flags), flags
@@ -57,8 +58,11 @@ def test_format_matches_isoformat(moment: datetime) -> None:
     assert norm.format_ts(moment) == reference
 
 
-@given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.timezones()),
-       st.sampled_from(["milliseconds", "microseconds", "seconds", "auto"]), st.booleans())
+@given(
+    st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.timezones()),
+    st.sampled_from(["milliseconds", "microseconds", "seconds", "auto"]),
+    st.booleans(),
+)
 def test_sent_times_come_out_as_format_ts_writes_them(moment: datetime, timespec: str, zulu: bool) -> None:
     # Strings already in the output shape are passed through without formatting;
     # the result must be the same as formatting whatever was sent.
@@ -152,18 +156,27 @@ def test_device_clock_ahead_is_corrected_not_clamped() -> None:
 
 def test_pipeline_takes_clock_skew_from_the_source(tmp_path: Path) -> None:
     path = tmp_path / "sources.json"
-    path.write_bytes(orjson.dumps({"sources": [
-        {"id": "app", "name": "app", "write_key": "wk-app"},
-        {"id": "kiosk", "name": "kiosk", "write_key": "wk-kiosk", "clock_skew": "trust"},
-        {"id": "backend", "name": "backend", "write_key": "wk-backend", "clock_skew": "correct"},
-    ]}))
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "sources": [
+                    {"id": "app", "name": "app", "write_key": "wk-app"},
+                    {"id": "kiosk", "name": "kiosk", "write_key": "wk-kiosk", "clock_skew": "trust"},
+                    {"id": "backend", "name": "backend", "write_key": "wk-backend", "clock_skew": "correct"},
+                ]
+            }
+        )
+    )
     registry = SourceRegistry(path)
     assert registry.load()
-    pipe = Pipeline(Settings(sources_file=path), registry,
-                    Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
-    expected = {("app", "analytics.js"): CORRECTED, ("kiosk", "analytics.js"): "2026-11-24T14:00:00.000Z",
-                ("backend", "analytics-node"): CORRECTED, ("app", "analytics-node"): "2026-11-24T14:00:00.000Z",
-                ("gone", "analytics.js"): CORRECTED}  # an unknown source gets the default, auto
+    pipe = Pipeline(Settings(sources_file=path), registry, Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
+    expected = {
+        ("app", "analytics.js"): CORRECTED,
+        ("kiosk", "analytics.js"): "2026-11-24T14:00:00.000Z",
+        ("backend", "analytics-node"): CORRECTED,
+        ("app", "analytics-node"): "2026-11-24T14:00:00.000Z",
+        ("gone", "analytics.js"): CORRECTED,
+    }  # an unknown source gets the default, auto
     for (source_id, name), timestamp in expected.items():
         event = library(name, type="identify", userId="u", **SLOW_DEVICE)
         result = pipe.process(record(envelope(event, source_id=source_id, received_at_ms=RECEIVED_MS)), never)
@@ -172,8 +185,9 @@ def test_pipeline_takes_clock_skew_from_the_source(tmp_path: Path) -> None:
 
 def test_clock_skew_setting_is_validated() -> None:
     with pytest.raises(ValidationError, match="clock_skew"):
-        parse_sources(orjson.dumps({"sources": [{"id": "a", "name": "a", "write_key": "k",
-                                                 "clock_skew": "sometimes"}]}))
+        parse_sources(
+            orjson.dumps({"sources": [{"id": "a", "name": "a", "write_key": "k", "clock_skew": "sometimes"}]})
+        )
 
 
 def test_given_timestamp_stands_and_offsets_are_converted() -> None:
@@ -206,10 +220,16 @@ def test_bad_timestamp_raises() -> None:
 
 
 def test_normalise_shape() -> None:
-    event = {"type": "t", "event": "Signed Up", "userId": 42, "anonymousId": None, "writeKey": "secret",
-             "properties": {"a": 1}, "context": {"library": {"name": "x"}}}
-    out = norm.normalise(event, message_id="m1", received=RECEIVED,
-                         max_future_skew=timedelta(minutes=10), flags=[])
+    event = {
+        "type": "t",
+        "event": "Signed Up",
+        "userId": 42,
+        "anonymousId": None,
+        "writeKey": "secret",
+        "properties": {"a": 1},
+        "context": {"library": {"name": "x"}},
+    }
+    out = norm.normalise(event, message_id="m1", received=RECEIVED, max_future_skew=timedelta(minutes=10), flags=[])
     assert out["type"] == "track"
     assert out["userId"] == "42"
     assert "anonymousId" not in out and "writeKey" not in out
@@ -219,13 +239,19 @@ def test_normalise_shape() -> None:
 
 # -- enrichment -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def enricher_no_geo() -> Enricher:
     return Enricher(geoip_path=None, ua_cache_size=100, geo_cache_size=100)
 
 
-def enrich(enricher: Enricher, event: dict[str, Any], switches: Enrichment | None = None,
-           ua: str = CHROME_UA, ip: str = LONDON_IP) -> tuple[dict[str, Any], list[str]]:
+def enrich(
+    enricher: Enricher,
+    event: dict[str, Any],
+    switches: Enrichment | None = None,
+    ua: str = CHROME_UA,
+    ip: str = LONDON_IP,
+) -> tuple[dict[str, Any], list[str]]:
     event.setdefault("context", {})
     flags: list[str] = []
     enricher.enrich(event, switches=switches or Enrichment(), header_ua=ua, client_ip=ip, flags=flags)
@@ -246,19 +272,24 @@ def test_context_user_agent_beats_header(enricher_no_geo: Enricher) -> None:
     assert event["context"]["userAgentParsed"]["os"]["family"] == "iOS"
 
 
-@pytest.mark.parametrize(("ua", "bot"), [
-    (GOOGLEBOT_UA, True), ("curl/8.5.0", True), ("python-requests/2.31", True),
-    ("Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/120.0.0.0 Safari/537.36", True),
-    (CHROME_UA, False), (IPHONE_UA, False),
-])
+@pytest.mark.parametrize(
+    ("ua", "bot"),
+    [
+        (GOOGLEBOT_UA, True),
+        ("curl/8.5.0", True),
+        ("python-requests/2.31", True),
+        ("Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/120.0.0.0 Safari/537.36", True),
+        (CHROME_UA, False),
+        (IPHONE_UA, False),
+    ],
+)
 def test_bot_flag(ua: str, bot: bool) -> None:
     assert is_bot(ua) is bot
 
 
 def test_switches_off(enricher_no_geo: Enricher) -> None:
     switches = Enrichment(user_agent=False, bot=False, campaign=False, geo=False)
-    event, _ = enrich(enricher_no_geo, {"context": {"page": {"url": "https://a.example/?utm_source=x"}}},
-                      switches)
+    event, _ = enrich(enricher_no_geo, {"context": {"page": {"url": "https://a.example/?utm_source=x"}}}, switches)
     assert set(event["context"]) == {"page", "ip"}
 
 
@@ -266,9 +297,14 @@ def test_geo_then_anonymise(geoip_db: Path) -> None:
     enricher = Enricher(geoip_path=geoip_db, ua_cache_size=10, geo_cache_size=10)
     try:
         event, _ = enrich(enricher, {}, Enrichment(ip="anonymize"), ip=LONDON_IP)
-        assert event["context"]["geo"] == {"country": "GB", "region": "ENG", "city": "London",
-                                           "latitude": 51.5142, "longitude": -0.0931,
-                                           "timeZone": "Europe/London"}
+        assert event["context"]["geo"] == {
+            "country": "GB",
+            "region": "ENG",
+            "city": "London",
+            "latitude": 51.5142,
+            "longitude": -0.0931,
+            "timeZone": "Europe/London",
+        }
         assert event["context"]["ip"] == "81.2.69.0"
         event, _ = enrich(enricher, {"context": {"ip": BERLIN_IP6}}, Enrichment(ip="remove"))
         assert event["context"]["geo"]["city"] == "Berlin"
@@ -279,10 +315,16 @@ def test_geo_then_anonymise(geoip_db: Path) -> None:
         enricher.close()
 
 
-@pytest.mark.parametrize(("ip", "masked"), [
-    ("81.2.69.142", "81.2.69.0"), ("2a02:8108:1234:5678::1", "2a02:8108:1234::"),
-    ("::ffff:81.2.69.142", "81.2.69.0"), ("not-an-ip", None), (" 10.0.0.255 ", "10.0.0.0"),
-])
+@pytest.mark.parametrize(
+    ("ip", "masked"),
+    [
+        ("81.2.69.142", "81.2.69.0"),
+        ("2a02:8108:1234:5678::1", "2a02:8108:1234::"),
+        ("::ffff:81.2.69.142", "81.2.69.0"),
+        ("not-an-ip", None),
+        (" 10.0.0.255 ", "10.0.0.0"),
+    ],
+)
 def test_anonymise_ip(ip: str, masked: str | None) -> None:
     assert anonymise_ip(ip) == masked
 
@@ -293,35 +335,60 @@ def test_invalid_ip_is_removed_and_flagged(enricher_no_geo: Enricher) -> None:
 
 
 def test_campaign_click_ids_referrer(enricher_no_geo: Enricher) -> None:
-    url = ("https://shop.example.com/landing?utm_source=news&utm_medium=email&utm_campaign=black-friday"
-           "&utm_term=shoes&utm_content=hero&gclid=G1&fbclid=F1&msclkid=M1&other=1")
-    event, _ = enrich(enricher_no_geo, {"context": {"page": {
-        "url": url, "referrer": "https://www.google.com/search?q=shoes"}}})
+    url = (
+        "https://shop.example.com/landing?utm_source=news&utm_medium=email&utm_campaign=black-friday"
+        "&utm_term=shoes&utm_content=hero&gclid=G1&fbclid=F1&msclkid=M1&other=1"
+    )
+    event, _ = enrich(
+        enricher_no_geo, {"context": {"page": {"url": url, "referrer": "https://www.google.com/search?q=shoes"}}}
+    )
     ctx = event["context"]
-    assert ctx["campaign"] == {"source": "news", "medium": "email", "name": "black-friday",
-                               "term": "shoes", "content": "hero"}
+    assert ctx["campaign"] == {
+        "source": "news",
+        "medium": "email",
+        "name": "black-friday",
+        "term": "shoes",
+        "content": "hero",
+    }
     assert ctx["clickIds"] == {"gclid": "G1", "fbclid": "F1", "msclkid": "M1"}
-    assert ctx["referrer"] == {"url": "https://www.google.com/search?q=shoes", "host": "www.google.com",
-                               "medium": "search"}
+    assert ctx["referrer"] == {
+        "url": "https://www.google.com/search?q=shoes",
+        "host": "www.google.com",
+        "medium": "search",
+    }
 
 
 def test_client_campaign_wins(enricher_no_geo: Enricher) -> None:
-    event, _ = enrich(enricher_no_geo, {"context": {
-        "campaign": {"name": "given"}, "page": {"url": "https://a.example/?utm_campaign=url&utm_source=s"}}})
+    event, _ = enrich(
+        enricher_no_geo,
+        {
+            "context": {
+                "campaign": {"name": "given"},
+                "page": {"url": "https://a.example/?utm_campaign=url&utm_source=s"},
+            }
+        },
+    )
     assert event["context"]["campaign"] == {"name": "given", "source": "s"}
     assert "clickIds" not in event["context"]
 
 
-@pytest.mark.parametrize(("host", "page", "medium"), [
-    ("www.google.co.uk", None, "search"), ("t.co", None, "social"), ("m.facebook.com", None, "social"),
-    ("mail.google.com", None, "email"), ("blog.example.org", None, "referral"),
-    ("shop.example.com", "shop.example.com", "internal"),
-])
+@pytest.mark.parametrize(
+    ("host", "page", "medium"),
+    [
+        ("www.google.co.uk", None, "search"),
+        ("t.co", None, "social"),
+        ("m.facebook.com", None, "social"),
+        ("mail.google.com", None, "email"),
+        ("blog.example.org", None, "referral"),
+        ("shop.example.com", "shop.example.com", "internal"),
+    ],
+)
 def test_referrer_medium(host: str, page: str | None, medium: str) -> None:
     assert referrer_medium(host, page) == medium
 
 
 # -- routing ----------------------------------------------------------------------
+
 
 def test_routing_rules() -> None:
     rules = (
@@ -334,29 +401,32 @@ def test_routing_rules() -> None:
     assert destinations(rules, {"type": "identify"}) == ["all", "crm"]
     assert destinations(rules, {"type": "track", "event": "Order Completed"}) == ["all", "billing"]
     assert destinations(rules, {"type": "track", "event": "Viewed"}) == ["all"]
-    assert destinations(rules, {"type": "track", "event": "x", "properties": {"plan": "pro"},
-                                "context": {"locale": "en"}}) == ["all", "pro"]
+    assert destinations(
+        rules, {"type": "track", "event": "x", "properties": {"plan": "pro"}, "context": {"locale": "en"}}
+    ) == ["all", "pro"]
     assert destinations(rules, {"type": "track", "event": "x", "properties": {"plan": "pro"}}) == ["all"]
     assert destinations(rules, {"type": "page", "name": "Home"}) == ["all", "pages"]
 
 
 # -- dedupe window ----------------------------------------------------------------
 
+
 def test_dedupe_window_bounds_and_expiry() -> None:
     window = DedupeWindow(window_ms=1000, max_entries=3)
     for i in range(5):
         window.add(f"k{i}", 100 + i)
     assert len(window) == 3 and window.evicted == 2
-    assert not window.is_duplicate("k0", 200)           # evicted: the oldest went first
+    assert not window.is_duplicate("k0", 200)  # evicted: the oldest went first
     assert window.is_duplicate("k4", 900)
-    assert not window.is_duplicate("k4", 104 + 1000)    # outside the window
+    assert not window.is_duplicate("k4", 104 + 1000)  # outside the window
     window.expire(1104)
-    assert len(window) == 1                             # k2 (102), k3 (103) expired
+    assert len(window) == 1  # k2 (102), k3 (103) expired
     assert decode_entries(encode_entries({dedupe_key("s", "m"): 7, "k": 8})) == [("s\x1fm", 7), ("k", 8)]
     assert decode_entries(None) == [] and decode_entries(b"x") == [] and decode_entries(b"[1]") == []
 
 
 # -- the whole pipeline on one record --------------------------------------------
+
 
 @pytest.fixture
 def pipeline(sources_file: Path, geoip_db: Path) -> Pipeline:
@@ -371,9 +441,18 @@ def never(_key: str, _ts: int) -> bool:
 
 
 def test_pipeline_enriched(pipeline: Pipeline) -> None:
-    raw = envelope({"type": "track", "event": "Order Completed", "userId": "u1",
-                    "properties": {"plan": "pro"}, "timestamp": "2026-11-24T14:59:00Z",
-                    "context": {"ip": LONDON_IP}}, message_id="m-1", received_at_ms=RECEIVED_MS)
+    raw = envelope(
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": "u1",
+            "properties": {"plan": "pro"},
+            "timestamp": "2026-11-24T14:59:00Z",
+            "context": {"ip": LONDON_IP},
+        },
+        message_id="m-1",
+        received_at_ms=RECEIVED_MS,
+    )
     result = pipeline.process(record(raw), never)
     assert result.kind is Kind.ENRICHED
     topics = [o.topic for o in result.outputs]
@@ -431,8 +510,12 @@ def test_pipeline_bad_rows(sources_file: Path, value: bytes | None, failure: Fai
     assert out.topic == "events.dlq"
     row = BadRow.decode(out.value)
     assert row["failure_type"] == failure.value and row["errors"]
-    assert row["input"] == {"topic": "events.raw", "partition": 0, "offset": rec.offset, "request_id":
-                            row["input"]["request_id"]}
+    assert row["input"] == {
+        "topic": "events.raw",
+        "partition": 0,
+        "offset": rec.offset,
+        "request_id": row["input"]["request_id"],
+    }
     assert row["producer"]["service"] == "processor"
     if row["extra"]["original_format"] == "event_json":
         assert row["original"] == Envelope.FromString(value or b"").event
@@ -441,8 +524,9 @@ def test_pipeline_bad_rows(sources_file: Path, value: bytes | None, failure: Fai
 
 
 def test_wrong_schema_header_is_envelope_decode(pipeline: Pipeline) -> None:
-    result = pipeline.process(record(envelope({"type": "identify", "userId": "u"}),
-                                     headers=(("hw-schema", b"envelope/9"),)), never)
+    result = pipeline.process(
+        record(envelope({"type": "identify", "userId": "u"}), headers=(("hw-schema", b"envelope/9"),)), never
+    )
     assert result.reason is FailureType.ENVELOPE_DECODE
 
 
@@ -460,14 +544,17 @@ def test_poison_after_bounded_tries(pipeline: Pipeline, monkeypatch: pytest.Monk
     assert "KeyError" in BadRow.decode(result.outputs[0].value)["errors"][0]
 
 
-@pytest.mark.parametrize(("url", "host", "query"), [
-    ("https://a.b.com", "a.b.com", ""),
-    ("https://user:pw@Shop.Example.com:8443/x?utm_source=1#f", "shop.example.com", "utm_source=1"),
-    ("https://[::1]:80/?a=1", "::1", "a=1"),
-    ("not a url", None, ""),
-    ("https://x.com?gclid=1", "x.com", "gclid=1"),
-    ("https://x.com/#frag?not=query", "x.com", ""),
-])
+@pytest.mark.parametrize(
+    ("url", "host", "query"),
+    [
+        ("https://a.b.com", "a.b.com", ""),
+        ("https://user:pw@Shop.Example.com:8443/x?utm_source=1#f", "shop.example.com", "utm_source=1"),
+        ("https://[::1]:80/?a=1", "::1", "a=1"),
+        ("not a url", None, ""),
+        ("https://x.com?gclid=1", "x.com", "gclid=1"),
+        ("https://x.com/#frag?not=query", "x.com", ""),
+    ],
+)
 def test_url_split(url: str, host: str | None, query: str) -> None:
     assert _split(url) == (host, query)
 
@@ -478,8 +565,7 @@ def test_oversized_output_is_a_size_violation(sources_file: Path) -> None:
     registry.load()
     pipe = Pipeline(settings, registry, Enricher(geoip_path=None, ua_cache_size=1, geo_cache_size=1))
     # Under the input limit, over the output limit once enriched.
-    result = pipe.process(record(envelope({"type": "identify", "userId": "u", "traits": {"x": "y" * 900}})),
-                          never)
+    result = pipe.process(record(envelope({"type": "identify", "userId": "u", "traits": {"x": "y" * 900}})), never)
     assert result.reason is FailureType.SIZE_VIOLATION
     assert "enriched event" in BadRow.decode(result.outputs[0].value)["errors"][0]
 
