@@ -105,6 +105,10 @@ class Topic:
             min_insync_replicas=self.min_insync_replicas,
         )
 
+    def replication_doc(self) -> str:
+        """The replication as proto/topics/*.md write it."""
+        return f"replication {self.replication}, `{MIN_INSYNC}={self.min_insync_replicas}`"
+
     def configs_doc(self) -> str:
         """The configs as proto/topics/*.md write them (one-writer topics: the default)."""
         return ", ".join(f"`{k}={v}`" for k, v in sorted(self.configs().items()))

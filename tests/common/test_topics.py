@@ -120,6 +120,7 @@ def test_the_contract_page_says_what_the_declaration_says(topic: topics.Topic) -
     if topic is topics.DEDUPE_CHANGELOG:
         text = text[text.index("## Dedupe") :]
     assert topic.configs_doc() in " ".join(text.split()), topic.doc
+    assert topic.replication_doc() in " ".join(text.split()), topic.doc
     written, read = _after("written by", text), _after("read by", text)
     for writer in topic.writers:
         assert writer in written, (topic.doc, writer)
