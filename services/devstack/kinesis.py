@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.server import Server, StackError, wait_until
 from services.devstack.stack import StackSettings
 
 KINESALITE_VERSION = "3.3.3"
@@ -100,20 +100,7 @@ class KinesaliteServer(Server):
             "--shardLimit",
             "100000",
         ]
-        log = self.log_file.open("ab")
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.base,
-            )
-        finally:
-            log.close()
-        children[proc.pid] = proc
-        self.pid_file.write_text(str(proc.pid))
+        self.spawn(cmd)
 
 
 def kinesis_server(settings: StackSettings) -> KinesaliteServer:

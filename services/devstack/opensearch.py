@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.server import Server, StackError, wait_until
 from services.devstack.stack import StackSettings
 
 OPENSEARCH_VERSION = "2.19.6"
@@ -194,20 +194,7 @@ class OpenSearchServer(Server):
             self.main_class,
         ]
         cmd = [*_unprivileged(), *jvm]
-        log = self.log_file.open("ab")
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.base,
-            )
-        finally:
-            log.close()
-        children[proc.pid] = proc
-        self.pid_file.write_text(str(proc.pid))
+        self.spawn(cmd)
 
 
 def _unprivileged() -> list[str]:

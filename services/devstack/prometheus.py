@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from services.devstack.server import Server, StackError, children, wait_until
+from services.devstack.server import Server, StackError, wait_until
 from services.devstack.stack import StackSettings
 
 # The repo's alert rules (an editable install: the dev stack runs from the repo).
@@ -89,20 +89,7 @@ class PrometheusServer(Server):
             f"--web.console.templates={self.base}",
             f"--web.console.libraries={self.base}",
         ]
-        log = self.log_file.open("ab")
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.base,
-            )
-        finally:
-            log.close()
-        children[proc.pid] = proc
-        self.pid_file.write_text(str(proc.pid))
+        self.spawn(cmd)
 
 
 @functools.cache

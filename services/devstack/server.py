@@ -130,6 +130,12 @@ class Server:
             self.main_class,
             *program_args,
         ]
+        return self.spawn(cmd)
+
+    def spawn(self, cmd: Sequence[str]) -> int:
+        """Start ``cmd`` detached (its own session) in the server's folder, output to its
+        log, and record its pid; the servers that are not plain JVMs start through this too."""
+        self.base.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("ab")
         try:
             proc = subprocess.Popen(
