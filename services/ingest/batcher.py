@@ -4,11 +4,20 @@ partition, Kafka's murmur2 rule: services/common/kafkawriter.py). A request
 returns when every batch of its flush is acknowledged (acks=all), so the
 contract "200 only after Kafka acked" holds.
 
-Batching adapts to the load the way Nagle's algorithm does: at most
-``max_inflight_flushes`` flushes await their acks at a time, and whatever
-arrives meanwhile goes out together in the next one. A lone request is sent
-at once (no linger to wait out); under load the batches grow by themselves,
-by the time one round trip to the broker takes.
+Batching adapts to the load the way Nagle's algorithm does: each flush
+awaits its acks on a producer of its own, at most one flush per producer,
+and whatever arrives meanwhile goes out together in the next one. A lone
+request is sent at once (no linger to wait out); under load the batches
+grow by themselves, by the time one round trip to the broker takes.
+
+Several producers (the ``kafka_producers`` setting, 1 by default): aiokafka
+keeps one produce request in flight per broker connection, so with one
+producer a process whose requests are all waiting for acks idles for the
+round trip; two overlap their round trips, at the price of smaller flushes
+(each costs aiokafka about half a millisecond of CPU). Order is kept where it
+means something: a client's next request comes after the answer to its
+previous one, so after its records were acknowledged; requests in flight
+together have no order to keep. The spool drains one batch at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -32,23 +41,25 @@ class KafkaBatcher:
 
     def __init__(
         self,
-        producer: AIOKafkaProducer,
+        producers: Sequence[AIOKafkaProducer],
         *,
         linger_s: float,
         ack_timeout_s: float,
         max_pending_bytes: int,
         headers_for: Callable[[str], Headers],
-        max_inflight_flushes: int = 1,
+        small_batch_bytes: int = 0,
         observe_ack: Callable[[float], None] | None = None,
     ) -> None:
-        self._producer = producer
         self._linger_s = linger_s
-        self._max_inflight_flushes = max_inflight_flushes
+        # Writers with no flush in flight; a flush takes one and gives it back when acked.
+        self._idle = [
+            BatchWriter(p, headers_for=headers_for, small_batch_bytes=small_batch_bytes, batch_bytes=max_pending_bytes)
+            for p in producers
+        ]
         self._inflight: set[asyncio.Future[Any]] = set()
         self._observe_ack = observe_ack
         self._ack_timeout_s = ack_timeout_s
         self._max_pending_bytes = max_pending_bytes
-        self._writer = BatchWriter(producer, headers_for=headers_for)
         self._pending: list[OutRecord] = []
         self._pending_bytes = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -119,7 +130,7 @@ class KafkaBatcher:
             await self._wakeup.wait()
             if self._linger_s and self._pending_bytes < self._max_pending_bytes:
                 await asyncio.sleep(self._linger_s)  # let concurrent requests join this flush
-            while len(self._inflight) >= self._max_inflight_flushes:
+            while not self._idle:
                 # Records keep arriving while the broker answers: they make the next flush.
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             self._wakeup.clear()
@@ -127,26 +138,27 @@ class KafkaBatcher:
             self._pending, self._waiters, self._pending_bytes, self._deadline = [], [], 0, None
             if not records:
                 continue
+            writer = self._idle.pop()
             try:
-                acks = await self._submit(records)
+                acks = await writer.write(records)
             except Exception as exc:  # noqa: BLE001 - every caller learns of it and spools
+                self._idle.append(writer)
                 self._fail(waiters, exc)
                 continue
             flushed = asyncio.gather(*acks)
             self._inflight.add(flushed)
-            flushed.add_done_callback(functools.partial(self._flushed, waiters, deadline, loop.time()))
-
-    async def _submit(self, records: list[OutRecord]) -> list[asyncio.Future[Any]]:
-        return await self._writer.write(records)
+            flushed.add_done_callback(functools.partial(self._flushed, writer, waiters, deadline, loop.time()))
 
     def _flushed(
         self,
+        writer: BatchWriter,
         waiters: list[asyncio.Future[None]],
         deadline: asyncio.TimerHandle | None,
         started: float,
         done: asyncio.Future[Any],
     ) -> None:
         self._inflight.discard(done)
+        self._idle.append(writer)
         if deadline is not None:
             deadline.cancel()
         if self._observe_ack is not None and not done.cancelled() and done.exception() is None:

@@ -21,6 +21,8 @@ _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 def _varint(value: int) -> bytes:
     if 0 <= value < 0x80:
         return _ONE_BYTE[value]
+    if 0 < value < 0x4000:  # an event's length mostly: two bytes, without the loop
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     value &= 0xFFFF_FFFF_FFFF_FFFF  # negative int64s take ten bytes, as in protobuf
     out = bytearray()
     while value > 0x7F:

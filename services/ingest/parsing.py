@@ -117,7 +117,7 @@ JSON_MAX_DEPTH = 254
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
-    if not body.strip():
+    if not body or body.isspace():  # not strip(): that copies the whole body
         raise RequestError(400, "invalid_json", "the request body is empty")
     try:
         data = orjson.loads(body)

@@ -35,7 +35,7 @@ class Publisher:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
-        self._producer: AIOKafkaProducer | None = None
+        self._producers: list[AIOKafkaProducer] = []
         self._batcher: KafkaBatcher | None = None
         self._kafka_up = False
         self._inflight = 0
@@ -75,15 +75,15 @@ class Publisher:
                 await self._drainer
         if self._batcher is not None:
             await self._batcher.stop()
-        if self._producer is not None:
+        for producer in self._producers:
             try:
-                await asyncio.wait_for(self._producer.stop(), self.settings.shutdown_timeout_s)
+                await asyncio.wait_for(producer.stop(), self.settings.shutdown_timeout_s)
             except (TimeoutError, KafkaError) as exc:
                 log.warning("producer did not flush in time", error=repr(exc))
         await self.spool.close()
 
     async def _connect(self) -> bool:
-        if self._producer is not None:
+        if self._producers:
             return True
         s = self.settings
         try:
@@ -98,9 +98,34 @@ class Publisher:
         except (HeadwaterError, KafkaError, OSError) as exc:
             log.warning("kafka not reachable; spooling until it is", error=repr(exc))
             return False
-        producer = AIOKafkaProducer(
+        producers = [self._new_producer(i) for i in range(s.kafka_producers)]
+        try:
+            await asyncio.gather(*(p.start() for p in producers))
+        except (KafkaError, OSError) as exc:
+            log.warning("kafka not reachable; spooling until it is", error=repr(exc))
+            for p in producers:
+                with contextlib.suppress(Exception):
+                    await p.stop()
+            return False
+        self._producers = producers
+        self._batcher = KafkaBatcher(
+            producers,
+            linger_s=s.kafka_linger_ms / 1000,
+            ack_timeout_s=s.kafka_ack_timeout_s,
+            max_pending_bytes=s.kafka_max_batch_bytes,
+            small_batch_bytes=s.kafka_small_batch_bytes,
+            headers_for=lambda t: _BADROW_HEADERS if t == s.dlq_topic else _ENVELOPE_HEADERS,
+            observe_ack=self.metrics.kafka_ack_seconds.observe,
+        )
+        self._batcher.start()
+        self._kafka_up = True
+        return True
+
+    def _new_producer(self, index: int) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
-            client_id=f"headwater-ingest-{s.service_name}",
+            client_id=f"headwater-ingest-{s.service_name}-{index}",
             acks="all",
             enable_idempotence=True,
             compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
@@ -108,26 +133,6 @@ class Publisher:
             max_batch_size=s.kafka_max_batch_bytes,
             request_timeout_ms=max(int(s.kafka_ack_timeout_s * 1000) * 5, 10_000),
         )
-        try:
-            await producer.start()
-        except (KafkaError, OSError) as exc:
-            log.warning("kafka not reachable; spooling until it is", error=repr(exc))
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            return False
-        self._producer = producer
-        self._batcher = KafkaBatcher(
-            producer,
-            linger_s=s.kafka_linger_ms / 1000,
-            ack_timeout_s=s.kafka_ack_timeout_s,
-            max_pending_bytes=s.kafka_max_batch_bytes,
-            max_inflight_flushes=s.kafka_max_inflight_flushes,
-            headers_for=lambda t: _BADROW_HEADERS if t == s.dlq_topic else _ENVELOPE_HEADERS,
-            observe_ack=self.metrics.kafka_ack_seconds.observe,
-        )
-        self._batcher.start()
-        self._kafka_up = True
-        return True
 
     # -- publishing --------------------------------------------------------------
 
@@ -180,9 +185,9 @@ class Publisher:
     # -- draining the spool --------------------------------------------------------
 
     async def _kafka_answers(self) -> bool:
-        assert self._producer is not None
+        assert self._producers
         try:
-            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.settings.kafka_ack_timeout_s)
+            await asyncio.wait_for(self._producers[0].client.fetch_all_metadata(), self.settings.kafka_ack_timeout_s)
         except (TimeoutError, KafkaError, OSError):
             return False
         return True
@@ -199,11 +204,11 @@ class Publisher:
         that expired while it was away left a gap in the idempotent producer's sequence numbers,
         and every later send on that producer id fails the same way (aiokafka, unlike Kafka's
         Java client, does not reset the producer id). Records stay in the spool until acked."""
-        batcher, producer = self._batcher, self._producer
-        self._batcher, self._producer = None, None
+        batcher, producers = self._batcher, self._producers
+        self._batcher, self._producers = None, []
         if batcher is not None:
             await batcher.stop()
-        if producer is not None:
+        for producer in producers:
             with contextlib.suppress(TimeoutError, KafkaError):
                 await asyncio.wait_for(producer.stop(), self.settings.kafka_ack_timeout_s * 5)
 

@@ -43,12 +43,17 @@ class Settings(CommonSettings):
     # Kafka producer.
     kafka_ack_timeout_s: float = Field(default=2.0, gt=0)
     # Extra wait before a flush; 0 is right for most loads, since batches grow by
-    # themselves while the flushes in flight (at most kafka_max_inflight_flushes)
-    # wait for their acks.
+    # themselves while the flushes in flight wait for their acks.
     kafka_linger_ms: int = Field(default=0, ge=0)
-    kafka_max_inflight_flushes: int = Field(default=1, ge=1, le=16)
+    # Producer connections per process. A flush awaits its acks on one of them, so
+    # this many flushes overlap their round trips (aiokafka has one produce request
+    # in flight per connection); more cost broker connections and smaller batches.
+    kafka_producers: int = Field(default=1, ge=1, le=8)
     kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
+    # A partition's share of a flush smaller than this goes uncompressed (0: always
+    # compress): a few hundred bytes cost more CPU to compress than they save.
+    kafka_small_batch_bytes: int = Field(default=4096, ge=0)
 
     # Local spool used while Kafka is down or slower than the ack timeout.
     spool_dir: Path = Path("var/spool/ingest")

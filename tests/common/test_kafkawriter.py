@@ -4,6 +4,8 @@ producer whose batches hold a fixed number of bytes, and against real Kafka."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from services.common.kafka import TopicSpec, ensure_topics, key_hash
 from services.common.kafkawriter import BatchWriter, OutRecord, partition_for
+from services.devstack import stack
 from tests.helpers import unique_name
 
 
@@ -134,3 +137,50 @@ async def test_real_kafka_gets_every_record_on_the_partition_the_java_rule_picks
         await consumer.stop()
     for partition, values in got.items():
         assert values == [r.value for r in records if partition_for(r.key, [0, 1, 2, 3]) == partition]
+
+
+def _codecs(settings: stack.StackSettings, topic: str) -> list[str]:
+    """Each batch's codec in partition 0 of ``topic``, as Kafka's own DumpLogSegments reads the log."""
+    log_file = settings.data / "kafka" / "logs" / f"{topic}-0" / "00000000000000000000.log"
+    lib = stack.kafka_server(settings).lib_dir
+    out = subprocess.run(
+        [settings.java, "-cp", f"{lib}/*", "kafka.tools.DumpLogSegments", "--files", str(log_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return re.findall(r"compresscodec: (\w+)", out)
+
+
+@pytest.mark.integration
+async def test_small_batches_go_uncompressed_and_large_ones_with_the_producers_codec(
+    stack_settings: stack.StackSettings,
+) -> None:
+    small, large = unique_name("writer-small"), unique_name("writer-large")
+    bootstrap = stack_settings.kafka_bootstrap
+    await ensure_topics(bootstrap, [TopicSpec(small, 1), TopicSpec(large, 1)])
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, compression_type="zstd"
+    )
+    await producer.start()
+    try:
+        writer = BatchWriter(producer, small_batch_bytes=4096, batch_bytes=16384)
+        few = [OutRecord(small, b"k", b"s" * 300) for _ in range(3)]  # 900 bytes
+        many = [OutRecord(large, b"k", f"{i:05d}".encode() * 60) for i in range(20)]  # 6,000 bytes
+        await asyncio.gather(*await writer.write(few + many))
+        await asyncio.gather(*await BatchWriter(producer).write(few))  # no threshold: the codec
+    finally:
+        await producer.stop()
+    assert await asyncio.to_thread(_codecs, stack_settings, small) == ["none", "zstd"]
+    assert await asyncio.to_thread(_codecs, stack_settings, large) == ["zstd"]
+    consumer = AIOKafkaConsumer(small, large, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        got: list[bytes] = []
+        while len(got) < 26:
+            for batch in (await consumer.getmany(timeout_ms=2000)).values():
+                got.extend(r.value for r in batch if r.value is not None)
+    finally:
+        await consumer.stop()
+    assert sorted(got) == sorted(r.value for r in few + few + many)

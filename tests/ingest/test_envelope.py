@@ -65,3 +65,21 @@ def test_one_writer_serves_every_event_of_a_request() -> None:
     assert (first.message_id, first.event, second.message_id, second.event) == ("m-1", b'{"a":1}', "m-2", b'{"b":2}')
     assert first.source_id == second.source_id == "web"
     assert first.received_at_ms == 1_764_000_000_123 and first.schema_version == 1
+
+
+def test_lengths_at_every_varint_width_boundary() -> None:
+    """The one-, two- and three-byte length prefixes, each side of their bounds."""
+    writer = EnvelopeWriter(
+        source_id="web", received_at_ms=1, client_ip="", user_agent="", request_id="", path="/v1/track"
+    )
+    for size in (1, 127, 128, 129, 16_383, 16_384, 16_385, 2**21 - 1, 2**21):
+        event = b"x" * size
+        expected = Envelope(
+            schema_version=1,
+            source_id="web",
+            received_at_ms=1,
+            path="/v1/track",
+            message_id="m" * (size % 300),
+            event=event,
+        ).SerializeToString()
+        assert writer.encode("m" * (size % 300), event) == expected, size
