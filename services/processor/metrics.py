@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from services.common.plainmetrics import PlainHistogram
 from services.processor.pipeline import Kind
 
 if TYPE_CHECKING:
+    from aiokafka import TopicPartition
+
     from services.processor.partitions import Batch, Partition
 
 
@@ -29,9 +33,11 @@ class Metrics:
     partitions_stalled: Gauge
     dedupe_entries: Gauge
     dedupe_evicted: Counter
+    watchdog_failures: Counter
+    stuck_seconds: Gauge
 
 
-def make_metrics(registry: CollectorRegistry) -> Metrics:
+def make_metrics(registry: CollectorRegistry) -> Metrics:  # long: a table of metric declarations
     # Observed once per event: plain numbers, read at scrape time.
     latency = PlainHistogram(
         "headwater_processor_latency_seconds",
@@ -90,6 +96,19 @@ def make_metrics(registry: CollectorRegistry) -> Metrics:
             "Keys pushed out of a full dedupe window before it expired.",
             registry=registry,
         ),
+        # Counted just before the process exits (its supervisor starts it again), so a scrape
+        # rarely sees it: alert on stuck_seconds, which grows while the processor is stuck.
+        watchdog_failures=Counter(
+            "headwater_processor_watchdog_failures",
+            "Times the watchdog stopped the processor, by reason (rejoin, no_progress).",
+            ["reason"],
+            registry=registry,
+        ),
+        stuck_seconds=Gauge(
+            "headwater_processor_stuck_seconds",
+            "Seconds out of the consumer group, or in it without progress while records wait.",
+            registry=registry,
+        ),
     )
 
 
@@ -126,3 +145,28 @@ def account(m: Metrics, part: Partition, batch: Batch, seconds: float, dedupe_en
         m.dedupe_evicted.inc(window.evicted)
         window.evicted = 0
     m.dedupe_entries.set(dedupe_entries)
+
+
+def observe_lag(
+    m: Metrics,
+    parts: dict[TopicPartition, Partition],
+    highwater: Callable[[TopicPartition], int | None],
+    lagging: set[int],
+) -> tuple[set[int], bool]:
+    """Lag per owned partition from our own next offset, so a stalled partition's lag
+    grows (it is not only updated when a commit happens); the series of partitions no
+    longer owned (``lagging`` minus those) are removed. Returns the partitions with a
+    series, and whether records wait on any owned partition (or it cannot be told yet)."""
+    lag = m.lag
+    owned: set[int] = set()
+    waiting = False
+    for tp, part in parts.items():
+        high = highwater(tp)
+        if high is not None and part.next_offset is not None:
+            lag.labels(str(tp.partition)).set(max(0, high - part.next_offset))
+            owned.add(tp.partition)
+        waiting = waiting or high is None or part.next_offset is None or high > part.next_offset
+    for gone in lagging - owned:
+        with contextlib.suppress(KeyError):
+            lag.remove(str(gone))
+    return owned, waiting

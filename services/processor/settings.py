@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common import topics
@@ -57,8 +57,14 @@ class Settings(CommonSettings):
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # Pause after a failed transaction before the partition is tried again.
     retry_backoff_s: float = Field(default=1.0, ge=0)
-    # Bounded wait for the dedupe changelog to be read back on assignment.
+    # Bounded wait for each step of opening a partition on assignment: the producer's start
+    # (which fences the previous owner), the dedupe changelog read back, the committed offset.
     restore_timeout_s: float = Field(default=60.0, gt=0)
+    # Liveness (watchdog.py): out of the consumer group (revoked, or never assigned) or in
+    # it with records waiting and nothing committed, for longer than this while Kafka
+    # answers, the processor fails (exit 1) and its supervisor starts it again. Longer than
+    # restore_timeout_s, since an assignment may spend that long opening its partitions.
+    rejoin_timeout_s: float = Field(default=120.0, gt=0)
     kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
     # Producer request ceiling; events.dlq takes records up to topics.DLQ.max_message_bytes (8 MiB).
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
@@ -89,6 +95,16 @@ class Settings(CommonSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"no geo-IP database at {value}")
         return value
+
+    @model_validator(mode="after")
+    def _rejoin_outlasts_restore(self) -> Settings:
+        if self.rejoin_timeout_s <= self.restore_timeout_s:
+            raise ValueError(
+                f"HEADWATER_PROCESSOR_REJOIN_TIMEOUT_S ({self.rejoin_timeout_s}) must be longer than "
+                f"HEADWATER_PROCESSOR_RESTORE_TIMEOUT_S ({self.restore_timeout_s}): opening partitions "
+                "on assignment may take that long"
+            )
+        return self
 
     @property
     def dedupe_changelog(self) -> str:

@@ -35,6 +35,19 @@ fences whoever holds the id and reads the committed state back, so the worst
 case is two owners taking turns until the group settles, never a record
 written twice. Either way the partition is paused while it stalls, and
 /readyz and the stalled gauge show it.
+
+Cut off on revocation
+---------------------
+A revocation waits for the partition's transactions, but not for ever: a
+transaction still running after one session timeout is stuck on a broker call
+(aiokafka retries transactional requests without a deadline, e.g. against a
+coordinator that was killed and restarted) and keeps the consumer out of its
+group. ``cut_off`` cancels it without an abort (which would wait on the same
+broker) and the partition is then closed, not kept: whoever opens it next,
+this process or another, starts a producer with its transactional id, which
+aborts what was left open, or waits for a commit already sent to settle, and
+only then reads the committed offset and dedupe state. So the cut-off batch is
+either wholly committed or read again, never written twice.
 """
 
 from __future__ import annotations
@@ -98,7 +111,9 @@ async def transaction(producer: AIOKafkaProducer) -> AsyncIterator[None]:
     try:
         yield
     except BaseException as exc:
-        if not is_fenced(exc):  # a fenced producer cannot abort (the broker did, or the new owner does)
+        # A fenced producer cannot abort (the broker did, or the new owner does); a cancelled
+        # one (cut off, or closing) leaves it to the next producer with the id.
+        if not is_fenced(exc) and not isinstance(exc, asyncio.CancelledError):
             # aiokafka asserts on the state change when an error was fatal, and tells which
             # errors are only through private state: AssertionError is that refusal here.
             with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
@@ -145,6 +160,8 @@ class TransactionManager:
         self.parts: dict[TopicPartition, Partition] = {}
         # Revoked at the start of a rebalance; kept if the same rebalance gives them back.
         self._revoked: dict[TopicPartition, Partition] = {}
+        # Partitions whose transactions were cut off: closed when revoked, never kept.
+        self._cut: set[TopicPartition] = set()
         self._on_failure = on_failure
         self._producer_factory = producer_factory
         self._restore = restore_window
@@ -158,19 +175,39 @@ class TransactionManager:
 
     # -- rebalance ----------------------------------------------------------------
 
+    def cut_off(self, parts: Iterable[Partition]) -> int:
+        """The revocation of ``parts`` waited long enough: cancel their transactions still
+        running (see Cut off on revocation above); how many were cancelled."""
+        cancelled = 0
+        for part in parts:
+            if not part.chain:
+                continue
+            log.warning(
+                "transactions still running when the revocation stopped waiting; cancelling them",
+                in_flight=len(part.chain),
+                **kafka_fields(part.tp),
+            )
+            part.bump()  # the run loop dispatches nothing more to it
+            self._cut.add(part.tp)
+            for task in part.chain:
+                task.cancel()
+                cancelled += 1
+        return cancelled
+
     async def revoke(self, tps: Iterable[TopicPartition]) -> None:
         """After the processor drained their transactions: ACTIVE partitions are kept aside
-        (the same rebalance may give them back), stalled ones closed."""
+        (the same rebalance may give them back), stalled and cut-off ones closed."""
         for tp in tps:
             part = self.parts.pop(tp, None)
             if part is None:
                 continue
             part.bump()
-            if part.status is PartitionStatus.ACTIVE:
+            if part.status is PartitionStatus.ACTIVE and tp not in self._cut:
                 part.become(PartitionStatus.REVOKED)
                 self._revoked[tp] = part
             else:
                 await self._close(part)
+            self._cut.discard(tp)
 
     async def assign(self, assigned: Iterable[TopicPartition]) -> None:
         """Close what was revoked and not given back, take back what was, open the rest."""
@@ -267,12 +304,15 @@ class TransactionManager:
         back the dedupe state, and return the committed offset, final now."""
         tp = part.tp
         producer = self._producer_factory(self.settings, tp.partition)
+        # aiokafka retries these without a deadline (InitProducerId, OffsetFetch): bounded
+        # here, a TimeoutError stalls the partition and it is tried again, with a warning.
+        timeout_s = self.settings.restore_timeout_s
         try:
-            await producer.start()
+            await asyncio.wait_for(producer.start(), timeout_s)
             window = await self._restore(self.settings, tp.partition)
-            committed = await self.consumer.committed(tp)
+            committed = await asyncio.wait_for(self.consumer.committed(tp), timeout_s)
             if committed is None:  # nothing committed yet: auto_offset_reset=earliest
-                committed = (await self.consumer.beginning_offsets([tp]))[tp]
+                committed = (await asyncio.wait_for(self.consumer.beginning_offsets([tp]), timeout_s))[tp]
         except BaseException:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
@@ -285,9 +325,12 @@ class TransactionManager:
         producer, part.producer = part.producer, None
         if producer is None:
             return
+        # stop() first flushes what is queued, with no deadline: a batch the broker never
+        # takes would hold a revocation or a reset for good. Past one session timeout the
+        # producer is left behind; the next producer with its id fences it.
         try:
-            await producer.stop()
-        except KafkaError as exc:
+            await asyncio.wait_for(producer.stop(), self.settings.session_timeout_ms / 1000)
+        except (KafkaError, TimeoutError) as exc:
             log.warning("producer did not stop cleanly", error=repr(exc), **kafka_fields(part.tp))
 
     async def _close(self, part: Partition) -> None:

@@ -27,6 +27,14 @@ Which work is stale is decided by one number per partition, its epoch
 records are tagged with it right after the fetch and a batch carries it; a
 batch whose epoch is not its partition's current one, or whose partition is
 not ACTIVE, is dropped, and its records come again.
+
+Liveness
+--------
+While a rebalance callback waits, the consumer is out of its group, so a
+revocation waits for its partitions' transactions one session timeout at most
+(TransactionManager.cut_off says what happens to those still running). Anything
+else that keeps the consumer out of its group, or idle with records waiting,
+fails the process after ``rejoin_timeout_s`` (watchdog.py).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from aiokafka.errors import KafkaError
 from services.common.errors import DependencyUnavailable
 from services.processor import topics, transactions
 from services.processor.dedupe import encode_entries, restore
-from services.processor.metrics import Metrics, account
+from services.processor.metrics import Metrics, account, observe_lag
 from services.processor.partitions import Batch, Partition
 from services.processor.pipeline import Pipeline
 from services.processor.settings import Settings
@@ -57,6 +65,7 @@ from services.processor.transactions import (
     kafka_fields,
     make_producer,
 )
+from services.processor.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +115,9 @@ class Processor:
         # The first unexpected (non-Kafka) failure of a batch or reset task; run() raises it.
         self._failure: BaseException | None = None
         self._closed = False
+        self.watchdog = Watchdog(settings.rejoin_timeout_s, metrics.watchdog_failures, settings.kafka_bootstrap)
         metrics.partitions_stalled.set_function(lambda: len(self.txns.stalled()) if self.txns else 0)
+        metrics.stuck_seconds.set_function(lambda: self.watchdog.stalled_s() if self.txns else 0.0)
 
     @property
     def _parts(self) -> dict[TopicPartition, Partition]:
@@ -148,6 +159,7 @@ class Processor:
         await consumer.start()
         partitions = await topics.ensure_changelog(s)
         consumer.subscribe([s.raw_topic], listener=_Listener(self))
+        self.watchdog.started()
         log.info("processor started", group=s.group_id, **{"kafka.topic": s.raw_topic}, partitions=partitions)
 
     def bind(self, consumer: Any) -> None:
@@ -183,6 +195,8 @@ class Processor:
         partitions), and no partition stalled (fenced, resetting or not yet open)."""
         if self.consumer is None or self.txns is None or self._closed:
             return False, "not running"
+        if (out := self.watchdog.out_of_group(self.settings.session_timeout_ms / 1000)) is not None:
+            return False, out
         stalled = self.txns.stalled()
         if stalled:
             now = time.monotonic()
@@ -195,15 +209,25 @@ class Processor:
     # -- rebalance --------------------------------------------------------------
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        revoked = list(revoked)
-        assert self.txns is not None
+        """Drain the revoked partitions' transactions (one session timeout at most: Liveness)."""
+        revoked, txns = list(revoked), self.txns
+        assert txns is not None
+        self.watchdog.joining()
+        parts = [p for tp in revoked if (p := self._parts.get(tp)) is not None]
+        # A timer, not a timeout around the wait: the lock itself may be held by the run
+        # loop waiting on the same stuck transaction (back-pressure in _dispatch).
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.session_timeout_ms / 1000,
+            lambda: self.metrics.transactions.labels("cut_off").inc(txns.cut_off(parts)),
+        )
         async with self._lock:
             try:
                 # A batch that failed with a bug is noted by _note_failure and ends the
                 # run loop; the revocation still completes.
-                await self._drain([p for tp in revoked if (p := self._parts.get(tp)) is not None], raise_failure=False)
+                await self._drain(parts, raise_failure=False)
             finally:
-                await self.txns.revoke(revoked)
+                timer.cancel()
+                await txns.revoke(revoked)
                 self.metrics.partitions.set(len(self._parts))
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -212,6 +236,7 @@ class Processor:
         async with self._lock:
             await self.txns.assign(assigned)
             self.metrics.partitions.set(len(self._parts))
+            self.watchdog.assigned()
             log.info(
                 "partitions assigned",
                 partitions=sorted(t.partition for t in assigned),
@@ -221,8 +246,12 @@ class Processor:
     # -- the loop ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Process batches until ``stop`` is set; the batches in flight are finished first."""
+        """Process batches until ``stop`` is set; the batches in flight are finished first.
+        Raises ConsumerStuck when the watchdog finds the consumer stuck (the service fails)."""
         assert self.consumer is not None, "start() first"
+        await self.watchdog.guard(self._loop(stop))
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await self._fetch()
             if self._failure is not None:
@@ -311,6 +340,7 @@ class Processor:
                 (self.txns.fence if fenced else self.txns.fail)(part)
                 return False
             part.next_offset = batch.next_offset
+            self.watchdog.progressed()
             account(
                 self.metrics,
                 part,
@@ -363,17 +393,8 @@ class Processor:
             await asyncio.gather(*tasks, return_exceptions=not raise_failure)
 
     def _observe(self) -> None:
-        """Lag per owned partition from our own next offset, so a stalled partition's lag
-        grows (it is not only updated when a commit happens)."""
+        """Lag per owned partition; an idle processor counts as progress for the watchdog."""
         assert self.consumer is not None
-        lag = self.metrics.lag
-        owned: set[int] = set()
-        for tp, part in self._parts.items():
-            high = self.consumer.highwater(tp)
-            if high is not None and part.next_offset is not None:
-                lag.labels(str(tp.partition)).set(max(0, high - part.next_offset))
-                owned.add(tp.partition)
-        for gone in self._lagging - owned:
-            with contextlib.suppress(KeyError):
-                lag.remove(str(gone))
-        self._lagging = owned
+        self._lagging, waiting = observe_lag(self.metrics, self._parts, self.consumer.highwater, self._lagging)
+        if not waiting:
+            self.watchdog.progressed()

@@ -118,14 +118,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_subprocess(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """``python -m services.processor`` with ``settings`` in its environment."""
+def start_subprocess(
+    settings: Settings, log_path: Path, *, module: str = "services.processor", env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m services.processor`` (or ``module``) with ``settings`` and ``env`` in its environment."""
     log = log_path.open("ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.processor"],
+            [sys.executable, "-m", module],
             cwd=REPO,
-            env=settings_env(settings),
+            env={**settings_env(settings), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
