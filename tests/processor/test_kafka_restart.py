@@ -23,24 +23,14 @@ from tests.processor.kafka_helpers import (
 from tests.processor.test_exactly_once import batch, stop
 
 
-# Known flake, under investigation: once in the CI rehearsals of 2026-12-01 the processor's
-# consumer never rejoined its group after the broker came back (no log line for 4 minutes,
-# nothing committed). Until that is found, the scenario runs a second time, on fresh topics
-# and a fresh group, when the first run fails; both runs failing fails the test, and the
-# first failure is printed either way.
-@pytest.mark.timeout(720)
+# Once in the CI rehearsals of 2026-12-01 the consumer never rejoined its group after the
+# broker came back (nothing logged or committed for 4 minutes): a revocation can wait on a
+# transaction stuck on a broker call. That wait is bounded now and the watchdog fails a
+# processor stuck out of its group (test_liveness.py); this scenario runs once.
+@pytest.mark.timeout(420)
 async def test_kafka_killed_and_restarted_under_load(
     private_stack: stack.StackSettings, sources_file: Path, tmp_path: Path
 ) -> None:
-    try:
-        await _killed_and_restarted(private_stack, sources_file, tmp_path / "first")
-    except AssertionError as first:
-        print(f"first run failed, running once more on fresh topics: {first!r}")
-        await _killed_and_restarted(private_stack, sources_file, tmp_path / "second")
-
-
-async def _killed_and_restarted(private_stack: stack.StackSettings, sources_file: Path, tmp_path: Path) -> None:
-    tmp_path.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(stack.up, private_stack, cassandra=False)
     bootstrap = private_stack.kafka_bootstrap
     raw = unique_name("test.raw")
@@ -73,7 +63,7 @@ async def _killed_and_restarted(private_stack: stack.StackSettings, sources_file
         assert done < total - 2000, "the backlog was finished before the broker died; make it longer"
         await produce(bootstrap, raw, batch(total - 2000, 2000))
         await wait_committed(bootstrap, settings.group_id, raw, total, timeout_s=240)
-        assert proc.poll() is None, "the processor exited while Kafka was away"
+        assert proc.poll() is None, "the processor exited (its watchdog: see processor.log)"
     finally:
         stop(proc)
     records = await read_topic(bootstrap, settings.enriched_topic, expected=None, timeout_s=90)
