@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import zlib
@@ -179,3 +180,31 @@ async def test_a_body_that_arrives_after_its_headers_is_read_whole(ingest: Inges
     records = await read_topic(kafka_bootstrap, settings.raw_topic, expected=1)
     _, event = decode(records[0])
     assert event["messageId"] == "m-slow" and event["properties"]["pad"] == "x" * 3000
+
+
+@pytest.mark.parametrize("producers", [1, 2])
+async def test_with_several_producers_every_event_lands_once_and_each_clients_in_order(
+    ingest: IngestClient, kafka_bootstrap: str, producers: int
+) -> None:
+    """Flushes overlap on separate producers; a client's next request is sent after
+    the answer to its previous one, so its events must stay in order on their partition."""
+    client, settings = await ingest(kafka_producers=producers, raw_partitions=3)
+    clients, each = 12, 15
+
+    async def one_client(n: int) -> None:
+        for seq in range(each):
+            body = {"userId": f"u{n}", "event": "E", "messageId": f"m{n}-{seq}", "properties": {"seq": seq}}
+            resp = await client.post("/v1/track", json=body, headers={"Authorization": basic(SERVER_KEY)})
+            assert resp.status == 200, await resp.text()
+
+    await asyncio.gather(*(one_client(n) for n in range(clients)))
+    records = await read_topic(kafka_bootstrap, settings.raw_topic, expected=clients * each)
+    ids = [decode(r)[0].message_id for r in records]
+    assert sorted(ids) == sorted(f"m{n}-{s}" for n in range(clients) for s in range(each))
+    by_user: dict[str, list[tuple[int, int, int]]] = {}
+    for record in records:
+        _, event = decode(record)
+        by_user.setdefault(event["userId"], []).append((record.partition, record.offset, event["properties"]["seq"]))
+    for user, seen in by_user.items():
+        assert len({p for p, _, _ in seen}) == 1, f"{user} is on one partition"
+        assert [s for _, _, s in sorted(seen)] == list(range(each)), f"{user}'s events in the order sent"
