@@ -69,6 +69,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
         origin = request.headers.get("Origin")
         request_id = clean_header(request.headers.get("X-Request-Id", ""), 100) or parsing.new_request_id()
         source: Source | None = None
+        counted = False  # events rejected in prepare() are counted there, once
         try:
             body = await read_body(request, ing.settings.max_request_bytes, ing.settings.client_body_timeout_s)
             data = parsing.parse_json_body(body)
@@ -111,6 +112,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
                 path=path,
             )
             if not is_batch and prepared.rejected:
+                counted = True
                 errors = prepared.rejected[0]["errors"]
                 too_big = any("max_event_bytes" in e for e in errors)
                 raise RequestError(
@@ -127,7 +129,7 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             except (SpoolFull, Overloaded) as exc:
                 raise unavailable(ing, exc) from None
             if prepared.accepted:
-                ing.metrics.events.accepted(prepared.accepted)
+                ing.metrics.events.accepted(prepared.accepted, source.id)
             if is_batch and prepared.rejected:
                 # 200 for any well-formed batch, as Segment answers: every event has its
                 # outcome here (taken, or listed and dead-lettered), and SDKs must not
@@ -151,8 +153,8 @@ def make_post_handler(path: str) -> Callable[[web.Request], Awaitable[web.Respon
             response = json_response(status, body_out, cors_headers(origin, source) if origin else None)
         except RequestError as exc:
             reason = exc.body["error"]
-            if reason not in ("rate_limited", "unavailable", "overloaded"):
-                ing.metrics.events.rejected(reason)
+            if not counted and reason not in ("rate_limited", "unavailable", "overloaded"):
+                ing.metrics.events.rejected(reason, source=source.id if source else "")
             # The page may read why it failed, unless its origin is what failed.
             headers = cors_headers(origin if reason != "origin_not_allowed" else None, source)
             headers.update(exc.headers)

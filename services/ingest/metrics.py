@@ -54,29 +54,40 @@ class RequestStats:
 
 
 class EventCounts:
-    """Events by outcome and reason, as ``headwater_ingest_events_total``; plain
-    numbers on the hot path, read by Prometheus at scrape time."""
+    """Events by outcome, reason and source, as ``headwater_ingest_events_total``;
+    plain numbers on the hot path, read by Prometheus at scrape time. ``source`` is
+    the registry's source id (never a write key), empty when the request named no
+    valid source (an unknown key, a body that is not JSON)."""
 
     def __init__(self) -> None:
-        self.accepted_total = 0
-        self._rejected: dict[str, int] = {}
+        self._accepted: dict[str, int] = {}
+        self._rejected: dict[tuple[str, str], int] = {}
 
-    def accepted(self, n: int = 1) -> None:
-        self.accepted_total += n
+    def accepted(self, n: int = 1, source: str = "") -> None:
+        self._accepted[source] = self._accepted.get(source, 0) + n
 
-    def rejected(self, reason: str, n: int = 1) -> None:
-        self._rejected[reason] = self._rejected.get(reason, 0) + n
+    def rejected(self, reason: str, n: int = 1, source: str = "") -> None:
+        key = (reason, source)
+        self._rejected[key] = self._rejected.get(key, 0) + n
 
     def count(self, outcome: str, reason: str = "") -> int:
-        return self.accepted_total if outcome == "accepted" else self._rejected.get(reason, 0)
+        """All sources together: the accepted, or the rejected for ``reason``."""
+        if outcome == "accepted":
+            return sum(self._accepted.values())
+        return sum(n for (r, _), n in self._rejected.items() if r == reason)
 
     def collect(self) -> Iterator[Metric]:
         events = CounterMetricFamily(
-            "headwater_ingest_events", "Events by outcome (accepted, rejected) and reason", labels=["outcome", "reason"]
+            "headwater_ingest_events",
+            "Events by outcome (accepted, rejected), reason and source",
+            labels=["outcome", "reason", "source"],
         )
-        events.add_metric(["accepted", ""], self.accepted_total)
-        for reason, n in sorted(self._rejected.items()):
-            events.add_metric(["rejected", reason], n)
+        if not self._accepted:
+            events.add_metric(["accepted", "", ""], 0)  # the series exists from the start
+        for source, n in sorted(self._accepted.items()):
+            events.add_metric(["accepted", "", source], n)
+        for (reason, source), n in sorted(self._rejected.items()):
+            events.add_metric(["rejected", reason, source], n)
         yield events
 
 

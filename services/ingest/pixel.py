@@ -97,7 +97,7 @@ async def handle_pixel(request: web.Request) -> web.Response:
             await ing.publisher.publish(prepared.records)
         except (SpoolFull, Overloaded) as exc:
             raise unavailable(ing, exc) from None
-        ing.metrics.events.accepted()
+        ing.metrics.events.accepted(1, source.id)
     except RequestError as exc:
         reason = exc.body["error"]
         ing.metrics.bad_pixels.labels(reason).inc()

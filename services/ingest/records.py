@@ -120,7 +120,7 @@ def prepare(
             message_id = event.get("messageId") if isinstance(event, dict) else None
             message_id = scrubbed([message_id], keys)[0] if isinstance(message_id, str) else None
             rejected.append({"index": index, "messageId": message_id, "errors": errors})
-            ing.metrics.events.rejected(failure.value)
+            ing.metrics.events.rejected(failure.value, source=source.id)
             records.append(
                 OutRecord(
                     s.dlq_topic,

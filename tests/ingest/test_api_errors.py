@@ -218,3 +218,34 @@ async def test_odd_headers_and_deep_nesting_get_clear_answers(ingest: IngestClie
     assert BadRow.decode(bad.value)["original"].startswith(b"{")
     [env, _] = [decode(r)[0] for r in await read_topic(kafka_bootstrap, settings.raw_topic, expected=2)]
     assert "Caf" in env.user_agent
+
+
+async def test_events_are_counted_once_under_their_source(ingest: IngestClient) -> None:
+    """headwater_ingest_events_total by outcome, reason and source, read from the app's own /metrics."""
+    client, _ = await ingest()
+    server, web = {"Authorization": basic(SERVER_KEY)}, {"Authorization": basic(WEB_KEY)}
+    assert (await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers=server)).status == 200
+    assert (await client.post("/v1/track", json={"userId": "u"}, headers=server)).status == 400  # no event name
+    batch = {"batch": [{"type": "track", "userId": "u", "event": "E"}] * 2 + [{"type": "track", "event": "E"}]}
+    assert (await client.post("/v1/batch", json=batch, headers=web)).status == 200
+    assert (await client.post("/v1/track", data=b"{not json", headers=web)).status == 400
+    assert (await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers=basic_unknown())).status == 401
+    metrics = await (await client.get("/metrics")).text()
+    events = {
+        line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("headwater_ingest_events_total{")
+    }
+    assert events == {
+        'outcome="accepted",reason="",source="server"': 1,
+        'outcome="accepted",reason="",source="web"': 2,
+        'outcome="rejected",reason="schema_violation",source="server"': 1,  # once, not again as invalid_event
+        'outcome="rejected",reason="schema_violation",source="web"': 1,
+        'outcome="rejected",reason="invalid_json",source=""': 1,  # read before any key was
+        'outcome="rejected",reason="unknown_write_key",source=""': 1,
+    }
+    assert SERVER_KEY not in metrics and WEB_KEY not in metrics
+
+
+def basic_unknown() -> dict[str, str]:
+    return {"Authorization": basic("no-such-key")}

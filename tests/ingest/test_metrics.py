@@ -44,16 +44,25 @@ def test_requests_by_path_status_and_source_with_latency_buckets() -> None:
     assert abs(got[("headwater_ingest_request_seconds_sum", (("path", "/v1/track"),))] - 7.0044) < 1e-9
 
 
-def test_events_by_outcome_and_reason() -> None:
+def test_events_by_outcome_reason_and_source() -> None:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
-    metrics.events.accepted(20)
-    metrics.events.accepted()
-    metrics.events.rejected("schema_violation")
-    metrics.events.rejected("schema_violation", 2)
+    assert _samples(registry)[
+        ("headwater_ingest_events_total", (("outcome", "accepted"), ("reason", ""), ("source", "")))
+    ] == 0, "the accepted series exists before the first event"
+    metrics.events.accepted(20, "shop")
+    metrics.events.accepted(1, "app")
+    metrics.events.rejected("schema_violation", source="shop")
+    metrics.events.rejected("schema_violation", 2, source="app")
     metrics.events.rejected("invalid_json")
     got = _samples(registry)
-    assert got[("headwater_ingest_events_total", (("outcome", "accepted"), ("reason", "")))] == 21
-    assert got[("headwater_ingest_events_total", (("outcome", "rejected"), ("reason", "schema_violation")))] == 3
-    assert got[("headwater_ingest_events_total", (("outcome", "rejected"), ("reason", "invalid_json")))] == 1
-    assert metrics.events.count("accepted") == 21 and metrics.events.count("rejected", "invalid_json") == 1
+
+    def events(outcome: str, reason: str, source: str) -> float:
+        return got[("headwater_ingest_events_total", (("outcome", outcome), ("reason", reason), ("source", source)))]
+
+    assert events("accepted", "", "shop") == 20 and events("accepted", "", "app") == 1
+    assert events("rejected", "schema_violation", "shop") == 1
+    assert events("rejected", "schema_violation", "app") == 2
+    assert events("rejected", "invalid_json", "") == 1
+    assert ("headwater_ingest_events_total", (("outcome", "accepted"), ("reason", ""), ("source", ""))) not in got
+    assert metrics.events.count("accepted") == 21 and metrics.events.count("rejected", "schema_violation") == 3
