@@ -48,7 +48,7 @@ class Settings(CommonSettings):
     # Producer connections per process. A flush awaits its acks on one of them, so
     # this many flushes overlap their round trips (aiokafka has one produce request
     # in flight per connection); more cost broker connections and smaller batches.
-    kafka_producers: int = Field(default=1, ge=1, le=8)
+    kafka_producers: int = Field(default=2, ge=1, le=8)
     kafka_max_batch_bytes: int = Field(default=512 * 1024, ge=16 * 1024)
     kafka_compression: Literal["zstd", "gzip", "lz4", "snappy", "none"] = "zstd"
     # A partition's share of a flush smaller than this goes uncompressed (0: always
