@@ -91,7 +91,8 @@ class BatchWriter:
             for r in records:
                 size += len(r.value)
             if size < self._small_batch_bytes:
-                return BatchBuilder(self._batch_bytes, 0)  # aiokafka's own builder, no codec
+                # aiokafka's own builder with no codec (keywords: a changed signature fails loudly)
+                return BatchBuilder(batch_size=self._batch_bytes, compression_type=0)
         return self._producer.create_batch()
 
     async def write(self, records: Iterable[OutRecord]) -> list[asyncio.Future[Any]]:
