@@ -47,9 +47,10 @@ def test_requests_by_path_status_and_source_with_latency_buckets() -> None:
 def test_events_by_outcome_reason_and_source() -> None:
     registry = CollectorRegistry()
     metrics = make_metrics(registry)
-    assert _samples(registry)[
-        ("headwater_ingest_events_total", (("outcome", "accepted"), ("reason", ""), ("source", "")))
-    ] == 0, "the accepted series exists before the first event"
+    assert (
+        _samples(registry)[("headwater_ingest_events_total", (("outcome", "accepted"), ("reason", ""), ("source", "")))]
+        == 0
+    ), "the accepted series exists before the first event"
     metrics.events.accepted(20, "shop")
     metrics.events.accepted(1, "app")
     metrics.events.rejected("schema_violation", source="shop")
