@@ -100,7 +100,8 @@ class Publisher:
             return False
         producers = [self._new_producer(i) for i in range(s.kafka_producers)]
         try:
-            await asyncio.gather(*(p.start() for p in producers))
+            for p in producers:  # one by one: a failed start leaves none still starting
+                await p.start()
         except (KafkaError, OSError) as exc:
             log.warning("kafka not reachable; spooling until it is", error=repr(exc))
             for p in producers:
