@@ -9,7 +9,7 @@ from typing import Any
 from segment.analytics.client import Client
 
 from tests.helpers import read_topic
-from tests.ingest.conftest import SERVER_KEY, IngestClient, decode
+from tests.ingest.conftest import SERVER_KEY, WEB_KEY, IngestClient, decode
 
 
 def _send_with_sdk(host: str, errors: list[Any]) -> None:
@@ -73,3 +73,57 @@ async def test_segment_python_sdk_events_arrive_field_by_field(ingest: IngestCli
     record, anon = events[("track", "Viewed")]
     assert anon["anonymousId"] == "anon-7"
     assert record.key == b"server:anon-7"
+
+
+def _one_sdk_client(host: str, key: str, user: str, n: int, errors: list[Any]) -> None:
+    """One SDK client sending every event type in turn, a third of them a year and more old."""
+    client = Client(key, host=host, max_retries=1, upload_size=7, on_error=lambda exc, batch: errors.append(exc))
+    old = datetime(2025, 10, 1, 8, 30, 0, tzinfo=UTC)
+    for seq in range(n):
+        when = old if seq % 3 == 0 else None
+        common = {"timestamp": when, "message_id": f"{user}-{seq}"}
+        kind = seq % 6
+        if kind == 0:
+            client.track(user, "Seq", {"seq": seq}, **common)
+        elif kind == 1:
+            client.identify(user, {"seq": seq}, **common)
+        elif kind == 2:
+            client.page(user, "Docs", "Page", {"seq": seq}, **common)
+        elif kind == 3:
+            client.screen(user, "App", "Screen", {"seq": seq}, **common)
+        elif kind == 4:
+            client.group(user, "acme", {"seq": seq}, **common)
+        else:
+            client.alias(f"{user}-prev-{seq}", user, **common)
+    client.flush()
+    client.join()
+
+
+async def test_concurrent_sdk_clients_of_two_sources_every_event_once_and_in_order(
+    ingest: IngestClient, kafka_bootstrap: str
+) -> None:
+    """Six SDK clients at once, on a source with optional settings (allowed origins) and one
+    without, through ingest's two producers: what the SDKs were answered 200 for is counted
+    against events.raw, each event once, each user's events in the order sent."""
+    client, settings = await ingest(kafka_producers=2, raw_partitions=3)
+    host = str(client.make_url("")).rstrip("/")
+    errors: list[Any] = []
+    n = 60
+    users = {f"sdk-user-{i}": (WEB_KEY if i % 2 else SERVER_KEY) for i in range(6)}
+    await asyncio.gather(
+        *(asyncio.to_thread(_one_sdk_client, host, key, user, n, errors) for user, key in users.items())
+    )
+    assert errors == []
+    records = await read_topic(kafka_bootstrap, settings.raw_topic, expected=n * len(users), timeout_s=60)
+    seen: dict[str, list[tuple[int, int, str]]] = {}
+    for record in records:
+        env, event = decode(record)
+        user = event["userId"]
+        assert env.source_id == ("web" if users[user] == WEB_KEY else "server")
+        seen.setdefault(user, []).append((record.partition, record.offset, env.message_id))
+    assert sum(map(len, seen.values())) == n * len(users), "every event once"
+    for user, got in seen.items():
+        assert len({p for p, _, _ in got}) == 1, f"{user} is on one partition"
+        assert [m for _, _, m in sorted(got)] == [f"{user}-{seq}" for seq in range(n)], f"{user} in order"
+    old = [decode(r)[1] for r in records if decode(r)[1]["messageId"].endswith("-0")]
+    assert all(e["timestamp"].startswith("2025-10-01T08:30:00") for e in old), "old timestamps kept as sent"
