@@ -15,6 +15,8 @@ SHORT_TYPES = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "
 MESSAGE_ID_MAX = 100
 _ID_TYPES = (str, int, float)
 _TYPE_SET = frozenset(TYPES)
+_OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+_TIME_FIELDS = ("timestamp", "sentAt", "originalTimestamp")
 
 
 def present(value: Any) -> bool:
@@ -71,21 +73,12 @@ def validate(event: Any, expected_type: str | None = None) -> list[str]:  # noqa
             errors.append("messageId must be a string")
         elif len(mid) > MESSAGE_ID_MAX:
             errors.append(f"messageId is longer than {MESSAGE_ID_MAX} characters")
-    # Unrolled: a loop over the field names cost a tenth more of every valid event's check.
-    properties, traits, context, integrations = get("properties"), get("traits"), get("context"), get("integrations")
-    if properties is not None and not isinstance(properties, dict):
-        errors.append("properties must be an object")
-    if traits is not None and not isinstance(traits, dict):
-        errors.append("traits must be an object")
-    if context is not None and not isinstance(context, dict):
-        errors.append("context must be an object")
-    if integrations is not None and not isinstance(integrations, dict):
-        errors.append("integrations must be an object")
-    timestamp, sent_at, original = get("timestamp"), get("sentAt"), get("originalTimestamp")
-    if timestamp is not None and not isinstance(timestamp, str):
-        errors.append("timestamp must be an ISO-8601 string")
-    if sent_at is not None and not isinstance(sent_at, str):
-        errors.append("sentAt must be an ISO-8601 string")
-    if original is not None and not isinstance(original, str):
-        errors.append("originalTimestamp must be an ISO-8601 string")
+    for key in _OBJECT_FIELDS:
+        value = get(key)
+        if value is not None and not isinstance(value, dict):
+            errors.append(f"{key} must be an object")
+    for key in _TIME_FIELDS:
+        value = get(key)
+        if value is not None and not isinstance(value, str):
+            errors.append(f"{key} must be an ISO-8601 string")
     return errors
