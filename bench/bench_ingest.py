@@ -1,6 +1,6 @@
 """Ingest benchmark: ingest against the real Kafka, beside two baselines.
 
-    .venv/bin/python bench/bench_ingest.py [--duration 10] [--connections 32] [--pin]
+    .venv/bin/python bench/bench_ingest.py [--duration 10] [--connections 32,128] [--pin]
 
 Drives each HTTP server with wrk (Debian package ``wrk``) on the same machine
 and prints requests/s, events/s, p50/p99 latency, CPU seconds per 1,000
@@ -18,6 +18,11 @@ and take its time from ingest's. ``--kafka-anywhere`` leaves Kafka unpinned,
 as runs before this option measured.
 To see where the time goes, sample the ingest process while wrk runs:
 ``py-spy record -p <pid> -d 10 --format raw -o ingest.raw`` (py-spy from PyPI).
+Every figure is taken at each wrk connection count of ``--connections``. A 200
+waits for Kafka's ack, so a client's next request waits for it too: with few
+connections a Kafka flush carries few requests, and its fixed cost (about half
+a millisecond of aiokafka's CPU) is shared by few. The ``req/flush`` column,
+read from ingest's own metrics, says how many each flush carried.
 Goals: pinned, ingest /v1/track >= 65% of bare req/s and /v1/batch events/s
 >= 30% of the bare handler's; batched events/s >= 50% of the plain producer's.
 """
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -153,18 +159,37 @@ def run_wrk(port: int, path: str, body: str, duration: int, connections: int) ->
     return {"rps": rps, "p50": p50, "p99": p99, "errors": float(non2xx.group(1)) if non2xx else 0.0}
 
 
+def _flushes(port: int) -> tuple[float, float]:
+    """Ingest's answered requests and Kafka flushes so far, from its /metrics
+    (NaN for a server without them: the bare handler)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return float("nan"), float("nan")
+    requests = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("headwater_ingest_requests_total{") and 'status="200"' in line
+    )
+    flushes = re.search(r"^headwater_ingest_kafka_ack_seconds_count (\S+)", text, re.M)
+    return requests, float(flushes.group(1)) if flushes else float("nan")
+
+
 def measure(
     name: str, proc: subprocess.Popen[bytes], port: int, kind: str, duration: int, connections: int
 ) -> dict[str, Any]:
     path, body, events = BODIES[kind]
     run_wrk(port, path, body, 1, connections)  # warm-up
-    cpu0 = cpu_seconds(proc.pid)
+    cpu0, (requests0, flushes0) = cpu_seconds(proc.pid), _flushes(port)
     result = run_wrk(port, path, body, duration, connections)
-    cpu = cpu_seconds(proc.pid) - cpu0
+    cpu, (requests1, flushes1) = cpu_seconds(proc.pid) - cpu0, _flushes(port)
     total_events = result["rps"] * duration * events
     return {
         "server": name,
         "kind": kind,
+        "connections": connections,
+        "per_flush": (requests1 - requests0) / (flushes1 - flushes0) if flushes1 > flushes0 else float("nan"),
         **result,
         "eps": result["rps"] * events,
         "cpu_per_1k": cpu / total_events * 1000 if total_events else float("nan"),
@@ -219,7 +244,12 @@ async def plain_producer(bootstrap: str, topic: str, n: int) -> dict[str, float]
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--connections",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[32, 128],
+        help="wrk connection counts, comma-separated; each gets its own figures",
+    )
     parser.add_argument("--producer-events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pin", action="store_true", help="run each server on one core and wrk on another (taskset)")
@@ -271,9 +301,10 @@ async def main() -> None:
         # Rounds alternate between the servers so background load hits both alike;
         # the medians are reported.
         for _ in range(args.rounds):
-            for kind in BODIES:
-                rows.append(measure("bare aiohttp", bare, bare_port, kind, args.duration, args.connections))
-                rows.append(measure("ingest", ingest, ingest_port, kind, args.duration, args.connections))
+            for connections in args.connections:
+                for kind in BODIES:
+                    rows.append(measure("bare aiohttp", bare, bare_port, kind, args.duration, connections))
+                    rows.append(measure("ingest", ingest, ingest_port, kind, args.duration, connections))
             plains.append(await plain_producer(settings.kafka_bootstrap, f"bench.plain.{run_id}", args.producer_events))
     finally:
         for proc in (bare, ingest):
@@ -282,9 +313,22 @@ async def main() -> None:
         if kafka_pid is not None:
             _set_affinity(kafka_pid, ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
 
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
+    plain = {k: statistics.median([p[k] for p in plains]) for k in ("eps", "cpu_per_1k")}
+    pinning = f"servers pinned to core {PIN['server'][-1]}, wrk to core {PIN['load'][-1]}" if args.pin else "not pinned"
+    if args.pin:
+        pinning += ", Kafka unpinned" if args.kafka_anywhere else f", Kafka moved to core {PIN['load'][-1]}"
+    print(
+        f"\ningest benchmark ({os.cpu_count()} cores, {pinning}, wrk -t1, "
+        f"{args.duration}s a run, median of {args.rounds} alternating rounds; Kafka on the same machine)"
+    )
+    print(f"{'aiokafka plain producer':<34}{plain['eps']:>11.0f} events/s{plain['cpu_per_1k']:>10.4f} CPU s/1k ev")
+    for connections in args.connections:
+        report([r for r in rows if r["connections"] == connections], plain, connections, args.pin)
+    shutil.rmtree(work, ignore_errors=True)
 
+
+def report(rows: list[dict[str, Any]], plain: dict[str, float], connections: int, pinned: bool) -> None:
+    """The medians and the goal ratios at one connection count."""
     # Each round's own ratio too: the spread says how far to trust the medians.
     per_round = [
         i["rps"] / b["rps"]
@@ -294,50 +338,34 @@ async def main() -> None:
             strict=True,
         )
     ]
-    table = []
+    by = {}
+    print(
+        f"\nwrk -c{connections}\n{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}{'req/flush':>11}"
+    )
     for server in ("bare aiohttp", "ingest"):
         for kind in BODIES:
             mine = [r for r in rows if r["server"] == server and r["kind"] == kind]
-            table.append(
-                {
-                    "server": server,
-                    "kind": kind,
-                    **{k: median([r[k] for r in mine]) for k in ("rps", "eps", "p50", "p99", "cpu_per_1k", "errors")},
-                    "rss": max(r["rss"] for r in mine),
-                }
+            r = {
+                k: statistics.median([m[k] for m in mine]) for k in ("rps", "eps", "p50", "p99", "cpu_per_1k", "errors")
+            }
+            r["rss"], r["per_flush"] = max(m["rss"] for m in mine), statistics.median([m["per_flush"] for m in mine])
+            by[(server, kind)] = r
+            flush = "" if r["per_flush"] != r["per_flush"] else f"{r['per_flush']:.1f}"  # NaN: no Kafka
+            print(
+                f"{server:<14}{kind:<9}{r['rps']:>10.0f}{r['eps']:>11.0f}{r['p50']:>9.2f}"
+                f"{r['p99']:>9.2f}{r['cpu_per_1k']:>13.4f}{r['rss']:>13.1f}{r['errors']:>9.0f}{flush:>11}"
             )
-    rows = table
-    plain = {k: median([p[k] for p in plains]) for k in ("eps", "cpu_per_1k")}
-
-    pinning = f"servers pinned to core {PIN['server'][-1]}, wrk to core {PIN['load'][-1]}" if args.pin else "not pinned"
-    if args.pin:
-        pinning += ", Kafka unpinned" if args.kafka_anywhere else f", Kafka moved to core {PIN['load'][-1]}"
-    print(
-        f"\ningest benchmark ({os.cpu_count()} cores, {pinning}, wrk -t1 -c{args.connections}, "
-        f"{args.duration}s a run, median of {args.rounds} alternating rounds; Kafka on the same machine)"
-    )
-    print(
-        f"{'server':<14}{'body':<9}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'CPU s/1k ev':>13}{'peak RSS MB':>13}{'non-2xx':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['server']:<14}{r['kind']:<9}{r['rps']:>10.0f}{r['eps']:>11.0f}{r['p50']:>9.2f}"
-            f"{r['p99']:>9.2f}{r['cpu_per_1k']:>13.4f}{r['rss']:>13.1f}{r['errors']:>9.0f}"
-        )
-    print(f"{'aiokafka':<14}{'plain':<9}{'':>10}{plain['eps']:>11.0f}{'':>9}{'':>9}{plain['cpu_per_1k']:>13.4f}")
-    by = {(r["server"], r["kind"]): r for r in rows}
     track_ratio = by[("ingest", "track")]["rps"] / by[("bare aiohttp", "track")]["rps"]
     batch_ratio = by[("ingest", "batch20")]["eps"] / plain["eps"]
     batch_bare_ratio = by[("ingest", "batch20")]["eps"] / by[("bare aiohttp", "batch20")]["eps"]
-    goals = "(pinned goals: 0.65 and 0.30)" if args.pin else "(goals are for --pin: 0.65 and 0.30)"
+    goals = "(pinned goals: 0.65 and 0.30)" if pinned else "(goals are for --pin: 0.65 and 0.30)"
     print(
-        f"\n/v1/track: ingest at {track_ratio:.2f} of the bare handler's req/s; "
+        f"/v1/track: ingest at {track_ratio:.2f} of the bare handler's req/s; "
         f"/v1/batch: {batch_bare_ratio:.2f} of its events/s {goals}"
     )
     print(f"/v1/track round by round: {', '.join(f'{r:.2f}' for r in per_round)}")
     print(f"/v1/batch: ingest at {batch_ratio:.0%} of the plain producer's events/s (goal >= 50%)")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
