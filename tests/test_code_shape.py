@@ -34,7 +34,7 @@ def _parse(text: str) -> ast.Module:
     # asyncio future an earlier test left with an exception, logs a traceback,
     # and 3.11's traceback module parses source for its carets: the nested
     # parse resets the counter, and ours fails with "recursion depth mismatch".
-    gc.collect()
+    # Such garbage is freed only by the collector, so it waits until after.
     gc.disable()
     try:
         return ast.parse(text)
