@@ -22,6 +22,7 @@ from services.processor.enrich import Enricher
 from services.processor.metrics import make_metrics
 from services.processor.pipeline import Pipeline
 from services.processor.settings import Settings
+from services.processor.transactions import quiet_fenced_futures
 from services.processor.worker import Processor
 
 log = structlog.get_logger(__name__)
@@ -57,6 +58,7 @@ def build_service(settings: Settings) -> Service:
     stop = asyncio.Event()
 
     async def work() -> None:
+        quiet_fenced_futures(asyncio.get_running_loop())
         if await _start_when_kafka_answers(processor, settings, stop):
             # GC was about a tenth of the CPU with the default threshold.
             tune_gc(settings.gc_young_threshold)

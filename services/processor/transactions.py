@@ -80,6 +80,29 @@ def is_fenced(exc: BaseException) -> bool:
     return isinstance(exc, FENCED) or isinstance(exc.__context__, FENCED)
 
 
+def quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep a fenced producer's dropped futures out of the error log.
+
+    When a producer is fenced, aiokafka fails its batches, their drain waiters and its
+    transaction waiter with the fence, and nothing awaits them afterwards: the partition's
+    next owner carries on, as exactly-once intends. asyncio logs each such future at error
+    level, with a traceback, when it is collected, which reads like a fault in every
+    rebalance. Those go to debug; the fence itself is logged where it is handled. Anything
+    else goes to the handler that was there."""
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if exc is not None and is_fenced(exc) and context.get("message", "").endswith("exception was never retrieved"):
+            log.debug("a fenced producer's future was dropped", error=repr(exc))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
 class Consumer(Protocol):
     """What the manager needs of the group consumer (AIOKafkaConsumer has it)."""
 
