@@ -21,6 +21,7 @@ from services.metrics.consumer import RollupConsumer
 from services.metrics.external import ExternalStore
 from services.metrics.metrics import MetricsMetrics, make_metrics
 from services.metrics.query import QueryService
+from services.metrics.retry import SCHEMA_RETRIABLE, retry
 from services.metrics.schema import migrate_schema
 from services.metrics.settings import Settings
 from services.metrics.sink import KairosSink
@@ -105,10 +106,15 @@ def build_service(settings: Settings, *, consume: bool = True, registry: Collect
     add_health_routes(app, health)
     service.hooks("cassandra", client.connect, client.close)
 
-    async def prepare() -> None:
+    async def migrate() -> None:
         await migrate_schema(client, settings)
         await store.prepare()
         await external.prepare()
+
+    async def prepare() -> None:
+        # A schema change waits for every node to agree on it; one slow or restarting node
+        # times it out. Every step is idempotent, so it is simply run again.
+        await retry(migrate, what="schema migration", deadline_s=settings.schema_retry_s, retriable=SCHEMA_RETRIABLE)
         if consume:
             # One rollup writer per keyspace: a second group or topic would mix its partitions' rows.
             await store.claim(settings.consumer_group, settings.enriched_topic)

@@ -82,6 +82,9 @@ class Settings(CommonSettings):
     # A rebalance callback (resume from or flush to Cassandra) gives up after this long and the
     # service stops for a restart, instead of holding the whole group's rebalance for ever.
     rebalance_retry_s: float = Field(default=30.0, gt=0)
+    # Migrating the schema at start (each step idempotent) is tried again for this long when
+    # Cassandra times out or is unavailable, then the service stops for a restart.
+    schema_retry_s: float = Field(default=120.0, gt=0)
     # A checkpoint ahead of the topic's end (topic recreated, cluster moved): "halt" keeps the
     # partition paused and /readyz failing until an operator acts; "restart" rolls the partition
     # up again from its beginning, counting its offsets on from the old checkpoint.
