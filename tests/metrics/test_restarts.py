@@ -70,7 +70,12 @@ async def test_cassandra_killed_and_restarted_while_consuming(
             await poll(caught_up, 300, "the service to catch up after the restart")
             assert proc.returncode is None, "the service must ride out the outage, not exit"
             windows, _ = expected(first + second, settings.max_event_age_ms, SUMS)
-            assert_windows_equal(await stored_windows(client, ks), windows)
+            try:
+                assert_windows_equal(await stored_windows(client, ks), windows)
+            except AssertionError as exc:
+                # The service's log (its flushes, resync and resumed offsets) goes with the
+                # failure: the temporary folder holding it does not outlive a few runs.
+                raise AssertionError(f"{exc}\n--- metrics log ---\n{log_path.read_text()[-30_000:]}") from None
         finally:
             await client.close()
     finally:
