@@ -27,30 +27,20 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
-RETRIABLE: tuple[type[BaseException], ...] = (
-    DriverException,
+# A connection lost or refused, a store not connected, a timeout: what any call can outlast.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
     NoHostAvailable,
     ConnectionException,
     ConnectionBusy,
     DependencyUnavailable,
-    KafkaError,
     OSError,
     TimeoutError,
 )
+# Failures a retry can outlast: Cassandra or Kafka restarting, a timeout.
+RETRIABLE: tuple[type[BaseException], ...] = (DriverException, KafkaError, *_UNREACHABLE)
 # What a schema change can outlast: a node slow to answer or agree, or restarting. Not
 # the rest of DriverException: an invalid statement fails the same way every time.
-SCHEMA_RETRIABLE: tuple[type[BaseException], ...] = (
-    OperationTimedOut,
-    Timeout,
-    Unavailable,
-    NoHostAvailable,
-    ConnectionException,
-    ConnectionBusy,
-    DependencyUnavailable,
-    OSError,
-    TimeoutError,
-)
+SCHEMA_RETRIABLE: tuple[type[BaseException], ...] = (OperationTimedOut, Timeout, Unavailable, *_UNREACHABLE)
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 5.0
 
