@@ -92,8 +92,12 @@ class Flusher:
         4. Raise each partition's horizons past the windows about to be written, before any
            such row is written: after a crash no stored row starts beyond its horizon.
         5. Write the rows, each whole, fenced by its upto.
-        6. Unless the consumer stopped running meanwhile (rows alone are consistent: value and
-           upto), write the checkpoints.
+        6. Write the checkpoints, each attempt only while the consumer is still running: any
+           failed Cassandra call since step 1 (this one's first attempt included) means a node
+           may have lost what it acknowledged (a killed node loses its last commitlog sync
+           period), and a checkpoint retried into the restarted node would pass rows that are
+           gone, so their events would never be rolled up. Rows alone are consistent (value
+           and upto); the resync that follows resumes from what Cassandra holds.
         7. Evict closed and least recently used rows of all ``owned`` partitions, hand the rows
            to the sink, report.
         """
@@ -152,14 +156,12 @@ class Flusher:
         )
         if snap.writes:  # 5
             await self.storage(functools.partial(self.store.write_rows, snap.writes), "write rows", deadline_s)
-        if not self.running():  # 6
-            return
-        for state, checkpoint in snap.checkpoints:
-            await self.storage(
-                functools.partial(self.store.save_checkpoint, self.group, self.topic, state.kpart, checkpoint),
-                "save checkpoint",
-                deadline_s,
+        for state, checkpoint in snap.checkpoints:  # 6
+            saved = await self.storage(
+                functools.partial(self._save_checkpoint, state.kpart, checkpoint), "save checkpoint", deadline_s
             )
+            if not saved:
+                return
             state.saved = checkpoint
             snap.offsets[TopicPartition(self.topic, state.kpart)] = checkpoint.next_offset
 
@@ -177,6 +179,13 @@ class Flusher:
             self.metrics.watermark_lag.set(max(0.0, time.time() - min(marks) / 1000))
         self.metrics.flushes.observe(time.monotonic() - snap.started)
         return snap.offsets
+
+    async def _save_checkpoint(self, kpart: int, checkpoint: Checkpoint) -> bool:
+        """One attempt of step 6: False, and nothing sent, once the consumer stopped running."""
+        if not self.running():
+            return False
+        await self.store.save_checkpoint(self.group, self.topic, kpart, checkpoint)
+        return True
 
     async def _note(self, deadline_s: float | None, source: str, etype: str, name: str, props: set[str]) -> None:
         await self.storage(

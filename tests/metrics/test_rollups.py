@@ -7,11 +7,13 @@ import asyncio
 import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaProducer
+from cassandra.cluster import NoHostAvailable
 from prometheus_client import CollectorRegistry
 
 from services.common.badrow import BadRow
@@ -63,6 +65,11 @@ def workload(n: int, base_ms: int, partitions: int, seed: int = 7, late_share: f
     return out
 
 
+def counter_total(registry: CollectorRegistry, name: str) -> float:
+    """A counter's value, summed over its labels (``name`` without ``_total``)."""
+    return sum(s.value for m in registry.collect() if m.name == name for s in m.samples if s.name.endswith("_total"))
+
+
 async def run_until_caught_up(
     settings: Settings, client: CassandraClient, sent: list[Sent], timeout_s: float = 90.0
 ) -> CollectorRegistry:
@@ -105,14 +112,7 @@ async def test_windows_sums_users_and_lateness_match_the_input(
     by_offset = {(s.partition, s.offset): s for s in sent}
     for r in late_rows:  # the original bytes travel with the bad row
         assert orjson.loads(r["original"]) == by_offset[(r["input"]["partition"], r["input"]["offset"])].doc
-    dropped = sum(
-        s.value
-        for m in registry.collect()
-        if m.name == "headwater_metrics_dropped_late"
-        for s in m.samples
-        if s.name.endswith("_total")
-    )
-    assert dropped == len(late)
+    assert counter_total(registry, "headwater_metrics_dropped_late") == len(late)
 
     bad = [BadRow.decode(r.value) for r in await read_topic(kafka_bootstrap, settings.dlq_topic, expected=2)]
     assert sorted(r["failure_type"] for r in bad) == ["invalid_json", "schema_violation"]
@@ -162,16 +162,51 @@ async def test_a_restart_replays_without_double_counting(
 
     second = await produce(kafka_bootstrap, settings.enriched_topic, workload(500, base + HOUR, 2, seed=2))
     registry = await run_until_caught_up(settings, cassandra, first + second)
-    skipped = next(
-        s.value
-        for m in registry.collect()
-        if m.name == "headwater_metrics_replay_skipped"
-        for s in m.samples
-        if s.name.endswith("_total")
-    )
+    skipped = counter_total(registry, "headwater_metrics_replay_skipped")
     want, _ = expected(first + second, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
     assert skipped > 0, "the second run must have met rows that already held its events"
+
+
+async def test_a_checkpoint_is_never_retried_past_rows_the_node_may_have_lost(
+    metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed Cassandra node loses what it acknowledged in its last commitlog sync period
+    (periodic mode): the rows of a flush can be acknowledged and then gone, and the call after
+    them fails. That call's retry must not write the checkpoint into the restarted node; the
+    consumer resumes from what Cassandra holds and rolls those events up again.
+
+    Here the third row write is acknowledged after a second and dropped (the node's loss), and
+    the checkpoint attempt after it fails once with the error a killed node gives
+    (NoHostAvailable). The second lets the loop roll up the next batch and wait for that flush,
+    as it does when a node is down, instead of resuming at once."""
+    settings = await metrics_settings(partitions=1, max_poll_records=100, max_dirty_rows=1)
+    base = (int(time.time() * 1000) // HOUR - 3) * HOUR
+    sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(1500, base, 1, seed=5))
+    write_rows, save_checkpoint = Store.write_rows, Store.save_checkpoint
+    seen = {"writes": 0, "lost": 0, "failed": 0}
+
+    async def lose_the_third(self: Store, writes: Sequence[tuple[int, RowKey, WindowRow, int]]) -> None:
+        seen["writes"] += 1
+        if seen["writes"] == 3:
+            await asyncio.sleep(1.0)
+            seen["lost"] = len(writes)
+            return
+        await write_rows(self, writes)
+
+    async def fail_after_the_loss(self: Store, *args: Any) -> None:
+        if seen["lost"] and not seen["failed"]:
+            seen["failed"] += 1
+            raise NoHostAvailable("injected: the node was killed", {})
+        await save_checkpoint(self, *args)
+
+    monkeypatch.setattr(Store, "write_rows", lose_the_third)
+    monkeypatch.setattr(Store, "save_checkpoint", fail_after_the_loss)
+    registry = await run_until_caught_up(settings, cassandra, sent)
+    assert seen["lost"] > 0 and seen["failed"] == 1, seen
+    assert counter_total(registry, "headwater_metrics_flush_errors") >= 1
+    want, _ = expected(sent, settings.max_event_age_ms, SUMS)
+    assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
 
 
 async def test_sketches_union_across_partitions_and_windows(
@@ -275,13 +310,7 @@ async def test_a_second_member_takes_partitions_over_without_loss_or_double_coun
 
 
 def rolled(registry: CollectorRegistry) -> float:
-    return sum(
-        s.value
-        for m in registry.collect()
-        if m.name == "headwater_metrics_events"
-        for s in m.samples
-        if s.name.endswith("_total")
-    )
+    return counter_total(registry, "headwater_metrics_events")
 
 
 async def test_a_small_row_cache_evicts_and_reads_back_without_changing_results(
