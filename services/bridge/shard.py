@@ -244,17 +244,13 @@ class ShardWorker:
     async def _forward(self, lease: Lease, records: Sequence[Any]) -> bool:
         """Step 3: decode, send and wait for Kafka, parity, checkpoint. False when the lease is gone."""
         batch = self.decode(lease, records)
+        entries = [ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw]
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         while True:
             try:
                 # 3.2 and 3.3 together: both must be done before 3.4, in either order (parity rows
                 # are idempotent, and a failed send means the whole batch again).
-                await asyncio.gather(
-                    self._send(batch),
-                    self.store.record_parity(
-                        ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw
-                    ),
-                )
+                await asyncio.gather(self._send(batch), self.store.record_parity(entries))
                 break
             except (KafkaError, OSError, *CASSANDRA_ERRORS) as exc:
                 # Kafka or Cassandra is away: the same batch again (at least once), until they answer.
@@ -267,7 +263,9 @@ class ShardWorker:
                 if self._stop.is_set() or lease.lost.is_set():
                     return False
                 await backoff.wait(self._stop)
-        if not await self._checkpoint(lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms):
+        if not await self._checkpoint(
+            lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms, parity=entries
+        ):
             if self._stop.is_set() and not lease.lost.is_set():
                 return False  # stopping while Cassandra is away: the next owner reads the batch again
             log.warning(
@@ -280,14 +278,30 @@ class ShardWorker:
         self._count(lease.stream, batch)
         return True
 
-    async def _checkpoint(self, lease: Lease, sequence: str | None, *, finished: bool, duration_ms: int) -> bool:
+    async def _checkpoint(
+        self,
+        lease: Lease,
+        sequence: str | None,
+        *,
+        finished: bool,
+        duration_ms: int,
+        parity: Sequence[ParityEntry] = (),
+    ) -> bool:
         """Step 3.4, tried again while Cassandra is away (the batch is in Kafka already; giving
-        up would only send it once more). False when the lease is gone, or on a stop."""
+        up would only send it once more). False when the lease is gone, or on a stop.
+
+        After a failed attempt the batch's ``parity`` rows are written again before the next
+        one: a killed node loses what it acknowledged since its last commitlog sync, and a
+        checkpoint written into the restarted node would pass parity rows that are gone."""
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        failed = False
         while True:
             try:
+                if failed and parity:
+                    await self.store.record_parity(parity)
                 return await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
             except CASSANDRA_ERRORS as exc:
+                failed = True
                 log.warning(
                     "checkpoint not written; trying again",
                     stream=lease.stream,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from botocore.exceptions import ClientError
+from cassandra.cluster import NoHostAvailable
 from prometheus_client import CollectorRegistry
 
 from services.bridge.bridge import Bridge
@@ -20,7 +21,8 @@ from services.bridge.errors import retriable
 from services.bridge.legacy import LegacyRecord
 from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
 from services.bridge.mirror import Mirror
-from services.bridge.store import Store
+from services.bridge.settings import Settings
+from services.bridge.store import ParityEntry, Store
 from services.common.cassandra import CassandraClient
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import SourceRegistry
@@ -42,17 +44,18 @@ def test_throughput_and_service_errors_are_retried_others_are_not() -> None:
     assert not retriable(ValueError("bug"))
 
 
-async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
+async def reader_setup(
     kafka_bootstrap: str,
     cassandra: CassandraClient,
     cassandra_port: int,
     kinesis_endpoint: str,
-    kinesis: Any,
     new_stream: Callable[..., Awaitable[str]],
     new_topic: Callable[..., Awaitable[str]],
     new_keyspace: Callable[[], str],
     tmp_path: Path,
-) -> None:
+) -> tuple[Settings, SourceRegistry, Store, str]:
+    """One bridged source on a new one-shard stream, its own topic and keyspace: settings,
+    the source registry, the migrated store and the stream's name."""
     stream = await new_stream(1)
     sources = tmp_path / "sources.json"
     sources.write_bytes(
@@ -75,39 +78,125 @@ async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
         sources_file=sources,
         owner_id="reader",
     )
-    await put_legacy(
-        kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000)) for i in range(5)]
-    )
     store = Store(cassandra, settings.cassandra_keyspace, parity_ttl_s=3600)
     await store.migrate(settings.cassandra_replication)
     await store.prepare()
-    # A checkpoint from before the stream's retention (here: one this shard never had).
-    lease = await store.take(stream, "shardId-000000000000", None, "someone-before", 1000)
-    assert lease is not None
-    assert await store.checkpoint(
-        lease, "49590338271490256608559692538361571095921575989136588898", finished=False, duration_ms=0
-    )
     registry = SourceRegistry(sources)
     registry.load()
-    prometheus = CollectorRegistry()
+    return settings, registry, store, stream
+
+
+async def run_bridge_until(
+    settings: Settings,
+    registry: SourceRegistry,
+    store: Store,
+    kinesis: Any,
+    prometheus: CollectorRegistry,
+    done: Callable[[], Awaitable[bool]],
+    what: str,
+) -> None:
+    """A Bridge in this process until ``done()``, then stopped."""
     metrics = make_bridge_metrics(prometheus)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     stop = asyncio.Event()
     try:
         bridge = Bridge(settings, registry, store, kinesis, producer, metrics, version="test")
         task = asyncio.create_task(bridge.run(stop))
 
-        async def forwarded() -> bool:
+        async def check() -> bool:
             assert not task.done(), task
-            return len(await read_topic(kafka_bootstrap, raw, expected=5, timeout_s=2)) >= 5
+            return await done()
 
-        await eventually(forwarded, 60, "the shard to be read from its oldest record")
+        await eventually(check, 60, what)
         stop.set()
         await asyncio.wait_for(task, 30)
     finally:
         await producer.stop()
+
+
+async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    settings, registry, store, stream = await reader_setup(
+        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
+    )
+    await put_legacy(
+        kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000)) for i in range(5)]
+    )
+    # A checkpoint from before the stream's retention (here: one this shard never had).
+    lease = await store.take(stream, "shardId-000000000000", None, "someone-before", 1000)
+    assert lease is not None
+    assert await store.checkpoint(
+        lease, "49590338271490256608559692538361571095921575989136588898", finished=False, duration_ms=0
+    )
+    prometheus = CollectorRegistry()
+
+    async def forwarded() -> bool:
+        return len(await read_topic(kafka_bootstrap, settings.raw_topic, expected=5, timeout_s=2)) >= 5
+
+    await run_bridge_until(
+        settings, registry, store, kinesis, prometheus, forwarded, "the shard to be read from its oldest record"
+    )
     assert prometheus.get_sample_value("headwater_bridge_checkpoints_refused_total", {"stream": stream}) == 1
+
+
+async def test_parity_rows_a_killed_node_lost_are_written_again_before_the_checkpoint(
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A killed Cassandra node (periodic commitlog) loses what it acknowledged since its last
+    sync, and the call after it fails. Here the parity rows of the first batch are
+    acknowledged and dropped, and the checkpoint after them fails once: the parity report must
+    still see every messageId the bridge forwarded."""
+    settings, registry, store, stream = await reader_setup(
+        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
+    )
+    minute = int(time.time() * 1000) // 60_000 * 60_000
+    ids = {f"p-{i}" for i in range(5)}
+    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=m, event_ms=minute + 1000) for m in sorted(ids)])
+    record_parity, checkpoint = Store.record_parity, Store.checkpoint
+    seen = {"lost": 0, "failed": 0}
+
+    async def lose_the_first(self: Store, entries: Iterable[ParityEntry]) -> None:
+        if not seen["lost"]:
+            seen["lost"] = len(list(entries))
+            return
+        await record_parity(self, entries)
+
+    async def fail_after_the_loss(self: Store, *args: Any, **kwargs: Any) -> bool:
+        if seen["lost"] and not seen["failed"]:
+            seen["failed"] = 1
+            raise NoHostAvailable("injected: the node was killed", {})
+        return await checkpoint(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "record_parity", lose_the_first)
+    monkeypatch.setattr(Store, "checkpoint", fail_after_the_loss)
+    prometheus = CollectorRegistry()
+
+    async def checkpointed() -> bool:
+        return (prometheus.get_sample_value("headwater_bridge_checkpoints_total", {"stream": stream}) or 0) >= 1
+
+    await run_bridge_until(settings, registry, store, kinesis, prometheus, checkpointed, "a checkpoint")
+    assert seen == {"lost": 5, "failed": 1}
+    rows = [row for m in (minute, minute + 60_000) for row in await store.parity_ids("web", m)]
+    assert {row.message_id for row in rows} == ids
 
 
 class PartlyRefusing:
