@@ -16,6 +16,7 @@ class BridgeMetrics:
     checkpoints: Counter  # shard checkpoints written
     leases_lost: Counter  # leases taken over by another process while held
     checkpoints_refused: Counter  # checkpoints Kinesis no longer knows (past retention): records lost upstream
+    rewinds: Counter  # shards read again from their stored checkpoint after a Cassandra failure
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ def make_bridge_metrics(registry: CollectorRegistry) -> BridgeMetrics:
         checkpoints_refused=Counter(
             "headwater_bridge_checkpoints_refused",
             "Checkpoints Kinesis refused (past the retention)",
+            ["stream"],
+            registry=registry,
+        ),
+        rewinds=Counter(
+            "headwater_bridge_rewinds",
+            "Shards read again from their stored checkpoint after a Cassandra failure",
             ["stream"],
             registry=registry,
         ),

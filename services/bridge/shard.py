@@ -46,6 +46,14 @@ class ReaderState(enum.Enum):
     STOPPED = "stopped"  # this process is stopping; lease released
 
 
+class Step(enum.Enum):
+    """How a checkpoint ended (``ShardWorker._checkpoint``)."""
+
+    DONE = "done"  # written
+    LOST = "lost"  # the lease is another process's, or this process is stopping
+    REWOUND = "rewound"  # Cassandra held an older checkpoint: read the shard again from it
+
+
 @dataclass
 class Reader:
     """A shard this process holds: its lease, its reading task, where it is in its life."""
@@ -166,36 +174,41 @@ class ShardWorker:
                 following = answer.get("NextShardIterator")
                 if records and following is not None:
                     prefetch = asyncio.ensure_future(self._get_records(following))
-                if records and not await self._forward(lease, records):
+                step = await self._forward(lease, records) if records else Step.DONE
+                if step is Step.LOST:
                     reader.state = ReaderState.LOST
                     return
+                if step is Step.REWOUND:
+                    await _drop(prefetch)
+                    iterator = prefetch = None  # fetched again from the stored checkpoint
+                    continue
                 self.metrics.behind_ms.labels(lease.stream, lease.shard_id).set(answer.get("MillisBehindLatest", 0))
                 iterator = following
                 if iterator is None:
-                    await self._finish(reader)
+                    if await self._finish(reader) is Step.REWOUND:
+                        continue
                     return
                 if not records:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(either(self._stop, lease.lost), self.settings.idle_poll_s)
             reader.state = ReaderState.STOPPED
         finally:
-            if prefetch is not None:
-                prefetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await prefetch  # its answer, or its error, is of no use any more
+            await _drop(prefetch)
 
     def _get_records(self, iterator: str) -> asyncio.Future[Any]:
         return asyncio.ensure_future(
             self.kinesis.get_records(ShardIterator=iterator, Limit=self.settings.get_records_limit)
         )
 
-    async def _finish(self, reader: Reader) -> None:
+    async def _finish(self, reader: Reader) -> Step:
         lease = reader.lease
-        if await self._checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0):
+        step = await self._checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0)
+        if step is Step.DONE:
             reader.state = ReaderState.FINISHED
             log.info("shard read to its end", stream=lease.stream, shard=lease.shard_id)
-        else:
+        elif step is Step.LOST:
             reader.state = ReaderState.LOST
+        return step
 
     # -- step 3: one batch ------------------------------------------------------------
 
@@ -241,8 +254,8 @@ class ShardWorker:
         )
         return Rejected(BadReason.TOO_LARGE, row)
 
-    async def _forward(self, lease: Lease, records: Sequence[Any]) -> bool:
-        """Step 3: decode, send and wait for Kafka, parity, checkpoint. False when the lease is gone."""
+    async def _forward(self, lease: Lease, records: Sequence[Any]) -> Step:
+        """Step 3: decode, send and wait for Kafka, parity, checkpoint."""
         batch = self.decode(lease, records)
         entries = [ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw]
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
@@ -261,22 +274,23 @@ class ShardWorker:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 if self._stop.is_set() or lease.lost.is_set():
-                    return False
+                    return Step.LOST
                 await backoff.wait(self._stop)
-        if not await self._checkpoint(
+        step = await self._checkpoint(
             lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms, parity=entries
-        ):
+        )
+        if step is Step.LOST:
             if self._stop.is_set() and not lease.lost.is_set():
-                return False  # stopping while Cassandra is away: the next owner reads the batch again
+                return step  # stopping while Cassandra is away: the next owner reads the batch again
             log.warning(
                 "checkpoint refused: the lease is another process's now", stream=lease.stream, shard=lease.shard_id
             )
             self.metrics.leases_lost.labels(lease.stream).inc()
             lease.lost.set()
-            return False
-        self.metrics.checkpoints.labels(lease.stream).inc()
-        self._count(lease.stream, batch)
-        return True
+        elif step is Step.DONE:
+            self.metrics.checkpoints.labels(lease.stream).inc()
+            self._count(lease.stream, batch)
+        return step
 
     async def _checkpoint(
         self,
@@ -286,22 +300,23 @@ class ShardWorker:
         finished: bool,
         duration_ms: int,
         parity: Sequence[ParityEntry] = (),
-    ) -> bool:
+    ) -> Step:
         """Step 3.4, tried again while Cassandra is away (the batch is in Kafka already; giving
-        up would only send it once more). False when the lease is gone, or on a stop.
+        up would only send it once more).
 
-        After a failed attempt the batch's ``parity`` rows are written again before the next
-        one: a killed node loses what it acknowledged since its last commitlog sync, and a
-        checkpoint written into the restarted node would pass parity rows that are gone."""
+        A node killed with a periodic commitlog loses what it acknowledged since its last
+        sync: earlier checkpoints and parity rows, which a checkpoint written into the
+        restarted node would pass for good. So after any failure since the lease's checkpoint
+        was last confirmed (``Store.failures`` moved), the stored checkpoint is read back
+        first. Older than ours: REWOUND, the shard is read again from it (its batches go to
+        Kafka again, at least once, and their parity rows are written again). The same: only
+        this batch's ``parity`` rows can be gone, and they are written again before the
+        checkpoint."""
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
-        failed = False
         while True:
             try:
-                if failed and parity:
-                    await self.store.record_parity(parity)
-                return await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
+                return await self._attempt(lease, sequence, finished, duration_ms, parity)
             except CASSANDRA_ERRORS as exc:
-                failed = True
                 log.warning(
                     "checkpoint not written; trying again",
                     stream=lease.stream,
@@ -309,8 +324,40 @@ class ShardWorker:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 if self._stop.is_set() or lease.lost.is_set():
-                    return False
+                    return Step.LOST
                 await backoff.wait(self._stop)
+
+    async def _attempt(
+        self, lease: Lease, sequence: str | None, finished: bool, duration_ms: int, parity: Sequence[ParityEntry]
+    ) -> Step:
+        if self.store.failures != lease.confirmed:
+            step = await self._confirm(lease, parity)
+            if step is not None:
+                return step
+        applied = await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
+        return Step.DONE if applied else Step.LOST
+
+    async def _confirm(self, lease: Lease, parity: Sequence[ParityEntry]) -> Step | None:
+        """Check the lease's checkpoint against Cassandra's after a failure; None when it holds."""
+        mark = self.store.failures
+        row = await self.store.stored(lease)
+        if row is None or row.counter != lease.counter or row.owner != lease.owner:
+            return Step.LOST
+        if row.checkpoint != lease.checkpoint:
+            log.warning(
+                "Cassandra lost checkpoints it had acknowledged; reading the shard again from the one it holds",
+                stream=lease.stream,
+                shard=lease.shard_id,
+                checkpoint=row.checkpoint,
+                lost=lease.checkpoint,
+            )
+            self.metrics.rewinds.labels(lease.stream).inc()
+            lease.checkpoint, lease.confirmed = row.checkpoint, mark
+            return Step.REWOUND
+        if parity:
+            await self.store.record_parity(parity)
+        lease.confirmed = mark
+        return None
 
     async def _send(self, batch: Batch) -> None:
         """Step 3.2: every record sent, then every acknowledgement awaited."""
@@ -371,3 +418,11 @@ async def either(a: asyncio.Event, b: asyncio.Event) -> None:
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def _drop(task: asyncio.Future[Any] | None) -> None:
+    """Cancel a prefetched GetRecords: its answer, or its error, is of no use any more."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

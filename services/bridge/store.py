@@ -19,21 +19,29 @@ Invariants:
   its checkpoint: it learns it lost the shard and stops reading it.
 * Parity rows are keyed by messageId, so re-reading records after a crash
   (at least once) writes the same rows again: counts stay exact.
+* A node killed with a periodic commitlog loses what it acknowledged since its
+  last sync, checkpoints and parity rows alike. ``Store.failures`` counts failed
+  calls and nodes going down or up; a reader that sees it move reads its stored
+  checkpoint back before it writes the next one (shard.py), so no checkpoint
+  passes parity rows that are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
+from cassandra.policies import HostStateListener
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
+from services.bridge.errors import CASSANDRA_ERRORS
 from services.bridge.settings import Settings
 from services.common.cassandra import CassandraClient, Migration, migrate
 
@@ -80,6 +88,9 @@ class Lease:
     counter: int
     checkpoint: str | None
     lost: asyncio.Event
+    # Store.failures when ``checkpoint`` was last known to be what Cassandra holds; never yet
+    # for a lease just taken (the row it was taken from may have been read before a loss).
+    confirmed: int = -1
 
     @property
     def key(self) -> tuple[str, str]:
@@ -101,16 +112,74 @@ def _applied(rows: Any) -> bool:
     return bool(rows) and bool(rows[0][0])
 
 
+def _lease_row(stream: str, r: Any) -> LeaseRow:
+    return LeaseRow(
+        stream, r.shard_id, r.owner, r.expires_at_ms or 0, r.lease_counter or 0, r.checkpoint, bool(r.finished)
+    )
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _HostWatch(HostStateListener):  # type: ignore[misc]
+    """A node going down or up (driver threads): what it acknowledged lately may be gone."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_down(self, host: object) -> None:
+        self.store.failed()
+
+    def on_up(self, host: object) -> None:
+        self.store.failed()
+
+    def on_add(self, host: object) -> None:
+        return None
+
+    def on_remove(self, host: object) -> None:
+        return None
+
+
 class Store:
+    """Leases, checkpoints and parity rows. ``failures`` counts the Cassandra calls that
+    failed and the nodes seen going down or up: a node killed with a periodic commitlog
+    loses what it acknowledged since its last sync, so a reader that sees the count move
+    reads its stored checkpoint back before it writes another (shard.py)."""
+
     def __init__(self, client: CassandraClient, keyspace: str, *, parity_ttl_s: int) -> None:
         self.client = client
         self.keyspace = keyspace
         self.parity_ttl_s = parity_ttl_s
         self._stmts: dict[str, PreparedStatement] = {}
+        self._failures = itertools.count(1)
+        self.failures = 0
+
+    def failed(self) -> None:
+        """Thread-safe: one more failure (a failed call, a node down or up)."""
+        self.failures = next(self._failures)
+
+    def watch_hosts(self) -> Callable[[], None]:
+        """Count nodes going down or up as failures; returns what stops it."""
+        watch = _HostWatch(self)
+        cluster = self.client.session.cluster
+        cluster.register_listener(watch)
+        return lambda: cluster.unregister_listener(watch)
+
+    async def _execute(self, stmt: Any, params: Any = None) -> Any:
+        try:
+            return await self.client.execute(stmt, params)
+        except CASSANDRA_ERRORS:
+            self.failed()
+            raise
+
+    async def _read_all(self, stmt: PreparedStatement, params: Any) -> list[Any]:
+        """Every row of a read that may span pages."""
+        try:
+            return await asyncio.to_thread(lambda: list(self.client.session.execute(stmt, params)))
+        except CASSANDRA_ERRORS:
+            self.failed()
+            raise
 
     async def migrate(self, replication: str) -> list[int]:
         return await migrate(self.client, self.keyspace, MIGRATIONS, replication=replication)
@@ -120,6 +189,8 @@ class Store:
         cql = {
             "list": f"SELECT shard_id, owner, expires_at_ms, lease_counter, checkpoint, finished "
             f"FROM {ks}.shard_leases WHERE stream = ?",
+            "get": f"SELECT shard_id, owner, expires_at_ms, lease_counter, checkpoint, finished "
+            f"FROM {ks}.shard_leases WHERE stream = ? AND shard_id = ?",
             "create": f"INSERT INTO {ks}.shard_leases (stream, shard_id, owner, expires_at_ms, lease_counter, "
             f"finished) VALUES (?, ?, ?, ?, 1, false) IF NOT EXISTS",
             "take": f"UPDATE {ks}.shard_leases SET owner = ?, expires_at_ms = ?, lease_counter = ? "
@@ -141,13 +212,13 @@ class Store:
     # -- leases ------------------------------------------------------------------
 
     async def leases(self, stream: str) -> dict[str, LeaseRow]:
-        rows = await asyncio.to_thread(lambda: list(self.client.session.execute(self._stmts["list"], (stream,))))
-        return {
-            r.shard_id: LeaseRow(
-                stream, r.shard_id, r.owner, r.expires_at_ms or 0, r.lease_counter or 0, r.checkpoint, bool(r.finished)
-            )
-            for r in rows
-        }
+        rows = await self._read_all(self._stmts["list"], (stream,))
+        return {r.shard_id: _lease_row(stream, r) for r in rows}
+
+    async def stored(self, lease: Lease) -> LeaseRow | None:
+        """The shard's lease row as Cassandra holds it now."""
+        rows = list(await self._execute(self._stmts["get"], (lease.stream, lease.shard_id)))
+        return _lease_row(lease.stream, rows[0]) if rows else None
 
     async def take(
         self, stream: str, shard_id: str, seen: LeaseRow | None, owner: str, duration_ms: int
@@ -156,27 +227,25 @@ class Store:
         still what we saw). None when another process was quicker."""
         expires = now_ms() + duration_ms
         if seen is None:
-            result = await self.client.execute(self._stmts["create"], (stream, shard_id, owner, expires))
+            result = await self._execute(self._stmts["create"], (stream, shard_id, owner, expires))
             if not _applied(result):
                 return None
             return Lease(stream, shard_id, owner, 1, None, asyncio.Event())
         counter = seen.counter + 1
-        result = await self.client.execute(
-            self._stmts["take"], (owner, expires, counter, stream, shard_id, seen.counter)
-        )
+        result = await self._execute(self._stmts["take"], (owner, expires, counter, stream, shard_id, seen.counter))
         if not _applied(result):
             return None
         return Lease(stream, shard_id, owner, counter, seen.checkpoint, asyncio.Event())
 
     async def renew(self, lease: Lease, duration_ms: int) -> bool:
-        result = await self.client.execute(
+        result = await self._execute(
             self._stmts["renew"], (now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner)
         )
         return _applied(result)
 
     async def checkpoint(self, lease: Lease, sequence: str | None, *, finished: bool, duration_ms: int) -> bool:
         """Move the checkpoint (and renew) while the lease is ours; False when it is not."""
-        result = await self.client.execute(
+        result = await self._execute(
             self._stmts["checkpoint"],
             (sequence, finished, now_ms() + duration_ms, lease.stream, lease.shard_id, lease.counter, lease.owner),
         )
@@ -186,7 +255,7 @@ class Store:
 
     async def release(self, lease: Lease) -> bool:
         """Let another process take the shard at once (a clean stop)."""
-        result = await self.client.execute(
+        result = await self._execute(
             self._stmts["renew"], (0, lease.stream, lease.shard_id, lease.counter, lease.owner)
         )
         return _applied(result)
@@ -201,16 +270,16 @@ class Store:
         statements = []
         for group in by_partition.values():
             for start in range(0, len(group), 200):
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                # A batch has a consistency level of its own; its statements' are ignored.
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=ConsistencyLevel.QUORUM)
                 for e in group[start : start + 200]:
                     batch.add(self._stmts["parity"], (e.source_id, e.minute_ms, e.type, e.event, e.message_id))
                 statements.append(batch)
-        await asyncio.gather(*(self.client.execute(b) for b in statements))
+        await asyncio.gather(*(self._execute(b) for b in statements))
 
     async def parity_ids(self, source_id: str, minute_ms: int) -> list[Any]:
         """Every (type, event, message_id) the bridge saw for the source in that minute (paged)."""
-        stmt = self._stmts["parity_read"]
-        return await asyncio.to_thread(lambda: list(self.client.session.execute(stmt, (source_id, minute_ms))))
+        return await self._read_all(self._stmts["parity_read"], (source_id, minute_ms))
 
 
 @contextlib.asynccontextmanager
@@ -222,6 +291,10 @@ async def cassandra_store(settings: Settings) -> AsyncIterator[Store]:
         store = Store(client, settings.cassandra_keyspace, parity_ttl_s=settings.parity_ttl_s)
         await store.migrate(settings.cassandra_replication)
         await store.prepare()
-        yield store
+        unwatch = store.watch_hosts()
+        try:
+            yield store
+        finally:
+            unwatch()
     finally:
         await client.close()

@@ -31,7 +31,8 @@ How a window stays equal to its input whatever moment the process dies at:
 * A Cassandra node with a periodic commitlog can lose what it acknowledged
   in its last sync period when it is killed. So after any failed Cassandra
   call or a node going down or up, no checkpoint is written until every
-  partition has been resumed from what Cassandra holds (memory is dropped).
+  partition has been resumed from what Cassandra holds (memory is dropped, and
+  every series is noted again).
 """
 
 from __future__ import annotations
@@ -284,6 +285,7 @@ class RollupConsumer:
             )
             await self.inflight.drop()
             self.states.clear()
+            self.series.forget()
             self.status = ConsumerStatus.RUNNING
             await self._resume_locked(assigned, deadline_s=None)
 

@@ -37,6 +37,12 @@ class SeriesIndex:
         if noted is None or self._now - noted > RENOTE_S:
             self._new.setdefault(series, set()).update(present)
 
+    def forget(self) -> None:
+        """Note every series again from the next flush: after a Cassandra failure the index rows
+        this process wrote may be gone with the node's last acknowledged writes, and the replay
+        that rebuilds the rows must rebuild their series too."""
+        self._known.clear()
+
     def tick(self) -> None:
         """Read the clock once per batch, not per event."""
         self._now = time.monotonic()

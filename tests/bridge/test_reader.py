@@ -22,7 +22,7 @@ from services.bridge.legacy import LegacyRecord
 from services.bridge.metrics import make_bridge_metrics, make_mirror_metrics
 from services.bridge.mirror import Mirror
 from services.bridge.settings import Settings
-from services.bridge.store import ParityEntry, Store
+from services.bridge.store import Lease, ParityEntry, Store
 from services.common.cassandra import CassandraClient
 from services.common.proto.envelope_pb2 import Envelope
 from services.common.sources import SourceRegistry
@@ -149,7 +149,7 @@ async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
     assert prometheus.get_sample_value("headwater_bridge_checkpoints_refused_total", {"stream": stream}) == 1
 
 
-async def test_parity_rows_a_killed_node_lost_are_written_again_before_the_checkpoint(
+async def test_checkpoints_and_parity_rows_a_killed_node_lost_are_read_again_and_rewritten(
     kafka_bootstrap: str,
     cassandra: CassandraClient,
     cassandra_port: int,
@@ -162,41 +162,57 @@ async def test_parity_rows_a_killed_node_lost_are_written_again_before_the_check
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A killed Cassandra node (periodic commitlog) loses what it acknowledged since its last
-    sync, and the call after it fails. Here the parity rows of the first batch are
-    acknowledged and dropped, and the checkpoint after them fails once: the parity report must
-    still see every messageId the bridge forwarded."""
+    sync, and the call after that fails. Here the first two batches' parity rows and the
+    first checkpoint are acknowledged and dropped, and the second checkpoint fails once
+    (NoHostAvailable, from the driver's side). The shard must be read again from the
+    checkpoint Cassandra still holds (none), so the parity report sees every messageId the
+    bridge forwarded, and events.raw holds every record."""
     settings, registry, store, stream = await reader_setup(
         kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
     )
+    settings = settings.model_copy(update={"get_records_limit": 2})
     minute = int(time.time() * 1000) // 60_000 * 60_000
     ids = {f"p-{i}" for i in range(5)}
     await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=m, event_ms=minute + 1000) for m in sorted(ids)])
-    record_parity, checkpoint = Store.record_parity, Store.checkpoint
-    seen = {"lost": 0, "failed": 0}
+    record_parity, checkpoint, execute = Store.record_parity, Store.checkpoint, cassandra.execute
+    lost = {"parity": 0, "checkpoints": 0}
+    failed: list[str] = []
 
-    async def lose_the_first(self: Store, entries: Iterable[ParityEntry]) -> None:
-        if not seen["lost"]:
-            seen["lost"] = len(list(entries))
-            return
-        await record_parity(self, entries)
+    async def lose_until_the_failure(self: Store, entries: Iterable[ParityEntry]) -> None:
+        if failed:
+            return await record_parity(self, entries)
+        lost["parity"] += 1
+        return None
 
-    async def fail_after_the_loss(self: Store, *args: Any, **kwargs: Any) -> bool:
-        if seen["lost"] and not seen["failed"]:
-            seen["failed"] = 1
+    async def lose_the_first(self: Store, lease: Lease, sequence: str | None, **kwargs: Any) -> bool:
+        if lost["checkpoints"]:
+            return await checkpoint(self, lease, sequence, **kwargs)
+        lost["checkpoints"] += 1
+        lease.checkpoint = sequence  # what an acknowledged checkpoint does
+        return True
+
+    async def fail_the_second(statement: Any, params: Any = None) -> Any:
+        if not failed and "SET checkpoint" in getattr(statement, "query_string", ""):
+            failed.append("checkpoint")
             raise NoHostAvailable("injected: the node was killed", {})
-        return await checkpoint(self, *args, **kwargs)
+        return await execute(statement, params)
 
-    monkeypatch.setattr(Store, "record_parity", lose_the_first)
-    monkeypatch.setattr(Store, "checkpoint", fail_after_the_loss)
+    monkeypatch.setattr(Store, "record_parity", lose_until_the_failure)
+    monkeypatch.setattr(Store, "checkpoint", lose_the_first)
+    monkeypatch.setattr(cassandra, "execute", fail_the_second)
     prometheus = CollectorRegistry()
 
-    async def checkpointed() -> bool:
-        return (prometheus.get_sample_value("headwater_bridge_checkpoints_total", {"stream": stream}) or 0) >= 1
+    async def read_to_the_end() -> bool:
+        rows = await store.parity_ids("web", minute) + await store.parity_ids("web", minute + 60_000)
+        return {row.message_id for row in rows} == ids
 
-    await run_bridge_until(settings, registry, store, kinesis, prometheus, checkpointed, "a checkpoint")
-    assert seen == {"lost": 5, "failed": 1}
-    rows = [row for m in (minute, minute + 60_000) for row in await store.parity_ids("web", m)]
-    assert {row.message_id for row in rows} == ids
+    await run_bridge_until(settings, registry, store, kinesis, prometheus, read_to_the_end, "every parity row")
+    assert lost["parity"] >= 2 and lost["checkpoints"] == 1 and failed == ["checkpoint"], (lost, failed)
+    assert prometheus.get_sample_value("headwater_bridge_rewinds_total", {"stream": stream}) == 1
+    forwarded = [
+        Envelope.FromString(r.value) for r in await read_topic(kafka_bootstrap, settings.raw_topic, expected=7)
+    ]
+    assert {e.message_id for e in forwarded} >= ids
 
 
 class PartlyRefusing:

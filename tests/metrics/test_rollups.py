@@ -171,42 +171,52 @@ async def test_a_restart_replays_without_double_counting(
 async def test_a_checkpoint_is_never_retried_past_rows_the_node_may_have_lost(
     metrics_settings: MakeSettings, cassandra: CassandraClient, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A killed Cassandra node loses what it acknowledged in its last commitlog sync period
-    (periodic mode): the rows of a flush can be acknowledged and then gone, and the call after
-    them fails. That call's retry must not write the checkpoint into the restarted node; the
-    consumer resumes from what Cassandra holds and rolls those events up again.
+    """A killed Cassandra node loses what it acknowledged since its last commitlog sync
+    (periodic mode): a flush's series, horizons and rows can be acknowledged and then gone,
+    and the call after them fails. That call's retry must not write the checkpoint into the
+    restarted node; the consumer resumes from what Cassandra holds and rolls those events,
+    and their series, up again.
 
-    Here the third row write is acknowledged after a second and dropped (the node's loss), and
-    the checkpoint attempt after it fails once with the error a killed node gives
-    (NoHostAvailable). The second lets the loop roll up the next batch and wait for that flush,
-    as it does when a node is down, instead of resuming at once."""
+    Here everything the first flush writes is acknowledged and dropped (the node's loss), its
+    row write answering after a second, and the checkpoint attempt after it fails once with
+    the error a killed node gives (NoHostAvailable). The second lets the loop roll up the next
+    batch and wait for that flush, as it does when a node is down, instead of resuming at once."""
     settings = await metrics_settings(partitions=1, max_poll_records=100, max_dirty_rows=1)
     base = (int(time.time() * 1000) // HOUR - 3) * HOUR
     sent = await produce(kafka_bootstrap, settings.enriched_topic, workload(1500, base, 1, seed=5))
-    write_rows, save_checkpoint = Store.write_rows, Store.save_checkpoint
-    seen = {"writes": 0, "lost": 0, "failed": 0}
+    real = {name: getattr(Store, name) for name in ("write_rows", "note_series", "save_horizon", "save_checkpoint")}
+    lost = {"write_rows": 0, "note_series": 0, "save_horizon": 0}
+    failed: list[str] = []
 
-    async def lose_the_third(self: Store, writes: Sequence[tuple[int, RowKey, WindowRow, int]]) -> None:
-        seen["writes"] += 1
-        if seen["writes"] == 3:
-            await asyncio.sleep(1.0)
-            seen["lost"] = len(writes)
-            return
-        await write_rows(self, writes)
+    def losing(name: str) -> Any:
+        async def call(self: Store, *args: Any) -> None:
+            if failed:
+                return await real[name](self, *args)  # type: ignore[no-any-return]
+            if name == "write_rows":
+                await asyncio.sleep(1.0)
+            lost[name] += 1
+            return None
+
+        return call
 
     async def fail_after_the_loss(self: Store, *args: Any) -> None:
-        if seen["lost"] and not seen["failed"]:
-            seen["failed"] += 1
+        if lost["write_rows"] and not failed:
+            failed.append("save_checkpoint")
             raise NoHostAvailable("injected: the node was killed", {})
-        await save_checkpoint(self, *args)
+        await real["save_checkpoint"](self, *args)
 
-    monkeypatch.setattr(Store, "write_rows", lose_the_third)
+    for name in lost:
+        monkeypatch.setattr(Store, name, losing(name))
     monkeypatch.setattr(Store, "save_checkpoint", fail_after_the_loss)
     registry = await run_until_caught_up(settings, cassandra, sent)
-    assert seen["lost"] > 0 and seen["failed"] == 1, seen
+    assert all(lost.values()) and failed == ["save_checkpoint"], (lost, failed)
     assert counter_total(registry, "headwater_metrics_flush_errors") >= 1
     want, _ = expected(sent, settings.max_event_age_ms, SUMS)
     assert_windows_equal(await stored_windows(cassandra, settings.cassandra_keyspace), want)
+    store = Store(cassandra, settings)
+    await store.prepare()
+    indexed = {(source, etype, name) for source, etype, name, _ in await store.all_series()}
+    assert indexed == {(source, etype, name) for _, source, etype, name, _ in want}
 
 
 async def test_sketches_union_across_partitions_and_windows(
