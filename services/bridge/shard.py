@@ -331,33 +331,41 @@ class ShardWorker:
         self, lease: Lease, sequence: str | None, finished: bool, duration_ms: int, parity: Sequence[ParityEntry]
     ) -> Step:
         if self.store.failures != lease.confirmed:
-            step = await self._confirm(lease, parity)
+            step = await self._confirm(lease, sequence, parity)
             if step is not None:
                 return step
         applied = await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
         return Step.DONE if applied else Step.LOST
 
-    async def _confirm(self, lease: Lease, parity: Sequence[ParityEntry]) -> Step | None:
-        """Check the lease's checkpoint against Cassandra's after a failure; None when it holds."""
+    async def _confirm(self, lease: Lease, sequence: str | None, parity: Sequence[ParityEntry]) -> Step | None:
+        """Check the lease's checkpoint against Cassandra's after a failure; None when it holds.
+
+        The stored one is ``sequence`` itself when the attempt that failed was applied after
+        all (a timeout): done, and its parity rows, written before it, are stored too."""
         mark = self.store.failures
         row = await self.store.stored(lease)
         if row is None or row.counter != lease.counter or row.owner != lease.owner:
             return Step.LOST
-        if row.checkpoint != lease.checkpoint:
-            log.warning(
-                "Cassandra lost checkpoints it had acknowledged; reading the shard again from the one it holds",
-                stream=lease.stream,
-                shard=lease.shard_id,
-                checkpoint=row.checkpoint,
-                lost=lease.checkpoint,
-            )
-            self.metrics.rewinds.labels(lease.stream).inc()
-            lease.checkpoint, lease.confirmed = row.checkpoint, mark
-            return Step.REWOUND
-        if parity:
-            await self.store.record_parity(parity)
+        if row.checkpoint == lease.checkpoint:
+            if parity:
+                await self.store.record_parity(parity)
+            lease.confirmed = mark
+            return None
         lease.confirmed = mark
-        return None
+        if row.checkpoint == sequence:
+            lease.checkpoint = sequence
+            return Step.DONE
+        log.warning(
+            "the stored checkpoint is not the one this lease last wrote (lost by a node, or written by "
+            "the last owner after the lease was read); reading the shard again from it",
+            stream=lease.stream,
+            shard=lease.shard_id,
+            checkpoint=row.checkpoint,
+            ours=lease.checkpoint,
+        )
+        self.metrics.rewinds.labels(lease.stream).inc()
+        lease.checkpoint = row.checkpoint
+        return Step.REWOUND
 
     async def _send(self, batch: Batch) -> None:
         """Step 3.2: every record sent, then every acknowledgement awaited."""
@@ -421,8 +429,11 @@ async def either(a: asyncio.Event, b: asyncio.Event) -> None:
 
 
 async def _drop(task: asyncio.Future[Any] | None) -> None:
-    """Cancel a prefetched GetRecords: its answer, or its error, is of no use any more."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    """Cancel a prefetched GetRecords: its answer, or its error, is of no use any more.
+    Waited for, not awaited: a cancel of the reader itself is not swallowed here."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not report it

@@ -215,6 +215,53 @@ async def test_checkpoints_and_parity_rows_a_killed_node_lost_are_read_again_and
     assert {e.message_id for e in forwarded} >= ids
 
 
+async def test_a_checkpoint_applied_though_its_call_failed_is_not_read_again(
+    kafka_bootstrap: str,
+    cassandra: CassandraClient,
+    cassandra_port: int,
+    kinesis_endpoint: str,
+    kinesis: Any,
+    new_stream: Callable[..., Awaitable[str]],
+    new_topic: Callable[..., Awaitable[str]],
+    new_keyspace: Callable[[], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint whose call fails after Cassandra applied it (a timeout): the stored
+    checkpoint read back is that one, so the shard goes on from it, read once, counted once."""
+    settings, registry, store, stream = await reader_setup(
+        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
+    )
+    settings = settings.model_copy(update={"get_records_limit": 2})
+    ids = [f"t-{i}" for i in range(5)]
+    await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=m, event_ms=int(time.time() * 1000)) for m in ids])
+    execute = cassandra.execute
+    failed: list[str] = []
+
+    async def fail_after_applying(statement: Any, params: Any = None) -> Any:
+        result = await execute(statement, params)
+        if not failed and "SET checkpoint" in getattr(statement, "query_string", ""):
+            failed.append("checkpoint")
+            raise NoHostAvailable("injected: timed out after it was applied", {})
+        return result
+
+    monkeypatch.setattr(cassandra, "execute", fail_after_applying)
+    prometheus = CollectorRegistry()
+
+    def sample(name: str) -> float:
+        return prometheus.get_sample_value(name, {"stream": stream}) or 0
+
+    async def checkpointed() -> bool:
+        return sample("headwater_bridge_checkpoints_total") >= 3
+
+    await run_bridge_until(settings, registry, store, kinesis, prometheus, checkpointed, "three checkpoints")
+    assert failed == ["checkpoint"]
+    assert sample("headwater_bridge_rewinds_total") == 0
+    assert sample("headwater_bridge_checkpoints_total") == 3
+    forwarded = [Envelope.FromString(r.value) for r in await read_topic(kafka_bootstrap, settings.raw_topic)]
+    assert sorted(e.message_id for e in forwarded) == ids
+
+
 class PartlyRefusing:
     """A stand-in for the Kinesis client in a unit test: the first PutRecords refuses
     every other record, as Kinesis does under throughput limits."""
