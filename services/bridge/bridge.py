@@ -18,7 +18,9 @@ The loop, as the KCL does it:
    2. send the Envelopes to events.raw and the bad rows to events.dlq and wait
       until Kafka acknowledged every one (acks=all, idempotent producer), and
    3. meanwhile record the parity messageIds (idempotent rows);
-   4. checkpoint the batch's last sequence number, conditional on the lease.
+   4. checkpoint the batch's last sequence number, conditional on the lease
+      (checkpoints.py); after a Cassandra failure the stored checkpoint is read
+      back first, and the shard read again from it when a node lost newer ones.
    A crash anywhere before 4 means the batch is read again: at least once
    into events.raw; the processor's messageId dedupe makes it exactly once in
    events.enriched. A checkpoint refused (the lease went to another process)

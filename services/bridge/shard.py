@@ -19,6 +19,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from services.bridge.checkpoints import Checkpoints, Step
 from services.bridge.decoder import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
 from services.bridge.kinesis import Backoff, KinesisClient, arrival_ms
@@ -44,14 +45,6 @@ class ReaderState(enum.Enum):
     FINISHED = "finished"  # a closed shard read to its end; children may start
     LOST = "lost"  # another process took the lease
     STOPPED = "stopped"  # this process is stopping; lease released
-
-
-class Step(enum.Enum):
-    """How a checkpoint ended (``ShardWorker._checkpoint``)."""
-
-    DONE = "done"  # written
-    LOST = "lost"  # the lease is another process's, or this process is stopping
-    REWOUND = "rewound"  # Cassandra held an older checkpoint: read the shard again from it
 
 
 @dataclass
@@ -100,6 +93,7 @@ class ShardWorker:
         self._partitions: dict[str, int] = {}
         self._stop = stop
         self._duration_ms = int(settings.lease_duration_s * 1000)
+        self.checkpoints = Checkpoints(settings, store, metrics, stop)
 
     # -- step 2: one shard ------------------------------------------------------------
 
@@ -156,18 +150,13 @@ class ShardWorker:
                     fetch, prefetch = prefetch or self._get_records(iterator), None
                     answer = await fetch
                 except Exception as exc:
-                    code = error_code(exc)
-                    if code == "ExpiredIteratorException":
-                        iterator = None  # fetched again from the checkpoint
-                        continue
-                    if not retriable(exc):
+                    expired = error_code(exc) == "ExpiredIteratorException"
+                    if not expired and not retriable(exc):
                         raise
-                    if code in THROUGHPUT_CODES:
-                        self.metrics.throttled.labels(lease.stream, code).inc()
-                    log.info(
-                        "kinesis read backs off", stream=lease.stream, shard=lease.shard_id, error=code or str(exc)
-                    )
-                    await backoff.wait(self._stop)
+                    if expired:
+                        iterator = None  # fetched again from the checkpoint
+                    else:
+                        await self._back_off(lease, exc, backoff)
                     continue
                 backoff.reset()
                 records = answer.get("Records", [])
@@ -195,6 +184,14 @@ class ShardWorker:
         finally:
             await _drop(prefetch)
 
+    async def _back_off(self, lease: Lease, exc: Exception, backoff: Backoff) -> None:
+        """A Kinesis read failed for a reason a retry can help (throughput, the service itself)."""
+        code = error_code(exc)
+        if code in THROUGHPUT_CODES:
+            self.metrics.throttled.labels(lease.stream, code).inc()
+        log.info("kinesis read backs off", stream=lease.stream, shard=lease.shard_id, error=code or str(exc))
+        await backoff.wait(self._stop)
+
     def _get_records(self, iterator: str) -> asyncio.Future[Any]:
         return asyncio.ensure_future(
             self.kinesis.get_records(ShardIterator=iterator, Limit=self.settings.get_records_limit)
@@ -202,7 +199,7 @@ class ShardWorker:
 
     async def _finish(self, reader: Reader) -> Step:
         lease = reader.lease
-        step = await self._checkpoint(lease, lease.checkpoint, finished=True, duration_ms=0)
+        step = await self.checkpoints.write(lease, lease.checkpoint, finished=True, duration_ms=0)
         if step is Step.DONE:
             reader.state = ReaderState.FINISHED
             log.info("shard read to its end", stream=lease.stream, shard=lease.shard_id)
@@ -276,7 +273,7 @@ class ShardWorker:
                 if self._stop.is_set() or lease.lost.is_set():
                     return Step.LOST
                 await backoff.wait(self._stop)
-        step = await self._checkpoint(
+        step = await self.checkpoints.write(
             lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms, parity=entries
         )
         if step is Step.LOST:
@@ -291,81 +288,6 @@ class ShardWorker:
             self.metrics.checkpoints.labels(lease.stream).inc()
             self._count(lease.stream, batch)
         return step
-
-    async def _checkpoint(
-        self,
-        lease: Lease,
-        sequence: str | None,
-        *,
-        finished: bool,
-        duration_ms: int,
-        parity: Sequence[ParityEntry] = (),
-    ) -> Step:
-        """Step 3.4, tried again while Cassandra is away (the batch is in Kafka already; giving
-        up would only send it once more).
-
-        A node killed with a periodic commitlog loses what it acknowledged since its last
-        sync: earlier checkpoints and parity rows, which a checkpoint written into the
-        restarted node would pass for good. So after any failure since the lease's checkpoint
-        was last confirmed (``Store.failures`` moved), the stored checkpoint is read back
-        first. Older than ours: REWOUND, the shard is read again from it (its batches go to
-        Kafka again, at least once, and their parity rows are written again). The same: only
-        this batch's ``parity`` rows can be gone, and they are written again before the
-        checkpoint."""
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
-        while True:
-            try:
-                return await self._attempt(lease, sequence, finished, duration_ms, parity)
-            except CASSANDRA_ERRORS as exc:
-                log.warning(
-                    "checkpoint not written; trying again",
-                    stream=lease.stream,
-                    shard=lease.shard_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if self._stop.is_set() or lease.lost.is_set():
-                    return Step.LOST
-                await backoff.wait(self._stop)
-
-    async def _attempt(
-        self, lease: Lease, sequence: str | None, finished: bool, duration_ms: int, parity: Sequence[ParityEntry]
-    ) -> Step:
-        if self.store.failures != lease.confirmed:
-            step = await self._confirm(lease, sequence, parity)
-            if step is not None:
-                return step
-        applied = await self.store.checkpoint(lease, sequence, finished=finished, duration_ms=duration_ms)
-        return Step.DONE if applied else Step.LOST
-
-    async def _confirm(self, lease: Lease, sequence: str | None, parity: Sequence[ParityEntry]) -> Step | None:
-        """Check the lease's checkpoint against Cassandra's after a failure; None when it holds.
-
-        The stored one is ``sequence`` itself when the attempt that failed was applied after
-        all (a timeout): done, and its parity rows, written before it, are stored too."""
-        mark = self.store.failures
-        row = await self.store.stored(lease)
-        if row is None or row.counter != lease.counter or row.owner != lease.owner:
-            return Step.LOST
-        if row.checkpoint == lease.checkpoint:
-            if parity:
-                await self.store.record_parity(parity)
-            lease.confirmed = mark
-            return None
-        lease.confirmed = mark
-        if row.checkpoint == sequence:
-            lease.checkpoint = sequence
-            return Step.DONE
-        log.warning(
-            "the stored checkpoint is not the one this lease last wrote (lost by a node, or written by "
-            "the last owner after the lease was read); reading the shard again from it",
-            stream=lease.stream,
-            shard=lease.shard_id,
-            checkpoint=row.checkpoint,
-            ours=lease.checkpoint,
-        )
-        self.metrics.rewinds.labels(lease.stream).inc()
-        lease.checkpoint = row.checkpoint
-        return Step.REWOUND
 
     async def _send(self, batch: Batch) -> None:
         """Step 3.2: every record sent, then every acknowledgement awaited."""

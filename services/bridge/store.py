@@ -22,7 +22,7 @@ Invariants:
 * A node killed with a periodic commitlog loses what it acknowledged since its
   last sync, checkpoints and parity rows alike. ``Store.failures`` counts failed
   calls and nodes going down or up; a reader that sees it move reads its stored
-  checkpoint back before it writes the next one (shard.py), so no checkpoint
+  checkpoint back before it writes the next one (checkpoints.py), so no checkpoint
   passes parity rows that are gone.
 """
 
@@ -145,7 +145,7 @@ class Store:
     """Leases, checkpoints and parity rows. ``failures`` counts the Cassandra calls that
     failed and the nodes seen going down or up: a node killed with a periodic commitlog
     loses what it acknowledged since its last sync, so a reader that sees the count move
-    reads its stored checkpoint back before it writes another (shard.py)."""
+    reads its stored checkpoint back before it writes another (checkpoints.py)."""
 
     def __init__(self, client: CassandraClient, keyspace: str, *, parity_ttl_s: int) -> None:
         self.client = client
