@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -16,6 +18,7 @@ from services.bridge.settings import Settings
 from services.bridge.store import Lease, ParityEntry, Store
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class Step(enum.Enum):
@@ -24,6 +27,28 @@ class Step(enum.Enum):
     DONE = "done"  # written
     LOST = "lost"  # the lease is another process's, or this process is stopping
     REWOUND = "rewound"  # Cassandra held an older checkpoint: read the shard again from it
+
+
+async def while_held(
+    call: Callable[[], Awaitable[T]],
+    lease: Lease,
+    stop: asyncio.Event,
+    settings: Settings,
+    *,
+    errors: tuple[type[BaseException], ...],
+    failed: str,
+) -> T | None:
+    """``call()`` again, with backoff, on ``errors`` (logged as ``failed``) until it succeeds;
+    None once this process stops or the lease is gone."""
+    backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+    while True:
+        try:
+            return await call()
+        except errors as exc:
+            log.warning(failed, stream=lease.stream, shard=lease.shard_id, error=f"{type(exc).__name__}: {exc}")
+            if stop.is_set() or lease.lost.is_set():
+                return None
+            await backoff.wait(stop)
 
 
 class Checkpoints:
@@ -55,20 +80,15 @@ class Checkpoints:
         Kafka again, at least once, and their parity rows are written again). The same: only
         this batch's ``parity`` rows can be gone, and they are written again before the
         checkpoint. REWOUND, DONE or LOST: see ``Step``."""
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
-        while True:
-            try:
-                return await self._attempt(lease, sequence, finished, duration_ms, parity)
-            except CASSANDRA_ERRORS as exc:
-                log.warning(
-                    "checkpoint not written; trying again",
-                    stream=lease.stream,
-                    shard=lease.shard_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if self._stop.is_set() or lease.lost.is_set():
-                    return Step.LOST
-                await backoff.wait(self._stop)
+        step = await while_held(
+            functools.partial(self._attempt, lease, sequence, finished, duration_ms, parity),
+            lease,
+            self._stop,
+            self.settings,
+            errors=CASSANDRA_ERRORS,
+            failed="checkpoint not written; trying again",
+        )
+        return Step.LOST if step is None else step
 
     async def _attempt(
         self, lease: Lease, sequence: str | None, finished: bool, duration_ms: int, parity: Sequence[ParityEntry]

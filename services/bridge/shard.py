@@ -19,7 +19,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from services.bridge.checkpoints import Checkpoints, Step
+from services.bridge.checkpoints import Checkpoints, Step, while_held
 from services.bridge.decoder import BadReason, Bridged, LegacyDecoder, Position, Rejected, Skip
 from services.bridge.errors import CASSANDRA_ERRORS, THROUGHPUT_CODES, error_code, retriable
 from services.bridge.kinesis import Backoff, KinesisClient, arrival_ms
@@ -255,24 +255,19 @@ class ShardWorker:
         """Step 3: decode, send and wait for Kafka, parity, checkpoint."""
         batch = self.decode(lease, records)
         entries = [ParityEntry(b.source_id, b.minute_ms, b.type, b.name, b.message_id) for b in batch.raw]
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
-        while True:
-            try:
-                # 3.2 and 3.3 together: both must be done before 3.4, in either order (parity rows
-                # are idempotent, and a failed send means the whole batch again).
-                await asyncio.gather(self._send(batch), self.store.record_parity(entries))
-                break
-            except (KafkaError, OSError, *CASSANDRA_ERRORS) as exc:
-                # Kafka or Cassandra is away: the same batch again (at least once), until they answer.
-                log.warning(
-                    "forwarding a batch failed; trying again",
-                    stream=lease.stream,
-                    shard=lease.shard_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                if self._stop.is_set() or lease.lost.is_set():
-                    return Step.LOST
-                await backoff.wait(self._stop)
+        # 3.2 and 3.3 together: both must be done before 3.4, in either order (parity rows are
+        # idempotent, and a failed send means the whole batch again). Kafka or Cassandra away:
+        # the same batch again (at least once), until they answer.
+        sent = await while_held(
+            lambda: asyncio.gather(self._send(batch), self.store.record_parity(entries)),
+            lease,
+            self._stop,
+            self.settings,
+            errors=(KafkaError, OSError, *CASSANDRA_ERRORS),
+            failed="forwarding a batch failed; trying again",
+        )
+        if sent is None:
+            return Step.LOST
         step = await self.checkpoints.write(
             lease, batch.last_sequence, finished=False, duration_ms=self._duration_ms, parity=entries
         )
