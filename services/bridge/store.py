@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
-from cassandra.policies import HostStateListener
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from services.bridge.errors import CASSANDRA_ERRORS
 from services.bridge.settings import Settings
-from services.common.cassandra import CassandraClient, Migration, migrate
+from services.common.cassandra import CassandraClient, HostChanges, Migration, migrate
 
 MIGRATIONS = (
     Migration(
@@ -122,25 +121,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class _HostWatch(HostStateListener):  # type: ignore[misc]
-    """A node going down or up (driver threads): what it acknowledged lately may be gone."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def on_down(self, host: object) -> None:
-        self.store.failed()
-
-    def on_up(self, host: object) -> None:
-        self.store.failed()
-
-    def on_add(self, host: object) -> None:
-        return None
-
-    def on_remove(self, host: object) -> None:
-        return None
-
-
 class Store:
     """Leases, checkpoints and parity rows. ``failures`` counts the Cassandra calls that
     failed and the nodes seen going down or up: a node killed with a periodic commitlog
@@ -161,7 +141,7 @@ class Store:
 
     def watch_hosts(self) -> Callable[[], None]:
         """Count nodes going down or up as failures; returns what stops it."""
-        watch = _HostWatch(self)
+        watch = HostChanges(self.failed)
         cluster = self.client.session.cluster
         cluster.register_listener(watch)
         return lambda: cluster.unregister_listener(watch)

@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
-from cassandra.policies import DCAwareRoundRobinPolicy
+from cassandra.policies import DCAwareRoundRobinPolicy, HostStateListener
 from cassandra.query import PreparedStatement
 
 from services.common.errors import DependencyUnavailable
 
 log = structlog.get_logger(__name__)
+
+
+class HostChanges(HostStateListener):  # type: ignore[misc]
+    """Calls ``changed`` (on a driver thread) when a node goes down or comes up: a node killed
+    with a periodic commitlog loses what it acknowledged since its last sync, so whoever
+    relies on earlier writes must read them back. Register it with the session's cluster."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.changed = changed
+
+    def on_down(self, host: object) -> None:
+        self.changed()
+
+    def on_up(self, host: object) -> None:
+        self.changed()
+
+    def on_add(self, host: object) -> None:
+        return None
+
+    def on_remove(self, host: object) -> None:
+        return None
 
 
 def _bridge(future: ResponseFuture) -> asyncio.Future[Any]:

@@ -48,8 +48,8 @@ from typing import TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from cassandra.policies import HostStateListener
 
+from services.common.cassandra import HostChanges
 from services.common.sources import SourceRegistry
 from services.metrics.apply import Applier
 from services.metrics.errors import ConsumerBroken
@@ -97,25 +97,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.owner.resume(assigned)
-
-
-class _HostWatch(HostStateListener):  # type: ignore[misc]
-    """Cassandra node down or up (driver threads): what it acknowledged lately may be gone."""
-
-    def __init__(self, owner: RollupConsumer) -> None:
-        self.owner = owner
-
-    def on_down(self, host: object) -> None:
-        self.owner.request_resync()
-
-    def on_up(self, host: object) -> None:
-        self.owner.request_resync()
-
-    def on_add(self, host: object) -> None:
-        return None
-
-    def on_remove(self, host: object) -> None:
-        return None
 
 
 class RollupConsumer:
@@ -201,7 +182,7 @@ class RollupConsumer:
         """Consume until stop(); the last flush and commit happen before it returns."""
         self._loop = asyncio.get_running_loop()
         self.consumer.subscribe([self.topic], listener=_Listener(self))
-        watch = _HostWatch(self)
+        watch = HostChanges(self.request_resync)
         cluster = self.store.client.session.cluster
         cluster.register_listener(watch)
         await self.consumer.start()
