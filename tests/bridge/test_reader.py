@@ -44,7 +44,8 @@ def test_throughput_and_service_errors_are_retried_others_are_not() -> None:
     assert not retriable(ValueError("bug"))
 
 
-async def reader_setup(
+@pytest.fixture
+async def setup(
     kafka_bootstrap: str,
     cassandra: CassandraClient,
     cassandra_port: int,
@@ -116,19 +117,12 @@ async def run_bridge_until(
 
 
 async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
+    setup: tuple[Settings, SourceRegistry, Store, str],
     kafka_bootstrap: str,
     cassandra: CassandraClient,
-    cassandra_port: int,
-    kinesis_endpoint: str,
     kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]],
-    new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str],
-    tmp_path: Path,
 ) -> None:
-    settings, registry, store, stream = await reader_setup(
-        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
-    )
+    settings, registry, store, stream = setup
     await put_legacy(
         kinesis, stream, [legacy_record(KEY, message_id=f"r-{i}", event_ms=int(time.time() * 1000)) for i in range(5)]
     )
@@ -150,15 +144,10 @@ async def test_a_refused_checkpoint_reads_the_shard_from_its_oldest_record(
 
 
 async def test_checkpoints_and_parity_rows_a_killed_node_lost_are_read_again_and_rewritten(
+    setup: tuple[Settings, SourceRegistry, Store, str],
     kafka_bootstrap: str,
     cassandra: CassandraClient,
-    cassandra_port: int,
-    kinesis_endpoint: str,
     kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]],
-    new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str],
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A killed Cassandra node (periodic commitlog) loses what it acknowledged since its last
@@ -167,9 +156,7 @@ async def test_checkpoints_and_parity_rows_a_killed_node_lost_are_read_again_and
     (NoHostAvailable, from the driver's side). The shard must be read again from the
     checkpoint Cassandra still holds (none), so the parity report sees every messageId the
     bridge forwarded, and events.raw holds every record."""
-    settings, registry, store, stream = await reader_setup(
-        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
-    )
+    settings, registry, store, stream = setup
     settings = settings.model_copy(update={"get_records_limit": 2})
     minute = int(time.time() * 1000) // 60_000 * 60_000
     ids = {f"p-{i}" for i in range(5)}
@@ -216,22 +203,15 @@ async def test_checkpoints_and_parity_rows_a_killed_node_lost_are_read_again_and
 
 
 async def test_a_checkpoint_applied_though_its_call_failed_is_not_read_again(
+    setup: tuple[Settings, SourceRegistry, Store, str],
     kafka_bootstrap: str,
     cassandra: CassandraClient,
-    cassandra_port: int,
-    kinesis_endpoint: str,
     kinesis: Any,
-    new_stream: Callable[..., Awaitable[str]],
-    new_topic: Callable[..., Awaitable[str]],
-    new_keyspace: Callable[[], str],
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A checkpoint whose call fails after Cassandra applied it (a timeout): the stored
     checkpoint read back is that one, so the shard goes on from it, read once, counted once."""
-    settings, registry, store, stream = await reader_setup(
-        kafka_bootstrap, cassandra, cassandra_port, kinesis_endpoint, new_stream, new_topic, new_keyspace, tmp_path
-    )
+    settings, registry, store, stream = setup
     settings = settings.model_copy(update={"get_records_limit": 2})
     ids = [f"t-{i}" for i in range(5)]
     await put_legacy(kinesis, stream, [legacy_record(KEY, message_id=m, event_ms=int(time.time() * 1000)) for m in ids])
